@@ -1,0 +1,79 @@
+"""badnet-repair: repair backdoored neural networks (BadNets).
+
+The pruning defense of Liu, Dolan-Gavitt and Garg ("Fine-Pruning", RAID 2018) on the
+CSAW-HackML lab's formats: rank a conv layer's channels on clean data, prune them in order,
+keep B'_X where validation accuracy first falls X points, and build the GoodNet G that
+flags inputs on which B and B' disagree. Importing the package registers G's layer with
+Keras, so ``keras.models.load_model("goodnet_2.keras")`` works afterwards.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _backend  # noqa: F401,I001  (before Keras is imported)
+from .data import Dataset, load_h5, load_images, save_h5
+from .defense import DefenseResult, run_pruning_defense
+from .errors import (
+    BadNetRepairError,
+    DataError,
+    DataWarning,
+    ModelError,
+    OutputExistsError,
+    UnsafeModelError,
+)
+from .goodnet import GoodNetCombine, build_goodnet, goodnet_predict
+from .metrics import (
+    Evaluation,
+    accuracy,
+    attack_success_rate,
+    detection_rate,
+    false_alarm_rate,
+)
+from .models import deepid, load_model, predict_classes, prune_channels, save_model
+from .plotting import plot_curves, plot_evaluations, plot_goodnet_sweep, plot_samples, plot_sweep
+from .pruning import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
+from .triggers import Trigger, load_trigger, poison
+
+__all__ = [
+    "BadNetRepairError",
+    "ChannelRanking",
+    "DataError",
+    "DataWarning",
+    "Dataset",
+    "DefenseResult",
+    "Evaluation",
+    "GoodNetCombine",
+    "ModelError",
+    "OutputExistsError",
+    "Selection",
+    "SweepResult",
+    "SweepStep",
+    "Trigger",
+    "UnsafeModelError",
+    "__version__",
+    "accuracy",
+    "attack_success_rate",
+    "build_goodnet",
+    "deepid",
+    "detection_rate",
+    "false_alarm_rate",
+    "goodnet_predict",
+    "load_h5",
+    "load_images",
+    "load_model",
+    "load_trigger",
+    "plot_curves",
+    "plot_evaluations",
+    "plot_goodnet_sweep",
+    "plot_samples",
+    "plot_sweep",
+    "poison",
+    "predict_classes",
+    "prune_channels",
+    "prune_sweep",
+    "rank_channels",
+    "run_pruning_defense",
+    "save_h5",
+    "save_model",
+]

@@ -1,0 +1,268 @@
+"""The ``badnet-repair`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LAB_FILES", "main"]
+
+log = logging.getLogger("badnet_repair")
+
+# The CSAW-HackML lab's layout, relative to the folder the command runs in.
+LAB_FILES = {
+    "model": "model/bd_net.h5",
+    "valid": "data/cl/valid.h5",
+    "bd_valid": "data/bd/bd_valid.h5",
+    "test": "data/cl/test.h5",
+    "bd_test": "data/bd/bd_test.h5",
+}
+_LAB_WEIGHTS = "model/bd_weights.h5"
+_GET_LAB = (
+    "Download the lab's model/ and data/ folders as its README says (CSAW-HackML lab), "
+    "or pass the files with --model, --valid, --bd-valid, --test and --bd-test"
+)
+
+
+def _thresholds(values: Sequence[str]) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"threshold {v!r} is not a number") from None
+        if not x >= 0 or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"threshold {v!r} must be a finite number >= 0")
+        out.append(x)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="badnet-repair",
+        description="Repair backdoored neural networks (BadNets) with the pruning defense.",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings and errors, no progress bars")
+    sub = p.add_subparsers(dest="command")
+
+    pr = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="run the pruning defense; save B'_X, G_X, results and the report",
+        description="Rank the channels of a conv layer on clean validation data, prune them one "
+        "at a time, save B'_X where validation accuracy first falls X points, and the GoodNet "
+        "G_X. With no file arguments it uses the lab layout (model/, data/cl/, data/bd/).",
+    )
+    pr.add_argument("--model", help=f"the BadNet B (default {LAB_FILES['model']})")
+    pr.add_argument("--valid", help=f"clean validation data (default {LAB_FILES['valid']})")
+    pr.add_argument("--bd-valid", help=f"poisoned validation data (default {LAB_FILES['bd_valid']})")
+    pr.add_argument("--test", help=f"clean test data (default {LAB_FILES['test']})")
+    pr.add_argument("--bd-test", help=f"poisoned test data (default {LAB_FILES['bd_test']})")
+    pr.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X",
+                    help="accuracy drops in points (default: 2 4 10)")
+    pr.add_argument("--layer", default="conv_3", help="conv layer to prune (default conv_3)")
+    pr.add_argument("--rank-at", choices=["pooled", "conv"], default="pooled",
+                    help="measure activations at the layer's pooling output (default) or its own output")
+    pr.add_argument("--descending", action="store_true", help="prune the most active channels first")
+    pr.add_argument("--target", type=int, help="attack target class (default: the poisoned files' label)")
+    pr.add_argument("--out", default="fixed_models", help="output folder (default fixed_models/)")
+    pr.add_argument("--engine", choices=["fast", "plain"], default="fast",
+                    help="fast (cached activations, default) or plain (re-run the whole model per step)")
+    pr.add_argument("--batch-size", type=int, default=1024)
+    pr.add_argument("--layout", choices=["nchw", "nhwc", "auto"], default="nchw",
+                    help="how the HDF5 'data' is stored (default nchw, the lab's)")
+    pr.add_argument("--trust-model", action="store_true",
+                    help="allow model files with layers that run stored code (Lambda, custom)")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    pr.add_argument("--no-models", action="store_true", help="do not save the repaired models")
+
+    ev = sub.add_parser("eval", parents=[common], help="clean accuracy and attack success rate of a model",
+                        description="Evaluate a model as the lab's eval script does; for a GoodNet "
+                        "also its detection and false-alarm rates.")
+    ev.add_argument("clean", help="clean data (lab HDF5)")
+    ev.add_argument("poisoned", nargs="?", help="poisoned data (lab HDF5)")
+    ev.add_argument("model", help="model file (.h5 or .keras)")
+    ev.add_argument("--target", type=int, help="attack target (default: the poisoned file's label)")
+    ev.add_argument("--layout", choices=["nchw", "nhwc", "auto"], default="nchw")
+    ev.add_argument("--trust-model", action="store_true")
+    ev.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
+    pd = sub.add_parser("predict", parents=[common], help="classify images (PNG/JPEG); prints a class in [0, N]")
+    pd.add_argument("model", help="model file (.h5 or .keras); a GoodNet outputs N for a detected trigger")
+    pd.add_argument("images", nargs="+", help="image files or folders")
+    pd.add_argument("--resize", action="store_true", help="resize images to the model's input size")
+    pd.add_argument("--trust-model", action="store_true")
+    return p
+
+
+def _resolve_prune_inputs(args: argparse.Namespace) -> tuple[dict[str, str | None], str]:
+    from .errors import DataError
+
+    given = {k: getattr(args, k) for k in LAB_FILES}
+    if all(v is None for v in given.values()):
+        lab = {k: v for k, v in LAB_FILES.items()}
+        if not Path(lab["model"]).exists() and Path(_LAB_WEIGHTS).exists():
+            lab["model"] = _LAB_WEIGHTS
+        missing = [v for v in lab.values() if not Path(v).exists()]
+        if missing:
+            raise DataError(
+                f"lab files not found in {Path.cwd()}: {', '.join(missing)}. {_GET_LAB}."
+            )
+        return dict(lab), f"the lab files in {Path.cwd()}"
+    resolved: dict[str, str | None] = {}
+    for key, value in given.items():
+        if value is not None:
+            resolved[key] = value
+        elif Path(LAB_FILES[key]).exists():
+            resolved[key] = LAB_FILES[key]
+        elif key in ("model", "valid"):
+            raise DataError(f"no --{key} given and {LAB_FILES[key]} does not exist. {_GET_LAB}.")
+        else:
+            resolved[key] = None
+    return resolved, "the files given"
+
+
+def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .defense import run_pruning_defense
+
+    try:
+        thresholds = _thresholds(args.thresholds)
+    except argparse.ArgumentTypeError as exc:
+        print(f"badnet-repair prune: error: {exc}", file=sys.stderr)
+        return 2
+    inputs, source = _resolve_prune_inputs(args)
+    print(f"Using {source}: " + ", ".join(f"{k}={v}" for k, v in inputs.items() if v), flush=True)
+    result = run_pruning_defense(
+        inputs["model"], inputs["valid"],  # type: ignore[arg-type]
+        bd_valid=inputs["bd_valid"], test=inputs["test"], bd_test=inputs["bd_test"],
+        out_dir=args.out, thresholds=thresholds, layer=args.layer, at=args.rank_at,
+        descending=args.descending, target=args.target, engine=args.engine,
+        batch_size=args.batch_size, layout=args.layout, trust_model=args.trust_model,
+        overwrite=args.overwrite, save_models=not args.no_models, progress=not args.quiet,
+        data_source=source, command="badnet-repair " + shlex.join(argv),
+    )
+    from .report import evaluation_table
+
+    sel = result.sweep.selections
+    for x, s in sel.items():
+        if s is not None:
+            print(f"X={x:g}: {s.channels_pruned} channels pruned, validation accuracy "
+                  f"{s.valid_accuracy:.2f}% ({s.accuracy_drop:.2f} points below B)")
+    print(evaluation_table([e.as_dict() for e in result.evaluations]))
+    for name in ("report", "results_json", "sweep_csv", "figure"):
+        if name in result.files:
+            print(f"{name}: {result.files[name]}")
+    for x, files in result.models.items():
+        print(f"models X={x:g}: " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def _is_goodnet(model: Any) -> bool:
+    from .goodnet import GoodNetCombine
+
+    return any(isinstance(lyr, GoodNetCombine) for lyr in model.layers)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_h5
+    from .defense import poisoned_labels
+    from .metrics import evaluate_predictions
+    from .models import load_model, num_classes, predict_classes
+
+    model = load_model(args.model, trust=args.trust_model)
+    n = num_classes(model)
+    goodnet = _is_goodnet(model)
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    clean = load_h5(args.clean, layout=args.layout, num_classes=n, image_shape=shape)  # type: ignore[arg-type]
+    bd = None
+    if args.poisoned:
+        bd, _ = poisoned_labels(
+            load_h5(args.poisoned, layout=args.layout, num_classes=n, image_shape=shape),  # type: ignore[arg-type]
+            args.target,
+        )
+    ev = evaluate_predictions(
+        model=str(args.model), kind="goodnet" if goodnet else "model",
+        clean_pred=predict_classes(model, clean.x), clean_labels=clean.y,
+        poisoned_pred=predict_classes(model, bd.x) if bd else None,
+        poisoned_labels=bd.y if bd else None, alarm_class=n - 1 if goodnet else None,
+        clean_set=str(args.clean), poisoned_set=str(args.poisoned) if bd else None,
+    )
+    if args.json:
+        print(json.dumps(ev.as_dict(), indent=2, sort_keys=True))
+        return 0
+    print(f"Clean Classification accuracy: {ev.clean_accuracy:.4f}")
+    if ev.attack_success_rate is not None:
+        print(f"Attack Success Rate: {ev.attack_success_rate:.4f}")
+    if goodnet:
+        print(f"False alarm rate (clean inputs flagged as class {n - 1}): {ev.false_alarm_rate:.4f}")
+        if ev.detection_rate is not None:
+            print(f"Detection rate (poisoned inputs flagged as class {n - 1}): {ev.detection_rate:.4f}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .data import load_images
+    from .models import load_model, predict_classes
+
+    model = load_model(args.model, trust=args.trust_model)
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    x = load_images(args.images, image_shape=shape, resize=args.resize)  # type: ignore[arg-type]
+    pred = predict_classes(model, x)
+    if len(args.images) == 1 and len(pred) == 1:
+        print(int(pred[0]))
+    else:
+        from .data import _IMAGE_SUFFIXES
+
+        names: list[str] = []
+        for item in args.images:
+            p = Path(item)
+            names += ([str(q) for q in sorted(p.iterdir()) if q.suffix.lower() in _IMAGE_SUFFIXES]
+                      if p.is_dir() else [item])
+        for name, c in zip(names, pred, strict=True):
+            print(f"{name}\t{int(c)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 bad input, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.captureWarnings(True)
+    from .errors import BadNetRepairError
+
+    try:
+        if args.command == "prune":
+            return _cmd_prune(args, argv)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "predict":
+            return _cmd_predict(args)
+    except BadNetRepairError as exc:
+        print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"badnet-repair {args.command}: interrupted; no partial output files were left",
+              file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2

@@ -1,0 +1,287 @@
+"""The whole pruning-defense workflow on files: load, sweep, save B'_X and G_X, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .data import Dataset, Layout, load_h5
+from .errors import DataError
+from .goodnet import build_goodnet
+from .io import atomic_path, check_writable, sha256_file, write_json, write_text
+from .metrics import Evaluation, evaluate_predictions
+from .models import load_model, num_classes, prune_channels, save_model, saved_model_paths
+from .pruning import RankAt, SweepResult, prune_sweep
+from .report import render_report, sweep_rows, write_csv
+
+__all__ = ["DefenseResult", "output_paths", "poisoned_labels", "run_pruning_defense", "versions"]
+
+log = logging.getLogger(__name__)
+
+FIGURE = "pruning_curves.png"
+REPORT = "Lab2_report.md"
+
+
+@dataclass(frozen=True, eq=False)
+class DefenseResult:
+    """What :func:`run_pruning_defense` produced.
+
+    Attributes:
+        sweep: the full sweep.
+        evaluations: B, then each B'_X and G_X, on the evaluation sets.
+        models: threshold -> {"h5", "weights", "keras", "goodnet"} -> path.
+        files: name -> path of every results file written.
+        results: the content of ``results.json``.
+    """
+
+    sweep: SweepResult
+    evaluations: tuple[Evaluation, ...]
+    models: Mapping[float, Mapping[str, Path]]
+    files: Mapping[str, Path]
+    results: Mapping[str, Any]
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that decide the numbers."""
+    import h5py
+    import keras
+
+    out = {"python": platform.python_version(), "badnet_repair": __version__,
+           "numpy": np.__version__, "keras": keras.__version__, "h5py": h5py.__version__}
+    try:
+        import tensorflow as tf
+
+        out["tensorflow"] = tf.__version__
+    except ImportError:  # pragma: no cover - another Keras backend
+        pass
+    return out
+
+
+def _tag(x: float) -> str:
+    return f"{x:g}"
+
+
+def output_paths(out_dir: str | os.PathLike[str], thresholds: Sequence[float],
+                 *, save_models: bool = True, report: bool = True) -> dict[str, Path]:
+    """Every file a run writes into ``out_dir``, by name (checked before any work starts)."""
+    d = Path(out_dir)
+    paths = {"sweep_csv": d / "sweep.csv", "results_csv": d / "results.csv",
+             "results_json": d / "results.json"}
+    if report:
+        paths["figure"] = d / FIGURE
+        paths["report"] = d / REPORT
+    if save_models:
+        for x in thresholds:
+            for fmt, p in saved_model_paths(d, f"bd_{_tag(x)}").items():
+                paths[f"bd_{_tag(x)}_{fmt}"] = p
+            paths[f"goodnet_{_tag(x)}"] = d / f"goodnet_{_tag(x)}.keras"
+    return paths
+
+
+def poisoned_labels(data: Dataset, target: int | None) -> tuple[Dataset, int]:
+    """Labels of a poisoned set: all ``target`` if given, else the file's single label.
+
+    Raises:
+        DataError: if no target is given and the file's labels are not all one class.
+    """
+    seen = np.unique(data.y)
+    if target is None:
+        if seen.size != 1:
+            shown = ", ".join(str(int(v)) for v in seen[:10]) + (" ..." if seen.size > 10 else "")
+            raise DataError(
+                f"{data.path or data.name}: a poisoned set's labels should all be the attack's "
+                f"target, but {seen.size} different labels were seen ({shown}); pass the target "
+                "explicitly (--target)"
+            )
+        return data, int(seen[0])
+    if seen.size != 1 or int(seen[0]) != target:
+        log.info("%s: scoring attack success against target %d", data.name, target)
+    y = np.full(len(data), target, dtype=np.int64)
+    return Dataset(data.x, y, name=data.name, path=data.path), int(target)
+
+
+def run_pruning_defense(
+    model: str | os.PathLike[str],
+    valid: str | os.PathLike[str],
+    *,
+    bd_valid: str | os.PathLike[str] | None = None,
+    test: str | os.PathLike[str] | None = None,
+    bd_test: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] = "fixed_models",
+    thresholds: Sequence[float] = (2.0, 4.0, 10.0),
+    layer: str = "conv_3",
+    at: RankAt = "pooled",
+    descending: bool = False,
+    target: int | None = None,
+    engine: str = "fast",
+    batch_size: int = 1024,
+    layout: Layout = "nchw",
+    trust_model: bool = False,
+    overwrite: bool = False,
+    save_models: bool = True,
+    report: bool = True,
+    progress: bool = True,
+    data_source: str | None = None,
+    command: str | None = None,
+) -> DefenseResult:
+    """Run the lab's pruning defense end to end on files.
+
+    Loads B and the data, sweeps the pruning of ``layer`` (see
+    :func:`~badnet_repair.pruning.prune_sweep`), saves B'_X (``bd_X.h5``,
+    ``bd_X_weights.h5``, ``bd_X.keras``) and G_X (``goodnet_X.keras``) for each threshold,
+    evaluates B, B'_X and G_X on the test sets (the validation sets if no test sets are
+    given), and writes ``sweep.csv``, ``results.csv``, ``results.json``,
+    ``pruning_curves.png`` and ``Lab2_report.md``. Nothing existing is overwritten unless
+    ``overwrite``; every file is written atomically.
+
+    Args:
+        model: B's file (full ``.h5``, ``.keras``, or weights-only ``.h5`` for DeepID).
+        valid: clean validation data (lab HDF5).
+        bd_valid, test, bd_test: optional poisoned validation, clean test and poisoned
+            test data.
+        out_dir: output folder, default ``fixed_models``.
+        thresholds: accuracy drops X in points, default (2, 4, 10).
+        layer: conv layer to prune, default ``conv_3``.
+        at: rank at the ``"pooled"`` output (default) or the ``"conv"`` output.
+        descending: prune the most active channels first.
+        target: the attack's target class; default read from the poisoned files' labels.
+        engine: sweep engine, ``"fast"`` (default) or ``"plain"``.
+        batch_size: inputs per forward pass.
+        layout: the HDF5 ``data`` layout, ``"nchw"`` (the lab's) or ``"nhwc"``/``"auto"``.
+        trust_model: allow model files whose layers run stored code.
+        overwrite: replace existing outputs.
+        save_models: write the repaired models.
+        report: write the figure and ``Lab2_report.md``.
+        progress: show progress bars.
+        data_source: a line for the report saying where the data came from.
+        command: the command line that reproduces the run, for the report.
+
+    Returns:
+        DefenseResult.
+    """
+    thresholds = tuple(float(x) for x in thresholds)
+    for x in thresholds:
+        if not np.isfinite(x) or x < 0:
+            raise ValueError(f"thresholds must be numbers >= 0, got {x!r}")
+    paths = output_paths(out_dir, thresholds, save_models=save_models, report=report)
+    check_writable(paths.values(), overwrite=overwrite)
+
+    b = load_model(model, trust=trust_model)
+    n_classes = num_classes(b)
+    shape = tuple(int(d) for d in b.inputs[0].shape[1:])
+
+    def load(path: Any, name: str) -> Dataset:
+        return load_h5(path, layout=layout, num_classes=n_classes, image_shape=shape,  # type: ignore[arg-type]
+                       name=name, progress=progress)
+
+    files = {"model": Path(model), "valid": Path(valid)}
+    clean = load(valid, "valid")
+    others: dict[str, Dataset] = {}
+    poisoned: list[str] = []
+    for name, path, is_bd in (("bd_valid", bd_valid, True), ("test", test, False),
+                              ("bd_test", bd_test, True)):
+        if path is None:
+            continue
+        files[name] = Path(path)
+        ds = load(path, name)
+        if is_bd:
+            ds, target = poisoned_labels(ds, target)
+            poisoned.append(name)
+        others[name] = ds
+
+    sweep = prune_sweep(b, clean, others=others, poisoned=poisoned, layer=layer,
+                        thresholds=thresholds, at=at, descending=descending, engine=engine,  # type: ignore[arg-type]
+                        batch_size=batch_size, progress=progress)
+
+    clean_set = "test" if "test" in others else "valid"
+    bd_set = "bd_test" if "bd_test" in others else ("bd_valid" if "bd_valid" in others else None)
+
+    def evaluation(name: str, kind: str, step: int, x: float | None, goodnet: bool) -> Evaluation:
+        def pred(s: str) -> np.ndarray:
+            return sweep.goodnet_predictions(s, step) if goodnet else sweep.predictions[s][step]
+
+        return evaluate_predictions(
+            model=name, kind=kind, clean_pred=pred(clean_set), clean_labels=sweep.labels[clean_set],
+            poisoned_pred=pred(bd_set) if bd_set else None,
+            poisoned_labels=sweep.labels[bd_set] if bd_set else None,
+            alarm_class=n_classes if goodnet else None, threshold=x, channels_pruned=step,
+            clean_set=clean_set, poisoned_set=bd_set,
+        )
+
+    evaluations = [evaluation("B", "badnet", 0, None, False)]
+    models: dict[float, dict[str, Path]] = {}
+    for x, sel in sweep.selections.items():
+        if sel is None:
+            continue
+        evaluations.append(evaluation(f"B'_{_tag(x)}", "repaired", sel.channels_pruned, x, False))
+        evaluations.append(evaluation(f"G_{_tag(x)}", "goodnet", sel.channels_pruned, x, True))
+        if save_models:
+            repaired = prune_channels(b, layer, sel.channels)
+            saved = dict(save_model(repaired, out_dir, f"bd_{_tag(x)}", overwrite=overwrite))
+            with atomic_path(paths[f"goodnet_{_tag(x)}"], overwrite=overwrite) as tmp:
+                build_goodnet(b, repaired).save(tmp)
+            saved["goodnet"] = paths[f"goodnet_{_tag(x)}"]
+            models[x] = saved
+
+    results = _results_dict(sweep, evaluations, models, files, clean, others, n_classes, target,
+                            dict(thresholds=list(thresholds), layer=layer, at=at, descending=descending,
+                                 engine=engine, batch_size=batch_size, layout=layout),
+                            clean_set, bd_set, data_source, command)
+    written = {
+        "sweep_csv": write_csv(paths["sweep_csv"], sweep_rows(sweep), overwrite=overwrite),
+        "results_csv": write_csv(paths["results_csv"], [e.as_dict() for e in evaluations],
+                                 overwrite=overwrite),
+        "results_json": write_json(paths["results_json"], results, overwrite=overwrite),
+    }
+    if report:
+        from .plotting import plot_curves
+
+        fig = plot_curves(sweep)
+        with atomic_path(paths["figure"], overwrite=overwrite) as tmp:
+            fig.savefig(tmp, dpi=110)
+        written["figure"] = paths["figure"]
+        written["report"] = write_text(paths["report"], render_report(results, figure=FIGURE),
+                                       overwrite=overwrite)
+    return DefenseResult(sweep=sweep, evaluations=tuple(evaluations), models=models,
+                         files=written, results=results)
+
+
+def _results_dict(
+    sweep: SweepResult, evaluations: Sequence[Evaluation], models: Mapping[float, Mapping[str, Path]],
+    files: Mapping[str, Path], clean: Dataset, others: Mapping[str, Dataset], n_classes: int,
+    target: int | None, parameters: dict[str, Any], clean_set: str, bd_set: str | None,
+    data_source: str | None, command: str | None,
+) -> dict[str, Any]:
+    sizes = {"valid": len(clean), **{k: len(v) for k, v in others.items()}}
+    inputs = {role: {"path": str(p), "sha256": sha256_file(p), "images": sizes.get(role)}
+              for role, p in files.items()}
+    return {
+        "provenance": {"versions": versions(), "inputs": inputs},
+        "parameters": parameters,
+        "data_source": data_source,
+        "command": command,
+        "num_classes": n_classes,
+        "target": target,
+        "layer": sweep.layer,
+        "measured_at": sweep.ranking.measured_at,
+        "order": [int(c) for c in sweep.ranking.order],
+        "mean_activation": [float(v) for v in sweep.ranking.mean_activation],
+        "base": dict(sweep.steps[0].metrics),
+        "selections": [
+            {"threshold": x, "channels_pruned": None} if s is None else
+            {"threshold": x, "channels_pruned": s.channels_pruned, "channels": list(s.channels),
+             "valid_accuracy": s.valid_accuracy, "accuracy_drop": s.accuracy_drop}
+            for x, s in sweep.selections.items()
+        ],
+        "evaluation_sets": {"clean": clean_set, "poisoned": bd_set},
+        "evaluations": [e.as_dict() for e in evaluations],
+        "models": {_tag(x): {k: str(v) for k, v in m.items()} for x, m in models.items()},
+    }

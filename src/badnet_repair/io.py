@@ -1,0 +1,80 @@
+"""Safe output writing: atomic replace, no silent overwrite, content hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputExistsError
+
+__all__ = ["atomic_path", "check_writable", "sha256_file", "write_json", "write_text"]
+
+
+def check_writable(paths: Iterable[str | os.PathLike[str]], *, overwrite: bool = False) -> None:
+    """Raise :class:`OutputExistsError` naming every path that exists, unless ``overwrite``.
+
+    Called before any work starts, so a run that would clobber earlier results fails in a
+    second instead of after the sweep.
+    """
+    if overwrite:
+        return
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        listed = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise OutputExistsError(
+            f"{listed} already exist{'s' if len(existing) == 1 else ''}; "
+            "pass --overwrite (overwrite=True) to replace, or choose another output folder"
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    The temporary name keeps the final suffix (Keras picks the format from it) and starts
+    with a dot, so an interrupted run never leaves a half-written file under the final name.
+    """
+    final = Path(path)
+    check_writable([final], overwrite=overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".weights.h5" if final.name.endswith(".weights.h5") else final.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.partial-", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    # Keras and h5py refuse or append to an existing file; give them a fresh name.
+    tmp.unlink()
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"nothing was written to {final}")
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8, ``\\n`` line ends)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as indented, key-sorted JSON, atomically; byte-identical for equal input."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", overwrite=overwrite)
+
+
+def sha256_file(path: str | os.PathLike[str], *, block_size: int = 1 << 20) -> str:
+    """Return the hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(block_size), b""):
+            h.update(block)
+    return h.hexdigest()

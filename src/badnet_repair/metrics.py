@@ -1,0 +1,101 @@
+"""Metrics of a repaired model: accuracy, attack success, and GoodNet alarm rates."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Evaluation",
+    "accuracy",
+    "attack_success_rate",
+    "detection_rate",
+    "evaluate_predictions",
+    "false_alarm_rate",
+]
+
+
+def _pct(mask: np.ndarray) -> float:
+    if mask.size == 0:
+        raise ValueError("cannot compute a rate over zero inputs")
+    return float(100.0 * np.count_nonzero(mask) / mask.size)
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Percentage of (N,) predictions equal to the (N,) true labels."""
+    return _pct(np.asarray(pred) == np.asarray(labels))
+
+
+def attack_success_rate(pred: np.ndarray, target: int | np.ndarray) -> float:
+    """Percentage of poisoned inputs classified as the attack's target.
+
+    Args:
+        pred: (N,) predictions on poisoned inputs.
+        target: the target class, or (N,) per-input targets (the poisoned file's labels).
+    """
+    return _pct(np.asarray(pred) == np.asarray(target))
+
+
+def detection_rate(pred: np.ndarray, alarm_class: int) -> float:
+    """Percentage of poisoned inputs that a GoodNet flags as ``alarm_class`` (N)."""
+    return _pct(np.asarray(pred) == alarm_class)
+
+
+def false_alarm_rate(pred: np.ndarray, alarm_class: int) -> float:
+    """Percentage of clean inputs that a GoodNet flags as ``alarm_class`` (N)."""
+    return _pct(np.asarray(pred) == alarm_class)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One model's numbers on a clean and a poisoned set (percentages).
+
+    ``detection_rate`` and ``false_alarm_rate`` are set for GoodNets only.
+    """
+
+    model: str
+    kind: str
+    clean_accuracy: float | None
+    attack_success_rate: float | None
+    detection_rate: float | None = None
+    false_alarm_rate: float | None = None
+    threshold: float | None = None
+    channels_pruned: int | None = None
+    clean_set: str | None = None
+    poisoned_set: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_predictions(
+    *,
+    model: str,
+    kind: str,
+    clean_pred: np.ndarray | None,
+    clean_labels: np.ndarray | None,
+    poisoned_pred: np.ndarray | None,
+    poisoned_labels: np.ndarray | None,
+    alarm_class: int | None = None,
+    threshold: float | None = None,
+    channels_pruned: int | None = None,
+    clean_set: str | None = None,
+    poisoned_set: str | None = None,
+) -> Evaluation:
+    """Build an :class:`Evaluation` from predictions; alarm rates when ``alarm_class`` is set."""
+    has_clean = clean_pred is not None and clean_labels is not None
+    has_bd = poisoned_pred is not None and poisoned_labels is not None
+    return Evaluation(
+        model=model,
+        kind=kind,
+        clean_accuracy=accuracy(clean_pred, clean_labels) if has_clean else None,  # type: ignore[arg-type]
+        attack_success_rate=attack_success_rate(poisoned_pred, poisoned_labels) if has_bd else None,  # type: ignore[arg-type]
+        detection_rate=detection_rate(poisoned_pred, alarm_class) if has_bd and alarm_class is not None else None,  # type: ignore[arg-type]
+        false_alarm_rate=false_alarm_rate(clean_pred, alarm_class) if has_clean and alarm_class is not None else None,  # type: ignore[arg-type]
+        threshold=threshold,
+        channels_pruned=channels_pruned,
+        clean_set=clean_set,
+        poisoned_set=poisoned_set,
+    )

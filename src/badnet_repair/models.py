@@ -1,0 +1,394 @@
+"""Models: the DeepID architecture, safe loading, saving, and channel pruning surgery."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _backend  # noqa: F401  (quiet TensorFlow before Keras loads it)
+from .errors import ModelError, UnsafeModelError
+from .io import atomic_path, check_writable
+
+__all__ = [
+    "conv_layer",
+    "deepid",
+    "load_model",
+    "num_classes",
+    "predict_classes",
+    "prune_channels",
+    "save_model",
+    "save_weights_h5",
+    "saved_model_paths",
+]
+
+log = logging.getLogger(__name__)
+
+# Layer types whose config is pure data. Anything else (Lambda, unregistered custom
+# classes) may carry or need code, so loading it needs the user's explicit trust.
+_CONTAINERS = {"Functional", "Model", "Sequential"}
+
+
+def deepid(
+    num_classes: int = 1283,
+    *,
+    input_shape: tuple[int, int, int] = (55, 47, 3),
+    name: str = "deepid",
+) -> Any:
+    """Build the lab's DeepID face classifier with the lab's layer names.
+
+    Sun, Wang and Tang, "Deep Learning Face Representation from Predicting 10,000
+    Classes" (CVPR 2014), as used by the CSAW-HackML lab: conv_1 (20, 4x4), pool_1,
+    conv_2 (40, 3x3), pool_2, conv_3 (60, 3x3), pool_3; fc_1 on flatten(pool_3) and
+    conv_4 (80, 2x2) -> flatten -> fc_2; add, relu, softmax output.
+
+    Args:
+        num_classes: output classes, default 1283 (the lab's YouTube Faces identities).
+        input_shape: (H, W, C), default (55, 47, 3).
+        name: model name.
+
+    Returns:
+        An uncompiled ``keras.Model`` mapping (N, H, W, C) float32 in 0..255 to
+        (N, num_classes) softmax probabilities.
+    """
+    import keras
+    from keras import layers
+
+    x = keras.Input(shape=input_shape, name="input")
+    h = layers.Conv2D(20, 4, activation="relu", name="conv_1")(x)
+    h = layers.MaxPooling2D(2, name="pool_1")(h)
+    h = layers.Conv2D(40, 3, activation="relu", name="conv_2")(h)
+    h = layers.MaxPooling2D(2, name="pool_2")(h)
+    h = layers.Conv2D(60, 3, activation="relu", name="conv_3")(h)
+    p3 = layers.MaxPooling2D(2, name="pool_3")(h)
+    c4 = layers.Conv2D(80, 2, activation="relu", name="conv_4")(p3)
+    f1 = layers.Dense(160, name="fc_1")(layers.Flatten(name="flatten_1")(p3))
+    f2 = layers.Dense(160, name="fc_2")(layers.Flatten(name="flatten_2")(c4))
+    h = layers.Activation("relu", name="activation_1")(layers.Add(name="add_1")([f1, f2]))
+    out = layers.Dense(num_classes, activation="softmax", name="output")(h)
+    return keras.Model(x, out, name=name)
+
+
+def num_classes(model: Any) -> int:
+    """Return the size of the model's (single) output's last axis."""
+    return int(model.outputs[0].shape[-1])
+
+
+def conv_layer(model: Any, layer: str) -> Any:
+    """Return the convolution layer called ``layer``, with a clear error if it is not one."""
+    from keras import layers
+
+    try:
+        found = model.get_layer(layer)
+    except ValueError:
+        names = ", ".join(lyr.name for lyr in model.layers)
+        raise ModelError(f"model {model.name!r} has no layer named {layer!r}; layers: {names}") from None
+    if not isinstance(found, (layers.Conv1D, layers.Conv2D, layers.Conv3D)):
+        raise ModelError(
+            f"layer {layer!r} of model {model.name!r} is a {type(found).__name__}, not a "
+            "convolution layer; the pruning defense prunes the channels of a Conv layer"
+        )
+    return found
+
+
+def prune_channels(model: Any, layer: str, channels: Iterable[int]) -> Any:
+    """Return a copy of ``model`` with the given output channels of ``layer`` zeroed.
+
+    The pruning of Liu, Dolan-Gavitt and Garg, "Fine-Pruning" (RAID 2018): a pruned
+    channel's kernel slice and bias are set to zero, so with a ReLU it outputs zero on
+    every input. The caller's model is not changed.
+
+    Args:
+        model: a Keras model.
+        layer: name of a convolution layer in it.
+        channels: output-channel indices to zero.
+
+    Returns:
+        A new model with the same architecture and weights, but for the zeroed channels.
+    """
+    import keras
+
+    conv = conv_layer(model, layer)
+    chans = np.asarray(sorted(set(int(c) for c in channels)), dtype=np.int64)
+    filters = int(conv.filters)
+    if chans.size and (chans.min() < 0 or chans.max() >= filters):
+        raise ModelError(f"channel indices must be in [0, {filters}) for layer {layer!r}")
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    weights = [w.copy() for w in clone.get_layer(layer).get_weights()]
+    weights[0][..., chans] = 0.0
+    if conv.use_bias:
+        weights[1][chans] = 0.0
+    clone.get_layer(layer).set_weights(weights)
+    return clone
+
+
+def predict_classes(model: Any, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """Return (N,) int64 argmax predictions of ``model`` on (N, ...) inputs, in batches."""
+    import keras
+
+    out = np.empty(len(x), dtype=np.int64)
+    for i in range(0, len(x), batch_size):
+        scores = model(x[i : i + batch_size], training=False)
+        out[i : i + batch_size] = keras.ops.convert_to_numpy(keras.ops.argmax(scores, axis=-1))
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _unsafe_layers(config: Any) -> list[str]:
+    """Names of layers in a model config that would run or need code that is not ours."""
+    import keras
+
+    found: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "layers" and isinstance(value, list):
+                    for item in value:
+                        if isinstance(item, dict) and "class_name" in item:
+                            cls = str(item["class_name"])
+                            lname = (item.get("config") or {}).get("name", "?")
+                            registered = item.get("registered_name")
+                            if cls == "Lambda" or cls == "TFOpLambda":
+                                found.append(f"{lname!r} ({cls}: runs Python code stored in the file)")
+                            elif not (
+                                cls in _CONTAINERS
+                                or hasattr(keras.layers, cls)
+                                or keras.saving.get_registered_object(str(registered or cls))
+                                is not None
+                            ):
+                                found.append(f"{lname!r} (unknown custom layer {cls!r})")
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(config)
+    return found
+
+
+def _refuse_unsafe(path: Path, config: Any, trust: bool) -> None:
+    bad = _unsafe_layers(config)
+    if bad and not trust:
+        raise UnsafeModelError(
+            f"{path}: refusing to load: the model has layer(s) {', '.join(bad)}. Loading it "
+            "could execute code from the file. If you trust where it came from, pass "
+            "--trust-model (trust=True); a custom layer's defining module must be imported."
+        )
+
+
+def _h5_weight_groups(f: Any) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Layer name -> [(weight name, shape)] of a Keras legacy weights group."""
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs.get("layer_names", [])]
+    out: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for lname in names:
+        g = f[lname]
+        wnames = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs.get("weight_names", [])]
+        out[lname] = [(w, tuple(g[w].shape)) for w in wnames]
+    return out
+
+
+def _check_weight_shapes(path: Path, model: Any, groups: dict[str, list[tuple[str, tuple[int, ...]]]]) -> None:
+    for lname, weights in groups.items():
+        if not weights:
+            continue
+        try:
+            lyr = model.get_layer(lname)
+        except ValueError:
+            raise ModelError(
+                f"{path}: the weights are for a layer {lname!r} that the architecture "
+                f"{model.name!r} does not have"
+            ) from None
+        want = [tuple(int(d) for d in w.shape) for w in lyr.weights]
+        got = [shape for _, shape in weights]
+        if want != got:
+            raise ModelError(
+                f"{path}: weights of layer {lname!r} have shapes {got}, but the architecture's "
+                f"{lname!r} needs {want}; the file is for a different model"
+            )
+
+
+def _load_weights_only(path: Path, f: Any, num_classes: int | None, architecture: Any) -> Any:
+    groups = _h5_weight_groups(f)
+    if not groups:
+        raise ModelError(f"{path}: HDF5 file holds neither a Keras model nor Keras weights")
+    if num_classes is None:
+        # The classifier's bias has one entry per class; the last weighted layer holds it.
+        last = [ws for ws in groups.values() if ws][-1]
+        bias = [shape for name, shape in last if "bias" in name]
+        if not bias:
+            raise ModelError(f"{path}: cannot tell the number of classes; pass num_classes")
+        num_classes = int(bias[0][0])
+    model = architecture(num_classes=num_classes)
+    _check_weight_shapes(path, model, groups)
+    try:
+        model.load_weights(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path}: could not load the weights into {model.name!r}: {exc}") from None
+    return model
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    num_classes: int | None = None,
+    trust: bool = False,
+    architecture: Any = deepid,
+) -> Any:
+    """Load a model from a ``.keras`` file, a full legacy ``.h5``, or a weights-only ``.h5``.
+
+    Full legacy ``.h5`` files from Keras 2.2-2.14 load under Keras 3. A weights-only
+    ``.h5`` (such as the lab's ``bd_weights.h5``) is loaded into ``architecture`` (DeepID
+    by default), with the class count read from the file unless given. Nothing in the
+    file is executed: models with Lambda or unknown custom layers are refused unless
+    ``trust`` is set, and Keras's safe mode stays on.
+
+    Args:
+        path: the model file.
+        num_classes: class count for a weights-only file, default read from the file.
+        trust: allow layers that run code stored in the file (Keras ``safe_mode=False``).
+        architecture: builder ``f(num_classes=...)`` for weights-only files.
+
+    Returns:
+        An uncompiled ``keras.Model``.
+
+    Raises:
+        ModelError: naming the file, when it is missing, not a model, or does not fit.
+        UnsafeModelError: when it would run code and ``trust`` is not set.
+    """
+    import h5py
+    import keras
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelError(f"{p}: is a folder, not a model file (.h5 or .keras)")
+    suffix = p.suffix.lower()
+    if suffix == ".keras" or zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as z:
+                config = json.loads(z.read("config.json"))
+        except Exception as exc:
+            raise ModelError(f"{p}: not a readable .keras model archive: {exc}") from None
+        _refuse_unsafe(p, config, trust)
+        try:
+            return keras.models.load_model(p, compile=False, safe_mode=not trust)
+        except Exception as exc:
+            raise ModelError(f"{p}: Keras could not load this model: {exc}") from None
+    try:
+        is_h5 = h5py.is_hdf5(p)
+    except OSError:
+        is_h5 = False
+    if not is_h5:
+        raise ModelError(f"{p}: not a Keras model file (expected an HDF5 .h5 or a .keras archive)")
+    try:
+        f = h5py.File(p, "r")
+    except Exception as exc:
+        raise ModelError(f"{p}: cannot be read as HDF5 (truncated or corrupt?): {exc}") from None
+    with f:
+        raw = f.attrs.get("model_config")
+        if raw is None:
+            return _load_weights_only(p, f, num_classes, architecture)
+        try:
+            config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        except ValueError as exc:
+            raise ModelError(f"{p}: the stored model_config is not valid JSON: {exc}") from None
+    _refuse_unsafe(p, config, trust)
+    try:
+        return keras.models.load_model(p, compile=False, safe_mode=not trust)
+    except Exception as exc:
+        raise ModelError(f"{p}: Keras could not load this model: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_weights_h5(model: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write the model's weights in Keras's legacy HDF5 weights layout, atomically.
+
+    The layout is the one Keras 2 wrote for the lab's ``bd_weights.h5`` (a group per layer,
+    ``layer/layer/kernel:0``), so ``model.load_weights`` reads it under Keras 2 and 3.
+    """
+    import h5py
+    import keras
+
+    with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        names = [lyr.name for lyr in model.layers]
+        f.attrs["layer_names"] = np.array([n.encode() for n in names])
+        f.attrs["backend"] = keras.backend.backend().encode()
+        f.attrs["keras_version"] = keras.__version__.encode()
+        for lyr in model.layers:
+            g = f.create_group(lyr.name)
+            wnames = []
+            for w in lyr.weights:
+                short = w.path.split("/")[-1] if hasattr(w, "path") else w.name
+                wname = f"{lyr.name}/{short}:0"
+                g.create_dataset(wname, data=keras.ops.convert_to_numpy(w))
+                wnames.append(wname.encode())
+            # Keras 2 stores an empty float64 array for layers without weights.
+            g.attrs["weight_names"] = np.array(wnames) if wnames else np.array([], dtype=np.float64)
+    return Path(path)
+
+
+def saved_model_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
+    """The files :func:`save_model` writes: ``{stem}.h5``, ``{stem}_weights.h5``, ``{stem}.keras``."""
+    d = Path(out_dir)
+    return {"h5": d / f"{stem}.h5", "weights": d / f"{stem}_weights.h5", "keras": d / f"{stem}.keras"}
+
+
+def save_model(
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    stem: str,
+    *,
+    formats: Sequence[str] = ("h5", "weights", "keras"),
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Save a model in standard Keras formats, atomically, never clobbering by default.
+
+    Args:
+        model: the Keras model.
+        out_dir: output folder (created if needed).
+        stem: file name stem, e.g. ``"bd_2"`` gives ``bd_2.h5``, ``bd_2_weights.h5``,
+            ``bd_2.keras`` (the lab's names).
+        formats: any of ``"h5"`` (full legacy HDF5), ``"weights"`` (weights-only HDF5),
+            ``"keras"`` (Keras 3 archive).
+        overwrite: replace existing files.
+
+    Returns:
+        Mapping from format to the path written.
+    """
+    import warnings
+
+    paths = {k: v for k, v in saved_model_paths(out_dir, stem).items() if k in formats}
+    check_writable(paths.values(), overwrite=overwrite)
+    for fmt, path in paths.items():
+        if fmt == "weights":
+            save_weights_h5(model, path, overwrite=overwrite)
+            continue
+        with atomic_path(path, overwrite=overwrite) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _quiet_absl()
+            model.save(tmp)
+        log.info("saved %s", path)
+    return paths
+
+
+def _quiet_absl() -> None:
+    # Keras logs a "legacy HDF5 format" warning through absl on every .h5 save.
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover - absl ships with TensorFlow
+        pass

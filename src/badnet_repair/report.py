@@ -1,0 +1,227 @@
+"""Tables, CSV/JSON results and the generated ``Lab2_report.md``."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .io import write_text
+from .pruning import SweepResult
+
+__all__ = [
+    "conclusion",
+    "evaluation_table",
+    "render_report",
+    "sweep_rows",
+    "to_csv",
+    "write_csv",
+]
+
+
+def _metric_column(name: str, kind: str) -> str:
+    return f"{name}_{'asr' if kind == 'poisoned' else 'accuracy'}"
+
+
+def sweep_rows(sweep: SweepResult) -> list[dict[str, Any]]:
+    """One row per step: channel, fraction pruned, each set's metric, and G's metrics.
+
+    Columns: ``channels_pruned``, ``channel`` (pruned at this step; empty at step 0),
+    ``fraction_pruned``, ``<set>_accuracy`` or ``<set>_asr`` for each set, then
+    ``goodnet_<set>_accuracy``/``_asr`` and ``goodnet_<set>_false_alarm``/``_detection``.
+    """
+    g_match = {n: sweep.goodnet_metric(n) for n in sweep.kinds}
+    g_alarm = {n: sweep.goodnet_metric(n, what="alarm") for n in sweep.kinds}
+    rows = []
+    for s in sweep.steps:
+        row: dict[str, Any] = {
+            "channels_pruned": s.channels_pruned,
+            "channel": "" if s.channel is None else s.channel,
+            "fraction_pruned": round(s.fraction_pruned, 6),
+        }
+        for name, kind in sweep.kinds.items():
+            row[_metric_column(name, kind)] = round(s.metrics[name], 4)
+        for name, kind in sweep.kinds.items():
+            k = s.channels_pruned
+            row[f"goodnet_{_metric_column(name, kind)}"] = round(float(g_match[name][k]), 4)
+            alarm = "detection" if kind == "poisoned" else "false_alarm"
+            row[f"goodnet_{name}_{alarm}"] = round(float(g_alarm[name][k]), 4)
+        rows.append(row)
+    return rows
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of equal keys as CSV text (``\\n`` line ends, None as empty)."""
+    if not rows:
+        return ""
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, overwrite: bool = False) -> Path:
+    """Write rows as CSV, atomically."""
+    return write_text(path, to_csv(rows), overwrite=overwrite)
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def evaluation_table(evaluations: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of evaluations (dicts of :class:`~badnet_repair.metrics.Evaluation`)."""
+    head = ("| model | channels pruned | clean accuracy (%) | attack success (%) "
+            "| G detection (%) | G false alarm (%) |\n|---|---:|---:|---:|---:|---:|\n")
+    lines = [
+        f"| {e['model']} | {_fmt(e.get('channels_pruned'))} | {_fmt(e.get('clean_accuracy'))} "
+        f"| {_fmt(e.get('attack_success_rate'))} | {_fmt(e.get('detection_rate'))} "
+        f"| {_fmt(e.get('false_alarm_rate'))} |"
+        for e in evaluations
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def conclusion(results: Mapping[str, Any]) -> str:
+    """A few sentences that read the numbers: what pruning did to the backdoor, and the
+    pruning-aware pattern (attack success that survives until accuracy collapses)."""
+    evals = results["evaluations"]
+    base = next(e for e in evals if e["kind"] == "badnet")
+    pruned = [e for e in evals if e["kind"] == "repaired"]
+    goods = [e for e in evals if e["kind"] == "goodnet"]
+    out: list[str] = []
+    if base["attack_success_rate"] is None or not pruned:
+        if not pruned:
+            out.append("No threshold was reached, so no repaired model was produced.")
+        else:
+            out.append("No poisoned data was given, so the attack's success was not measured.")
+        return " ".join(out)
+    out.append(
+        f"The BadNet B classifies {base['clean_accuracy']:.2f}% of clean inputs correctly and "
+        f"sends {base['attack_success_rate']:.2f}% of poisoned inputs to the attacker's target."
+    )
+    for e in pruned:
+        out.append(
+            f"At X={e['threshold']:g} the pruned model B' ({e['channels_pruned']} channels "
+            f"pruned) keeps {e['clean_accuracy']:.2f}% clean accuracy and "
+            f"{e['attack_success_rate']:.2f}% attack success."
+        )
+    worst = max(pruned, key=lambda e: e["threshold"])
+    if worst["attack_success_rate"] >= 50.0:
+        out.append(
+            f"Even at X={worst['threshold']:g} the attack still succeeds "
+            f"{worst['attack_success_rate']:.1f}% of the time: the backdoor survives pruning until "
+            "clean accuracy collapses, the pattern of a pruning-aware attack, whose backdoor "
+            "shares channels with clean features. Pruning alone does not repair this BadNet; "
+            "fine-pruning (prune, then fine-tune on clean data) is the remedy the paper proposes."
+        )
+    elif worst["attack_success_rate"] <= 5.0:
+        out.append(
+            f"By X={worst['threshold']:g} the backdoor is essentially removed: pruning the "
+            "channels that clean inputs leave dormant disabled it."
+        )
+    else:
+        out.append(
+            f"Pruning weakens the backdoor (attack success {worst['attack_success_rate']:.1f}% at "
+            f"X={worst['threshold']:g}) but does not remove it."
+        )
+    if goods:
+        g = max(goods, key=lambda e: e["threshold"])
+        out.append(
+            f"The GoodNet at X={g['threshold']:g} flags {_fmt(g['detection_rate'])}% of poisoned "
+            f"inputs as class N at a false-alarm rate of {_fmt(g['false_alarm_rate'])}% on clean inputs."
+        )
+    return " ".join(out)
+
+
+def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_curves.png",
+                  title: str = "Lab 2 report: repairing a BadNet with the pruning defense") -> str:
+    """The markdown report of a pruning-defense run, from its ``results.json`` content.
+
+    Args:
+        results: the dict written to ``results.json`` by
+            :func:`~badnet_repair.defense.run_pruning_defense`.
+        figure: the curves image path, relative to the report, or None.
+        title: the top heading.
+
+    Returns:
+        Markdown text.
+    """
+    p = results["parameters"]
+    inputs = results["provenance"]["inputs"]
+    lines = [f"# {title}", ""]
+    if results.get("data_source"):
+        lines += [f"*Data: {results['data_source']}.*", ""]
+    lines += [
+        "## Method",
+        "",
+        "The pruning defense of Liu, Dolan-Gavitt and Garg (\"Fine-Pruning\", RAID 2018): the "
+        f"channels of the convolutional layer `{p['layer']}` are ranked by their mean activation "
+        f"on the clean validation data (measured at `{results['measured_at']}`, "
+        f"{'descending' if p['descending'] else 'ascending'}), then pruned one at a time "
+        "(kernel and bias set to zero). For each X, the repaired model B'_X is the first step "
+        "at which validation accuracy is at least X points below the BadNet B's. The GoodNet "
+        "G_X outputs B's class where B and B'_X agree and class N "
+        f"(= {results['num_classes']}) where they differ.",
+        "",
+        "## Inputs",
+        "",
+        "| role | file | images | SHA-256 |",
+        "|---|---|---:|---|",
+    ]
+    for role, info in inputs.items():
+        n = info.get("images")
+        lines.append(f"| {role} | `{info['path']}` | {'' if n is None else n} | `{info['sha256'][:16]}…` |")
+    lines += [
+        "",
+        f"Classes: {results['num_classes']}; attack target: {_fmt(results.get('target'))}; "
+        f"thresholds X: {', '.join(f'{x:g}' for x in p['thresholds'])}.",
+        "",
+        "## Stopping points",
+        "",
+        "| X | channels pruned | fraction | validation accuracy (%) | drop (points) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for s in results["selections"]:
+        if s.get("channels_pruned") is None:
+            lines.append(f"| {s['threshold']:g} | not reached | | | |")
+        else:
+            lines.append(
+                f"| {s['threshold']:g} | {s['channels_pruned']} | "
+                f"{s['channels_pruned'] / len(results['order']):.3f} | {s['valid_accuracy']:.2f} | "
+                f"{s['accuracy_drop']:.2f} |"
+            )
+    sets = results["evaluation_sets"]
+    lines += [
+        "",
+        f"## Results on `{sets['clean']}` (clean) and `{sets['poisoned'] or 'no poisoned set'}` (poisoned)",
+        "",
+        evaluation_table(results["evaluations"]),
+    ]
+    if figure:
+        lines += ["## Curves", "", f"![Accuracy and attack success rate versus channels pruned]({figure})", ""]
+    lines += ["## Conclusion", "", conclusion(results), ""]
+    if results.get("models"):
+        lines += ["## Saved models", ""]
+        for x, files in results["models"].items():
+            lines.append(f"- X={x}: " + ", ".join(f"`{f}`" for f in files.values()))
+        lines.append("")
+    prov = results["provenance"]
+    lines += [
+        "## Reproduce",
+        "",
+        f"```\n{results.get('command') or 'badnet-repair prune'}\n```",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Backdoor triggers: an RGBA patch pasted by alpha compositing, and data poisoning.
+
+BadNets (Gu, Dolan-Gavitt and Garg, 2017) teach a network to output a target class whenever
+a trigger is present. The CSAW-HackML lab's trigger is a pair of purple sunglasses, a 47x20
+RGBA image pasted at x=0, y=15 of the 47x55 face crops.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import Dataset
+from .errors import DataError
+
+__all__ = ["Trigger", "load_trigger", "poison"]
+
+
+@dataclass(frozen=True, eq=False)
+class Trigger:
+    """An RGBA patch and where it goes.
+
+    Attributes:
+        rgba: (h, w, 4) float32; RGB in 0..255, alpha in 0..1 (the blend weight).
+        x: column of the patch's left edge.
+        y: row of the patch's top edge.
+    """
+
+    rgba: np.ndarray
+    x: int = 0
+    y: int = 15
+
+    def __post_init__(self) -> None:
+        if self.rgba.ndim != 3 or self.rgba.shape[2] != 4:
+            raise ValueError(f"trigger must be (h, w, 4) RGBA, got {self.rgba.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.rgba.shape[0]), int(self.rgba.shape[1])
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """Return a copy of (N, H, W, 3) images with the trigger alpha-composited on.
+
+        out = image * (1 - alpha) + rgb * alpha inside the patch, unchanged elsewhere.
+        """
+        images = np.asarray(images, dtype=np.float32)
+        single = images.ndim == 3
+        batch = images[None] if single else images
+        h, w = self.shape
+        if self.y < 0 or self.x < 0 or self.y + h > batch.shape[1] or self.x + w > batch.shape[2]:
+            raise ValueError(
+                f"a {h}x{w} trigger at (x={self.x}, y={self.y}) does not fit "
+                f"{batch.shape[1]}x{batch.shape[2]} images"
+            )
+        out = batch.copy()
+        alpha = self.rgba[..., 3:4]
+        region = out[:, self.y : self.y + h, self.x : self.x + w, :]
+        region[...] = region * (1.0 - alpha) + self.rgba[..., :3] * alpha
+        return out[0] if single else out
+
+
+def load_trigger(path: str | os.PathLike[str], *, x: int = 0, y: int = 15) -> Trigger:
+    """Load a trigger image; its alpha channel (opaque if none) is the blend mask.
+
+    Args:
+        path: PNG (or any Pillow image) file.
+        x: column of the left edge, default 0 (the lab's).
+        y: row of the top edge, default 15 (the lab's).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such trigger image")
+    try:
+        with Image.open(p) as im:
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{p}: cannot be read as an image: {exc}") from None
+    rgba = rgba.copy()
+    rgba[..., 3] /= 255.0
+    return Trigger(rgba=rgba, x=x, y=y)
+
+
+def poison(data: Dataset, trigger: Trigger, *, target: int = 0, name: str | None = None) -> Dataset:
+    """The lab's poisoned set: inputs whose true label is not ``target``, with the trigger,
+    labelled ``target``.
+
+    Returns:
+        Dataset of the (M,) non-target inputs, triggered, with labels all ``target``.
+    """
+    keep = data.y != target
+    x = trigger.apply(data.x[keep])
+    return Dataset(x, np.full(len(x), target, dtype=np.int64), name=name or f"bd_{data.name}", path=None)
