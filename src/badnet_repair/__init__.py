@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _backend  # noqa: F401,I001  (before Keras is imported)
+from . import _backend  # noqa: F401  (before Keras is imported)
 from .data import Dataset, load_h5, load_images, save_h5
 from .defense import DefenseResult, run_pruning_defense
 from .errors import (
@@ -30,7 +30,7 @@ from .metrics import (
     detection_rate,
     false_alarm_rate,
 )
-from .models import deepid, load_model, predict_classes, prune_channels, save_model
+from .models import deepid, load_model, num_classes, predict_classes, prune_channels, save_model
 from .plotting import plot_curves, plot_evaluations, plot_goodnet_sweep, plot_samples, plot_sweep
 from .pruning import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
 from .triggers import Trigger, load_trigger, poison
@@ -63,6 +63,7 @@ __all__ = [
     "load_images",
     "load_model",
     "load_trigger",
+    "num_classes",
     "plot_curves",
     "plot_evaluations",
     "plot_goodnet_sweep",

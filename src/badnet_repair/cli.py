@@ -24,6 +24,7 @@ LAB_FILES = {
     "bd_test": "data/bd/bd_test.h5",
 }
 _LAB_WEIGHTS = "model/bd_weights.h5"
+_NEUTRAL_FLAGS = {"-q", "--quiet", "--overwrite"}
 _GET_LAB = (
     "Download the lab's model/ and data/ folders as its README says (CSAW-HackML lab), "
     "or pass the files with --model, --valid, --bd-valid, --test and --bd-test"
@@ -148,7 +149,9 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         descending=args.descending, target=args.target, engine=args.engine,
         batch_size=args.batch_size, layout=args.layout, trust_model=args.trust_model,
         overwrite=args.overwrite, save_models=not args.no_models, progress=not args.quiet,
-        data_source=source, command="badnet-repair " + shlex.join(argv),
+        data_source=source,
+        # Flags that do not change the numbers stay out, so reruns give identical results.
+        command="badnet-repair " + shlex.join(a for a in argv if a not in _NEUTRAL_FLAGS),
     )
     from .report import evaluation_table
 

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def _check_file(path: Path) -> None:
         raise _fail(path, "is a folder, not a file")
 
 
-def _open_h5(path: Path):  # type: ignore[no-untyped-def]
+def _open_h5(path: Path) -> Any:
     import h5py
 
     _check_file(path)
@@ -330,7 +330,7 @@ def load_images(
                     f"image is {rgb.height}x{rgb.width} (HxW) but {image_shape[0]}x{image_shape[1]} "
                     "is expected; pass resize=True (--resize) to resize it",
                 )
-            rgb = rgb.resize((image_shape[1], image_shape[0]), Image.BILINEAR)
+            rgb = rgb.resize((image_shape[1], image_shape[0]), Image.Resampling.BILINEAR)
         arr = np.asarray(rgb, dtype=np.float32)
         out.append(arr[..., None] if arr.ndim == 2 else arr)
     shapes = {a.shape for a in out}

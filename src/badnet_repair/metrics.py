@@ -87,13 +87,16 @@ def evaluate_predictions(
     """Build an :class:`Evaluation` from predictions; alarm rates when ``alarm_class`` is set."""
     has_clean = clean_pred is not None and clean_labels is not None
     has_bd = poisoned_pred is not None and poisoned_labels is not None
+    cp, cl = np.asarray(clean_pred), np.asarray(clean_labels)
+    bp, bl = np.asarray(poisoned_pred), np.asarray(poisoned_labels)
+    alarm = alarm_class is not None
     return Evaluation(
         model=model,
         kind=kind,
-        clean_accuracy=accuracy(clean_pred, clean_labels) if has_clean else None,  # type: ignore[arg-type]
-        attack_success_rate=attack_success_rate(poisoned_pred, poisoned_labels) if has_bd else None,  # type: ignore[arg-type]
-        detection_rate=detection_rate(poisoned_pred, alarm_class) if has_bd and alarm_class is not None else None,  # type: ignore[arg-type]
-        false_alarm_rate=false_alarm_rate(clean_pred, alarm_class) if has_clean and alarm_class is not None else None,  # type: ignore[arg-type]
+        clean_accuracy=accuracy(cp, cl) if has_clean else None,
+        attack_success_rate=attack_success_rate(bp, bl) if has_bd else None,
+        detection_rate=detection_rate(bp, alarm_class) if has_bd and alarm else None,  # type: ignore[arg-type]
+        false_alarm_rate=false_alarm_rate(cp, alarm_class) if has_clean and alarm else None,  # type: ignore[arg-type]
         threshold=threshold,
         channels_pruned=channels_pruned,
         clean_set=clean_set,

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.cli import main
+
+
+def run_prune(lab_files, out, *extra):
+    f = lab_files
+    return main(["prune", "-q", "--model", str(f["model"]), "--valid", str(f["valid"]),
+                 "--bd-valid", str(f["bd_valid"]), "--test", str(f["test"]),
+                 "--bd-test", str(f["bd_test"]), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def pruned(lab_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "fixed_models"
+    assert run_prune(lab_files, out, "--thresholds", "2", "4", "10") == 0
+    return out
+
+
+def test_prune_writes_models_results_and_report(pruned):
+    names = {p.name for p in pruned.iterdir()}
+    for x in ("2", "4", "10"):
+        assert {f"bd_{x}.h5", f"bd_{x}_weights.h5", f"bd_{x}.keras", f"goodnet_{x}.keras"} <= names
+    assert {"sweep.csv", "results.csv", "results.json", "pruning_curves.png", "Lab2_report.md"} <= names
+    assert not [n for n in names if "partial" in n]
+    results = json.loads((pruned / "results.json").read_text())
+    rows = list(csv.DictReader((pruned / "sweep.csv").open()))
+    assert len(rows) == 61 and rows[0]["channel"] == "" and rows[-1]["fraction_pruned"] == "1.0"
+    base = float(rows[0]["valid_accuracy"])
+    assert base == pytest.approx(100 * (300 - 5) / 300, abs=1e-3)  # 5 labels were flipped
+    for sel in results["selections"]:
+        k = sel["channels_pruned"]
+        drops = [base - float(r["valid_accuracy"]) for r in rows[1:]]
+        first = next(i + 1 for i, d in enumerate(drops) if d >= sel["threshold"] - 1e-9)
+        assert k == first
+        assert len(sel["channels"]) == k and sel["channels"] == results["order"][:k]
+    report = (pruned / "Lab2_report.md").read_text()
+    assert "pruning_curves.png" in report and "| B'_4 |" in report and "## Conclusion" in report
+    assert results["provenance"]["versions"]["keras"]
+    assert len(results["provenance"]["inputs"]["valid"]["sha256"]) == 64
+
+
+def test_saved_repaired_model_has_the_selected_channels_zeroed(pruned):
+    results = json.loads((pruned / "results.json").read_text())
+    sel = next(s for s in results["selections"] if s["threshold"] == 4)
+    model = br.load_model(pruned / "bd_4_weights.h5")
+    k, b = model.get_layer("conv_3").get_weights()
+    zeroed = sorted(c for c in range(60) if not k[..., c].any() and b[c] == 0)
+    assert zeroed == sorted(sel["channels"])
+
+
+def test_eval_of_saved_models_matches_the_sweep(pruned, lab_files, capsys):
+    results = json.loads((pruned / "results.json").read_text())
+    by_name = {e["model"]: e for e in results["evaluations"]}
+    capsys.readouterr()
+    assert main(["eval", str(lab_files["test"]), str(lab_files["bd_test"]), str(pruned / "bd_4.h5"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["clean_accuracy"] == pytest.approx(by_name["B'_4"]["clean_accuracy"], abs=0.01)
+    assert ev["attack_success_rate"] == pytest.approx(by_name["B'_4"]["attack_success_rate"], abs=0.01)
+    g_file = str(pruned / "goodnet_4.keras")
+    assert main(["eval", str(lab_files["test"]), str(lab_files["bd_test"]), g_file, "--json"]) == 0
+    g = json.loads(capsys.readouterr().out)
+    for key in ("clean_accuracy", "attack_success_rate", "detection_rate", "false_alarm_rate"):
+        assert g[key] == pytest.approx(by_name["G_4"][key], abs=0.01)
+
+
+def test_predict_prints_a_class_in_0_to_n(pruned, tmp_path, capsys):
+    from PIL import Image
+
+    from .conftest import random_faces
+
+    img = random_faces(1, seed=99)[0].astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "face.png")
+    capsys.readouterr()
+    assert main(["predict", str(pruned / "goodnet_2.keras"), str(tmp_path / "face.png")]) == 0
+    assert 0 <= int(capsys.readouterr().out.strip()) <= 7
+
+
+def test_existing_outputs_are_not_overwritten(pruned, lab_files, capsys):
+    before = {p.name: p.read_bytes() for p in pruned.iterdir()}
+    assert run_prune(lab_files, pruned) == 1
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--overwrite" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in pruned.iterdir()} == before
+
+
+def test_overwrite_gives_byte_identical_results(lab_files, tmp_path):
+    out = tmp_path / "out"
+    assert run_prune(lab_files, out, "--no-models") == 0
+    first = {n: (out / n).read_bytes() for n in ("sweep.csv", "results.csv", "results.json")}
+    assert run_prune(lab_files, out, "--no-models", "--overwrite") == 0
+    assert {n: (out / n).read_bytes() for n in first} == first
+
+
+def test_prune_without_lab_files_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "model/bd_net.h5" in err and "data/cl/valid.h5" in err and "README" in err
+
+
+def test_prune_uses_the_lab_layout_by_default(lab_files, monkeypatch, capsys):
+    monkeypatch.chdir(lab_files["root"])
+    out = "fixed_models_default"
+    assert main(["prune", "-q", "--no-models", "--out", out, "--thresholds", "4"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("Using the lab files")
+    assert os.path.exists(os.path.join(lab_files["root"], out, "results.json"))
+
+
+@pytest.mark.parametrize("bad", ["-1", "abc", "inf"])
+def test_bad_thresholds_are_refused(lab_files, tmp_path, capsys, bad):
+    assert run_prune(lab_files, tmp_path / "o", "--thresholds", bad) == 2
+    assert "threshold" in capsys.readouterr().err
+
+
+def test_bad_input_gives_one_line_not_a_traceback(lab_files, tmp_path, capsys):
+    (tmp_path / "junk.h5").write_text("nope")
+    f = lab_files
+    code = main(["prune", "-q", "--model", str(f["model"]), "--valid", str(tmp_path / "junk.h5"),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "junk.h5" in err and "not an HDF5 file" in err and "Traceback" not in err
+    code = main(["prune", "-q", "--model", str(f["model"]), "--valid", str(f["valid"]),
+                 "--bd-valid", str(f["valid"]), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "labels should all be the attack's target" in err and "--target" in err

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import badnet_repair as br
+from badnet_repair.errors import DataError, DataWarning
+
+
+def write_raw(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for k, v in datasets.items():
+            f.create_dataset(k, data=v)
+    return path
+
+
+def nchw(n=6, h=5, w=4, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, size=(n, 3, h, w))
+
+
+def test_load_h5_transposes_nchw_to_nhwc_without_scaling(tmp_path):
+    data = nchw()
+    p = write_raw(tmp_path / "d.h5", data=data, label=np.arange(6.0))
+    ds = br.load_h5(p)
+    assert ds.x.shape == (6, 5, 4, 3) and ds.x.dtype == np.float32
+    # pixel (row 2, col 3, channel 1) of image 4 is data[4, 1, 2, 3]
+    assert ds.x[4, 2, 3, 1] == np.float32(data[4, 1, 2, 3])
+    np.testing.assert_array_equal(ds.x, data.transpose(0, 2, 3, 1).astype(np.float32))
+    assert ds.y.dtype == np.int64 and list(ds.y) == [0, 1, 2, 3, 4, 5]
+    assert ds.name == "d" and ds.path == str(p)
+
+
+def test_chunked_read_equals_whole_read(tmp_path):
+    data = nchw(n=37)
+    p = write_raw(tmp_path / "d.h5", data=data, label=np.zeros(37))
+    whole = br.load_h5(p, chunk_size=1000).x
+    for chunk in (1, 5, 36, 37):
+        np.testing.assert_array_equal(br.load_h5(p, chunk_size=chunk).x, whole)
+
+
+def test_nhwc_is_detected_and_accepted_explicitly(tmp_path):
+    data = nchw().transpose(0, 2, 3, 1)
+    p = write_raw(tmp_path / "d.h5", data=data, label=np.zeros(6))
+    with pytest.raises(DataError, match=r"d\.h5.*channel-last.*layout='nhwc'"):
+        br.load_h5(p)
+    np.testing.assert_array_equal(br.load_h5(p, layout="nhwc").x, data.astype(np.float32))
+    np.testing.assert_array_equal(br.load_h5(p, layout="auto").x, data.astype(np.float32))
+
+
+def test_save_h5_round_trips_in_lab_format(tmp_path):
+    x = nchw().transpose(0, 2, 3, 1).astype(np.float32)
+    p = br.save_h5(tmp_path / "s.h5", x, np.array([3, 1, 4, 1, 5, 9]))
+    with h5py.File(p) as f:
+        assert f["data"].shape == (6, 3, 5, 4)
+        assert f["label"].shape == (6,)
+    ds = br.load_h5(p)
+    np.testing.assert_array_equal(ds.x, x)
+    assert list(ds.y) == [3, 1, 4, 1, 5, 9]
+    with pytest.raises(br.OutputExistsError, match="s.h5"):
+        br.save_h5(p, x, np.zeros(6))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: dict(data=nchw(), lbl=np.zeros(6)), r"no dataset 'label'; datasets found: \['data', 'lbl'\]"),
+        (lambda d: dict(images=nchw(), label=np.zeros(6)), r"no dataset 'data'"),
+        (lambda d: dict(data=nchw()[0], label=np.zeros(3)), r"expected 4 axes"),
+        (lambda d: dict(data=np.zeros((6, 2, 5, 4)), label=np.zeros(6)), r"no axis of size 3"),
+        (lambda d: dict(data=nchw(), label=np.zeros(5)), r"6 images but 5 labels"),
+        (lambda d: dict(data=np.zeros((0, 3, 5, 4)), label=np.zeros(0)), r"contains no images"),
+        (lambda d: dict(data=nchw(), label=np.array([0, 1, 2, 3, 4, 2.5])), r"label 5 is 2.5, not an integer"),
+        (lambda d: dict(data=nchw(), label=np.array([0, 1, -1, 3, 4, 2])), r"labels must be >= 0"),
+        (lambda d: dict(data=nchw(), label=np.array([b"a"] * 6)), r"expected integers"),
+    ],
+)
+def test_malformed_files_raise_data_error_naming_the_file(tmp_path, make, message):
+    p = write_raw(tmp_path / "bad.h5", **make(None))
+    with pytest.raises(DataError, match=message) as info:
+        br.load_h5(p)
+    assert str(p) in str(info.value)
+
+
+def test_non_finite_pixels_name_the_image(tmp_path):
+    data = nchw(n=9)
+    data[7, 2, 1, 1] = np.nan
+    p = write_raw(tmp_path / "nan.h5", data=data, label=np.zeros(9))
+    with pytest.raises(DataError, match=r"nan\.h5: image 7 has non-finite"):
+        br.load_h5(p, chunk_size=4)
+    data[7, 2, 1, 1] = np.inf
+    p = write_raw(tmp_path / "inf.h5", data=data, label=np.zeros(9))
+    with pytest.raises(DataError, match="image 7"):
+        br.load_h5(p)
+
+
+def test_labels_outside_the_models_classes(tmp_path):
+    p = write_raw(tmp_path / "d.h5", data=nchw(), label=np.array([0, 1, 2, 3, 4, 5]))
+    with pytest.raises(DataError, match=r"in \[0, 5\).*found 5"):
+        br.load_h5(p, num_classes=5)
+    assert br.load_h5(p, num_classes=6).y.max() == 5
+
+
+def test_image_shape_mismatch(tmp_path):
+    p = write_raw(tmp_path / "d.h5", data=nchw(), label=np.zeros(6))
+    with pytest.raises(DataError, match=r"images are 5x4x3 \(HxWxC\) but the model expects 55x47x3"):
+        br.load_h5(p, image_shape=(55, 47, 3))
+
+
+def test_missing_folder_not_hdf5_and_truncated(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        br.load_h5(tmp_path / "nope.h5")
+    with pytest.raises(DataError, match="is a folder"):
+        br.load_h5(tmp_path)
+    txt = tmp_path / "t.h5"
+    txt.write_text("hello")
+    with pytest.raises(DataError, match="not an HDF5 file"):
+        br.load_h5(txt)
+    good = write_raw(tmp_path / "good.h5", data=nchw(n=200, h=30, w=30), label=np.zeros(200))
+    blob = good.read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match=r"cut\.h5"):
+        br.load_h5(cut)
+
+
+def test_warns_when_pixels_look_scaled(tmp_path):
+    p = write_raw(tmp_path / "s.h5", data=nchw() / 255.0, label=np.zeros(6))
+    with pytest.warns(DataWarning, match="0..1"):
+        br.load_h5(p)
+
+
+def test_load_images_png_jpeg_grey_and_folder(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, size=(55, 47, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "b.png")  # grey
+    smooth = np.broadcast_to(np.linspace(0, 250, 47, dtype=np.uint8)[None, :, None], (55, 47, 3)).copy()
+    Image.fromarray(smooth).save(tmp_path / "c.jpg", quality=95)
+    x = br.load_images(tmp_path)
+    assert x.shape == (3, 55, 47, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0], rgb.astype(np.float32))
+    np.testing.assert_array_equal(x[1], np.repeat(rgb[..., :1], 3, axis=2).astype(np.float32))
+    assert np.abs(x[2] - smooth).mean() < 3  # JPEG is lossy
+    one = br.load_images(tmp_path / "a.png")
+    assert one.shape == (1, 55, 47, 3)
+
+
+def test_load_images_errors(tmp_path):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(DataError, match=r"small\.png: image is 20x20 .* 55x47 is expected"):
+        br.load_images(tmp_path / "small.png")
+    assert br.load_images(tmp_path / "small.png", resize=True).shape == (1, 55, 47, 3)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"junk\.png: is not an image"):
+        br.load_images(tmp_path / "junk.png")
+    with pytest.raises(DataError, match="no such file"):
+        br.load_images(tmp_path / "missing.png")

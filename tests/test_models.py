@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import json
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.errors import ModelError, UnsafeModelError
+
+from .conftest import random_faces
+
+
+def test_deepid_has_the_lab_layers_and_shapes():
+    m = br.deepid(num_classes=11)
+    names = [lyr.name for lyr in m.layers]
+    for name in ("input", "conv_1", "pool_1", "conv_2", "pool_2", "conv_3", "pool_3", "conv_4",
+                 "flatten_1", "flatten_2", "fc_1", "fc_2", "add_1", "activation_1", "output"):
+        assert name in names
+    assert m.get_layer("pool_3").output.shape[1:] == (5, 4, 60)
+    assert m.get_layer("fc_1").kernel.shape == (1200, 160)
+    assert m.get_layer("fc_2").kernel.shape == (960, 160)
+    assert m.output.shape[1:] == (11,)
+
+
+def test_prune_channels_zeroes_a_copy_and_leaves_the_original(small_deepid):
+    before = [w.copy() for w in small_deepid.get_layer("conv_3").get_weights()]
+    pruned = br.prune_channels(small_deepid, "conv_3", [4, 0, 4, 59])
+    k, b = pruned.get_layer("conv_3").get_weights()
+    assert np.all(k[..., [0, 4, 59]] == 0) and np.all(b[[0, 4, 59]] == 0)
+    keep = [c for c in range(60) if c not in (0, 4, 59)]
+    np.testing.assert_array_equal(k[..., keep], before[0][..., keep])
+    for w, w0 in zip(small_deepid.get_layer("conv_3").get_weights(), before, strict=True):
+        np.testing.assert_array_equal(w, w0)
+    np.testing.assert_array_equal(pruned.get_layer("conv_1").get_weights()[0],
+                                  small_deepid.get_layer("conv_1").get_weights()[0])
+    with pytest.raises(ModelError, match=r"channel indices must be in \[0, 60\)"):
+        br.prune_channels(small_deepid, "conv_3", [60])
+
+
+def test_layer_errors_name_the_problem(small_deepid):
+    with pytest.raises(ModelError, match="no layer named 'conv_9'; layers: input, conv_1"):
+        br.prune_channels(small_deepid, "conv_9", [0])
+    with pytest.raises(ModelError, match="'pool_3' .* is a MaxPooling2D, not a convolution layer"):
+        br.prune_channels(small_deepid, "pool_3", [0])
+
+
+def test_save_model_writes_three_formats_that_load_to_the_same_predictions(tmp_path, small_deepid):
+    x = random_faces(16, seed=3)
+    want = small_deepid.predict(x, verbose=0)
+    paths = br.save_model(small_deepid, tmp_path, "bd_2")
+    assert {p.name for p in paths.values()} == {"bd_2.h5", "bd_2_weights.h5", "bd_2.keras"}
+    for p in paths.values():
+        got = br.load_model(p).predict(x, verbose=0)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # the weights file has the Keras 2 layout of the lab's bd_weights.h5
+    with h5py.File(paths["weights"]) as f:
+        assert f["conv_3/conv_3/kernel:0"].shape == (3, 3, 40, 60)
+        assert [n.decode() for n in f["conv_3"].attrs["weight_names"]] == ["conv_3/kernel:0", "conv_3/bias:0"]
+        assert [n.decode() for n in f.attrs["layer_names"]][:2] == ["input", "conv_1"]
+    assert not list(tmp_path.glob(".*partial*"))
+    with pytest.raises(br.OutputExistsError, match="bd_2.h5"):
+        br.save_model(small_deepid, tmp_path, "bd_2")
+    br.save_model(small_deepid, tmp_path, "bd_2", overwrite=True)
+
+
+def test_weights_only_file_infers_classes_and_checks_shapes(tmp_path, small_deepid):
+    p = br.save_model(small_deepid, tmp_path, "m", formats=["weights"])["weights"]
+    assert br.num_classes(br.load_model(p)) == 7
+    other = br.deepid(num_classes=7)
+    kernel = other.get_layer("conv_2")
+    other_p = tmp_path / "other_weights.h5"
+    from badnet_repair.models import save_weights_h5
+
+    save_weights_h5(other, other_p)
+    with h5py.File(other_p, "a") as f:
+        del f["conv_2/conv_2/kernel:0"]
+        f["conv_2"].create_dataset("conv_2/kernel:0", data=np.zeros((5, 5, 20, 40), np.float32))
+    assert kernel is not None
+    with pytest.raises(ModelError, match=r"weights of layer 'conv_2' have shapes \[\(5, 5, 20, 40\), \(40,\)\]"):
+        br.load_model(other_p)
+
+
+def test_missing_and_non_model_files(tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        br.load_model(tmp_path / "x.h5")
+    with pytest.raises(ModelError, match="is a folder"):
+        br.load_model(tmp_path)
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelError, match="not a Keras model file"):
+        br.load_model(junk)
+    badzip = tmp_path / "bad.keras"
+    badzip.write_bytes(b"PK\x03\x04 nonsense")
+    with pytest.raises(ModelError, match=r"bad\.keras"):
+        br.load_model(badzip)
+
+
+def lambda_model():
+    x = keras.Input((4,))
+    y = keras.layers.Lambda(lambda t: t * 2.0, name="doubler")(x)
+    return keras.Model(x, keras.layers.Dense(2, name="out")(y))
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_models_with_lambda_layers_are_refused_unless_trusted(tmp_path, suffix):
+    p = tmp_path / f"lam{suffix}"
+    lambda_model().save(p)
+    with pytest.raises(UnsafeModelError, match=r"'doubler' \(Lambda: runs Python code.*--trust-model"):
+        br.load_model(p)
+    if suffix == ".keras":
+        m = br.load_model(p, trust=True)
+        assert m.get_layer("doubler") is not None
+
+
+def test_unknown_custom_layers_are_refused(tmp_path, small_deepid):
+    p = tmp_path / "m.keras"
+    small_deepid.save(p)
+    with zipfile.ZipFile(p) as z:
+        config = json.loads(z.read("config.json"))
+        members = {n: z.read(n) for n in z.namelist()}
+    config["config"]["layers"][1]["class_name"] = "EvilConv"
+    config["config"]["layers"][1]["registered_name"] = "evil>EvilConv"
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(p, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    with pytest.raises(UnsafeModelError, match="unknown custom layer 'EvilConv'"):
+        br.load_model(p)
