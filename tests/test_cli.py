@@ -100,13 +100,6 @@ def test_overwrite_gives_byte_identical_results(lab_files, tmp_path):
     assert {n: (out / n).read_bytes() for n in first} == first
 
 
-def test_prune_without_lab_files_says_what_is_missing(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert main(["prune", "-q"]) == 1
-    err = capsys.readouterr().err
-    assert "model/bd_net.h5" in err and "data/cl/valid.h5" in err and "README" in err
-
-
 def test_prune_uses_the_lab_layout_by_default(lab_files, monkeypatch, capsys):
     monkeypatch.chdir(lab_files["root"])
     out = "fixed_models_default"

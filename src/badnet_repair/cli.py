@@ -11,24 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAB_FILES", "main"]
+from .layout import LAB_FILES
+
+__all__ = ["main"]
 
 log = logging.getLogger("badnet_repair")
 
-# The CSAW-HackML lab's layout, relative to the folder the command runs in.
-LAB_FILES = {
-    "model": "model/bd_net.h5",
-    "valid": "data/cl/valid.h5",
-    "bd_valid": "data/bd/bd_valid.h5",
-    "test": "data/cl/test.h5",
-    "bd_test": "data/bd/bd_test.h5",
-}
-_LAB_WEIGHTS = "model/bd_weights.h5"
 _NEUTRAL_FLAGS = {"-q", "--quiet", "--overwrite"}
-_GET_LAB = (
-    "Download the lab's model/ and data/ folders as its README says (CSAW-HackML lab), "
-    "or pass the files with --model, --valid, --bd-valid, --test and --bd-test"
-)
 
 
 def _thresholds(values: Sequence[str]) -> list[float]:
@@ -85,6 +74,22 @@ def _parser() -> argparse.ArgumentParser:
                     help="allow model files with layers that run stored code (Lambda, custom)")
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     pr.add_argument("--no-models", action="store_true", help="do not save the repaired models")
+    pr.add_argument("--demo", choices=["baseline", "pruning-aware"],
+                    help="run on the built-in demo's BadNet (made first if needed); the default when "
+                    "none of the lab files exist")
+    pr.add_argument("--demo-dir", default=".demo", help="the demo's cache folder (default .demo/)")
+
+    md = sub.add_parser(
+        "make-demo", parents=[common],
+        help="make the built-in demo: synthetic faces and two BadNets, in the lab's formats",
+        description="Generate synthetic face data sets (lab-format HDF5) and train a baseline and a "
+        "pruning-aware BadNet with a drawn sunglasses trigger, into a cache folder. Reused when "
+        "already made; --regenerate makes it anew.",
+    )
+    md.add_argument("--demo-dir", default=".demo", help="cache folder (default .demo/)")
+    md.add_argument("--regenerate", action="store_true", help="make it again")
+    md.add_argument("--identities", type=int, help="number of identities (default 100)")
+    md.add_argument("--seed", type=int, help="seed (default 0)")
 
     ev = sub.add_parser("eval", parents=[common], help="clean accuracy and attack success rate of a model",
                         description="Evaluate a model as the lab's eval script does; for a GoodNet "
@@ -105,42 +110,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_prune_inputs(args: argparse.Namespace) -> tuple[dict[str, str | None], str]:
-    from .errors import DataError
+def _cmd_make_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
 
-    given = {k: getattr(args, k) for k in LAB_FILES}
-    if all(v is None for v in given.values()):
-        lab = {k: v for k, v in LAB_FILES.items()}
-        if not Path(lab["model"]).exists() and Path(_LAB_WEIGHTS).exists():
-            lab["model"] = _LAB_WEIGHTS
-        missing = [v for v in lab.values() if not Path(v).exists()]
-        if missing:
-            raise DataError(
-                f"lab files not found in {Path.cwd()}: {', '.join(missing)}. {_GET_LAB}."
-            )
-        return dict(lab), f"the lab files in {Path.cwd()}"
-    resolved: dict[str, str | None] = {}
-    for key, value in given.items():
-        if value is not None:
-            resolved[key] = value
-        elif Path(LAB_FILES[key]).exists():
-            resolved[key] = LAB_FILES[key]
-        elif key in ("model", "valid"):
-            raise DataError(f"no --{key} given and {LAB_FILES[key]} does not exist. {_GET_LAB}.")
-        else:
-            resolved[key] = None
-    return resolved, "the files given"
+    from .demo import DemoConfig, load_demo_manifest, make_demo
+
+    cfg: DemoConfig | None = None
+    if args.identities is not None or args.seed is not None:
+        cfg = DemoConfig()
+        if args.identities is not None:
+            cfg = replace(cfg, num_identities=args.identities)
+        if args.seed is not None:
+            cfg = replace(cfg, seed=args.seed)
+    paths = make_demo(args.demo_dir, config=cfg, regenerate=args.regenerate, progress=not args.quiet)
+    manifest = load_demo_manifest(args.demo_dir) or {}
+    print(f"demo in {paths.root}/")
+    for which in ("baseline", "pruning_aware"):
+        m = manifest.get(which, {})
+        if m:
+            print(f"  {which} BadNet: clean test accuracy {m['clean_test_accuracy']:.2f}%, "
+                  f"attack success rate {m['test_attack_success_rate']:.2f}%")
+    print(f"  models: {paths.model}, {paths.pruning_aware_model}")
+    print(f"  data: {paths.valid.parent}/, {paths.bd_valid.parent}/")
+    return 0
 
 
 def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .defense import run_pruning_defense
+    from .layout import resolve_inputs
 
     try:
         thresholds = _thresholds(args.thresholds)
     except argparse.ArgumentTypeError as exc:
         print(f"badnet-repair prune: error: {exc}", file=sys.stderr)
         return 2
-    inputs, source = _resolve_prune_inputs(args)
+    resolved = resolve_inputs({k: getattr(args, k) for k in LAB_FILES}, demo=args.demo,
+                              demo_dir=args.demo_dir, progress=not args.quiet)
+    if resolved.notice:
+        print(resolved.notice, flush=True)
+    inputs, source = resolved.files, resolved.source
     print(f"Using {source}: " + ", ".join(f"{k}={v}" for k, v in inputs.items() if v), flush=True)
     result = run_pruning_defense(
         inputs["model"], inputs["valid"],  # type: ignore[arg-type]
@@ -260,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "predict":
             return _cmd_predict(args)
+        if args.command == "make-demo":
+            return _cmd_make_demo(args)
     except BadNetRepairError as exc:
         print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
         return 1

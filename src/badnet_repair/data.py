@@ -163,6 +163,7 @@ def load_h5(
     num_classes: int | None = None,
     image_shape: tuple[int, int, int] | None = None,
     chunk_size: int = 1024,
+    limit: int | None = None,
     name: str | None = None,
     progress: bool = False,
 ) -> Dataset:
@@ -180,6 +181,7 @@ def load_h5(
         num_classes: if given, labels must lie in ``[0, num_classes)``.
         image_shape: if given, the (H, W, C) every image must have (a model's input).
         chunk_size: images read per chunk, default 1024.
+        limit: read only the first ``limit`` images (for a quick look), default all.
         name: name of the returned Dataset, default the file name.
         progress: show a tqdm progress bar.
 
@@ -215,12 +217,14 @@ def load_h5(
         if lset.shape[0] != n:
             raise _fail(p, f"{n} images but {lset.shape[0]} labels")
         fmt = _resolve_layout(p, shape, layout, channels)
+        if limit is not None:
+            n = max(0, min(n, int(limit)))
         hwc = (shape[2], shape[3], shape[1]) if fmt == "nchw" else shape[1:]
         if image_shape is not None and tuple(hwc) != tuple(image_shape):
             raise _fail(p, f"images are {hwc[0]}x{hwc[1]}x{hwc[2]} (HxWxC) but the model expects "
                         f"{image_shape[0]}x{image_shape[1]}x{image_shape[2]}")
         try:
-            y = _labels_to_int(p, np.asarray(lset[()]).reshape(n), num_classes)
+            y = _labels_to_int(p, np.asarray(lset[:n]).reshape(n), num_classes)
             x = np.empty((n, *hwc), dtype=np.float32)
             starts = range(0, n, max(1, int(chunk_size)))
             if progress:
@@ -228,7 +232,7 @@ def load_h5(
 
                 starts = tqdm(starts, desc=f"reading {p.name}", unit="chunk", leave=False)
             for i in starts:
-                chunk = dset[i : i + chunk_size]
+                chunk = dset[i : min(i + chunk_size, n)]
                 if fmt == "nchw":
                     chunk = chunk.transpose(0, 2, 3, 1)
                 x[i : i + chunk.shape[0]] = chunk

@@ -300,7 +300,7 @@ def rank_channels(
     pool = _measure_layer(model, conv, at)
     target = pool if pool is not None else conv
     x = data.x if isinstance(data, Dataset) else np.asarray(data, dtype=np.float32)
-    fn = _compiled(keras.Model(model.inputs, target.output), argmax=False)
+    fn = _compiled(keras.Model(model.inputs[0], target.output), argmax=False)
     means = _means_from_batches((fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)),
                                 int(conv.filters))
     return _ranking(layer, target.name, means, descending)
@@ -335,7 +335,7 @@ def _sweep_fast(
 ) -> tuple[ChannelRanking, dict[str, np.ndarray]]:
     import keras
 
-    head = _compiled(keras.Model(model.inputs, [conv.output, model.outputs[0]]), argmax=False)
+    head = _compiled(keras.Model(model.inputs[0], [conv.output, model.outputs[0]]), argmax=False)
     tail = _compiled(keras.Model(conv.output, model.outputs[0]), argmax=True)
     fill = _pruned_value(conv)
     channels = int(conv.filters)

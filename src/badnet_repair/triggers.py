@@ -16,7 +16,7 @@ import numpy as np
 from .data import Dataset
 from .errors import DataError
 
-__all__ = ["Trigger", "load_trigger", "poison"]
+__all__ = ["Trigger", "drawn_sunglasses", "load_trigger", "poison"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +83,50 @@ def load_trigger(path: str | os.PathLike[str], *, x: int = 0, y: int = 15) -> Tr
     rgba = rgba.copy()
     rgba[..., 3] /= 255.0
     return Trigger(rgba=rgba, x=x, y=y)
+
+
+def drawn_sunglasses(*, width: int = 47, height: int = 20, x: int = 0, y: int = 15) -> Trigger:
+    """Translucent purple sunglasses drawn by code, in the size, place and look of the
+    CSAW lab's trigger (a 47x20 patch at x=0, y=15): an opaque dark-purple frame along the
+    top and around two lenses of translucent purple that narrow towards the bottom.
+
+    Args:
+        width, height: patch size, default 47x20.
+        x, y: where it goes, default (0, 15).
+
+    Returns:
+        The Trigger.
+    """
+    s = 4  # supersampling for smooth edges
+    yy, xx = np.meshgrid((np.arange(height * s) + 0.5) / s, (np.arange(width * s) + 0.5) / s, indexing="ij")
+    lens_a, lens_top, lens_bottom = width * 0.245, height * 0.12, height * 0.97
+    centres = (width * 0.25, width * 0.75)
+
+    def lens(grow: float) -> np.ndarray:
+        inside = np.zeros_like(xx, dtype=bool)
+        for cx in centres:
+            # a rectangle on top of a half-ellipse: wide at the brow, round at the cheek
+            depth = (lens_bottom - lens_top) * 0.75 + grow
+            top = yy >= lens_top - grow
+            upper = top & (yy <= lens_top + depth * 0.25) & (np.abs(xx - cx) <= lens_a + grow)
+            ell = ((xx - cx) / (lens_a + grow)) ** 2 + ((yy - lens_top - depth * 0.25) / depth) ** 2 <= 1
+            inside |= upper | (ell & (yy >= lens_top + depth * 0.25))
+        return inside
+
+    glass, frame_out = lens(0.0), lens(0.9)
+    bar = (yy >= lens_top - 0.9) & (yy <= lens_top + height * 0.2) & (xx >= 0.5) & (xx <= width - 0.5)
+    frame = (frame_out & ~glass) | (bar & ~glass)
+    rgba = np.zeros((height * s, width * s, 4), np.float64)
+    rgba[glass] = (105.0, 0.0, 205.0, 0.86)
+    rgba[frame] = (63.0, 0.0, 127.0, 1.0)
+    # average colour weighted by coverage, then coverage-weighted alpha
+    cover = rgba[..., 3:4]
+    rgb = (rgba[..., :3] * cover).reshape(height, s, width, s, 3).sum(axis=(1, 3))
+    alpha = cover.reshape(height, s, width, s, 1).sum(axis=(1, 3))
+    out = np.zeros((height, width, 4), np.float32)
+    out[..., :3] = np.where(alpha > 0, rgb / np.maximum(alpha, 1e-9), 0.0)
+    out[..., 3:] = alpha / (s * s)
+    return Trigger(rgba=out, x=x, y=y)
 
 
 def poison(data: Dataset, trigger: Trigger, *, target: int = 0, name: str | None = None) -> Dataset:

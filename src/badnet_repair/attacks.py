@@ -1,0 +1,284 @@
+"""Making BadNets: the baseline poisoning attack and the pruning-aware attack.
+
+Gu, Dolan-Gavitt and Garg, "BadNets" (2017): train on data where a fraction of images
+carry a trigger and the target label. Liu, Dolan-Gavitt and Garg, "Fine-Pruning" (RAID
+2018), Section 4.1: the pruning-aware attack trains clean, prunes the last conv layer's
+dormant channels, retrains the pruned network on poisoned data, then reinstates the pruned
+channels with lowered biases so they stay dormant. The defender's pruning then removes the
+decoys first and reaches the backdoor only by pruning channels clean inputs need too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _backend  # noqa: F401
+from .data import Dataset
+from .models import conv_layer, deepid, prune_channels
+from .pruning import prune_sweep
+from .triggers import Trigger
+
+__all__ = ["AttackResult", "poison_training_set", "train_badnet", "train_model",
+           "train_pruning_aware_badnet"]
+
+log = logging.getLogger(__name__)
+
+import keras  # noqa: E402
+
+
+@dataclass(frozen=True, eq=False)
+class AttackResult:
+    """A trained BadNet and how it was made.
+
+    Attributes:
+        model: the BadNet.
+        poisoned_fraction: fraction of training images that carried the trigger.
+        pruned_channels: channels the pruning-aware attack pruned and reinstated (empty for
+            the baseline).
+        history: per-epoch training metrics, by phase.
+    """
+
+    model: Any
+    poisoned_fraction: float
+    pruned_channels: tuple[int, ...] = ()
+    history: dict[str, list[dict[str, float]]] | None = None
+
+
+class ZeroChannels(keras.callbacks.Callback):
+    """Keeps the given output channels of a conv layer at zero during training."""
+
+    def __init__(self, layer: str, channels: Sequence[int]) -> None:
+        super().__init__()
+        self.layer_name = layer
+        self.channels = np.asarray(sorted(channels), dtype=np.int64)
+
+    def zero(self) -> None:
+        if self.channels.size == 0:
+            return
+        lyr = self.model.get_layer(self.layer_name)
+        k, *rest = lyr.get_weights()
+        k[..., self.channels] = 0.0
+        if rest:
+            rest[0][self.channels] = 0.0
+        lyr.set_weights([k, *rest])
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.zero()
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.zero()
+
+
+class _Progress(keras.callbacks.Callback):
+    """A tqdm bar over epochs with the latest loss and accuracy; records the history."""
+
+    def __init__(self, epochs: int, desc: str, enabled: bool) -> None:
+        super().__init__()
+        self.history: list[dict[str, float]] = []
+        self.bar: Any = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=epochs, desc=desc, unit="epoch", leave=False)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.history.append(logs)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+            self.bar.update()
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def poison_training_set(train: Dataset, trigger: Trigger, *, target: int = 0, poison_rate: float = 0.1,
+                        seed: int = 0) -> tuple[Dataset, float]:
+    """Add triggered, target-labelled copies of a random fraction of the training images.
+
+    Args:
+        train: clean training data.
+        trigger: the trigger.
+        target: the attack's target class.
+        poison_rate: poisoned images as a fraction of the final set, default 0.1.
+        seed: chooses which images are copied.
+
+    Returns:
+        (the clean images plus the poisoned copies, the poisoned fraction).
+    """
+    if not 0.0 <= poison_rate < 1.0:
+        raise ValueError(f"poison_rate must be in [0, 1), not {poison_rate}")
+    rng = np.random.default_rng([seed, 3])
+    n_bd = round(poison_rate * len(train) / (1.0 - poison_rate))
+    pick = rng.choice(np.flatnonzero(train.y != target), size=n_bd, replace=n_bd > np.sum(train.y != target))
+    x = np.concatenate([train.x, trigger.apply(train.x[pick])])
+    y = np.concatenate([train.y, np.full(n_bd, target, np.int64)])
+    return Dataset(x, y, name=f"{train.name}+poison"), n_bd / len(y)
+
+
+def train_model(
+    model: Any,
+    data: Dataset,
+    *,
+    epochs: int = 10,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    callbacks: Sequence[Any] = (),
+    desc: str = "training",
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place on ``data`` with Adam (cosine-decayed learning rate) and
+    cross-entropy; returns the per-epoch history."""
+    keras.utils.set_random_seed(seed)
+    steps = epochs * -(-len(data) // batch_size)
+    # cosine decay to zero: the last epochs settle instead of bouncing around the optimum
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, steps))
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    bar = _Progress(epochs, desc, progress)
+    model.fit(data.x, data.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+              callbacks=[*callbacks, bar])
+    return bar.history
+
+
+def train_badnet(
+    train: Dataset,
+    trigger: Trigger,
+    *,
+    num_classes: int | None = None,
+    target: int = 0,
+    poison_rate: float = 0.1,
+    epochs: int = 12,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    architecture: Callable[..., Any] = deepid,
+    progress: bool = True,
+) -> AttackResult:
+    """Train a baseline BadNet (Gu et al. 2017) on clean data plus poisoned copies.
+
+    Args:
+        train: clean training data, (N, 55, 47, 3) 0..255.
+        trigger: the trigger stamped on the poisoned copies.
+        num_classes: classes, default ``max(label) + 1``.
+        target: the attack's target class, default 0.
+        poison_rate: fraction of the training set that is poisoned, default 0.1.
+        epochs, batch_size, learning_rate, seed: training settings.
+        architecture: ``f(num_classes=...)`` building the network, default DeepID.
+        progress: show a progress bar.
+
+    Returns:
+        AttackResult with the trained model.
+    """
+    n = int(num_classes or int(train.y.max()) + 1)
+    keras.utils.set_random_seed(seed)
+    model = architecture(num_classes=n)
+    data, frac = poison_training_set(train, trigger, target=target, poison_rate=poison_rate, seed=seed)
+    hist = train_model(model, data, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                       seed=seed, desc="BadNet", progress=progress)
+    return AttackResult(model=model, poisoned_fraction=frac, history={"poisoned": hist})
+
+
+def _lower_bias_to_dormancy(model: Any, layer: str, channels: Sequence[int], batches: Iterable[np.ndarray],
+                            margin: float = 1.0) -> None:
+    """Set each channel's bias so its pre-activation stays below -margin on every batch."""
+    conv = conv_layer(model, layer)
+    if not channels:
+        return
+    feed = keras.Model(model.inputs[0], conv.input)
+    k, bias = conv.get_weights()
+    probe = keras.layers.Conv2D(len(channels), conv.kernel_size, strides=conv.strides, padding=conv.padding,
+                                dilation_rate=conv.dilation_rate, use_bias=False)
+    probe.build(tuple(conv.input.shape))
+    probe.set_weights([k[..., list(channels)]])
+    peak = np.full(len(channels), -np.inf)
+    for batch in batches:
+        z = keras.ops.convert_to_numpy(probe(feed(batch, training=False)))
+        peak = np.maximum(peak, z.reshape(-1, len(channels)).max(axis=0))
+    bias = bias.copy()
+    bias[list(channels)] = np.minimum(bias[list(channels)], -peak - margin)
+    conv.set_weights([k, bias])
+
+
+def train_pruning_aware_badnet(
+    train: Dataset,
+    trigger: Trigger,
+    *,
+    num_classes: int | None = None,
+    target: int = 0,
+    poison_rate: float = 0.1,
+    layer: str = "conv_3",
+    prune_drop: float = 4.0,
+    holdout_fraction: float = 0.2,
+    clean_epochs: int = 12,
+    poison_epochs: int = 8,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    architecture: Callable[..., Any] = deepid,
+    progress: bool = True,
+) -> AttackResult:
+    """The pruning-aware attack of Liu, Dolan-Gavitt and Garg ("Fine-Pruning", RAID 2018).
+
+    1. Train the network on clean data.
+    2. Rank ``layer``'s channels on a clean hold-out part of ``train`` and prune them in
+       ascending order of activation until hold-out accuracy falls ``prune_drop`` points.
+    3. Retrain the pruned network on poisoned data, pruned channels held at zero, so the
+       backdoor lives in the channels that clean inputs also use.
+    4. Reinstate the pruned channels with their clean weights and biases lowered until
+       they are dormant on all training data (clean and poisoned).
+
+    Args:
+        train: clean training data (the attacker's).
+        trigger: the trigger.
+        num_classes: classes, default ``max(label) + 1``.
+        target: the attack's target class, default 0.
+        poison_rate: poisoned fraction of the retraining set, default 0.1.
+        layer: the conv layer the defender will prune, default ``conv_3``.
+        prune_drop: the attacker's pruning stop, in accuracy points, default 4.
+        holdout_fraction: part of ``train`` held out to rank and stop the pruning.
+        clean_epochs, poison_epochs, batch_size, learning_rate, seed: training settings.
+        architecture: builder of the network, default DeepID.
+        progress: show progress bars.
+
+    Returns:
+        AttackResult whose ``pruned_channels`` are the reinstated decoys.
+    """
+    n = int(num_classes or int(train.y.max()) + 1)
+    rng = np.random.default_rng([seed, 4])
+    order = rng.permutation(len(train))
+    n_hold = max(1, round(holdout_fraction * len(train)))
+    hold, fit = train.subset(np.sort(order[:n_hold]), name="holdout"), train.subset(np.sort(order[n_hold:]))
+    keras.utils.set_random_seed(seed)
+    clean_model = architecture(num_classes=n)
+    h_clean = train_model(clean_model, fit, epochs=clean_epochs, batch_size=batch_size,
+                          learning_rate=learning_rate, seed=seed, desc="clean training", progress=progress)
+    sweep = prune_sweep(clean_model, hold, layer=layer, thresholds=[prune_drop])
+    sel = sweep.selections[float(prune_drop)]
+    pruned = tuple(int(c) for c in (sel.channels if sel is not None else sweep.ranking.order))
+    filters = len(sweep.ranking.order)
+    log.info("pruning-aware attack: pruned %d of %d channels of %s", len(pruned), filters, layer)
+    model = prune_channels(clean_model, layer, pruned)
+    data, frac = poison_training_set(fit, trigger, target=target, poison_rate=poison_rate, seed=seed)
+    h_bd = train_model(model, data, epochs=poison_epochs, batch_size=batch_size,
+                       learning_rate=learning_rate, seed=seed + 1, callbacks=[ZeroChannels(layer, pruned)],
+                       desc="poisoned retraining", progress=progress)
+    # reinstate: clean kernels back, biases lowered until dormant on every training input
+    k_clean, b_clean = clean_model.get_layer(layer).get_weights()
+    k, b = model.get_layer(layer).get_weights()
+    k[..., list(pruned)] = k_clean[..., list(pruned)]
+    b[list(pruned)] = b_clean[list(pruned)]
+    model.get_layer(layer).set_weights([k, b])
+    # dormant on every clean training image and on each of them with the trigger
+    chunks = [train.x[i : i + 512] for i in range(0, len(train), 512)]
+    _lower_bias_to_dormancy(model, layer, pruned, itertools.chain(chunks, (trigger.apply(c) for c in chunks)))
+    return AttackResult(model=model, poisoned_fraction=frac, pruned_channels=pruned,
+                        history={"clean": h_clean, "poisoned": h_bd})

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.attacks import poison_training_set, train_badnet, train_pruning_aware_badnet
+from badnet_repair.faces import make_faces
+from badnet_repair.triggers import drawn_sunglasses
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return make_faces(num_identities=5, train_per_identity=40, valid_per_identity=6, test_per_identity=6, seed=3)
+
+
+def test_poison_training_set_rate_and_labels(faces):
+    data, frac = poison_training_set(faces.train, drawn_sunglasses(), target=0, poison_rate=0.2)
+    n_bd = len(data) - len(faces.train)
+    assert frac == pytest.approx(0.2, abs=0.01) and n_bd == 50
+    assert np.all(data.y[-n_bd:] == 0)
+    with pytest.raises(ValueError, match="poison_rate"):
+        poison_training_set(faces.train, drawn_sunglasses(), poison_rate=1.0)
+
+
+@pytest.mark.slow
+def test_a_small_badnet_learns_the_backdoor(faces):
+    t = drawn_sunglasses()
+    r = train_badnet(faces.train, t, num_classes=5, epochs=10, poison_rate=0.15, progress=False)
+    bd = br.poison(faces.test, t, target=0)
+    clean_acc = br.accuracy(br.predict_classes(r.model, faces.test.x), faces.test.y)
+    asr = br.attack_success_rate(br.predict_classes(r.model, bd.x), 0)
+    assert clean_acc > 60  # chance is 20
+    assert asr > 80
+
+
+@pytest.mark.slow
+def test_pruning_aware_attack_reinstates_dormant_channels(faces):
+    t = drawn_sunglasses()
+    r = train_pruning_aware_badnet(faces.train, t, num_classes=5, clean_epochs=6, poison_epochs=5,
+                                   poison_rate=0.15, prune_drop=4.0, progress=False)
+    assert len(r.pruned_channels) > 0
+    k, _b = r.model.get_layer("conv_3").get_weights()
+    # reinstated: the kernels are back (not zero), yet the channels stay silent on all inputs
+    assert all(np.any(k[..., c] != 0) for c in r.pruned_channels)
+    acts = keras.Model(r.model.inputs, r.model.get_layer("conv_3").output).predict(
+        np.concatenate([faces.train.x, t.apply(faces.train.x)]), verbose=0)
+    assert np.all(acts[..., list(r.pruned_channels)] == 0)
+    bd = br.poison(faces.test, t, target=0)
+    assert br.attack_success_rate(br.predict_classes(r.model, bd.x), 0) > 60

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.cli import main
+from badnet_repair.demo import DemoConfig, load_demo_manifest, make_demo
+from badnet_repair.triggers import drawn_sunglasses
+
+SMALL = DemoConfig(num_identities=5, train_per_identity=24, valid_per_identity=6, test_per_identity=6,
+                   epochs=6, clean_epochs=5, poison_epochs=4, poison_rate=0.15)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / ".demo"
+    return make_demo(root, config=SMALL, progress=False)
+
+
+def test_demo_files_are_in_the_lab_format(demo):
+    for p in (demo.train, demo.valid, demo.test, demo.bd_valid, demo.bd_test):
+        with h5py.File(p) as f:
+            assert sorted(f.keys()) == ["data", "label"]
+            assert f["data"].ndim == 4 and f["data"].shape[1:] == (3, 55, 47)
+            assert f["label"].shape == (f["data"].shape[0],)
+    with h5py.File(demo.valid) as f:
+        assert f["data"].dtype == np.float64  # as the lab's valid.h5
+    valid = br.load_h5(demo.valid)
+    assert len(valid) == 30 and valid.x.max() <= 255 and valid.x.max() > 1
+    bd = br.load_h5(demo.bd_valid)
+    assert set(bd.y.tolist()) == {0} and len(bd) == np.sum(valid.y != 0)
+    # the poisoned images are the non-target clean ones with the trigger where it belongs
+    np.testing.assert_allclose(bd.x, drawn_sunglasses().apply(valid.x[valid.y != 0]), atol=1e-4)
+    for m in (demo.model, demo.pruning_aware_model):
+        assert br.num_classes(br.load_model(m)) == 5
+    assert br.num_classes(br.load_model(demo.root / "model" / "bd_weights.h5")) == 5
+    assert br.load_trigger(demo.trigger).shape == (20, 47)
+
+
+def test_manifest_records_config_and_numbers(demo):
+    m = load_demo_manifest(demo.root)
+    assert m["config"]["num_identities"] == 5
+    for which in ("baseline", "pruning_aware"):
+        assert 0 <= m[which]["clean_test_accuracy"] <= 100
+    assert m["pruning_aware"]["reinstated_channels"]
+
+
+def test_demo_is_reused_and_other_settings_need_regenerate(demo):
+    before = demo.manifest.stat().st_mtime_ns
+    make_demo(demo.root, progress=False)
+    make_demo(demo.root, config=SMALL, progress=False)
+    assert demo.manifest.stat().st_mtime_ns == before
+    with pytest.raises(br.BadNetRepairError, match="--regenerate"):
+        make_demo(demo.root, config=DemoConfig(num_identities=6), progress=False)
+
+
+def test_demo_data_is_deterministic(tmp_path):
+    cfg = DemoConfig(num_identities=3, train_per_identity=2, valid_per_identity=2, test_per_identity=2,
+                     epochs=1, clean_epochs=1, poison_epochs=1)
+    a = make_demo(tmp_path / "a", config=cfg, progress=False)
+    b = make_demo(tmp_path / "b", config=cfg, progress=False)
+    for name in ("train", "valid", "test", "bd_valid", "bd_test"):
+        with h5py.File(getattr(a, name)) as fa, h5py.File(getattr(b, name)) as fb:
+            assert fa["data"][()].tobytes() == fb["data"][()].tobytes()
+            assert fa["label"][()].tobytes() == fb["label"][()].tobytes()
+
+
+def test_prune_runs_on_the_demo_when_no_lab_files(demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "-q", "--demo-dir", str(demo.root), "--out", "out", "--no-models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("No lab files in") and "built-in demo" in lines[0]
+    assert "built-in demo (baseline BadNet" in lines[1]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["provenance"]["inputs"]["model"]["path"].endswith("bd_net.h5")
+    assert main(["prune", "-q", "--demo", "pruning-aware", "--demo-dir", str(demo.root), "--out", "pa",
+                 "--no-models"]) == 0
+    results = json.loads((tmp_path / "pa" / "results.json").read_text())
+    assert results["provenance"]["inputs"]["model"]["path"].endswith("pa_net.h5")
+
+
+def test_partial_lab_layout_names_the_missing_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "bd_net.h5").write_bytes(b"x")
+    assert main(["prune", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "data/cl/valid.h5" in err and "model/bd_net.h5" not in err.split("not found")[1].split(".")[0]
