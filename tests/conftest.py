@@ -89,3 +89,16 @@ def lab_files(tmp_path_factory: pytest.TempPathFactory, small_deepid: keras.Mode
         files[f"bd_{split}"] = br.save_h5(root / "data" / "bd" / f"bd_{split}.h5", bd.x, bd.y)
     files["root"] = root
     return files
+
+
+SMALL_DEMO = dict(num_identities=5, train_per_identity=24, valid_per_identity=6, test_per_identity=6,
+                  epochs=6, clean_epochs=5, poison_epochs=4, poison_rate=0.15)
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A tiny demo (5 identities) made once per test session."""
+    from badnet_repair.demo import DemoConfig, make_demo
+
+    root = tmp_path_factory.mktemp("demo") / ".demo"
+    return make_demo(root, config=DemoConfig(**SMALL_DEMO), progress=False)

@@ -11,14 +11,14 @@ from badnet_repair.cli import main
 from badnet_repair.demo import DemoConfig, load_demo_manifest, make_demo
 from badnet_repair.triggers import drawn_sunglasses
 
-SMALL = DemoConfig(num_identities=5, train_per_identity=24, valid_per_identity=6, test_per_identity=6,
-                   epochs=6, clean_epochs=5, poison_epochs=4, poison_rate=0.15)
+from .conftest import SMALL_DEMO
+
+SMALL = DemoConfig(**SMALL_DEMO)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo") / ".demo"
-    return make_demo(root, config=SMALL, progress=False)
+def demo(small_demo):
+    return small_demo
 
 
 def test_demo_files_are_in_the_lab_format(demo):

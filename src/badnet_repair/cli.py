@@ -91,6 +91,20 @@ def _parser() -> argparse.ArgumentParser:
     md.add_argument("--identities", type=int, help="number of identities (default 100)")
     md.add_argument("--seed", type=int, help="seed (default 0)")
 
+    rp = sub.add_parser(
+        "report", parents=[common],
+        help="run Homework-2.ipynb headless; write Lab2_report.md and the notebook as HTML",
+        description="Execute the notebook top to bottom in a Jupyter kernel (its parameters cell "
+        "overridden by -p), which writes Lab2_report.md and Lab2_report.html into its OUT_DIR; then "
+        "write the executed notebook and a self-contained HTML of it (images embedded).",
+    )
+    rp.add_argument("--notebook", default="Homework-2.ipynb", help="the notebook (default Homework-2.ipynb)")
+    rp.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="override a parameter, e.g. -p DEMO pruning-aware -p THRESHOLDS '[2, 4]'")
+    rp.add_argument("--html", help="HTML of the executed notebook (default OUT_DIR/<notebook>.html)")
+    rp.add_argument("--executed", help="the executed notebook (default OUT_DIR/<notebook>.executed.ipynb)")
+    rp.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default 1800)")
+
     ev = sub.add_parser("eval", parents=[common], help="clean accuracy and attack success rate of a model",
                         description="Evaluate a model as the lab's eval script does; for a GoodNet "
                         "also its detection and false-alarm rates.")
@@ -243,6 +257,49 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _literal(text: str) -> Any:
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .errors import DataError
+    from .notebook import execute_notebook, parameter_names
+
+    nb = Path(args.notebook)
+    if not nb.is_file():
+        raise DataError(f"{nb}: no such notebook")
+    names = set(parameter_names(nb))
+    params = {name: _literal(value) for name, value in args.parameter}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise DataError(f"{nb}: no parameter named {', '.join(unknown)}; its parameters: {', '.join(sorted(names))}")
+    out_dir = Path(str(params.get("OUT_DIR", "fixed_models")))
+    if not out_dir.is_absolute():
+        out_dir = nb.parent / out_dir
+    html = Path(args.html) if args.html else out_dir / f"{nb.stem}.html"
+    executed = Path(args.executed) if args.executed else out_dir / f"{nb.stem}.executed.ipynb"
+    print(f"Running {nb} headless" + (f" with {params}" if params else "") + " ...", flush=True)
+    from nbclient.exceptions import CellExecutionError
+
+    try:
+        execute_notebook(nb, parameters=params, output=executed, html=html, timeout=args.timeout)
+    except CellExecutionError as exc:
+        first = str(exc).strip().splitlines()
+        tail = [ln for ln in first if ln.strip()][-1:] or ["(no message)"]
+        print(f"badnet-repair report: error: a cell of {nb} failed: {tail[0]}", file=sys.stderr)
+        return 1
+    print(f"executed notebook: {executed}\nnotebook HTML: {html}")
+    for name in ("Lab2_report.md", "Lab2_report.html"):
+        if (out_dir / name).exists():
+            print(f"report: {out_dir / name}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 bad input, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -270,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_predict(args)
         if args.command == "make-demo":
             return _cmd_make_demo(args)
+        if args.command == "report":
+            return _cmd_report(args)
     except BadNetRepairError as exc:
         print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -275,6 +275,7 @@ def _results_dict(
         "order": [int(c) for c in sweep.ranking.order],
         "mean_activation": [float(v) for v in sweep.ranking.mean_activation],
         "base": dict(sweep.steps[0].metrics),
+        "kinds": dict(sweep.kinds),
         "selections": [
             {"threshold": x, "channels_pruned": None} if s is None else
             {"threshold": x, "channels_pruned": s.channels_pruned, "channels": list(s.channels),

@@ -182,13 +182,13 @@ def make_demo(
     _save_trigger_png(trigger.rgba, paths.trigger)
     t_data = time.perf_counter() - start
 
-    common = dict(num_classes=cfg.num_identities, target=cfg.target, poison_rate=cfg.poison_rate,
+    common: dict[str, Any] = dict(num_classes=cfg.num_identities, target=cfg.target, poison_rate=cfg.poison_rate,
                   batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed, progress=progress)
-    base = train_badnet(faces.train, trigger, epochs=cfg.epochs, **common)  # type: ignore[arg-type]
+    base = train_badnet(faces.train, trigger, epochs=cfg.epochs, **common)
     save_model(base.model, paths.root / "model", "bd_net", formats=("h5",))
     save_model(base.model, paths.root / "model", "bd", formats=("weights",))
     t_base = time.perf_counter() - start - t_data
-    aware = train_pruning_aware_badnet(faces.train, trigger, clean_epochs=cfg.clean_epochs,  # type: ignore[arg-type]
+    aware = train_pruning_aware_badnet(faces.train, trigger, clean_epochs=cfg.clean_epochs,
                                        poison_epochs=cfg.poison_epochs, prune_drop=cfg.prune_drop, **common)
     save_model(aware.model, paths.root / "model", "pa_net", formats=("h5",))
     save_model(aware.model, paths.root / "model", "pa", formats=("weights",))

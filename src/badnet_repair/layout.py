@@ -51,8 +51,10 @@ class ResolvedInputs:
 
 def _demo(which: str, demo_dir: str | os.PathLike[str], demo_config: Any, progress: bool,
           notice: str | None) -> ResolvedInputs:
-    from .demo import load_demo_manifest, make_demo
+    from .demo import DemoConfig, load_demo_manifest, make_demo
 
+    if isinstance(demo_config, dict):
+        demo_config = DemoConfig(**demo_config)
     if which not in DEMO_MODELS:
         raise ValueError(f"demo must be one of {DEMO_MODELS}, not {which!r}")
     if load_demo_manifest(demo_dir) is None:
@@ -82,7 +84,8 @@ def resolve_inputs(
     - nothing given: the lab layout under ``root`` (``model/bd_weights.h5`` stands in for a
       missing ``model/bd_net.h5``); where none of the lab files exist, the demo's baseline
       BadNet, with a notice saying so; where only some exist, an error naming the missing.
-    - some files given: those, and the lab layout's files for the roles not given where
+    - only the lab layout's own paths given: as if nothing were given.
+    - other files given: those, and the lab layout's files for the roles not given where
       they exist; model and valid are required.
 
     Args:
@@ -90,13 +93,18 @@ def resolve_inputs(
         root: the folder holding the lab layout, default the current folder.
         demo: ``"baseline"`` or ``"pruning-aware"`` to force the demo.
         demo_dir: the demo's cache folder, default ``.demo``.
-        demo_config: a :class:`~badnet_repair.demo.DemoConfig` for a demo not yet made.
+        demo_config: a :class:`~badnet_repair.demo.DemoConfig` (or a dict of its fields)
+            for a demo not yet made.
         progress: progress bars while a demo is made.
 
     Returns:
         ResolvedInputs.
     """
-    given = {k: (None if v is None else str(v)) for k, v in (given or {}).items()}
+    given_str: dict[str, str | None] = {k: (None if v is None else str(v)) for k, v in (given or {}).items()}
+    if given_str and all(given_str.get(k) in (None, v) for k, v in LAB_FILES.items()):
+        # the lab layout's own paths (a notebook's defaults) mean the same as nothing given
+        given_str = {}
+    given = given_str
     unknown = set(given) - set(LAB_FILES)
     if unknown:
         raise ValueError(f"unknown input roles {sorted(unknown)}; expected {list(LAB_FILES)}")
@@ -112,7 +120,8 @@ def resolve_inputs(
     if all(v is None for v in given.values()):
         missing = [str(p.relative_to(base)) for p in lab.values() if not p.exists()]
         if len(missing) == len(lab):
-            notice = (f"No lab files in {where} ({', '.join(LAB_FILES.values())}); "
+            folder = "the current folder" if str(root) in (".", "") else str(root)
+            notice = (f"No lab files in {folder} ({', '.join(LAB_FILES.values())}); "
                       "using the built-in demo instead.")
             return _demo("baseline", demo_dir, demo_config, progress, notice)
         if missing:
@@ -120,8 +129,8 @@ def resolve_inputs(
         return ResolvedInputs({k: str(p) for k, p in lab.items()}, f"the lab files in {where}")
     files: dict[str, str | None] = {}
     for key, path in lab.items():
-        if given.get(key) is not None:
-            files[key] = given[key]
+        if given_str.get(key) is not None:
+            files[key] = given_str[key]
         elif path.exists():
             files[key] = str(path)
         elif key in ("model", "valid"):

@@ -40,7 +40,7 @@ def figure_png(fig: Any, *, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def show(fig: Any, *, dpi: int = 100) -> Any:
+def show(fig: Any, *, dpi: int = 80) -> Any:
     """Display a matplotlib figure in Jupyter as a PNG (works in headless runs too).
 
     Returns:

@@ -31,11 +31,13 @@ def _label(sweep: SweepResult, name: str) -> str:
 
 def _mark_thresholds(sweep: SweepResult, ax: Any) -> None:
     c = len(sweep.steps) - 1
+    at_step: dict[int, list[float]] = {}
     for x, sel in sweep.selections.items():
-        if sel is None:
-            continue
-        ax.axvline(sel.channels_pruned / c, color="grey", lw=0.8, ls=":")
-        ax.annotate(f"X={x:g}", (sel.channels_pruned / c, 2), rotation=90, fontsize=8,
+        if sel is not None:
+            at_step.setdefault(sel.channels_pruned, []).append(x)
+    for k, xs in sorted(at_step.items()):
+        ax.axvline(k / c, color="grey", lw=0.8, ls=":")
+        ax.annotate("X=" + ", ".join(f"{x:g}" for x in xs), (k / c, 2), rotation=90, fontsize=8,
                     color="dimgrey", ha="right", va="bottom")
 
 

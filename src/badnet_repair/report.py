@@ -13,13 +13,25 @@ from .io import write_text
 from .pruning import SweepResult
 
 __all__ = [
+    "base_table",
     "conclusion",
     "evaluation_table",
+    "models_list",
     "render_report",
+    "selection_table",
     "sweep_rows",
     "to_csv",
     "write_csv",
 ]
+
+
+_ROLES = ("model", "valid", "bd_valid", "test", "bd_test")
+
+
+def _in_role_order(items: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Items keyed by role (model, valid, bd_valid, test, bd_test) in that order, others after."""
+    rank = {r: i for i, r in enumerate(_ROLES)}
+    return sorted(items.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
 
 
 def _metric_column(name: str, kind: str) -> str:
@@ -143,6 +155,39 @@ def conclusion(results: Mapping[str, Any]) -> str:
     return " ".join(out)
 
 
+def base_table(results: Mapping[str, Any]) -> str:
+    """A markdown table of B's accuracy or attack success on every set of the sweep."""
+    kinds = results.get("kinds", {})
+    lines = ["| set | measure | B (%) |", "|---|---|---:|"]
+    for name, value in _in_role_order(results["base"]):
+        kind = kinds.get(name, "poisoned" if name.startswith("bd") else "clean")
+        lines.append(f"| {name} | {'attack success rate' if kind == 'poisoned' else 'clean accuracy'} "
+                     f"| {value:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def selection_table(results: Mapping[str, Any]) -> str:
+    """A markdown table of each X's stopping point: channels pruned and validation accuracy."""
+    lines = ["| X | channels pruned | fraction | validation accuracy (%) | drop (points) |",
+             "|---:|---:|---:|---:|---:|"]
+    for s in results["selections"]:
+        if s.get("channels_pruned") is None:
+            lines.append(f"| {s['threshold']:g} | not reached | | | |")
+        else:
+            lines.append(
+                f"| {s['threshold']:g} | {s['channels_pruned']} | "
+                f"{s['channels_pruned'] / len(results['order']):.3f} | {s['valid_accuracy']:.2f} | "
+                f"{s['accuracy_drop']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def models_list(results: Mapping[str, Any]) -> str:
+    """A markdown list of the saved models, one line per threshold."""
+    return "\n".join(f"- X={x}: " + ", ".join(f"`{f}`" for f in files.values())
+                     for x, files in results.get("models", {}).items()) + "\n"
+
+
 def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_curves.png",
                   title: str = "Lab 2 report: repairing a BadNet with the pruning defense") -> str:
     """The markdown report of a pruning-defense run, from its ``results.json`` content.
@@ -178,7 +223,7 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
         "| role | file | images | SHA-256 |",
         "|---|---|---:|---|",
     ]
-    for role, info in inputs.items():
+    for role, info in _in_role_order(inputs):
         n = info.get("images")
         lines.append(f"| {role} | `{info['path']}` | {'' if n is None else n} | `{info['sha256'][:16]}…` |")
     lines += [
@@ -186,20 +231,13 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
         f"Classes: {results['num_classes']}; attack target: {_fmt(results.get('target'))}; "
         f"thresholds X: {', '.join(f'{x:g}' for x in p['thresholds'])}.",
         "",
+        "## The BadNet B",
+        "",
+        base_table(results),
         "## Stopping points",
         "",
-        "| X | channels pruned | fraction | validation accuracy (%) | drop (points) |",
-        "|---:|---:|---:|---:|---:|",
+        selection_table(results),
     ]
-    for s in results["selections"]:
-        if s.get("channels_pruned") is None:
-            lines.append(f"| {s['threshold']:g} | not reached | | | |")
-        else:
-            lines.append(
-                f"| {s['threshold']:g} | {s['channels_pruned']} | "
-                f"{s['channels_pruned'] / len(results['order']):.3f} | {s['valid_accuracy']:.2f} | "
-                f"{s['accuracy_drop']:.2f} |"
-            )
     sets = results["evaluation_sets"]
     lines += [
         "",
@@ -211,10 +249,7 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
         lines += ["## Curves", "", f"![Accuracy and attack success rate versus channels pruned]({figure})", ""]
     lines += ["## Conclusion", "", conclusion(results), ""]
     if results.get("models"):
-        lines += ["## Saved models", ""]
-        for x, files in results["models"].items():
-            lines.append(f"- X={x}: " + ", ".join(f"`{f}`" for f in files.values()))
-        lines.append("")
+        lines += ["## Saved models", "", models_list(results)]
     prov = results["provenance"]
     lines += [
         "## Reproduce",
