@@ -207,11 +207,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     n = num_classes(model)
     goodnet = _is_goodnet(model)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
-    clean = load_h5(args.clean, layout=args.layout, num_classes=n, image_shape=shape)  # type: ignore[arg-type]
+    clean = load_h5(args.clean, layout=args.layout, num_classes=n, image_shape=shape, lazy=True)  # type: ignore[arg-type]
     bd = None
     if args.poisoned:
         bd, _ = poisoned_labels(
-            load_h5(args.poisoned, layout=args.layout, num_classes=n, image_shape=shape),  # type: ignore[arg-type]
+            load_h5(args.poisoned, layout=args.layout, num_classes=n, image_shape=shape, lazy=True),  # type: ignore[arg-type]
             args.target,
         )
     ev = evaluate_predictions(

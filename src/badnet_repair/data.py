@@ -20,7 +20,7 @@ import numpy as np
 from .errors import DataError, DataWarning
 from .io import atomic_path
 
-__all__ = ["Dataset", "load_h5", "load_images", "save_h5"]
+__all__ = ["Dataset", "LazyImages", "load_h5", "load_images", "save_h5"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,58 @@ class Dataset:
     def subset(self, index: np.ndarray | slice, *, name: str | None = None) -> Dataset:
         """Return the images and labels at ``index`` as a new Dataset."""
         return Dataset(self.x[index], self.y[index], name=name or self.name, path=self.path)
+
+
+class LazyImages:
+    """Images of a lab HDF5 file, read in chunks when sliced, never all at once.
+
+    Behaves as a read-only (N, H, W, C) float32 array for slicing with a slice or an index
+    array: ``images[i:j]`` reads, transposes and checks those images only. Used by the sweep
+    so that memory holds the cached activations, not the images.
+    """
+
+    def __init__(self, path: Path, data_key: str, fmt: str, shape: tuple[int, int, int, int]) -> None:
+        self.path, self.data_key, self.fmt = path, data_key, fmt
+        self.shape = shape
+        self.ndim = 4
+        self.dtype = np.dtype(np.float32)
+        self._checked_scale = False
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return self._read(slice(start, stop), start)
+            index = np.arange(start, stop, step)
+        idx = np.asarray(index)
+        idx = (np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)).reshape(-1)
+        if idx.size == 0:
+            return np.empty((0, *self.shape[1:]), np.float32)
+        # h5py reads increasing, unique indices; put the rows back in the order asked
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        return self._read(uniq.tolist(), 0)[inverse]
+
+    def _read(self, rows: Any, offset: int) -> np.ndarray:
+        with _open_h5(self.path) as f:
+            try:
+                chunk = f[self.data_key][rows]
+            except Exception as exc:
+                raise _fail(self.path, f"could not read the data (truncated or corrupt?): {exc}") from None
+        if self.fmt == "nchw":
+            chunk = chunk.transpose(0, 2, 3, 1)
+        block = np.ascontiguousarray(chunk, dtype=np.float32)
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            where = rows[bad] if isinstance(rows, list) else offset + bad
+            raise _fail(self.path, f"image {where} has non-finite pixel values (NaN or inf)")
+        if not self._checked_scale and block.size:
+            self._checked_scale = True
+            _warn_if_scaled(str(self.path), block)
+        return block
 
 
 def _fail(path: str | os.PathLike[str], problem: str) -> DataError:
@@ -129,6 +181,9 @@ def _labels_to_int(path: Path, raw: np.ndarray, num_classes: int | None) -> np.n
         if not np.all(np.isfinite(raw)):
             bad = int(np.flatnonzero(~np.isfinite(raw))[0])
             raise _fail(path, f"label {bad} is {raw[bad]}, not an integer")
+        if raw.size and np.abs(raw).max() >= 2**53:
+            bad = int(np.argmax(np.abs(raw)))
+            raise _fail(path, f"label {bad} is {raw[bad]:g}, far outside any class range")
         if not np.all(raw == np.round(raw)):
             bad = int(np.flatnonzero(raw != np.round(raw))[0])
             raise _fail(path, f"label {bad} is {raw[bad]}, not an integer")
@@ -164,6 +219,7 @@ def load_h5(
     image_shape: tuple[int, int, int] | None = None,
     chunk_size: int = 1024,
     limit: int | None = None,
+    lazy: bool = False,
     name: str | None = None,
     progress: bool = False,
 ) -> Dataset:
@@ -182,6 +238,8 @@ def load_h5(
         image_shape: if given, the (H, W, C) every image must have (a model's input).
         chunk_size: images read per chunk, default 1024.
         limit: read only the first ``limit`` images (for a quick look), default all.
+        lazy: check the file now but read images only when sliced (``x`` is a
+            :class:`LazyImages`); pixels are then checked as they are read.
         name: name of the returned Dataset, default the file name.
         progress: show a tqdm progress bar.
 
@@ -194,6 +252,8 @@ def load_h5(
             non-finite pixels, labels that are not integers or lie outside the classes.
     """
     p = Path(path)
+    if lazy and limit is not None:
+        raise ValueError("limit and lazy cannot be combined")
     channels = image_shape[2] if image_shape else 3
     with _open_h5(p) as f:
         keys = sorted(f.keys())
@@ -225,6 +285,9 @@ def load_h5(
                         f"{image_shape[0]}x{image_shape[1]}x{image_shape[2]}")
         try:
             y = _labels_to_int(p, np.asarray(lset[:n]).reshape(n), num_classes)
+            if lazy:
+                return Dataset(x=LazyImages(p, data_key, fmt, (n, *hwc)), y=y,  # type: ignore[arg-type]
+                               name=name or p.stem, path=str(p))
             x = np.empty((n, *hwc), dtype=np.float32)
             starts = range(0, n, max(1, int(chunk_size)))
             if progress:

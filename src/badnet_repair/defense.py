@@ -179,8 +179,10 @@ def run_pruning_defense(
     shape = tuple(int(d) for d in b.inputs[0].shape[1:])
 
     def load(path: Any, name: str) -> Dataset:
+        # lazy: the files are checked now and read chunk by chunk by the sweep, so memory
+        # holds the cached activations rather than every image
         return load_h5(path, layout=layout, num_classes=n_classes, image_shape=shape,  # type: ignore[arg-type]
-                       name=name, progress=progress)
+                       name=name, lazy=True)
 
     files = {"model": Path(model), "valid": Path(valid)}
     clean = load(valid, "valid")
