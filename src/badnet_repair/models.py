@@ -266,7 +266,6 @@ def load_model(
         UnsafeModelError: when it would run code and ``trust`` is not set.
     """
     import h5py
-    import keras
 
     p = Path(path)
     if not p.exists():
@@ -280,11 +279,7 @@ def load_model(
                 config = json.loads(z.read("config.json"))
         except Exception as exc:
             raise ModelError(f"{p}: not a readable .keras model archive: {exc}") from None
-        _refuse_unsafe(p, config, trust)
-        try:
-            return keras.models.load_model(p, compile=False, safe_mode=not trust)
-        except Exception as exc:
-            raise ModelError(f"{p}: Keras could not load this model: {exc}") from None
+        return _load_full(p, config, trust)
     try:
         is_h5 = h5py.is_hdf5(p)
     except OSError:
@@ -303,11 +298,18 @@ def load_model(
             config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         except ValueError as exc:
             raise ModelError(f"{p}: the stored model_config is not valid JSON: {exc}") from None
-    _refuse_unsafe(p, config, trust)
+    return _load_full(p, config, trust)
+
+
+def _load_full(path: Path, config: Any, trust: bool) -> Any:
+    """Load a whole model file after checking its config for code-carrying layers."""
+    import keras
+
+    _refuse_unsafe(path, config, trust)
     try:
-        return keras.models.load_model(p, compile=False, safe_mode=not trust)
+        return keras.models.load_model(path, compile=False, safe_mode=not trust)
     except Exception as exc:
-        raise ModelError(f"{p}: Keras could not load this model: {exc}") from None
+        raise ModelError(f"{path}: Keras could not load this model: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- saving

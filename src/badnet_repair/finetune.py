@@ -1,0 +1,234 @@
+"""Fine-tuning and fine-pruning: repair a BadNet with clean data only.
+
+Liu, Dolan-Gavitt and Garg, "Fine-Pruning: Defending Against Backdooring Attacks on Deep
+Neural Networks" (RAID 2018), Section 5: prune the last conv layer's least active channels
+(as the pruning defense does), then fine-tune the pruned network on clean data, with the
+pruned channels kept at zero. Fine-tuning alone is the paper's other baseline.
+
+The clean validation data is split into a tuning part and a held-out part. Every choice
+(how much to prune, which epoch to keep) is made on the held-out part alone; no test and
+no poisoned data is seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _backend  # noqa: F401
+from .data import Dataset
+from .models import conv_layer, predict_classes, prune_channels
+
+__all__ = ["FinePruneResult", "fine_prune", "fine_tune", "split_clean"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class FinePruneResult:
+    """A model repaired by fine-tuning or fine-pruning, and how it was chosen.
+
+    Attributes:
+        model: the repaired model (a new model; the BadNet is not changed).
+        method: ``"fine-pruning"`` or ``"fine-tuning"``.
+        layer: the pruned layer.
+        pruned_channels: channels kept at zero (empty for fine-tuning).
+        kept_epoch: the epoch whose weights were kept (0 = before any tuning).
+        holdout_accuracy: held-out clean accuracy (%) of the kept model.
+        base_holdout_accuracy: held-out clean accuracy (%) of the BadNet.
+        pruned_holdout_accuracy: held-out accuracy (%) after pruning, before tuning.
+        history: per epoch: ``loss``, ``accuracy`` (tuning part), ``holdout_accuracy``.
+        tune_index: (M,) indices of the validation images used for tuning.
+        holdout_index: (K,) indices of the held-out validation images.
+    """
+
+    model: Any
+    method: str
+    layer: str
+    pruned_channels: tuple[int, ...]
+    kept_epoch: int
+    holdout_accuracy: float
+    base_holdout_accuracy: float
+    pruned_holdout_accuracy: float
+    history: tuple[dict[str, float], ...]
+    tune_index: np.ndarray
+    holdout_index: np.ndarray
+
+
+def split_clean(data: Dataset, *, holdout_fraction: float = 0.2, seed: int = 0
+                ) -> tuple[Dataset, Dataset, np.ndarray, np.ndarray]:
+    """Split clean data into a tuning part and a disjoint held-out part, per class.
+
+    Args:
+        data: clean labelled data.
+        holdout_fraction: share of each class held out, default 0.2 (at least one image of
+            each class with two or more images).
+        seed: the split's seed.
+
+    Returns:
+        (tune, holdout, tune_index, holdout_index), the indices into ``data``, sorted.
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), not {holdout_fraction}")
+    rng = np.random.default_rng([seed, 5])
+    hold: list[np.ndarray] = []
+    for c in np.unique(data.y):
+        idx = rng.permutation(np.flatnonzero(data.y == c))
+        k = round(holdout_fraction * len(idx))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        hold.append(idx[:k])
+    hold_idx = np.sort(np.concatenate(hold)) if hold else np.zeros(0, np.int64)
+    mask = np.ones(len(data), bool)
+    mask[hold_idx] = False
+    tune_idx = np.flatnonzero(mask)
+    if len(hold_idx) == 0 or len(tune_idx) == 0:
+        raise ValueError(f"cannot split {len(data)} images into tuning and held-out parts")
+    x = np.asarray(data.x[:]) if not isinstance(data.x, np.ndarray) else data.x
+    return (Dataset(x[tune_idx], data.y[tune_idx], name="tune"),
+            Dataset(x[hold_idx], data.y[hold_idx], name="holdout"), tune_idx, hold_idx)
+
+
+def _accuracy(model: Any, data: Dataset) -> float:
+    return float(100.0 * np.mean(predict_classes(model, data.x) == data.y))
+
+
+def fine_tune(
+    model: Any,
+    tune: Dataset,
+    holdout: Dataset,
+    *,
+    epochs: int = 10,
+    learning_rate: float = 1e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+    frozen_channels: tuple[str, tuple[int, ...]] | None = None,
+    progress: bool = True,
+) -> tuple[Any, int, list[dict[str, float]]]:
+    """Fine-tune a copy of ``model`` on ``tune``; keep the epoch best on ``holdout``.
+
+    Args:
+        model: the network (not changed).
+        tune: clean data to train on.
+        holdout: clean data that chooses the epoch (ties keep the earlier epoch).
+        epochs: epochs, default 10.
+        learning_rate: Adam's learning rate, default 1e-4.
+        batch_size: default 64.
+        seed: shuffling and initialisation seed.
+        frozen_channels: ``(layer, channels)`` held at zero throughout.
+        progress: a progress bar over epochs.
+
+    Returns:
+        (the kept model, its epoch (0 = untouched), per-epoch history).
+    """
+    import keras
+
+    from .attacks import ZeroChannels, _Progress
+
+    keras.utils.set_random_seed(seed)
+    work = keras.models.clone_model(model)
+    work.set_weights(model.get_weights())
+    callbacks: list[Any] = []
+    if frozen_channels is not None and frozen_channels[1]:
+        zero = ZeroChannels(*frozen_channels)
+        zero.set_model(work)
+        zero.zero()
+        callbacks.append(zero)
+    work.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                 metrics=["accuracy"])
+    best_acc, best_epoch, best_weights = _accuracy(work, holdout), 0, work.get_weights()
+    bar = _Progress(epochs, "fine-tuning", progress)
+    history: list[dict[str, float]] = []
+    for epoch in range(1, epochs + 1):
+        h = work.fit(tune.x, tune.y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0,
+                     callbacks=callbacks)
+        acc = _accuracy(work, holdout)
+        row = {"epoch": float(epoch), "loss": float(h.history["loss"][-1]),
+               "accuracy": float(100 * h.history["accuracy"][-1]), "holdout_accuracy": acc}
+        history.append(row)
+        bar.on_epoch_end(epoch, {"holdout_accuracy": acc})
+        if acc > best_acc:
+            best_acc, best_epoch, best_weights = acc, epoch, work.get_weights()
+    bar.on_train_end()
+    work.set_weights(best_weights)
+    return work, best_epoch, history
+
+
+def fine_prune(
+    model: Any,
+    valid: Dataset,
+    *,
+    method: Literal["fine-pruning", "fine-tuning"] = "fine-pruning",
+    layer: str = "conv_3",
+    accuracy_drop: float | None = 4.0,
+    prune_fraction: float | None = None,
+    holdout_fraction: float = 0.2,
+    epochs: int = 10,
+    learning_rate: float = 1e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> FinePruneResult:
+    """Fine-pruning (Liu et al., RAID 2018): prune, then fine-tune on clean data.
+
+    1. Split ``valid`` into tuning and held-out parts (:func:`split_clean`).
+    2. Rank ``layer``'s channels by mean activation on the held-out part and prune them in
+       ascending order, to ``prune_fraction`` of the channels if given, else to the first
+       step whose held-out accuracy is ``accuracy_drop`` points below the BadNet's.
+    3. Fine-tune on the tuning part with the pruned channels held at zero, keeping the
+       epoch with the best held-out accuracy.
+
+    With ``method="fine-tuning"`` step 2 is skipped (the paper's other baseline).
+
+    Args:
+        model: the BadNet (not changed).
+        valid: clean labelled validation data; nothing else is read.
+        method: ``"fine-pruning"`` (default) or ``"fine-tuning"``.
+        layer: conv layer to prune, default ``conv_3``.
+        accuracy_drop: prune until held-out accuracy falls this many points, default 4.
+        prune_fraction: prune this fraction of the channels instead.
+        holdout_fraction: share of ``valid`` held out, default 0.2.
+        epochs, learning_rate, batch_size, seed: fine-tuning settings.
+        progress: progress bars.
+
+    Returns:
+        FinePruneResult.
+    """
+    from .pruning import prune_sweep
+
+    if method not in ("fine-pruning", "fine-tuning"):
+        raise ValueError(f"method must be 'fine-pruning' or 'fine-tuning', not {method!r}")
+    conv = conv_layer(model, layer)
+    tune, holdout, tune_idx, hold_idx = split_clean(valid, holdout_fraction=holdout_fraction, seed=seed)
+    base_acc = _accuracy(model, holdout)
+    pruned: tuple[int, ...] = ()
+    if method == "fine-pruning":
+        filters = int(conv.filters)
+        if prune_fraction is not None:
+            if not 0.0 <= prune_fraction <= 1.0:
+                raise ValueError(f"prune_fraction must be in [0, 1], not {prune_fraction}")
+            sweep = prune_sweep(model, holdout, layer=layer, thresholds=())
+            pruned = tuple(int(c) for c in sweep.ranking.order[: round(prune_fraction * filters)])
+        else:
+            if accuracy_drop is None or not accuracy_drop >= 0:
+                raise ValueError("give accuracy_drop >= 0 or prune_fraction")
+            sweep = prune_sweep(model, holdout, layer=layer, thresholds=[accuracy_drop])
+            sel = sweep.selections[float(accuracy_drop)]
+            pruned = tuple(int(c) for c in (sel.channels if sel is not None else sweep.ranking.order))
+        start = prune_channels(model, layer, pruned)
+    else:
+        start = model
+    pruned_acc = _accuracy(start, holdout)
+    log.info("%s: %d channels of %s pruned; held-out accuracy %.2f -> %.2f", method, len(pruned),
+             layer, base_acc, pruned_acc)
+    tuned, epoch, history = fine_tune(start, tune, holdout, epochs=epochs, learning_rate=learning_rate,
+                                      batch_size=batch_size, seed=seed,
+                                      frozen_channels=(layer, pruned) if pruned else None, progress=progress)
+    kept = history[epoch - 1]["holdout_accuracy"] if epoch else pruned_acc
+    return FinePruneResult(model=tuned, method=method, layer=layer, pruned_channels=pruned, kept_epoch=epoch,
+                           holdout_accuracy=kept, base_holdout_accuracy=base_acc,
+                           pruned_holdout_accuracy=pruned_acc, history=tuple(history),
+                           tune_index=tune_idx, holdout_index=hold_idx)
