@@ -91,6 +91,34 @@ def _parser() -> argparse.ArgumentParser:
     md.add_argument("--identities", type=int, help="number of identities (default 100)")
     md.add_argument("--seed", type=int, help="seed (default 0)")
 
+    fp = sub.add_parser(
+        "fine-prune", parents=[common],
+        help="fine-pruning (or fine-tuning): prune, then fine-tune on clean validation data",
+        description="Fine-Pruning (Liu et al., RAID 2018): prune conv channels by the same ranking, "
+        "then fine-tune on a part of the clean validation data, choosing the prune amount and the "
+        "epoch on the held-out rest. Test data is read only afterwards, for evaluation.",
+    )
+    fp.add_argument("--model", help=f"the BadNet B (default {LAB_FILES['model']})")
+    fp.add_argument("--valid", help=f"clean validation data (default {LAB_FILES['valid']})")
+    fp.add_argument("--test", help=f"clean test data, for evaluation (default {LAB_FILES['test']})")
+    fp.add_argument("--bd-test", help=f"poisoned test data, for evaluation (default {LAB_FILES['bd_test']})")
+    fp.add_argument("--method", choices=["fine-pruning", "fine-tuning"], default="fine-pruning")
+    fp.add_argument("--layer", default="conv_3")
+    fp.add_argument("--accuracy-drop", type=float, default=4.0,
+                    help="prune until held-out accuracy falls this many points (default 4)")
+    fp.add_argument("--prune-fraction", type=float, help="prune this fraction of the channels instead")
+    fp.add_argument("--holdout-fraction", type=float, default=0.2, help="validation share held out (default 0.2)")
+    fp.add_argument("--epochs", type=int, default=10)
+    fp.add_argument("--learning-rate", type=float, default=1e-3)
+    fp.add_argument("--batch-size", type=int, default=64)
+    fp.add_argument("--seed", type=int, default=0)
+    fp.add_argument("--target", type=int)
+    fp.add_argument("--out", default="fixed_models")
+    fp.add_argument("--trust-model", action="store_true")
+    fp.add_argument("--overwrite", action="store_true")
+    fp.add_argument("--demo", choices=["baseline", "pruning-aware"], help="run on the built-in demo")
+    fp.add_argument("--demo-dir", default=".demo")
+
     rp = sub.add_parser(
         "report", parents=[common],
         help="run Homework-2.ipynb headless; write Lab2_report.md and the notebook as HTML",
@@ -257,6 +285,34 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fine_prune(args: argparse.Namespace) -> int:
+    from .finetune import run_fine_pruning
+    from .layout import resolve_inputs
+    from .report import evaluation_table
+
+    given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
+    resolved = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet)
+    if resolved.notice:
+        print(resolved.notice, flush=True)
+    files = resolved.files
+    print(f"Using {resolved.source}: model={files['model']}, valid={files['valid']}", flush=True)
+    result, results = run_fine_pruning(
+        files["model"], files["valid"], test=files.get("test"), bd_test=files.get("bd_test"),  # type: ignore[arg-type]
+        out_dir=args.out, method=args.method, target=args.target, trust_model=args.trust_model,
+        overwrite=args.overwrite, progress=not args.quiet, layer=args.layer,
+        accuracy_drop=args.accuracy_drop, prune_fraction=args.prune_fraction,
+        holdout_fraction=args.holdout_fraction, epochs=args.epochs, learning_rate=args.learning_rate,
+        batch_size=args.batch_size, seed=args.seed)
+    print(f"{args.method}: {len(result.pruned_channels)} channels pruned, epoch {result.kept_epoch} kept; "
+          f"held-out accuracy {result.base_holdout_accuracy:.2f}% (B) -> {result.pruned_holdout_accuracy:.2f}% "
+          f"(pruned) -> {result.holdout_accuracy:.2f}% (kept)")
+    if results["evaluations"]:
+        print(evaluation_table(results["evaluations"]))
+    for name, path in results["models"].items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _literal(text: str) -> Any:
     import ast
 
@@ -329,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_make_demo(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "fine-prune":
+            return _cmd_fine_prune(args)
     except BadNetRepairError as exc:
         print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -13,16 +13,19 @@ no poisoned data is seen.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from . import _backend  # noqa: F401
 from .data import Dataset
+from .goodnet import goodnet_predict
 from .models import conv_layer, predict_classes, prune_channels
 
-__all__ = ["FinePruneResult", "fine_prune", "fine_tune", "split_clean"]
+__all__ = ["FinePruneResult", "fine_prune", "fine_tune", "run_fine_pruning", "split_clean"]
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ def fine_tune(
     holdout: Dataset,
     *,
     epochs: int = 10,
-    learning_rate: float = 1e-4,
+    learning_rate: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
     frozen_channels: tuple[str, tuple[int, ...]] | None = None,
@@ -115,7 +118,7 @@ def fine_tune(
         tune: clean data to train on.
         holdout: clean data that chooses the epoch (ties keep the earlier epoch).
         epochs: epochs, default 10.
-        learning_rate: Adam's learning rate, default 1e-4.
+        learning_rate: Adam's initial learning rate (cosine-decayed to 0), default 1e-3.
         batch_size: default 64.
         seed: shuffling and initialisation seed.
         frozen_channels: ``(layer, channels)`` held at zero throughout.
@@ -137,8 +140,10 @@ def fine_tune(
         zero.set_model(work)
         zero.zero()
         callbacks.append(zero)
-    work.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
+    # cosine decay: early epochs move the weights (and the backdoor) most, late ones settle
+    steps = max(1, epochs * -(-len(tune) // batch_size))
+    work.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     best_acc, best_epoch, best_weights = _accuracy(work, holdout), 0, work.get_weights()
     bar = _Progress(epochs, "fine-tuning", progress)
     history: list[dict[str, float]] = []
@@ -167,7 +172,7 @@ def fine_prune(
     prune_fraction: float | None = None,
     holdout_fraction: float = 0.2,
     epochs: int = 10,
-    learning_rate: float = 1e-4,
+    learning_rate: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
@@ -232,3 +237,109 @@ def fine_prune(
                            holdout_accuracy=kept, base_holdout_accuracy=base_acc,
                            pruned_holdout_accuracy=pruned_acc, history=tuple(history),
                            tune_index=tune_idx, holdout_index=hold_idx)
+
+
+def run_fine_pruning(
+    model: str | os.PathLike[str],
+    valid: str | os.PathLike[str],
+    *,
+    test: str | os.PathLike[str] | None = None,
+    bd_test: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] = "fixed_models",
+    method: Literal["fine-pruning", "fine-tuning"] = "fine-pruning",
+    target: int | None = None,
+    trust_model: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> tuple[FinePruneResult, dict[str, Any]]:
+    """Fine-prune (or fine-tune) a BadNet from files, save it and its GoodNet, then evaluate.
+
+    The test files are opened only after the repaired model is chosen and saved, so they
+    cannot influence it. Writes ``fp.h5``, ``fp_weights.h5``, ``fp.keras`` and
+    ``goodnet_fp.keras`` (``ft`` instead of ``fp`` for fine-tuning) and ``fp_results.json``.
+
+    Args:
+        model: the BadNet's file.
+        valid: clean validation data (lab HDF5): the only data the repair sees.
+        test, bd_test: clean and poisoned test data, for the evaluation afterwards.
+        out_dir: output folder, default ``fixed_models``.
+        method: ``"fine-pruning"`` (default) or ``"fine-tuning"``.
+        target: the attack's target; default the poisoned file's label.
+        trust_model: allow model files with code-carrying layers.
+        overwrite: replace existing outputs.
+        progress: progress bars.
+        **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
+            holdout_fraction, epochs, learning_rate, batch_size, seed).
+
+    Returns:
+        (the FinePruneResult, the results dict written to JSON).
+    """
+    from .data import load_h5
+    from .defense import poisoned_labels, versions
+    from .goodnet import build_goodnet
+    from .io import atomic_path, check_writable, sha256_file, write_json
+    from .metrics import evaluate_predictions
+    from .models import load_model, num_classes, save_model, saved_model_paths
+
+    stem = "fp" if method == "fine-pruning" else "ft"
+    out = Path(out_dir)
+    paths = {**saved_model_paths(out, stem), "goodnet": out / f"goodnet_{stem}.keras",
+             "results": out / f"{stem}_results.json"}
+    check_writable(paths.values(), overwrite=overwrite)
+    b = load_model(model, trust=trust_model)
+    n = num_classes(b)
+    shape = tuple(int(d) for d in b.inputs[0].shape[1:])
+    clean = load_h5(valid, num_classes=n, image_shape=shape, name="valid")  # type: ignore[arg-type]
+    result = fine_prune(b, clean, method=method, progress=progress, **options)
+    save_model(result.model, out, stem, overwrite=overwrite)
+    goodnet = build_goodnet(b, result.model)
+    with atomic_path(paths["goodnet"], overwrite=overwrite) as tmp:
+        goodnet.save(tmp)
+    # only now are the test sets opened
+    evaluations = []
+    files = {"model": Path(model), "valid": Path(valid)}
+    if test is not None or bd_test is not None:
+        t = load_h5(test, num_classes=n, image_shape=shape, lazy=True) if test else None  # type: ignore[arg-type]
+        bd = None
+        if bd_test is not None:
+            bd, target = poisoned_labels(load_h5(bd_test, num_classes=n, image_shape=shape, lazy=True),  # type: ignore[arg-type]
+                                         target)
+            files["bd_test"] = Path(bd_test)
+        if test is not None:
+            files["test"] = Path(test)
+        preds = {name: (predict_classes(m, t.x) if t else None, predict_classes(m, bd.x) if bd else None)
+                 for name, m in (("B", b), (stem, result.model))}
+        for name, kind in (("B", "badnet"), (stem, "repaired")):
+            evaluations.append(evaluate_predictions(
+                model=name, kind=kind, clean_pred=preds[name][0], clean_labels=t.y if t else None,
+                poisoned_pred=preds[name][1], poisoned_labels=bd.y if bd else None,
+                channels_pruned=len(result.pruned_channels) if kind == "repaired" else 0,
+                clean_set="test" if t else None, poisoned_set="bd_test" if bd else None).as_dict())
+        (b_clean, b_bd), (r_clean, r_bd) = preds["B"], preds[stem]
+        g_clean = goodnet_predict(b_clean, r_clean, n) if b_clean is not None and r_clean is not None else None
+        g_bd = goodnet_predict(b_bd, r_bd, n) if b_bd is not None and r_bd is not None else None
+        evaluations.append(evaluate_predictions(
+            model=f"G_{stem}", kind="goodnet", clean_pred=g_clean, clean_labels=t.y if t else None,
+            poisoned_pred=g_bd, poisoned_labels=bd.y if bd else None, alarm_class=n,
+            channels_pruned=len(result.pruned_channels), clean_set="test" if t else None,
+            poisoned_set="bd_test" if bd else None).as_dict())
+    results = {
+        "method": method,
+        "provenance": {"versions": versions(),
+                       "inputs": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in files.items()}},
+        "parameters": {"method": method, **{k: v for k, v in options.items()}},
+        "layer": result.layer,
+        "pruned_channels": list(result.pruned_channels),
+        "kept_epoch": result.kept_epoch,
+        "holdout": {"base_accuracy": result.base_holdout_accuracy,
+                    "pruned_accuracy": result.pruned_holdout_accuracy,
+                    "kept_accuracy": result.holdout_accuracy, "images": len(result.holdout_index)},
+        "tune_images": len(result.tune_index),
+        "history": list(result.history),
+        "target": target,
+        "evaluations": evaluations,
+        "models": {k: str(v) for k, v in paths.items() if k != "results"},
+    }
+    write_json(paths["results"], results, overwrite=overwrite)
+    return result, results

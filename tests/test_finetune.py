@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair import data as data_module
+from badnet_repair import finetune
+from badnet_repair.cli import main
+from badnet_repair.finetune import fine_prune, split_clean
+
+
+def test_split_is_disjoint_covers_everything_and_is_per_class():
+    y = np.repeat(np.arange(5), 10)
+    ds = br.Dataset(np.zeros((50, 2, 2, 3), np.float32), y, "valid")
+    tune, hold, ti, hi = split_clean(ds, holdout_fraction=0.2, seed=3)
+    assert not set(ti) & set(hi)
+    assert sorted([*ti, *hi]) == list(range(50))
+    assert np.bincount(hold.y).tolist() == [2] * 5
+    assert len(tune) == 40
+    again = split_clean(ds, holdout_fraction=0.2, seed=3)
+    assert np.array_equal(again[3], hi)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        split_clean(ds, holdout_fraction=1.0)
+
+
+@pytest.mark.slow
+def test_fine_pruning_lowers_asr_and_keeps_pruned_channels_at_zero(small_demo):
+    b = br.load_model(small_demo.model)
+    valid = br.load_h5(small_demo.valid)
+    bd = br.load_h5(small_demo.bd_test)
+    before = br.attack_success_rate(br.predict_classes(b, bd.x), 0)
+    r = fine_prune(b, valid, prune_fraction=0.9, epochs=8, learning_rate=2e-3, holdout_fraction=0.34,
+                   progress=False)
+    assert len(r.pruned_channels) == 54
+    k, bias = r.model.get_layer("conv_3").get_weights()
+    assert not k[..., list(r.pruned_channels)].any() and not bias[list(r.pruned_channels)].any()
+    after = br.attack_success_rate(br.predict_classes(r.model, bd.x), 0)
+    assert after < before
+    assert not set(r.tune_index) & set(r.holdout_index)
+    # the BadNet itself is untouched
+    assert br.attack_success_rate(br.predict_classes(b, bd.x), 0) == before
+
+
+@pytest.mark.slow
+def test_fine_prune_command_reads_no_test_data_before_the_model_is_chosen(small_demo, tmp_path, monkeypatch,
+                                                                         capsys):
+    reads: list[tuple[str, bool]] = []
+    done = {"fine_prune": False}
+    real_read, real_load, real_fp = data_module.LazyImages._read, data_module.load_h5, finetune.fine_prune
+
+    def spy_read(self, rows, offset):
+        reads.append((str(self.path), done["fine_prune"]))
+        return real_read(self, rows, offset)
+
+    def spy_load(path, **kw):
+        reads.append((str(path), done["fine_prune"]))
+        return real_load(path, **kw)
+
+    def spy_fp(*a, **kw):
+        out = real_fp(*a, **kw)
+        done["fine_prune"] = True
+        return out
+
+    monkeypatch.setattr(data_module.LazyImages, "_read", spy_read)
+    monkeypatch.setattr(data_module, "load_h5", spy_load)
+    monkeypatch.setattr(finetune, "fine_prune", spy_fp)
+    code = main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
+                 "--test", str(small_demo.test), "--bd-test", str(small_demo.bd_test), "--epochs", "2",
+                 "--holdout-fraction", "0.34", "--out", str(tmp_path / "o")])
+    assert code == 0
+    before = {p for p, after in reads if not after}
+    after = {p for p, after in reads if after}
+    assert before == {str(small_demo.valid)}
+    assert {str(small_demo.test), str(small_demo.bd_test)} <= after
+    results = json.loads((tmp_path / "o" / "fp_results.json").read_text())
+    assert [e["model"] for e in results["evaluations"]] == ["B", "fp", "G_fp"]
+    assert (tmp_path / "o" / "goodnet_fp.keras").exists() and (tmp_path / "o" / "fp_weights.h5").exists()
+    assert br.num_classes(br.load_model(tmp_path / "o" / "fp.keras")) == 5
