@@ -110,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     fp.add_argument("--holdout-fraction", type=float, default=0.2, help="validation share held out (default 0.2)")
     fp.add_argument("--epochs", type=int, default=10)
     fp.add_argument("--learning-rate", type=float, default=1e-3)
+    fp.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                    help="learning rate: constant (default) or cosine-decayed to 0")
     fp.add_argument("--batch-size", type=int, default=64)
     fp.add_argument("--seed", type=int, default=0)
     fp.add_argument("--target", type=int)
@@ -302,7 +304,7 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=not args.quiet, layer=args.layer,
         accuracy_drop=args.accuracy_drop, prune_fraction=args.prune_fraction,
         holdout_fraction=args.holdout_fraction, epochs=args.epochs, learning_rate=args.learning_rate,
-        batch_size=args.batch_size, seed=args.seed)
+        batch_size=args.batch_size, seed=args.seed, schedule=args.schedule)
     print(f"{args.method}: {len(result.pruned_channels)} channels pruned, epoch {result.kept_epoch} kept; "
           f"held-out accuracy {result.base_holdout_accuracy:.2f}% (B) -> {result.pruned_holdout_accuracy:.2f}% "
           f"(pruned) -> {result.holdout_accuracy:.2f}% (kept)")

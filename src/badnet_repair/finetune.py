@@ -108,6 +108,7 @@ def fine_tune(
     learning_rate: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    schedule: str = "constant",
     frozen_channels: tuple[str, tuple[int, ...]] | None = None,
     progress: bool = True,
 ) -> tuple[Any, int, list[dict[str, float]]]:
@@ -118,7 +119,8 @@ def fine_tune(
         tune: clean data to train on.
         holdout: clean data that chooses the epoch (ties keep the earlier epoch).
         epochs: epochs, default 10.
-        learning_rate: Adam's initial learning rate (cosine-decayed to 0), default 1e-3.
+        learning_rate: Adam's learning rate, default 1e-3.
+        schedule: ``"constant"`` (default) or ``"cosine"`` (decayed to 0 over the epochs).
         batch_size: default 64.
         seed: shuffling and initialisation seed.
         frozen_channels: ``(layer, channels)`` held at zero throughout.
@@ -140,10 +142,14 @@ def fine_tune(
         zero.set_model(work)
         zero.zero()
         callbacks.append(zero)
-    # cosine decay: early epochs move the weights (and the backdoor) most, late ones settle
-    steps = max(1, epochs * -(-len(tune) // batch_size))
-    work.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
-                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    rate: Any = learning_rate
+    if schedule == "cosine":
+        # early epochs move the weights (and the backdoor) most, late ones settle
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * -(-len(tune) // batch_size)))
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
+    work.compile(optimizer=keras.optimizers.Adam(rate), loss="sparse_categorical_crossentropy",
+                 metrics=["accuracy"])
     best_acc, best_epoch, best_weights = _accuracy(work, holdout), 0, work.get_weights()
     bar = _Progress(epochs, "fine-tuning", progress)
     history: list[dict[str, float]] = []
@@ -175,6 +181,7 @@ def fine_prune(
     learning_rate: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    schedule: str = "constant",
     progress: bool = True,
 ) -> FinePruneResult:
     """Fine-pruning (Liu et al., RAID 2018): prune, then fine-tune on clean data.
@@ -196,7 +203,8 @@ def fine_prune(
         accuracy_drop: prune until held-out accuracy falls this many points, default 4.
         prune_fraction: prune this fraction of the channels instead.
         holdout_fraction: share of ``valid`` held out, default 0.2.
-        epochs, learning_rate, batch_size, seed: fine-tuning settings.
+        epochs, learning_rate, batch_size, seed, schedule: fine-tuning settings
+            (see :func:`fine_tune`).
         progress: progress bars.
 
     Returns:
@@ -230,7 +238,7 @@ def fine_prune(
     log.info("%s: %d channels of %s pruned; held-out accuracy %.2f -> %.2f", method, len(pruned),
              layer, base_acc, pruned_acc)
     tuned, epoch, history = fine_tune(start, tune, holdout, epochs=epochs, learning_rate=learning_rate,
-                                      batch_size=batch_size, seed=seed,
+                                      batch_size=batch_size, seed=seed, schedule=schedule,
                                       frozen_channels=(layer, pruned) if pruned else None, progress=progress)
     kept = history[epoch - 1]["holdout_accuracy"] if epoch else pruned_acc
     return FinePruneResult(model=tuned, method=method, layer=layer, pruned_channels=pruned, kept_epoch=epoch,
@@ -270,7 +278,7 @@ def run_fine_pruning(
         overwrite: replace existing outputs.
         progress: progress bars.
         **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
-            holdout_fraction, epochs, learning_rate, batch_size, seed).
+            holdout_fraction, epochs, learning_rate, batch_size, seed, schedule).
 
     Returns:
         (the FinePruneResult, the results dict written to JSON).
