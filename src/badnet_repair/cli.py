@@ -121,6 +121,27 @@ def _parser() -> argparse.ArgumentParser:
     fp.add_argument("--demo", choices=["baseline", "pruning-aware"], help="run on the built-in demo")
     fp.add_argument("--demo-dir", default=".demo")
 
+    cp = sub.add_parser(
+        "compare", parents=[common],
+        help="compare no defense, fine-tuning, pruning at each X and fine-pruning, per BadNet",
+        description="For each BadNet given (or both demo BadNets with --demo), evaluate every defense "
+        "and its GoodNet on the test sets; write comparison.csv/.json/.md and comparison.png.",
+    )
+    cp.add_argument("--model", action="append", help="a BadNet (repeat for several)")
+    cp.add_argument("--valid", help=f"clean validation data (default {LAB_FILES['valid']})")
+    cp.add_argument("--test", help=f"clean test data (default {LAB_FILES['test']})")
+    cp.add_argument("--bd-test", help=f"poisoned test data (default {LAB_FILES['bd_test']})")
+    cp.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X")
+    cp.add_argument("--epochs", type=int, default=10)
+    cp.add_argument("--learning-rate", type=float, default=1e-3)
+    cp.add_argument("--accuracy-drop", type=float, default=4.0)
+    cp.add_argument("--target", type=int)
+    cp.add_argument("--out", default="fixed_models")
+    cp.add_argument("--overwrite", action="store_true")
+    cp.add_argument("--trust-model", action="store_true")
+    cp.add_argument("--demo", action="store_true", help="both demo BadNets on the demo data")
+    cp.add_argument("--demo-dir", default=".demo")
+
     rp = sub.add_parser(
         "report", parents=[common],
         help="run Homework-2.ipynb headless; write Lab2_report.md and the notebook as HTML",
@@ -315,6 +336,47 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_defenses, write_comparison
+    from .data import load_h5
+    from .defense import poisoned_labels
+    from .errors import DataError
+    from .layout import resolve_inputs
+    from .models import load_model, num_classes
+
+    thresholds = _thresholds(args.thresholds)
+    if args.demo:
+        base = resolve_inputs(demo="baseline", demo_dir=args.demo_dir, progress=not args.quiet)
+        aware = resolve_inputs(demo="pruning-aware", demo_dir=args.demo_dir, progress=not args.quiet)
+        models = [("baseline BadNet", base.files["model"]), ("pruning-aware BadNet", aware.files["model"])]
+        files = base.files
+    else:
+        if not args.model:
+            raise DataError("give one or more --model files, or --demo")
+        given = {"model": args.model[0], "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
+        files = resolve_inputs(given).files
+        models = [(Path(m).stem, m) for m in args.model]
+    if not files.get("test") or not files.get("bd_test"):
+        raise DataError("the comparison needs --test and --bd-test")
+    comparisons = []
+    for name, path in models:
+        print(f"{name}: {path}", flush=True)
+        b = load_model(path, trust=args.trust_model)  # type: ignore[arg-type]
+        n, shape = num_classes(b), tuple(int(d) for d in b.inputs[0].shape[1:])
+        valid = load_h5(files["valid"], num_classes=n, image_shape=shape, name="valid")  # type: ignore[arg-type]
+        test = load_h5(files["test"], num_classes=n, image_shape=shape, name="test")  # type: ignore[arg-type]
+        bd, _ = poisoned_labels(load_h5(files["bd_test"], num_classes=n, image_shape=shape,  # type: ignore[arg-type]
+                                        name="bd_test"), args.target)
+        comparisons.append(compare_defenses(b, valid, test, bd, name=name, thresholds=thresholds,
+                                            progress=not args.quiet, epochs=args.epochs,
+                                            learning_rate=args.learning_rate, accuracy_drop=args.accuracy_drop))
+    paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)
+    print(paths["md"].read_text())
+    for p in paths.values():
+        print(p)
+    return 0
+
+
 def _literal(text: str) -> Any:
     import ast
 
@@ -389,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "fine-prune":
             return _cmd_fine_prune(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
     except BadNetRepairError as exc:
         print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from badnet_repair.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_compare_on_the_demo_writes_every_defense_for_both_badnets(small_demo, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "-q", "--demo", "--demo-dir", str(small_demo.root), "--out", str(out),
+                 "--epochs", "2", "--thresholds", "4"]) == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    for badnet in ("baseline BadNet", "pruning-aware BadNet"):
+        models = [r["model"] for r in rows if r["badnet"] == badnet]
+        assert models[0] == "no defense"
+        for name in ("fine-tuning", "fine-pruning"):
+            assert name in models and f"G ({name})" in models
+        assert any(m.startswith("pruning X=4") for m in models) or len(models) == 5
+    assert len(list(csv.DictReader((out / "comparison.csv").open()))) == len(rows)
+    assert (out / "comparison.png").stat().st_size > 1000
+    assert "## pruning-aware BadNet" in (out / "comparison.md").read_text()
+    for r in rows:
+        if r["kind"] == "goodnet":
+            assert 0 <= r["detection_rate"] <= 100 and 0 <= r["false_alarm_rate"] <= 100
