@@ -33,6 +33,22 @@ def _thresholds(values: Sequence[str]) -> list[float]:
     return out
 
 
+_INPUT_HELP = {
+    "model": "the BadNet B",
+    "valid": "clean validation data",
+    "bd_valid": "poisoned validation data",
+    "test": "clean test data",
+    "bd_test": "poisoned test data",
+}
+
+
+def _add_inputs(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
+    """The input-file options, each defaulting to the lab layout's file."""
+    for role in roles:
+        parser.add_argument(f"--{role.replace('_', '-')}",
+                            help=f"{_INPUT_HELP[role]} (default {LAB_FILES[role]})")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="badnet-repair",
@@ -52,11 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "at a time, save B'_X where validation accuracy first falls X points, and the GoodNet "
         "G_X. With no file arguments it uses the lab layout (model/, data/cl/, data/bd/).",
     )
-    pr.add_argument("--model", help=f"the BadNet B (default {LAB_FILES['model']})")
-    pr.add_argument("--valid", help=f"clean validation data (default {LAB_FILES['valid']})")
-    pr.add_argument("--bd-valid", help=f"poisoned validation data (default {LAB_FILES['bd_valid']})")
-    pr.add_argument("--test", help=f"clean test data (default {LAB_FILES['test']})")
-    pr.add_argument("--bd-test", help=f"poisoned test data (default {LAB_FILES['bd_test']})")
+    _add_inputs(pr, ["model", "valid", "bd_valid", "test", "bd_test"])
     pr.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X",
                     help="accuracy drops in points (default: 2 4 10)")
     pr.add_argument("--layer", default="conv_3", help="conv layer to prune (default conv_3)")
@@ -98,10 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         "then fine-tune on a part of the clean validation data, choosing the prune amount and the "
         "epoch on the held-out rest. Test data is read only afterwards, for evaluation.",
     )
-    fp.add_argument("--model", help=f"the BadNet B (default {LAB_FILES['model']})")
-    fp.add_argument("--valid", help=f"clean validation data (default {LAB_FILES['valid']})")
-    fp.add_argument("--test", help=f"clean test data, for evaluation (default {LAB_FILES['test']})")
-    fp.add_argument("--bd-test", help=f"poisoned test data, for evaluation (default {LAB_FILES['bd_test']})")
+    _add_inputs(fp, ["model", "valid", "test", "bd_test"])
     fp.add_argument("--method", choices=["fine-pruning", "fine-tuning"], default="fine-pruning")
     fp.add_argument("--layer", default="conv_3")
     fp.add_argument("--accuracy-drop", type=float, default=4.0,
@@ -128,9 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         "and its GoodNet on the test sets; write comparison.csv/.json/.md and comparison.png.",
     )
     cp.add_argument("--model", action="append", help="a BadNet (repeat for several)")
-    cp.add_argument("--valid", help=f"clean validation data (default {LAB_FILES['valid']})")
-    cp.add_argument("--test", help=f"clean test data (default {LAB_FILES['test']})")
-    cp.add_argument("--bd-test", help=f"poisoned test data (default {LAB_FILES['bd_test']})")
+    _add_inputs(cp, ["valid", "test", "bd_test"])
     cp.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X")
     cp.add_argument("--epochs", type=int, default=10)
     cp.add_argument("--learning-rate", type=float, default=1e-3)
