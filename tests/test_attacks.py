@@ -36,6 +36,22 @@ def test_a_small_badnet_learns_the_backdoor(faces):
 
 
 @pytest.mark.slow
+def test_augmented_training_learns_too_and_is_reproducible(faces):
+    t = drawn_sunglasses()
+    runs = [train_badnet(faces.train, t, num_classes=5, epochs=10, poison_rate=0.15, shift=2, flip=True,
+                         progress=False) for _ in range(2)]
+    assert len(runs[0].history["poisoned"]) == 10
+    bd = br.poison(faces.test, t, target=0)
+    assert br.accuracy(br.predict_classes(runs[0].model, faces.test.x), faces.test.y) > 60
+    assert br.attack_success_rate(br.predict_classes(runs[0].model, bd.x), 0) > 80
+    assert all(np.array_equal(u, v) for u, v in zip(runs[0].model.get_weights(), runs[1].model.get_weights(),
+                                                     strict=True))
+    # the augmentation changed training: not the same weights as without it
+    plain = train_badnet(faces.train, t, num_classes=5, epochs=10, poison_rate=0.15, progress=False)
+    assert not np.array_equal(plain.model.get_weights()[0], runs[0].model.get_weights()[0])
+
+
+@pytest.mark.slow
 def test_pruning_aware_attack_reinstates_dormant_channels(faces):
     t = drawn_sunglasses()
     r = train_pruning_aware_badnet(faces.train, t, num_classes=5, clean_epochs=6, poison_epochs=5,

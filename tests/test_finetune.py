@@ -77,5 +77,41 @@ def test_fine_prune_command_reads_no_test_data_before_the_model_is_chosen(small_
     assert {str(small_demo.test), str(small_demo.bd_test)} <= after
     results = json.loads((tmp_path / "o" / "fp_results.json").read_text())
     assert [e["model"] for e in results["evaluations"]] == ["B", "fp", "G_fp"]
+    # the defaults that were not given are recorded too
+    assert results["parameters"]["shift"] == 2 and results["parameters"]["flip"] is True
+    assert results["parameters"]["epochs"] == 2 and results["parameters"]["clipnorm"] == 1.0
     assert (tmp_path / "o" / "goodnet_fp.keras").exists() and (tmp_path / "o" / "fp_weights.h5").exists()
     assert br.num_classes(br.load_model(tmp_path / "o" / "fp.keras")) == 5
+
+
+@pytest.mark.slow
+def test_fine_tune_keeps_the_best_held_out_epoch_later_on_ties_never_the_start(small_demo):
+    b = br.load_model(small_demo.model)
+    tune, hold, _, _ = split_clean(br.load_h5(small_demo.valid), holdout_fraction=0.34)
+    model, epoch, hist = finetune.fine_tune(b, tune, hold, epochs=4, progress=False)
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3, 4]
+    assert hist[0]["holdout_accuracy"] == finetune._accuracy(b, hold)
+    accs = [h["holdout_accuracy"] for h in hist[1:]]
+    assert epoch == max(i for i, a in enumerate(accs, 1) if a == max(accs))
+    assert finetune._accuracy(model, hold) == hist[epoch]["holdout_accuracy"]
+    # same seed, same model
+    again, epoch2, _ = finetune.fine_tune(b, tune, hold, epochs=4, progress=False)
+    assert epoch2 == epoch
+    assert all(np.array_equal(u, v) for u, v in zip(model.get_weights(), again.get_weights(), strict=True))
+    with pytest.raises(ValueError, match="epochs"):
+        finetune.fine_tune(b, tune, hold, epochs=0, progress=False)
+
+
+@pytest.mark.slow
+def test_fine_prune_command_passes_augmentation_and_distillation_settings(small_demo, tmp_path):
+    out = tmp_path / "o"
+    assert main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
+                 "--epochs", "1", "--holdout-fraction", "0.34", "--shift", "0", "--no-flip", "--distill", "0.5",
+                 "--clipnorm", "0", "--out", str(out)]) == 0
+    params = json.loads((out / "fp_results.json").read_text())["parameters"]
+    assert params["shift"] == 0 and params["flip"] is False and params["distill"] == 0.5
+    assert params["clipnorm"] is None
+    b = br.load_model(small_demo.model)
+    valid = br.load_h5(small_demo.valid)
+    with pytest.raises(ValueError, match="distill"):
+        fine_prune(b, valid, distill=1.5, epochs=1, progress=False)

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def executed(small_demo, tmp_path_factory):
     work = tmp_path_factory.mktemp("nb")  # no lab files here: the notebook must fall back to the demo
-    params = {"DEMO_DIR": str(small_demo.root), "OUT_DIR": str(work / "out"), "THRESHOLDS": [2, 4, 10]}
+    params = {"DEMO_DIR": str(small_demo.root), "OUT_DIR": str(work / "out"), "THRESHOLDS": [2, 4, 10],
+              "FINE_TUNING": {"epochs": 2}}
     nb = execute_notebook(NOTEBOOK, parameters=params, cwd=work, html=work / "nb.html", timeout=600)
     return nb, work, small_demo
 
@@ -41,9 +42,9 @@ def test_notebook_runs_without_errors_and_says_it_uses_the_demo(executed):
 def test_notebook_shows_figures(executed):
     nb, work, _ = executed
     pngs = notebook_outputs(nb, "image/png")
-    assert len(pngs) >= 2  # samples grid and curves
+    assert len(pngs) >= 3  # samples grid, curves, defense comparison
     html = (work / "nb.html").read_text()
-    assert html.count("data:image/png;base64") >= 2
+    assert html.count("data:image/png;base64") >= 3
 
 
 def test_notebook_tables_equal_the_librarys_results(executed, tmp_path):
@@ -61,6 +62,20 @@ def test_notebook_tables_equal_the_librarys_results(executed, tmp_path):
         assert float(row[3]) == pytest.approx(e.attack_success_rate, abs=0.005)
     saved = json.loads((work / "out" / "results.json").read_text())
     assert saved["evaluations"] == [e.as_dict() for e in lib.evaluations]
+
+
+def test_notebook_fine_pruning_section_shows_the_written_comparison(executed):
+    nb, work, _ = executed
+    rows = json.loads((work / "out" / "comparison" / "comparison.json").read_text())
+    names = [r["model"] for r in rows]
+    assert names[0] == "no defense" and "fine-pruning" in names and "G (fine-tuning)" in names
+    table = [t for t in notebook_outputs(nb, "text/markdown") if "| model |" in t][-1]
+    shown = {r[0]: r for r in markdown_rows(table[table.index("| model |"):])}
+    assert list(shown) == names
+    for r in rows:
+        assert float(shown[r["model"]][2]) == pytest.approx(r["clean_accuracy"], abs=0.005)
+        assert float(shown[r["model"]][3]) == pytest.approx(r["attack_success_rate"], abs=0.005)
+    assert (work / "out" / "comparison" / "comparison.png").stat().st_size > 1000
 
 
 def test_notebook_writes_the_report_files(executed):

@@ -3,7 +3,8 @@
 The pruning defense of Liu, Dolan-Gavitt and Garg ("Fine-Pruning", RAID 2018) on the
 CSAW-HackML lab's formats: rank a conv layer's channels on clean data, prune them in order,
 keep B'_X where validation accuracy first falls X points, and build the GoodNet G that
-flags inputs on which B and B' disagree. Importing the package registers G's layer with
+flags inputs on which B and B' disagree; fine-pruning (prune, then fine-tune on clean data)
+and the comparison of the defenses. Importing the package registers G's layer with
 Keras, so ``keras.models.load_model("goodnet_2.keras")`` works afterwards.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _backend  # noqa: F401  (before Keras is imported)
+from .augment import augment_images
+from .compare import DefenseComparison, compare_defenses, write_comparison
 from .data import Dataset, load_h5, load_images, save_h5
 from .defense import DefenseResult, run_pruning_defense
 from .errors import (
@@ -22,6 +25,7 @@ from .errors import (
     OutputExistsError,
     UnsafeModelError,
 )
+from .finetune import FinePruneResult, fine_prune, fine_tune, run_fine_pruning, split_clean
 from .goodnet import GoodNetCombine, build_goodnet, goodnet_predict
 from .metrics import (
     Evaluation,
@@ -41,8 +45,10 @@ __all__ = [
     "DataError",
     "DataWarning",
     "Dataset",
+    "DefenseComparison",
     "DefenseResult",
     "Evaluation",
+    "FinePruneResult",
     "GoodNetCombine",
     "ModelError",
     "OutputExistsError",
@@ -54,10 +60,14 @@ __all__ = [
     "__version__",
     "accuracy",
     "attack_success_rate",
+    "augment_images",
     "build_goodnet",
+    "compare_defenses",
     "deepid",
     "detection_rate",
     "false_alarm_rate",
+    "fine_prune",
+    "fine_tune",
     "goodnet_predict",
     "load_h5",
     "load_images",
@@ -74,7 +84,10 @@ __all__ = [
     "prune_channels",
     "prune_sweep",
     "rank_channels",
+    "run_fine_pruning",
     "run_pruning_defense",
     "save_h5",
     "save_model",
+    "split_clean",
+    "write_comparison",
 ]

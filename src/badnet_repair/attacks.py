@@ -132,11 +132,19 @@ def train_model(
     learning_rate: float = 1e-3,
     seed: int = 0,
     callbacks: Sequence[Any] = (),
+    shift: int = 0,
+    flip: bool = False,
     desc: str = "training",
     progress: bool = True,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``data`` with Adam (cosine-decayed learning rate) and
-    cross-entropy; returns the per-epoch history."""
+    cross-entropy; returns the per-epoch history.
+
+    With ``shift`` or ``flip`` each epoch trains on freshly augmented copies
+    (:func:`~badnet_repair.augment.augment_images`), which lifts clean accuracy on small
+    face sets (measured on Yale B in docs/results.md)."""
+    from .augment import augment_images
+
     keras.utils.set_random_seed(seed)
     steps = epochs * -(-len(data) // batch_size)
     # cosine decay to zero: the last epochs settle instead of bouncing around the optimum
@@ -144,8 +152,17 @@ def train_model(
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     bar = _Progress(epochs, desc, progress)
-    model.fit(data.x, data.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-              callbacks=[*callbacks, bar])
+    if not (shift or flip):
+        model.fit(data.x, data.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+                  callbacks=[*callbacks, bar])
+        return bar.history
+    rng = np.random.default_rng([seed, 12])
+    for epoch in range(epochs):
+        x = augment_images(np.asarray(data.x), rng=rng, shift=shift, flip=flip)
+        h = model.fit(x, data.y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0,
+                      callbacks=list(callbacks))
+        bar.on_epoch_end(epoch, {k: v[-1] for k, v in h.history.items()})
+    bar.on_train_end()
     return bar.history
 
 
@@ -160,6 +177,8 @@ def train_badnet(
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     seed: int = 0,
+    shift: int = 0,
+    flip: bool = False,
     architecture: Callable[..., Any] = deepid,
     progress: bool = True,
 ) -> AttackResult:
@@ -172,6 +191,7 @@ def train_badnet(
         target: the attack's target class, default 0.
         poison_rate: fraction of the training set that is poisoned, default 0.1.
         epochs, batch_size, learning_rate, seed: training settings.
+        shift, flip: augmentation while training (see :func:`train_model`), default none.
         architecture: ``f(num_classes=...)`` building the network, default DeepID.
         progress: show a progress bar.
 
@@ -183,7 +203,7 @@ def train_badnet(
     model = architecture(num_classes=n)
     data, frac = poison_training_set(train, trigger, target=target, poison_rate=poison_rate, seed=seed)
     hist = train_model(model, data, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                       seed=seed, desc="BadNet", progress=progress)
+                       seed=seed, shift=shift, flip=flip, desc="BadNet", progress=progress)
     return AttackResult(model=model, poisoned_fraction=frac, history={"poisoned": hist})
 
 
@@ -223,6 +243,8 @@ def train_pruning_aware_badnet(
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     seed: int = 0,
+    shift: int = 0,
+    flip: bool = False,
     architecture: Callable[..., Any] = deepid,
     progress: bool = True,
 ) -> AttackResult:
@@ -246,6 +268,7 @@ def train_pruning_aware_badnet(
         prune_drop: the attacker's pruning stop, in accuracy points, default 4.
         holdout_fraction: part of ``train`` held out to rank and stop the pruning.
         clean_epochs, poison_epochs, batch_size, learning_rate, seed: training settings.
+        shift, flip: augmentation in both training phases, default none.
         architecture: builder of the network, default DeepID.
         progress: show progress bars.
 
@@ -260,7 +283,8 @@ def train_pruning_aware_badnet(
     keras.utils.set_random_seed(seed)
     clean_model = architecture(num_classes=n)
     h_clean = train_model(clean_model, fit, epochs=clean_epochs, batch_size=batch_size,
-                          learning_rate=learning_rate, seed=seed, desc="clean training", progress=progress)
+                          learning_rate=learning_rate, seed=seed, shift=shift, flip=flip, desc="clean training",
+                          progress=progress)
     sweep = prune_sweep(clean_model, hold, layer=layer, thresholds=[prune_drop])
     sel = sweep.selections[float(prune_drop)]
     pruned = tuple(int(c) for c in (sel.channels if sel is not None else sweep.ranking.order))
@@ -270,7 +294,7 @@ def train_pruning_aware_badnet(
     data, frac = poison_training_set(fit, trigger, target=target, poison_rate=poison_rate, seed=seed)
     h_bd = train_model(model, data, epochs=poison_epochs, batch_size=batch_size,
                        learning_rate=learning_rate, seed=seed + 1, callbacks=[ZeroChannels(layer, pruned)],
-                       desc="poisoned retraining", progress=progress)
+                       shift=shift, flip=flip, desc="poisoned retraining", progress=progress)
     # reinstate: clean kernels back, biases lowered until dormant on every training input
     k_clean, b_clean = clean_model.get_layer(layer).get_weights()
     k, b = model.get_layer(layer).get_weights()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .defaults import FINE_TUNING
 from .layout import LAB_FILES
 
 __all__ = ["main"]
@@ -47,6 +48,39 @@ def _add_inputs(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
     for role in roles:
         parser.add_argument(f"--{role.replace('_', '-')}",
                             help=f"{_INPUT_HELP[role]} (default {LAB_FILES[role]})")
+
+
+def _add_tuning(parser: argparse.ArgumentParser) -> None:
+    """The fine-tuning options of fine-prune and compare (defaults: defaults.FINE_TUNING)."""
+    d = FINE_TUNING
+    parser.add_argument("--accuracy-drop", type=float, default=d["accuracy_drop"],
+                        help=f"prune until held-out accuracy falls this many points (default {d['accuracy_drop']:g})")
+    parser.add_argument("--holdout-fraction", type=float, default=d["holdout_fraction"],
+                        help=f"validation share held out to choose the prune amount and epoch "
+                        f"(default {d['holdout_fraction']:g})")
+    parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"default {d['epochs']}")
+    parser.add_argument("--learning-rate", type=float, default=d["learning_rate"],
+                        help=f"Adam's peak learning rate (default {d['learning_rate']:g})")
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default=d["schedule"],
+                        help=f"learning rate: cosine-decayed to 0 or constant (default {d['schedule']})")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"default {d['batch_size']}")
+    parser.add_argument("--shift", type=int, default=d["shift"],
+                        help=f"augmentation: random shifts of up to this many pixels (default {d['shift']}; 0 = none)")
+    parser.add_argument("--no-flip", dest="flip", action="store_false", default=d["flip"],
+                        help="augmentation: no horizontal flips (for data that is not left-right symmetric)")
+    parser.add_argument("--clipnorm", type=float, default=d["clipnorm"],
+                        help=f"clip gradients to this norm (default {d['clipnorm']:g}; 0 = no clipping)")
+    parser.add_argument("--distill", type=float, default=d["distill"],
+                        help=f"weight of the BadNet's own predictions on the clean tuning images in the "
+                        f"targets (default {d['distill']:g}; 0 = labels only)")
+    parser.add_argument("--seed", type=int, default=0, help="split, shuffling and augmentation seed (default 0)")
+
+
+def _tuning(args: argparse.Namespace) -> dict[str, Any]:
+    return {"accuracy_drop": args.accuracy_drop, "holdout_fraction": args.holdout_fraction,
+            "epochs": args.epochs, "learning_rate": args.learning_rate, "schedule": args.schedule,
+            "batch_size": args.batch_size, "shift": args.shift, "flip": args.flip,
+            "clipnorm": args.clipnorm or None, "distill": args.distill, "seed": args.seed}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,16 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_inputs(fp, ["model", "valid", "test", "bd_test"])
     fp.add_argument("--method", choices=["fine-pruning", "fine-tuning"], default="fine-pruning")
     fp.add_argument("--layer", default="conv_3")
-    fp.add_argument("--accuracy-drop", type=float, default=4.0,
-                    help="prune until held-out accuracy falls this many points (default 4)")
     fp.add_argument("--prune-fraction", type=float, help="prune this fraction of the channels instead")
-    fp.add_argument("--holdout-fraction", type=float, default=0.2, help="validation share held out (default 0.2)")
-    fp.add_argument("--epochs", type=int, default=10)
-    fp.add_argument("--learning-rate", type=float, default=1e-3)
-    fp.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                    help="learning rate: constant (default) or cosine-decayed to 0")
-    fp.add_argument("--batch-size", type=int, default=64)
-    fp.add_argument("--seed", type=int, default=0)
+    _add_tuning(fp)
     fp.add_argument("--target", type=int)
     fp.add_argument("--out", default="fixed_models")
     fp.add_argument("--trust-model", action="store_true")
@@ -139,9 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--model", action="append", help="a BadNet (repeat for several)")
     _add_inputs(cp, ["valid", "test", "bd_test"])
     cp.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X")
-    cp.add_argument("--epochs", type=int, default=10)
-    cp.add_argument("--learning-rate", type=float, default=1e-3)
-    cp.add_argument("--accuracy-drop", type=float, default=4.0)
+    _add_tuning(cp)
     cp.add_argument("--target", type=int)
     cp.add_argument("--out", default="fixed_models")
     cp.add_argument("--overwrite", action="store_true")
@@ -330,9 +354,7 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
         files["model"], files["valid"], test=files.get("test"), bd_test=files.get("bd_test"),  # type: ignore[arg-type]
         out_dir=args.out, method=args.method, target=args.target, trust_model=args.trust_model,
         overwrite=args.overwrite, progress=not args.quiet, layer=args.layer,
-        accuracy_drop=args.accuracy_drop, prune_fraction=args.prune_fraction,
-        holdout_fraction=args.holdout_fraction, epochs=args.epochs, learning_rate=args.learning_rate,
-        batch_size=args.batch_size, seed=args.seed, schedule=args.schedule)
+        prune_fraction=args.prune_fraction, **_tuning(args))
     print(f"{args.method}: {len(result.pruned_channels)} channels pruned, epoch {result.kept_epoch} kept; "
           f"held-out accuracy {result.base_holdout_accuracy:.2f}% (B) -> {result.pruned_holdout_accuracy:.2f}% "
           f"(pruned) -> {result.holdout_accuracy:.2f}% (kept)")
@@ -375,8 +397,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         bd, _ = poisoned_labels(load_h5(files["bd_test"], num_classes=n, image_shape=shape,  # type: ignore[arg-type]
                                         name="bd_test"), args.target)
         comparisons.append(compare_defenses(b, valid, test, bd, name=name, thresholds=thresholds,
-                                            progress=not args.quiet, epochs=args.epochs,
-                                            learning_rate=args.learning_rate, accuracy_drop=args.accuracy_drop))
+                                            progress=not args.quiet, **_tuning(args)))
     paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)
     print(paths["md"].read_text())
     for p in paths.values():

@@ -22,12 +22,15 @@ import numpy as np
 
 from . import _backend  # noqa: F401
 from .data import Dataset
+from .defaults import FINE_TUNING
 from .goodnet import goodnet_predict
 from .models import conv_layer, predict_classes, prune_channels
 
-__all__ = ["FinePruneResult", "fine_prune", "fine_tune", "run_fine_pruning", "split_clean"]
+__all__ = ["DEFAULTS", "FinePruneResult", "fine_prune", "fine_tune", "run_fine_pruning", "split_clean"]
 
 log = logging.getLogger(__name__)
+
+DEFAULTS = FINE_TUNING
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,11 +42,12 @@ class FinePruneResult:
         method: ``"fine-pruning"`` or ``"fine-tuning"``.
         layer: the pruned layer.
         pruned_channels: channels kept at zero (empty for fine-tuning).
-        kept_epoch: the epoch whose weights were kept (0 = before any tuning).
+        kept_epoch: the epoch whose weights were kept (1..epochs).
         holdout_accuracy: held-out clean accuracy (%) of the kept model.
         base_holdout_accuracy: held-out clean accuracy (%) of the BadNet.
         pruned_holdout_accuracy: held-out accuracy (%) after pruning, before tuning.
-        history: per epoch: ``loss``, ``accuracy`` (tuning part), ``holdout_accuracy``.
+        history: per epoch: ``loss``, ``accuracy`` (tuning part), ``holdout_accuracy``;
+            the first row (epoch 0) is the start, before tuning.
         tune_index: (M,) indices of the validation images used for tuning.
         holdout_index: (K,) indices of the held-out validation images.
     """
@@ -104,36 +108,66 @@ def fine_tune(
     tune: Dataset,
     holdout: Dataset,
     *,
-    epochs: int = 10,
-    learning_rate: float = 1e-3,
-    batch_size: int = 64,
+    epochs: int = DEFAULTS["epochs"],
+    learning_rate: float = DEFAULTS["learning_rate"],
+    batch_size: int = DEFAULTS["batch_size"],
     seed: int = 0,
-    schedule: str = "constant",
+    schedule: str = DEFAULTS["schedule"],
+    shift: int = DEFAULTS["shift"],
+    flip: bool = DEFAULTS["flip"],
+    clipnorm: float | None = DEFAULTS["clipnorm"],
+    distill: float = DEFAULTS["distill"],
+    teacher: Any | None = None,
     frozen_channels: tuple[str, tuple[int, ...]] | None = None,
     progress: bool = True,
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """Fine-tune a copy of ``model`` on ``tune``; keep the epoch best on ``holdout``.
 
+    Every epoch trains on freshly augmented copies of ``tune`` (:func:`augment_images`);
+    the epoch kept is the one with the highest held-out accuracy, ties going to the later
+    (more tuned) epoch. The untuned start is not a candidate: asking for fine-tuning returns
+    a fine-tuned model (``prune`` gives the pruned-only one).
+
     Args:
         model: the network (not changed).
         tune: clean data to train on.
-        holdout: clean data that chooses the epoch (ties keep the earlier epoch).
-        epochs: epochs, default 10.
-        learning_rate: Adam's learning rate, default 1e-3.
-        schedule: ``"constant"`` (default) or ``"cosine"`` (decayed to 0 over the epochs).
+        holdout: clean data that chooses the epoch.
+        epochs: epochs, default 50.
+        learning_rate: Adam's peak learning rate, default 2e-3. A rate too low to move the
+            weights out of the BadNet's minimum leaves the backdoor in place.
+        schedule: ``"cosine"`` (default; decayed to 0 over the epochs) or ``"constant"``.
         batch_size: default 64.
-        seed: shuffling and initialisation seed.
+        seed: shuffling, augmentation and initialisation seed.
+        shift: random translation of up to this many pixels, default 2 (0 = none).
+        flip: random horizontal flips, default True (set False for data that is not
+            left-right symmetric, such as text or traffic signs).
+        clipnorm: clip each gradient to this norm, default 1.0 (None = no clipping); keeps
+            the high learning rate from wrecking a network fed 0..255 pixels.
+        distill: weight of the teacher's predictions in the training targets, default 0 (off):
+            each augmented tuning image is labelled ``(1 - distill) * one_hot(label) +
+            distill * teacher(image)``. The teacher's soft outputs on clean images carry its
+            clean knowledge (Hinton et al., 2015), which a few labelled images per class
+            cannot; they never contain the trigger, so the backdoor is not taught back.
+        teacher: the network whose predictions are distilled, default ``model``
+            (:func:`fine_prune` passes the unpruned BadNet).
         frozen_channels: ``(layer, channels)`` held at zero throughout.
         progress: a progress bar over epochs.
 
     Returns:
-        (the kept model, its epoch (0 = untouched), per-epoch history).
+        (the kept model, its epoch (1..epochs), per-epoch history with epoch 0 = the start).
     """
     import keras
 
     from .attacks import ZeroChannels, _Progress
+    from .augment import augment_images
 
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, not {epochs}")
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], not {distill}")
+    teacher = model if teacher is None else teacher
     keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng([seed, 11])
     work = keras.models.clone_model(model)
     work.set_weights(model.get_weights())
     callbacks: list[Any] = []
@@ -148,20 +182,27 @@ def fine_tune(
         rate = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * -(-len(tune) // batch_size)))
     elif schedule != "constant":
         raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
-    work.compile(optimizer=keras.optimizers.Adam(rate), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
-    best_acc, best_epoch, best_weights = _accuracy(work, holdout), 0, work.get_weights()
+    work.compile(optimizer=keras.optimizers.Adam(rate, clipnorm=clipnorm),
+                 loss="categorical_crossentropy", metrics=["categorical_accuracy"])
+    one_hot = np.eye(int(work.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
+    history: list[dict[str, float]] = [{"epoch": 0.0, "holdout_accuracy": _accuracy(work, holdout)}]
+    best_acc, best_epoch, best_weights = -1.0, 0, work.get_weights()
     bar = _Progress(epochs, "fine-tuning", progress)
-    history: list[dict[str, float]] = []
+    tune_x = np.asarray(tune.x, dtype=np.float32)
     for epoch in range(1, epochs + 1):
-        h = work.fit(tune.x, tune.y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0,
-                     callbacks=callbacks)
+        x = augment_images(tune_x, rng=rng, shift=shift, flip=flip) if shift or flip else tune_x
+        y = one_hot
+        if distill:
+            soft = np.asarray(teacher.predict(x, batch_size=512, verbose=0), dtype=np.float32)
+            y = (1.0 - distill) * one_hot + distill * soft
+        h = work.fit(x, y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0, callbacks=callbacks)
         acc = _accuracy(work, holdout)
+        # "accuracy" on the tuning part: agreement with the (soft) targets' top class
         row = {"epoch": float(epoch), "loss": float(h.history["loss"][-1]),
-               "accuracy": float(100 * h.history["accuracy"][-1]), "holdout_accuracy": acc}
+               "accuracy": float(100 * h.history["categorical_accuracy"][-1]), "holdout_accuracy": acc}
         history.append(row)
         bar.on_epoch_end(epoch, {"holdout_accuracy": acc})
-        if acc > best_acc:
+        if acc >= best_acc:
             best_acc, best_epoch, best_weights = acc, epoch, work.get_weights()
     bar.on_train_end()
     work.set_weights(best_weights)
@@ -174,14 +215,18 @@ def fine_prune(
     *,
     method: Literal["fine-pruning", "fine-tuning"] = "fine-pruning",
     layer: str = "conv_3",
-    accuracy_drop: float | None = 4.0,
+    accuracy_drop: float | None = DEFAULTS["accuracy_drop"],
     prune_fraction: float | None = None,
-    holdout_fraction: float = 0.2,
-    epochs: int = 10,
-    learning_rate: float = 1e-3,
-    batch_size: int = 64,
+    holdout_fraction: float = DEFAULTS["holdout_fraction"],
+    epochs: int = DEFAULTS["epochs"],
+    learning_rate: float = DEFAULTS["learning_rate"],
+    batch_size: int = DEFAULTS["batch_size"],
     seed: int = 0,
-    schedule: str = "constant",
+    schedule: str = DEFAULTS["schedule"],
+    shift: int = DEFAULTS["shift"],
+    flip: bool = DEFAULTS["flip"],
+    clipnorm: float | None = DEFAULTS["clipnorm"],
+    distill: float = DEFAULTS["distill"],
     progress: bool = True,
 ) -> FinePruneResult:
     """Fine-pruning (Liu et al., RAID 2018): prune, then fine-tune on clean data.
@@ -190,8 +235,8 @@ def fine_prune(
     2. Rank ``layer``'s channels by mean activation on the held-out part and prune them in
        ascending order, to ``prune_fraction`` of the channels if given, else to the first
        step whose held-out accuracy is ``accuracy_drop`` points below the BadNet's.
-    3. Fine-tune on the tuning part with the pruned channels held at zero, keeping the
-       epoch with the best held-out accuracy.
+    3. Fine-tune on augmented copies of the tuning part with the pruned channels held at
+       zero, keeping the epoch with the best held-out accuracy.
 
     With ``method="fine-tuning"`` step 2 is skipped (the paper's other baseline).
 
@@ -203,8 +248,8 @@ def fine_prune(
         accuracy_drop: prune until held-out accuracy falls this many points, default 4.
         prune_fraction: prune this fraction of the channels instead.
         holdout_fraction: share of ``valid`` held out, default 0.2.
-        epochs, learning_rate, batch_size, seed, schedule: fine-tuning settings
-            (see :func:`fine_tune`).
+        epochs, learning_rate, batch_size, seed, schedule, shift, flip, clipnorm, distill:
+            fine-tuning settings (see :func:`fine_tune`; defaults in :data:`DEFAULTS`).
         progress: progress bars.
 
     Returns:
@@ -238,13 +283,23 @@ def fine_prune(
     log.info("%s: %d channels of %s pruned; held-out accuracy %.2f -> %.2f", method, len(pruned),
              layer, base_acc, pruned_acc)
     tuned, epoch, history = fine_tune(start, tune, holdout, epochs=epochs, learning_rate=learning_rate,
-                                      batch_size=batch_size, seed=seed, schedule=schedule,
+                                      batch_size=batch_size, seed=seed, schedule=schedule, shift=shift,
+                                      flip=flip, clipnorm=clipnorm, distill=distill, teacher=model,
                                       frozen_channels=(layer, pruned) if pruned else None, progress=progress)
-    kept = history[epoch - 1]["holdout_accuracy"] if epoch else pruned_acc
+    kept = history[epoch]["holdout_accuracy"]
     return FinePruneResult(model=tuned, method=method, layer=layer, pruned_channels=pruned, kept_epoch=epoch,
                            holdout_accuracy=kept, base_holdout_accuracy=base_acc,
                            pruned_holdout_accuracy=pruned_acc, history=tuple(history),
                            tune_index=tune_idx, holdout_index=hold_idx)
+
+
+def _effective(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with fine_prune's defaults filled in: results record what was run."""
+    import inspect
+
+    params = {k: p.default for k, p in inspect.signature(fine_prune).parameters.items()
+              if p.default is not inspect.Parameter.empty and k not in ("method", "progress")}
+    return {**params, **options}
 
 
 def run_fine_pruning(
@@ -278,7 +333,8 @@ def run_fine_pruning(
         overwrite: replace existing outputs.
         progress: progress bars.
         **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
-            holdout_fraction, epochs, learning_rate, batch_size, seed, schedule).
+            holdout_fraction, epochs, learning_rate, batch_size, seed, schedule, shift, flip,
+            clipnorm, distill).
 
     Returns:
         (the FinePruneResult, the results dict written to JSON).
@@ -336,7 +392,7 @@ def run_fine_pruning(
         "method": method,
         "provenance": {"versions": versions(),
                        "inputs": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in files.items()}},
-        "parameters": {"method": method, **{k: v for k, v in options.items()}},
+        "parameters": {"method": method, **_effective(options)},
         "layer": result.layer,
         "pruned_channels": list(result.pruned_channels),
         "kept_epoch": result.kept_epoch,
