@@ -129,3 +129,18 @@ def test_unknown_custom_layers_are_refused(tmp_path, small_deepid):
             z.writestr(n, data)
     with pytest.raises(UnsafeModelError, match="unknown custom layer 'EvilConv'"):
         br.load_model(p)
+
+
+def test_load_data_for_checks_the_file_against_the_model(small_deepid, tmp_path):
+    x = random_faces(4, seed=2)
+    ok, bad = tmp_path / "ok.h5", tmp_path / "bad.h5"
+    br.save_h5(ok, x, np.array([0, 1, 6, 2]))
+    br.save_h5(bad, x, np.array([0, 1, 7, 2]))  # class 7 does not exist in a 7-class model
+    data = br.load_data_for(small_deepid, ok, name="valid")
+    assert data.x.shape == (4, 55, 47, 3) and data.y.tolist() == [0, 1, 6, 2] and data.name == "valid"
+    with pytest.raises(br.DataError, match="bad.h5"):
+        br.load_data_for(small_deepid, bad)
+    small = tmp_path / "small.h5"
+    br.save_h5(small, x[:, :50], np.zeros(4, np.int64))
+    with pytest.raises(br.DataError, match="small.h5"):
+        br.load_data_for(small_deepid, small)

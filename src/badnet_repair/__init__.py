@@ -34,7 +34,7 @@ from .metrics import (
     detection_rate,
     false_alarm_rate,
 )
-from .models import deepid, load_model, num_classes, predict_classes, prune_channels, save_model
+from .models import deepid, load_data_for, load_model, num_classes, predict_classes, prune_channels, save_model
 from .plotting import plot_curves, plot_evaluations, plot_goodnet_sweep, plot_samples, plot_sweep
 from .pruning import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
 from .triggers import Trigger, load_trigger, poison
@@ -69,6 +69,7 @@ __all__ = [
     "fine_prune",
     "fine_tune",
     "goodnet_predict",
+    "load_data_for",
     "load_h5",
     "load_images",
     "load_model",

@@ -280,22 +280,17 @@ def _is_goodnet(model: Any) -> bool:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_h5
     from .defense import poisoned_labels
     from .metrics import evaluate_predictions
-    from .models import load_model, num_classes, predict_classes
+    from .models import load_data_for, load_model, num_classes, predict_classes
 
     model = load_model(args.model, trust=args.trust_model)
     n = num_classes(model)
     goodnet = _is_goodnet(model)
-    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
-    clean = load_h5(args.clean, layout=args.layout, num_classes=n, image_shape=shape, lazy=True)  # type: ignore[arg-type]
+    clean = load_data_for(model, args.clean, layout=args.layout, lazy=True)
     bd = None
     if args.poisoned:
-        bd, _ = poisoned_labels(
-            load_h5(args.poisoned, layout=args.layout, num_classes=n, image_shape=shape, lazy=True),  # type: ignore[arg-type]
-            args.target,
-        )
+        bd, _ = poisoned_labels(load_data_for(model, args.poisoned, layout=args.layout, lazy=True), args.target)
     ev = evaluate_predictions(
         model=str(args.model), kind="goodnet" if goodnet else "model",
         clean_pred=predict_classes(model, clean.x), clean_labels=clean.y,
@@ -367,11 +362,10 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_defenses, write_comparison
-    from .data import load_h5
     from .defense import poisoned_labels
     from .errors import DataError
     from .layout import resolve_inputs
-    from .models import load_model, num_classes
+    from .models import load_data_for, load_model
 
     thresholds = _thresholds(args.thresholds)
     if args.demo:
@@ -391,11 +385,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for name, path in models:
         print(f"{name}: {path}", flush=True)
         b = load_model(path, trust=args.trust_model)  # type: ignore[arg-type]
-        n, shape = num_classes(b), tuple(int(d) for d in b.inputs[0].shape[1:])
-        valid = load_h5(files["valid"], num_classes=n, image_shape=shape, name="valid")  # type: ignore[arg-type]
-        test = load_h5(files["test"], num_classes=n, image_shape=shape, name="test")  # type: ignore[arg-type]
-        bd, _ = poisoned_labels(load_h5(files["bd_test"], num_classes=n, image_shape=shape,  # type: ignore[arg-type]
-                                        name="bd_test"), args.target)
+        valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
+        test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
+        bd, _ = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target)  # type: ignore[arg-type]
         comparisons.append(compare_defenses(b, valid, test, bd, name=name, thresholds=thresholds,
                                             progress=not args.quiet, **_tuning(args)))
     paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)

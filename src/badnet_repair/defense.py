@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .data import Dataset, Layout, load_h5
+from .data import Dataset, Layout
 from .errors import DataError
 from .goodnet import build_goodnet
 from .io import atomic_path, check_writable, sha256_file, write_json, write_text
 from .metrics import Evaluation, evaluate_predictions
-from .models import load_model, num_classes, prune_channels, save_model, saved_model_paths
+from .models import load_data_for, load_model, num_classes, prune_channels, save_model, saved_model_paths
 from .pruning import RankAt, SweepResult, prune_sweep
 from .report import render_report, sweep_rows, write_csv
 
@@ -176,13 +176,11 @@ def run_pruning_defense(
 
     b = load_model(model, trust=trust_model)
     n_classes = num_classes(b)
-    shape = tuple(int(d) for d in b.inputs[0].shape[1:])
 
     def load(path: Any, name: str) -> Dataset:
         # lazy: the files are checked now and read chunk by chunk by the sweep, so memory
         # holds the cached activations rather than every image
-        return load_h5(path, layout=layout, num_classes=n_classes, image_shape=shape,  # type: ignore[arg-type]
-                       name=name, lazy=True)
+        return load_data_for(b, path, layout=layout, name=name, lazy=True)
 
     files = {"model": Path(model), "valid": Path(valid)}
     clean = load(valid, "valid")

@@ -339,12 +339,11 @@ def run_fine_pruning(
     Returns:
         (the FinePruneResult, the results dict written to JSON).
     """
-    from .data import load_h5
     from .defense import poisoned_labels, versions
     from .goodnet import build_goodnet
     from .io import atomic_path, check_writable, sha256_file, write_json
     from .metrics import evaluate_predictions
-    from .models import load_model, num_classes, save_model, saved_model_paths
+    from .models import load_data_for, load_model, num_classes, save_model, saved_model_paths
 
     stem = "fp" if method == "fine-pruning" else "ft"
     out = Path(out_dir)
@@ -353,8 +352,7 @@ def run_fine_pruning(
     check_writable(paths.values(), overwrite=overwrite)
     b = load_model(model, trust=trust_model)
     n = num_classes(b)
-    shape = tuple(int(d) for d in b.inputs[0].shape[1:])
-    clean = load_h5(valid, num_classes=n, image_shape=shape, name="valid")  # type: ignore[arg-type]
+    clean = load_data_for(b, valid, name="valid")
     result = fine_prune(b, clean, method=method, progress=progress, **options)
     save_model(result.model, out, stem, overwrite=overwrite)
     goodnet = build_goodnet(b, result.model)
@@ -364,11 +362,10 @@ def run_fine_pruning(
     evaluations = []
     files = {"model": Path(model), "valid": Path(valid)}
     if test is not None or bd_test is not None:
-        t = load_h5(test, num_classes=n, image_shape=shape, lazy=True) if test else None  # type: ignore[arg-type]
+        t = load_data_for(b, test, lazy=True) if test else None
         bd = None
         if bd_test is not None:
-            bd, target = poisoned_labels(load_h5(bd_test, num_classes=n, image_shape=shape, lazy=True),  # type: ignore[arg-type]
-                                         target)
+            bd, target = poisoned_labels(load_data_for(b, bd_test, lazy=True), target)
             files["bd_test"] = Path(bd_test)
         if test is not None:
             files["test"] = Path(test)

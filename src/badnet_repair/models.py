@@ -80,6 +80,24 @@ def num_classes(model: Any) -> int:
     return int(model.outputs[0].shape[-1])
 
 
+def load_data_for(model: Any, path: str | os.PathLike[str], **options: Any) -> Any:
+    """Load a lab-format HDF5 file for ``model``: labels checked against its class count and
+    images against its input shape, so a mismatch is one clear :class:`DataError`.
+
+    Args:
+        model: the network the data is for.
+        path: the ``.h5`` file.
+        **options: passed to :func:`~badnet_repair.data.load_h5` (name, lazy, layout, ...).
+
+    Returns:
+        Dataset with (N, H, W, C) float32 images and (N,) int64 labels.
+    """
+    from .data import load_h5
+
+    h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+    return load_h5(path, num_classes=num_classes(model), image_shape=(h, w, c), **options)
+
+
 def conv_layer(model: Any, layer: str) -> Any:
     """Return the convolution layer called ``layer``, with a clear error if it is not one."""
     from keras import layers
