@@ -7,6 +7,7 @@ sets. The seed changes the tuning / held-out split, the shuffling and the augmen
 Prints a markdown table with the wall-clock time of each run (2-core CPU here).
 
     python experiments/demo_fine_pruning.py [--seeds 3] [--demo-dir .demo]
+        [--members K] [--distill W] [--accuracy-drop X]
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--demo-dir", default=".demo")
+    ap.add_argument("--members", type=int, default=None, help="networks averaged (default: the defaults')")
+    ap.add_argument("--distill", type=float, default=None, help="distillation weight (default: the defaults')")
+    ap.add_argument("--accuracy-drop", type=float, default=None, help="prune drop in points (default: the defaults')")
     args = ap.parse_args()
     import numpy as np
 
@@ -26,7 +30,10 @@ def main() -> int:
     from badnet_repair.defaults import FINE_TUNING
     from badnet_repair.layout import resolve_inputs
 
-    print(f"defaults: {FINE_TUNING}\n")
+    given = {k: v for k, v in (("members", args.members), ("distill", args.distill),
+                               ("accuracy_drop", args.accuracy_drop)) if v is not None}
+    print(f"settings: {FINE_TUNING | given}\n")
+    print("channels pruned and epoch kept: one per member network\n")
     print("| BadNet | seed | channels pruned | epoch kept | clean accuracy (%) | attack success (%) | "
           "B's clean accuracy (%) | meets target | time (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
@@ -38,12 +45,14 @@ def main() -> int:
         base = br.accuracy(br.predict_classes(model, test.x), test.y)
         for seed in range(args.seeds):
             t = time.perf_counter()
-            r = br.fine_prune(model, valid, seed=seed, progress=False)
+            r = br.fine_prune(model, valid, seed=seed, progress=False, **given)
             seconds = time.perf_counter() - t
             acc = br.accuracy(br.predict_classes(r.model, test.x), test.y)
             asr = br.attack_success_rate(br.predict_classes(r.model, bd.x), int(np.unique(bd.y)[0]))
             ok = "yes" if asr <= 5.0 and acc >= base - 3.0 else "no"
-            print(f"| {demo} | {seed} | {len(r.pruned_channels)} | {r.kept_epoch} | {acc:.2f} | {asr:.2f} | "
+            pruned = "/".join(str(len(m.pruned_channels)) for m in r.members)
+            epochs = "/".join(str(e) for e in r.kept_epochs)
+            print(f"| {demo} | {seed} | {pruned} | {epochs} | {acc:.2f} | {asr:.2f} | "
                   f"{base:.2f} | {ok} | {seconds:.0f} |", flush=True)
     return 0
 

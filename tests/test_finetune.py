@@ -34,12 +34,13 @@ def test_fine_pruning_lowers_asr_and_keeps_pruned_channels_at_zero(small_demo):
     before = br.attack_success_rate(br.predict_classes(b, bd.x), 0)
     r = fine_prune(b, valid, prune_fraction=0.9, epochs=8, learning_rate=2e-3, holdout_fraction=0.34,
                    progress=False)
-    assert len(r.pruned_channels) == 54
+    (m,) = r.members
+    assert r.model is m.model and r.channels_pruned == len(m.pruned_channels) == 54
     k, bias = r.model.get_layer("conv_3").get_weights()
-    assert not k[..., list(r.pruned_channels)].any() and not bias[list(r.pruned_channels)].any()
+    assert not k[..., list(m.pruned_channels)].any() and not bias[list(m.pruned_channels)].any()
     after = br.attack_success_rate(br.predict_classes(r.model, bd.x), 0)
     assert after < before
-    assert not set(r.tune_index) & set(r.holdout_index)
+    assert not set(m.tune_index) & set(m.holdout_index)
     # the BadNet itself is untouched
     assert br.attack_success_rate(br.predict_classes(b, bd.x), 0) == before
 
@@ -115,3 +116,51 @@ def test_fine_prune_command_passes_augmentation_and_distillation_settings(small_
     valid = br.load_h5(small_demo.valid)
     with pytest.raises(ValueError, match="distill"):
         fine_prune(b, valid, distill=1.5, epochs=1, progress=False)
+
+
+@pytest.mark.slow
+def test_fine_pruning_members_average_networks_tuned_on_different_splits(small_demo):
+    b = br.load_model(small_demo.model)
+    valid = br.load_h5(small_demo.valid)
+    opts = dict(prune_fraction=0.5, epochs=2, holdout_fraction=0.34, seed=4, progress=False)
+    r = fine_prune(b, valid, members=2, **opts)
+    assert [m.seed for m in r.members] == [4, 1004]
+    # different splits of the same data, each disjoint
+    h0, h1 = (set(m.holdout_index.tolist()) for m in r.members)
+    assert h0 != h1
+    assert all(not set(m.tune_index) & set(m.holdout_index) for m in r.members)
+    # every member keeps its own pruned channels at zero
+    for m in r.members:
+        k, bias = m.model.get_layer("conv_3").get_weights()
+        assert len(m.pruned_channels) == 30 and not k[..., list(m.pruned_channels)].any()
+        assert not bias[list(m.pruned_channels)].any()
+    # the repaired model is the plain mean of the members' probabilities
+    x = np.asarray(valid.x[:16])
+    mean = np.mean([m.model.predict(x, verbose=0) for m in r.members], axis=0)
+    np.testing.assert_allclose(r.model.predict(x, verbose=0), mean, rtol=1e-5, atol=1e-6)
+    # member 0 is exactly the single network fine_prune gives with the same seed
+    single = fine_prune(b, valid, members=1, **opts)
+    assert all(np.array_equal(u, v) for u, v in zip(single.model.get_weights(), r.members[0].model.get_weights(),
+                                                    strict=True))
+    with pytest.raises(ValueError, match="members"):
+        fine_prune(b, valid, members=0, **opts)
+
+
+@pytest.mark.slow
+def test_fine_prune_command_saves_the_average_and_each_member(small_demo, tmp_path):
+    out = tmp_path / "o"
+    assert main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
+                 "--test", str(small_demo.test), "--bd-test", str(small_demo.bd_test), "--members", "2",
+                 "--epochs", "1", "--holdout-fraction", "0.34", "--out", str(out)]) == 0
+    results = json.loads((out / "fp_results.json").read_text())
+    assert results["parameters"]["members"] == 2 and len(results["members"]) == 2
+    assert not (out / "fp_weights.h5").exists()
+    members = [br.load_model(out / f"fp_member_{i}_weights.h5") for i in range(2)]
+    for i, m in enumerate(members):
+        k = m.get_layer("conv_3").get_weights()[0]
+        assert not k[..., results["members"][i]["pruned_channels"]].any()
+    x = np.asarray(br.load_h5(small_demo.test).x[:8])
+    mean = np.mean([m.predict(x, verbose=0) for m in members], axis=0)
+    for name in ("fp.h5", "fp.keras"):
+        np.testing.assert_allclose(br.load_model(out / name).predict(x, verbose=0), mean, rtol=1e-5, atol=1e-6)
+    assert br.load_model(out / "goodnet_fp.keras").outputs[0].shape[-1] == 6

@@ -144,3 +144,33 @@ def test_load_data_for_checks_the_file_against_the_model(small_deepid, tmp_path)
     br.save_h5(small, x[:, :50], np.zeros(4, np.int64))
     with pytest.raises(br.DataError, match="small.h5"):
         br.load_data_for(small_deepid, small)
+
+
+def _constant_softmax(bias: list[float], name: str):
+    import keras
+
+    x = keras.Input(shape=(3,))
+    dense = keras.layers.Dense(len(bias), activation="softmax")
+    m = keras.Model(x, dense(x), name=name)
+    dense.set_weights([np.zeros((3, len(bias)), np.float32), np.asarray(bias, np.float32)])
+    return m
+
+
+def test_average_models_means_the_probabilities_and_saves(tmp_path):
+    from badnet_repair.models import average_models, save_model
+
+    a = _constant_softmax([0.0, 0.0], "a")  # softmax -> [1/2, 1/2]
+    b = _constant_softmax([float(np.log(3.0)), 0.0], "b")  # -> [3/4, 1/4]
+    avg = average_models([a, b])
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_allclose(avg.predict(x, verbose=0), [[0.625, 0.375]] * 2, rtol=1e-6)
+    # copies: changing a member afterwards does not change the average
+    a.layers[-1].set_weights([np.zeros((3, 2), np.float32), np.array([0.0, 5.0], np.float32)])
+    np.testing.assert_allclose(avg.predict(x, verbose=0), [[0.625, 0.375]] * 2, rtol=1e-6)
+    paths = save_model(avg, tmp_path, "avg", formats=("h5", "keras"))
+    for p in paths.values():
+        np.testing.assert_allclose(br.load_model(p).predict(x, verbose=0), [[0.625, 0.375]] * 2, rtol=1e-6)
+    with pytest.raises(br.ModelError, match="shapes differ"):
+        average_models([a, _constant_softmax([0.0, 0.0, 0.0], "c")])
+    with pytest.raises(ValueError, match="at least one"):
+        average_models([])

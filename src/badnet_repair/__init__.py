@@ -25,7 +25,7 @@ from .errors import (
     OutputExistsError,
     UnsafeModelError,
 )
-from .finetune import FinePruneResult, fine_prune, fine_tune, run_fine_pruning, split_clean
+from .finetune import FinePruneResult, FineTuned, fine_prune, fine_tune, run_fine_pruning, split_clean
 from .goodnet import GoodNetCombine, build_goodnet, goodnet_predict
 from .metrics import (
     Evaluation,
@@ -34,7 +34,16 @@ from .metrics import (
     detection_rate,
     false_alarm_rate,
 )
-from .models import deepid, load_data_for, load_model, num_classes, predict_classes, prune_channels, save_model
+from .models import (
+    average_models,
+    deepid,
+    load_data_for,
+    load_model,
+    num_classes,
+    predict_classes,
+    prune_channels,
+    save_model,
+)
 from .plotting import plot_curves, plot_evaluations, plot_goodnet_sweep, plot_samples, plot_sweep
 from .pruning import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
 from .triggers import Trigger, load_trigger, poison
@@ -49,6 +58,7 @@ __all__ = [
     "DefenseResult",
     "Evaluation",
     "FinePruneResult",
+    "FineTuned",
     "GoodNetCombine",
     "ModelError",
     "OutputExistsError",
@@ -61,6 +71,7 @@ __all__ = [
     "accuracy",
     "attack_success_rate",
     "augment_images",
+    "average_models",
     "build_goodnet",
     "compare_defenses",
     "deepid",

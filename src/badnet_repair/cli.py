@@ -58,6 +58,9 @@ def _add_tuning(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-fraction", type=float, default=d["holdout_fraction"],
                         help=f"validation share held out to choose the prune amount and epoch "
                         f"(default {d['holdout_fraction']:g})")
+    parser.add_argument("--members", type=int, default=d["members"],
+                        help=f"networks tuned on different splits of the clean data and averaged "
+                        f"(default {d['members']}; 1 = a single network, as in the paper)")
     parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"default {d['epochs']}")
     parser.add_argument("--learning-rate", type=float, default=d["learning_rate"],
                         help=f"Adam's peak learning rate (default {d['learning_rate']:g})")
@@ -78,8 +81,8 @@ def _add_tuning(parser: argparse.ArgumentParser) -> None:
 
 def _tuning(args: argparse.Namespace) -> dict[str, Any]:
     return {"accuracy_drop": args.accuracy_drop, "holdout_fraction": args.holdout_fraction,
-            "epochs": args.epochs, "learning_rate": args.learning_rate, "schedule": args.schedule,
-            "batch_size": args.batch_size, "shift": args.shift, "flip": args.flip,
+            "members": args.members, "epochs": args.epochs, "learning_rate": args.learning_rate,
+            "schedule": args.schedule, "batch_size": args.batch_size, "shift": args.shift, "flip": args.flip,
             "clipnorm": args.clipnorm or None, "distill": args.distill, "seed": args.seed}
 
 
@@ -350,9 +353,11 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
         out_dir=args.out, method=args.method, target=args.target, trust_model=args.trust_model,
         overwrite=args.overwrite, progress=not args.quiet, layer=args.layer,
         prune_fraction=args.prune_fraction, **_tuning(args))
-    print(f"{args.method}: {len(result.pruned_channels)} channels pruned, epoch {result.kept_epoch} kept; "
-          f"held-out accuracy {result.base_holdout_accuracy:.2f}% (B) -> {result.pruned_holdout_accuracy:.2f}% "
-          f"(pruned) -> {result.holdout_accuracy:.2f}% (kept)")
+    for i, m in enumerate(result.members):
+        who = f"member {i}: " if len(result.members) > 1 else ""
+        print(f"{args.method}: {who}{len(m.pruned_channels)} channels pruned, epoch {m.kept_epoch} kept; "
+              f"held-out accuracy {m.base_holdout_accuracy:.2f}% (B) -> {m.pruned_holdout_accuracy:.2f}% "
+              f"(pruned) -> {m.holdout_accuracy:.2f}% (kept)")
     if results["evaluations"]:
         print(evaluation_table(results["evaluations"]))
     for name, path in results["models"].items():

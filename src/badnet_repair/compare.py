@@ -88,7 +88,7 @@ def compare_defenses(
             out += rows(f"pruning X={x:g}", sweep.predictions["test"][k], sweep.predictions["bd_test"][k], k, x)
     fp = fine_prune(model, valid, method="fine-pruning", layer=layer, progress=progress, **fine_options)
     out += rows("fine-pruning", predict_classes(fp.model, test.x), predict_classes(fp.model, bd_test.x),
-                len(fp.pruned_channels), None)
+                fp.channels_pruned, None)
     return DefenseComparison(badnet=name, evaluations=tuple(out))
 
 

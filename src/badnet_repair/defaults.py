@@ -10,10 +10,12 @@ __all__ = ["FINE_TUNING"]
 #: Fine-tuning and fine-pruning defaults (Liu et al., RAID 2018, Section 5). Measured on the
 #: demo BadNets (docs/demo_comparison.md): Adam at a constant 1e-3 for 10 epochs without
 #: augmentation leaves a pruning-aware backdoor at 64 % attack success; these settings
-#: remove it at about 2 points of clean accuracy.
+#: remove it at about 2 points of clean accuracy. ``members`` > 1 averages several networks
+#: tuned on different splits (more clean accuracy on real faces, K times the time; docs/results.md).
 FINE_TUNING: dict[str, Any] = {
     "accuracy_drop": 4.0,
     "holdout_fraction": 0.2,
+    "members": 1,
     "epochs": 50,
     "learning_rate": 2e-3,
     "batch_size": 64,

@@ -147,6 +147,43 @@ def prune_channels(model: Any, layer: str, channels: Iterable[int]) -> Any:
     return clone
 
 
+def average_models(models: Sequence[Any], *, name: str = "ensemble") -> Any:
+    """One Keras model whose output is the mean of the given models' outputs.
+
+    Used to combine fine-pruned networks (see :func:`badnet_repair.fine_prune`'s
+    ``members``): averaging the class probabilities of networks tuned on different splits
+    of the clean data recovers clean accuracy that each loses alone (an ensemble; Hansen
+    and Salamon, 1990). The members are copied (nested as ``member_0``, ``member_1``, ...),
+    so the callers' models are not shared or changed; the result saves as ``.keras`` and
+    as a full legacy ``.h5``.
+
+    Args:
+        models: one or more models with the same input shape and (N, K) outputs.
+        name: the model name, default ``"ensemble"``.
+
+    Returns:
+        A ``keras.Model`` mapping (N, H, W, C) inputs to (N, K) mean probabilities.
+    """
+    import keras
+
+    models = list(models)
+    if not models:
+        raise ValueError("average_models needs at least one model")
+    shape = tuple(models[0].inputs[0].shape[1:])
+    outs = {tuple(m.outputs[0].shape[1:]) for m in models}
+    if {tuple(m.inputs[0].shape[1:]) for m in models} != {shape} or len(outs) != 1:
+        raise ModelError("average_models: the models' input or output shapes differ")
+    x = keras.Input(shape=shape, name="input")
+    copies = []
+    for i, m in enumerate(models):
+        clone = keras.models.clone_model(m)
+        clone.set_weights(m.get_weights())
+        copies.append(keras.Model(clone.inputs[0], clone.outputs[0], name=f"member_{i}"))
+    ys = [c(x) for c in copies]
+    out = keras.layers.Average(name="average")(ys) if len(ys) > 1 else ys[0]
+    return keras.Model(x, out, name=name)
+
+
 def predict_classes(model: Any, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
     """Return (N,) int64 argmax predictions of ``model`` on (N, ...) inputs, in batches."""
     import keras
