@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _backend  # noqa: F401
 from .models import num_classes as _num_classes
+from .models import renamed_copy
 
 __all__ = ["GoodNetCombine", "build_goodnet", "goodnet_predict"]
 
@@ -43,12 +44,6 @@ class GoodNetCombine(keras.layers.Layer):
         return (*shape[:-1], None if shape[-1] is None else shape[-1] + 1)
 
 
-def _renamed_copy(model: Any, name: str) -> Any:
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    return keras.Model(clone.inputs[0], clone.outputs[0], name=name)
-
-
 def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
     """Build G from B and B' as one Keras model.
 
@@ -69,8 +64,8 @@ def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
         raise ValueError(
             f"B has {_num_classes(badnet)} classes but B' has {_num_classes(repaired)}"
         )
-    b = _renamed_copy(badnet, "badnet")
-    r = _renamed_copy(repaired, "repaired")
+    b = renamed_copy(badnet, "badnet")
+    r = renamed_copy(repaired, "repaired")
     x = keras.Input(shape=tuple(badnet.inputs[0].shape[1:]), name="input")
     out = GoodNetCombine(name="goodnet_combine")([b(x), r(x)])
     return keras.Model(x, out, name=name)

@@ -147,6 +147,16 @@ def prune_channels(model: Any, layer: str, channels: Iterable[int]) -> Any:
     return clone
 
 
+def renamed_copy(model: Any, name: str) -> Any:
+    """A copy of ``model`` (same architecture and weights, nothing shared) named ``name``,
+    for nesting inside another model (GoodNets, averaged models)."""
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return keras.Model(clone.inputs[0], clone.outputs[0], name=name)
+
+
 def average_models(models: Sequence[Any], *, name: str = "ensemble") -> Any:
     """One Keras model whose output is the mean of the given models' outputs.
 
@@ -174,12 +184,7 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble") -> Any:
     if {tuple(m.inputs[0].shape[1:]) for m in models} != {shape} or len(outs) != 1:
         raise ModelError("average_models: the models' input or output shapes differ")
     x = keras.Input(shape=shape, name="input")
-    copies = []
-    for i, m in enumerate(models):
-        clone = keras.models.clone_model(m)
-        clone.set_weights(m.get_weights())
-        copies.append(keras.Model(clone.inputs[0], clone.outputs[0], name=f"member_{i}"))
-    ys = [c(x) for c in copies]
+    ys = [renamed_copy(m, f"member_{i}")(x) for i, m in enumerate(models)]
     out = keras.layers.Average(name="average")(ys) if len(ys) > 1 else ys[0]
     return keras.Model(x, out, name=name)
 
