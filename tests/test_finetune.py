@@ -103,6 +103,43 @@ def test_fine_tune_keeps_the_best_held_out_epoch_later_on_ties_never_the_start(s
         finetune.fine_tune(b, tune, hold, epochs=0, progress=False)
 
 
+class _FixedTeacher:
+    """A teacher that answers the probabilities we choose, whatever the (augmented) images."""
+
+    def __init__(self, probs: np.ndarray) -> None:
+        self.probs = probs
+
+    def predict(self, x: np.ndarray, **_: object) -> np.ndarray:
+        assert len(x) == len(self.probs)
+        return self.probs
+
+
+@pytest.mark.slow
+def test_distillation_leaves_out_the_teachers_mistakes(small_demo):
+    b = br.load_model(small_demo.model)
+    tune, hold, _, _ = split_clean(br.load_h5(small_demo.valid), holdout_fraction=0.34)
+    n = br.num_classes(b)
+    soft = np.full((len(tune), n), 0.1 / (n - 1), np.float32)
+    wrong = soft.copy()
+    wrong[np.arange(len(tune)), (tune.y + 1) % n] = 0.9
+    right = soft.copy()
+    right[np.arange(len(tune)), tune.y] = 0.9
+    kw = {"epochs": 2, "progress": False, "seed": 3}
+    plain, _, plain_hist = finetune.fine_tune(b, tune, hold, **kw)
+    # a teacher wrong on every image is never distilled: exactly plain fine-tuning
+    ignored, _, hist = finetune.fine_tune(b, tune, hold, distill=0.5, teacher=_FixedTeacher(wrong), **kw)
+    assert [h["teacher_agreement"] for h in hist[1:]] == [0.0, 0.0]
+    assert "teacher_agreement" not in plain_hist[1]
+    assert all(np.array_equal(u, v) for u, v in zip(plain.get_weights(), ignored.get_weights(), strict=True))
+    # one right on every image changes the targets, and one right on half of them is half distilled
+    used, _, hist = finetune.fine_tune(b, tune, hold, distill=0.5, teacher=_FixedTeacher(right), **kw)
+    assert hist[1]["teacher_agreement"] == 100.0
+    assert not all(np.array_equal(u, v) for u, v in zip(plain.get_weights(), used.get_weights(), strict=True))
+    half = np.where((np.arange(len(tune)) % 2 == 0)[:, None], right, wrong)
+    _, _, hist = finetune.fine_tune(b, tune, hold, distill=0.5, teacher=_FixedTeacher(half), **kw)
+    assert hist[1]["teacher_agreement"] == pytest.approx(100.0 * np.mean(np.arange(len(tune)) % 2 == 0))
+
+
 @pytest.mark.slow
 def test_fine_prune_command_passes_augmentation_and_distillation_settings(small_demo, tmp_path):
     out = tmp_path / "o"

@@ -45,8 +45,10 @@ class FineTuned:
         holdout_accuracy: held-out clean accuracy (%) of the kept network.
         base_holdout_accuracy: held-out clean accuracy (%) of the BadNet.
         pruned_holdout_accuracy: held-out accuracy (%) after pruning, before tuning.
-        history: per epoch: ``loss``, ``accuracy`` (tuning part), ``holdout_accuracy``;
-            the first row (epoch 0) is the start, before tuning.
+        history: per epoch: ``loss``, ``accuracy`` (tuning part), ``holdout_accuracy`` and,
+            when distilling, ``teacher_agreement`` (% of the epoch's augmented tuning images the
+            teacher classified correctly, the ones distilled); the first row (epoch 0) is the
+            start, before tuning.
         tune_index: (M,) indices of the validation images used for tuning.
         holdout_index: (K,) indices of the held-out validation images.
     """
@@ -170,10 +172,14 @@ def fine_tune(
         clipnorm: clip each gradient to this norm, default 1.0 (None = no clipping); keeps
             the high learning rate from wrecking a network fed 0..255 pixels.
         distill: weight of the teacher's predictions in the training targets, default 0 (off):
-            each augmented tuning image is labelled ``(1 - distill) * one_hot(label) +
-            distill * teacher(image)``. The teacher's soft outputs on clean images carry its
-            clean knowledge (Hinton et al., 2015), which a few labelled images per class
-            cannot; they never contain the trigger, so the backdoor is not taught back.
+            each augmented tuning image the teacher classifies correctly is labelled
+            ``(1 - distill) * one_hot(label) + distill * teacher(image)``; the others keep
+            their one-hot label. The teacher's soft outputs on clean images carry its clean
+            knowledge (Hinton et al., 2015), which a few labelled images per class cannot.
+            Its mistakes are not distilled: on shifted and flipped clean images a BadNet
+            sometimes answers its target class, and distilling those answers teaches the
+            backdoor back (pruning-aware demo BadNet, one network, distill 0.3, seed 0:
+            21.0 % attack success with every prediction distilled, 1.8 % without the mistakes).
         teacher: the network whose predictions are distilled, default ``model``
             (:func:`fine_prune` passes the unpruned BadNet).
         frozen_channels: ``(layer, channels)`` held at zero throughout.
@@ -217,15 +223,19 @@ def fine_tune(
     tune_x = np.asarray(tune.x, dtype=np.float32)
     for epoch in range(1, epochs + 1):
         x = augment_images(tune_x, rng=rng, shift=shift, flip=flip) if shift or flip else tune_x
-        y = one_hot
+        y, agreement = one_hot, 100.0
         if distill:
             soft = np.asarray(teacher.predict(x, batch_size=512, verbose=0), dtype=np.float32)
-            y = (1.0 - distill) * one_hot + distill * soft
+            agree = soft.argmax(axis=1) == tune.y
+            y = np.where(agree[:, None], (1.0 - distill) * one_hot + distill * soft, one_hot)
+            agreement = float(100 * agree.mean())
         h = work.fit(x, y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0, callbacks=callbacks)
         acc = _accuracy(work, holdout)
         # "accuracy" on the tuning part: agreement with the (soft) targets' top class
         row = {"epoch": float(epoch), "loss": float(h.history["loss"][-1]),
                "accuracy": float(100 * h.history["categorical_accuracy"][-1]), "holdout_accuracy": acc}
+        if distill:
+            row["teacher_agreement"] = agreement
         history.append(row)
         bar.on_epoch_end(epoch, {"holdout_accuracy": acc})
         if acc >= best_acc:
