@@ -223,19 +223,18 @@ def fine_tune(
     tune_x = np.asarray(tune.x, dtype=np.float32)
     for epoch in range(1, epochs + 1):
         x = augment_images(tune_x, rng=rng, shift=shift, flip=flip) if shift or flip else tune_x
-        y, agreement = one_hot, 100.0
+        y = one_hot
         if distill:
             soft = np.asarray(teacher.predict(x, batch_size=512, verbose=0), dtype=np.float32)
             agree = soft.argmax(axis=1) == tune.y
             y = np.where(agree[:, None], (1.0 - distill) * one_hot + distill * soft, one_hot)
-            agreement = float(100 * agree.mean())
         h = work.fit(x, y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0, callbacks=callbacks)
         acc = _accuracy(work, holdout)
         # "accuracy" on the tuning part: agreement with the (soft) targets' top class
         row = {"epoch": float(epoch), "loss": float(h.history["loss"][-1]),
                "accuracy": float(100 * h.history["categorical_accuracy"][-1]), "holdout_accuracy": acc}
         if distill:
-            row["teacher_agreement"] = agreement
+            row["teacher_agreement"] = float(100 * agree.mean())
         history.append(row)
         bar.on_epoch_end(epoch, {"holdout_accuracy": acc})
         if acc >= best_acc:
