@@ -171,16 +171,21 @@ def test_fine_pruning_members_average_networks_tuned_on_different_splits(small_d
         k, bias = m.model.get_layer("conv_3").get_weights()
         assert len(m.pruned_channels) == 30 and not k[..., list(m.pruned_channels)].any()
         assert not bias[list(m.pruned_channels)].any()
-    # the repaired model is the plain mean of the members' probabilities
+    # the repaired model is the normalised geometric mean of the members' probabilities
     x = np.asarray(valid.x[:16])
-    mean = np.mean([m.model.predict(x, verbose=0) for m in r.members], axis=0)
-    np.testing.assert_allclose(r.model.predict(x, verbose=0), mean, rtol=1e-5, atol=1e-6)
+    x[-1] = 0.0  # a blank image: some member probabilities underflow towards 0
+    probs = np.stack([m.model.predict(x, verbose=0) for m in r.members]).astype(np.float64)
+    geo = np.exp(np.log(np.maximum(probs, 1e-12)).mean(axis=0))
+    np.testing.assert_allclose(r.model.predict(x, verbose=0), geo / geo.sum(axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-6)
     # member 0 is exactly the single network fine_prune gives with the same seed
     single = fine_prune(b, valid, members=1, **opts)
     assert all(np.array_equal(u, v) for u, v in zip(single.model.get_weights(), r.members[0].model.get_weights(),
                                                     strict=True))
     with pytest.raises(ValueError, match="members"):
         fine_prune(b, valid, members=0, **opts)
+    with pytest.raises(ValueError, match="ensemble_mean"):
+        fine_prune(b, valid, members=2, ensemble_mean="median", **opts)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
@@ -188,9 +193,11 @@ def test_fine_prune_command_saves_the_average_and_each_member(small_demo, tmp_pa
     out = tmp_path / "o"
     assert main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
                  "--test", str(small_demo.test), "--bd-test", str(small_demo.bd_test), "--members", "2",
-                 "--epochs", "1", "--holdout-fraction", "0.34", "--out", str(out)]) == 0
+                 "--ensemble-mean", "arithmetic", "--epochs", "1", "--holdout-fraction", "0.34",
+                 "--out", str(out)]) == 0
     results = json.loads((out / "fp_results.json").read_text())
     assert results["parameters"]["members"] == 2 and len(results["members"]) == 2
+    assert results["parameters"]["ensemble_mean"] == "arithmetic"
     assert not (out / "fp_weights.h5").exists()
     members = [br.load_model(out / f"fp_member_{i}_weights.h5") for i in range(2)]
     for i, m in enumerate(members):

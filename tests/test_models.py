@@ -156,6 +156,27 @@ def _constant_softmax(bias: list[float], name: str):
     return m
 
 
+def test_geometric_average_is_the_normalised_product_and_saves(tmp_path):
+    from badnet_repair.models import average_models, save_model
+
+    a = _constant_softmax([0.0, 0.0], "a")  # [1/2, 1/2]
+    b = _constant_softmax([float(np.log(3.0)), 0.0], "b")  # [3/4, 1/4]
+    geo = average_models([a, b], mean="geometric")
+    x = np.ones((2, 3), np.float32)
+    # sqrt(1/2 * 3/4) : sqrt(1/2 * 1/4) = sqrt(3) : 1
+    want = [[np.sqrt(3) / (np.sqrt(3) + 1), 1 / (np.sqrt(3) + 1)]] * 2
+    np.testing.assert_allclose(geo.predict(x, verbose=0), want, rtol=1e-6)
+    paths = save_model(geo, tmp_path, "geo", formats=("h5", "keras"))
+    for p in paths.values():
+        np.testing.assert_allclose(br.load_model(p).predict(x, verbose=0), want, rtol=1e-6)
+    # one member still sure of class 0 (a kept backdoor) and two that give it 1e-3 and lean,
+    # unsurely, to class 1: the arithmetic mean follows the sure one, the geometric mean the two
+    sure = _constant_softmax([0.0, -9.21, -9.21, -9.21], "sure")
+    unsure = [_constant_softmax(np.log([1e-3, 0.45, 0.275, 0.274]).tolist(), f"unsure{i}") for i in range(2)]
+    assert br.predict_classes(average_models([sure, *unsure]), x).tolist() == [0, 0]
+    assert br.predict_classes(average_models([sure, *unsure], mean="geometric"), x).tolist() == [1, 1]
+
+
 def test_average_models_means_the_probabilities_and_saves(tmp_path):
     from badnet_repair.models import average_models, save_model
 
@@ -172,5 +193,7 @@ def test_average_models_means_the_probabilities_and_saves(tmp_path):
         np.testing.assert_allclose(br.load_model(p).predict(x, verbose=0), [[0.625, 0.375]] * 2, rtol=1e-6)
     with pytest.raises(br.ModelError, match="shapes differ"):
         average_models([a, _constant_softmax([0.0, 0.0, 0.0], "c")])
+    with pytest.raises(ValueError, match="geometric"):
+        average_models([a, b], mean="harmonic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one"):
         average_models([])

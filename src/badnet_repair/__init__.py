@@ -27,6 +27,7 @@ from .errors import (
 )
 from .finetune import FinePruneResult, FineTuned, fine_prune, fine_tune, run_fine_pruning, split_clean
 from .goodnet import GoodNetCombine, build_goodnet, goodnet_predict
+from .layers import GeometricMean
 from .metrics import (
     Evaluation,
     accuracy,
@@ -59,6 +60,7 @@ __all__ = [
     "Evaluation",
     "FinePruneResult",
     "FineTuned",
+    "GeometricMean",
     "GoodNetCombine",
     "ModelError",
     "OutputExistsError",

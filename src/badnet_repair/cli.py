@@ -61,6 +61,9 @@ def _add_tuning(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=int, default=d["members"],
                         help=f"networks tuned on different splits of the clean data and averaged "
                         f"(default {d['members']}; 1 = a single network, as in the paper)")
+    parser.add_argument("--ensemble-mean", choices=["geometric", "arithmetic"], default=d["ensemble_mean"],
+                        help=f"how several members' probabilities are averaged (default {d['ensemble_mean']}: "
+                        "a member that kept the backdoor is outvoted)")
     parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"default {d['epochs']}")
     parser.add_argument("--learning-rate", type=float, default=d["learning_rate"],
                         help=f"Adam's peak learning rate (default {d['learning_rate']:g})")
@@ -81,7 +84,8 @@ def _add_tuning(parser: argparse.ArgumentParser) -> None:
 
 def _tuning(args: argparse.Namespace) -> dict[str, Any]:
     return {"accuracy_drop": args.accuracy_drop, "holdout_fraction": args.holdout_fraction,
-            "members": args.members, "epochs": args.epochs, "learning_rate": args.learning_rate,
+            "members": args.members, "ensemble_mean": args.ensemble_mean, "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
             "schedule": args.schedule, "batch_size": args.batch_size, "shift": args.shift, "flip": args.flip,
             "clipnorm": args.clipnorm or None, "distill": args.distill, "seed": args.seed}
 

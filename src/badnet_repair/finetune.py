@@ -254,6 +254,7 @@ def fine_prune(
     prune_fraction: float | None = None,
     holdout_fraction: float = DEFAULTS["holdout_fraction"],
     members: int = DEFAULTS["members"],
+    ensemble_mean: Literal["arithmetic", "geometric"] = DEFAULTS["ensemble_mean"],
     epochs: int = DEFAULTS["epochs"],
     learning_rate: float = DEFAULTS["learning_rate"],
     batch_size: int = DEFAULTS["batch_size"],
@@ -278,10 +279,11 @@ def fine_prune(
 
     With ``method="fine-tuning"`` step 2 is skipped (the paper's other baseline). With one
     member the result is the paper's single network; with several, the repaired model
-    averages the members' probabilities. Each member is tuned on a different part of the
-    clean data, so together they learn from all of it, and their errors partly cancel: on
-    real faces with ~10 tuning images per person this recovers the clean accuracy a single
-    fine-pruned network loses (docs/results.md), at ``members`` times the time and size.
+    averages the members' probabilities (by default their geometric mean). Each member is
+    tuned on a different part of the clean data, so together they learn from all of it, and
+    their errors partly cancel: on real faces with ~10 tuning images per person this
+    recovers the clean accuracy a single fine-pruned network loses (docs/results.md), at
+    ``members`` times the time and size.
 
     Args:
         model: the BadNet (not changed).
@@ -294,6 +296,11 @@ def fine_prune(
         holdout_fraction: share of ``valid`` held out, default 0.2.
         members: networks tuned and averaged (default in :data:`DEFAULTS`; 1 = a single
             network, as in the paper).
+        ensemble_mean: how members are averaged: ``"geometric"`` (default; normalised
+            product of their probabilities, so a member that kept the backdoor is outvoted by
+            those that did not) or ``"arithmetic"`` (:func:`~badnet_repair.models.average_models`).
+            On the real-face pruning-aware BadNet, 3 members: 1.7-2.3 % attack success
+            geometric vs 2.7-4.8 % arithmetic at the same clean accuracy (docs/results.md).
         epochs, learning_rate, batch_size, seed, schedule, shift, flip, clipnorm, distill:
             fine-tuning settings (see :func:`fine_tune`; defaults in :data:`DEFAULTS`).
         progress: progress bars.
@@ -308,6 +315,8 @@ def fine_prune(
         raise ValueError(f"method must be 'fine-pruning' or 'fine-tuning', not {method!r}")
     if members < 1:
         raise ValueError(f"members must be >= 1, not {members}")
+    if ensemble_mean not in ("arithmetic", "geometric"):
+        raise ValueError(f"ensemble_mean must be 'arithmetic' or 'geometric', not {ensemble_mean!r}")
     if prune_fraction is not None and not 0.0 <= prune_fraction <= 1.0:
         raise ValueError(f"prune_fraction must be in [0, 1], not {prune_fraction}")
     if method == "fine-pruning" and prune_fraction is None and (accuracy_drop is None or not accuracy_drop >= 0):
@@ -341,8 +350,8 @@ def fine_prune(
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
                                pruned_holdout_accuracy=pruned_acc, history=tuple(history), tune_index=tune_idx,
                                holdout_index=hold_idx))
-    repaired = tuned[0].model if members == 1 else average_models([t.model for t in tuned],
-                                                                  name=f"{method.replace('-', '_')}_ensemble")
+    repaired = tuned[0].model if members == 1 else average_models(
+        [t.model for t in tuned], name=f"{method.replace('-', '_')}_ensemble", mean=ensemble_mean)
     return FinePruneResult(model=repaired, method=method, layer=layer, members=tuple(tuned))
 
 
@@ -389,8 +398,8 @@ def run_fine_pruning(
         overwrite: replace existing outputs.
         progress: progress bars.
         **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
-            holdout_fraction, members, epochs, learning_rate, batch_size, seed, schedule, shift,
-            flip, clipnorm, distill).
+            holdout_fraction, members, ensemble_mean, epochs, learning_rate, batch_size, seed,
+            schedule, shift, flip, clipnorm, distill).
 
     Returns:
         (the FinePruneResult, the results dict written to JSON).

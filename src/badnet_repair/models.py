@@ -8,7 +8,7 @@ import os
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -157,25 +157,32 @@ def renamed_copy(model: Any, name: str) -> Any:
     return keras.Model(clone.inputs[0], clone.outputs[0], name=name)
 
 
-def average_models(models: Sequence[Any], *, name: str = "ensemble") -> Any:
-    """One Keras model whose output is the mean of the given models' outputs.
+def average_models(models: Sequence[Any], *, name: str = "ensemble",
+                   mean: Literal["arithmetic", "geometric"] = "arithmetic") -> Any:
+    """One Keras model whose output is the mean of the given models' output probabilities.
 
     Used to combine fine-pruned networks (see :func:`badnet_repair.fine_prune`'s
-    ``members``): averaging the class probabilities of networks tuned on different splits
-    of the clean data recovers clean accuracy that each loses alone (an ensemble; Hansen
-    and Salamon, 1990). The members are copied (nested as ``member_0``, ``member_1``, ...),
-    so the callers' models are not shared or changed; the result saves as ``.keras`` and
-    as a full legacy ``.h5``.
+    ``members``): networks tuned on different splits of the clean data recover, together,
+    clean accuracy that each loses alone (an ensemble; Hansen and Salamon, 1990). The
+    members are copied (nested as ``member_0``, ``member_1``, ...), so the callers' models
+    are not shared or changed; the result saves as ``.keras`` and as a full legacy ``.h5``.
 
     Args:
         models: one or more models with the same input shape and (N, K) outputs.
         name: the model name, default ``"ensemble"``.
+        mean: ``"arithmetic"`` (default; the mean of the probabilities) or ``"geometric"``
+            (their normalised geometric mean, :class:`~badnet_repair.layers.GeometricMean`:
+            a member that keeps a backdoor is outvoted by members that do not).
 
     Returns:
         A ``keras.Model`` mapping (N, H, W, C) inputs to (N, K) mean probabilities.
     """
     import keras
 
+    from .layers import GeometricMean
+
+    if mean not in ("arithmetic", "geometric"):
+        raise ValueError(f"mean must be 'arithmetic' or 'geometric', not {mean!r}")
     models = list(models)
     if not models:
         raise ValueError("average_models needs at least one model")
@@ -185,7 +192,12 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble") -> Any:
         raise ModelError("average_models: the models' input or output shapes differ")
     x = keras.Input(shape=shape, name="input")
     ys = [renamed_copy(m, f"member_{i}")(x) for i, m in enumerate(models)]
-    out = keras.layers.Average(name="average")(ys) if len(ys) > 1 else ys[0]
+    if len(ys) == 1:
+        out = ys[0]
+    elif mean == "geometric":
+        out = GeometricMean(name="geometric_mean")(ys)
+    else:
+        out = keras.layers.Average(name="average")(ys)
     return keras.Model(x, out, name=name)
 
 
