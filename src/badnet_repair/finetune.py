@@ -300,7 +300,8 @@ def fine_prune(
             product of their probabilities, so a member that kept the backdoor is outvoted by
             those that did not) or ``"arithmetic"`` (:func:`~badnet_repair.models.average_models`).
             On the real-face pruning-aware BadNet, 3 members: 1.7-2.3 % attack success
-            geometric vs 2.7-4.8 % arithmetic at the same clean accuracy (docs/results.md).
+            geometric vs 2.7-4.8 % arithmetic at the same clean accuracy; not lower on every
+            run (docs/results.md).
         epochs, learning_rate, batch_size, seed, schedule, shift, flip, clipnorm, distill:
             fine-tuning settings (see :func:`fine_tune`; defaults in :data:`DEFAULTS`).
         progress: progress bars.
