@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .defaults import FINE_TUNING
+from .defaults import ENSEMBLE_MEANS, FINE_TUNING
 from .layout import LAB_FILES
 
 __all__ = ["main"]
@@ -61,7 +61,7 @@ def _add_tuning(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=int, default=d["members"],
                         help=f"networks tuned on different splits of the clean data and averaged "
                         f"(default {d['members']}; 1 = a single network, as in the paper)")
-    parser.add_argument("--ensemble-mean", choices=["geometric", "arithmetic"], default=d["ensemble_mean"],
+    parser.add_argument("--ensemble-mean", choices=ENSEMBLE_MEANS, default=d["ensemble_mean"],
                         help=f"how several members' probabilities are averaged (default {d['ensemble_mean']}: "
                         "a member that kept the backdoor is outvoted)")
     parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"default {d['epochs']}")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FINE_TUNING"]
+__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING"]
+
+#: How several fine-pruned members' probabilities can be combined (the first is the default).
+ENSEMBLE_MEANS = ("geometric", "arithmetic")
 
 #: Fine-tuning and fine-pruning defaults (Liu et al., RAID 2018, Section 5). Measured on the
 #: demo BadNets (docs/demo_comparison.md): Adam at a constant 1e-3 for 10 epochs without
@@ -17,7 +20,7 @@ FINE_TUNING: dict[str, Any] = {
     "accuracy_drop": 4.0,
     "holdout_fraction": 0.2,
     "members": 1,
-    "ensemble_mean": "geometric",
+    "ensemble_mean": ENSEMBLE_MEANS[0],
     "epochs": 50,
     "learning_rate": 2e-3,
     "batch_size": 64,

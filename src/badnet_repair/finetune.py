@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _backend  # noqa: F401
 from .data import Dataset
-from .defaults import FINE_TUNING
+from .defaults import ENSEMBLE_MEANS, FINE_TUNING
 from .goodnet import goodnet_predict
 from .models import conv_layer, predict_classes, prune_channels
 
@@ -316,8 +316,8 @@ def fine_prune(
         raise ValueError(f"method must be 'fine-pruning' or 'fine-tuning', not {method!r}")
     if members < 1:
         raise ValueError(f"members must be >= 1, not {members}")
-    if ensemble_mean not in ("arithmetic", "geometric"):
-        raise ValueError(f"ensemble_mean must be 'arithmetic' or 'geometric', not {ensemble_mean!r}")
+    if ensemble_mean not in ENSEMBLE_MEANS:
+        raise ValueError(f"ensemble_mean must be one of {ENSEMBLE_MEANS}, not {ensemble_mean!r}")
     if prune_fraction is not None and not 0.0 <= prune_fraction <= 1.0:
         raise ValueError(f"prune_fraction must be in [0, 1], not {prune_fraction}")
     if method == "fine-pruning" and prune_fraction is None and (accuracy_drop is None or not accuracy_drop >= 0):

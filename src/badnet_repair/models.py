@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _backend  # noqa: F401  (quiet TensorFlow before Keras loads it)
+from .defaults import ENSEMBLE_MEANS
 from .errors import ModelError, UnsafeModelError
 from .io import atomic_path, check_writable
 
@@ -181,8 +182,8 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble",
 
     from .layers import GeometricMean
 
-    if mean not in ("arithmetic", "geometric"):
-        raise ValueError(f"mean must be 'arithmetic' or 'geometric', not {mean!r}")
+    if mean not in ENSEMBLE_MEANS:
+        raise ValueError(f"mean must be one of {ENSEMBLE_MEANS}, not {mean!r}")
     models = list(models)
     if not models:
         raise ValueError("average_models needs at least one model")
