@@ -9,7 +9,7 @@ members, also the arithmetic mean of the same members' probabilities (the repair
 their geometric mean, the default).
 
     python experiments/demo_fine_pruning.py [--seeds 3] [--demo-dir .demo]
-        [--members K] [--distill W] [--accuracy-drop X] [--epochs E]
+        [--members K] [--distill W] [--accuracy-drop X] [--epochs E] [--weight-decay D]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--distill", type=float, default=None, help="distillation weight (default: the defaults')")
     ap.add_argument("--accuracy-drop", type=float, default=None, help="prune drop in points (default: the defaults')")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the defaults')")
+    ap.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the defaults')")
     args = ap.parse_args()
     import numpy as np
 
@@ -44,7 +45,8 @@ def main() -> int:
     from badnet_repair.layout import resolve_inputs
 
     given = {k: v for k, v in (("members", args.members), ("distill", args.distill),
-                               ("accuracy_drop", args.accuracy_drop), ("epochs", args.epochs)) if v is not None}
+                               ("accuracy_drop", args.accuracy_drop), ("epochs", args.epochs),
+                               ("weight_decay", args.weight_decay)) if v is not None}
     print(f"settings: {FINE_TUNING | given}\n")
     print("channels pruned and epoch kept: one per member network\n")
     print("| BadNet | seed | channels pruned | epoch kept | clean accuracy (%) | attack success (%) | "

@@ -103,6 +103,33 @@ def test_fine_tune_keeps_the_best_held_out_epoch_later_on_ties_never_the_start(s
         finetune.fine_tune(b, tune, hold, epochs=0, progress=False)
 
 
+def test_weight_decay_shrinks_unused_weights_by_the_adamw_factor_each_step():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((2, 2, 1))
+    net = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="output")(keras.layers.Flatten()(inp)))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (40, 2, 2, 1)).astype(np.float32)
+    x[:, 0, 0, 0] = 0.0  # pixel 0 is always dark: its weights get no gradient, only the decay
+    data = br.Dataset(x, np.arange(40) % 3)
+    row0 = net.get_layer("output").get_weights()[0][0]
+    kw = {"epochs": 3, "learning_rate": 0.01, "schedule": "constant", "batch_size": 16, "shift": 0, "flip": False,
+          "progress": False}
+    plain, _, _ = finetune.fine_tune(net, data, data, **kw)
+    np.testing.assert_array_equal(plain.get_layer("output").get_weights()[0][0], row0)
+    decayed, epoch, _ = finetune.fine_tune(net, data, data, weight_decay=2.0, **kw)
+    steps = epoch * 3  # 40 images in batches of 16
+    np.testing.assert_allclose(decayed.get_layer("output").get_weights()[0][0], row0 * (1 - 0.01 * 2.0) ** steps,
+                               rtol=1e-5)
+    # the weights the data uses still learn
+    used = decayed.get_layer("output").get_weights()[0][1:]
+    assert not np.allclose(used, net.get_layer("output").get_weights()[0][1:])
+    np.testing.assert_array_equal(net.get_layer("output").get_weights()[0][0], row0)  # the caller's model unchanged
+    with pytest.raises(ValueError, match="weight_decay"):
+        finetune.fine_tune(net, data, data, weight_decay=-1.0, **kw)
+
+
 class _FixedTeacher:
     """A teacher that answers the probabilities we choose, whatever the (augmented) images."""
 
@@ -145,14 +172,16 @@ def test_fine_prune_command_passes_augmentation_and_distillation_settings(small_
     out = tmp_path / "o"
     assert main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
                  "--epochs", "1", "--holdout-fraction", "0.34", "--shift", "0", "--no-flip", "--distill", "0.5",
-                 "--clipnorm", "0", "--out", str(out)]) == 0
+                 "--clipnorm", "0", "--weight-decay", "0.5", "--out", str(out)]) == 0
     params = json.loads((out / "fp_results.json").read_text())["parameters"]
     assert params["shift"] == 0 and params["flip"] is False and params["distill"] == 0.5
-    assert params["clipnorm"] is None
+    assert params["clipnorm"] is None and params["weight_decay"] == 0.5
     b = br.load_model(small_demo.model)
     valid = br.load_h5(small_demo.valid)
     with pytest.raises(ValueError, match="distill"):
         fine_prune(b, valid, distill=1.5, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="weight_decay"):
+        fine_prune(b, valid, weight_decay=-0.1, epochs=1, progress=False)
 
 
 @pytest.mark.slow

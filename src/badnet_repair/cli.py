@@ -79,6 +79,9 @@ def _add_tuning(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill", type=float, default=d["distill"],
                         help=f"weight of the BadNet's own predictions on the clean tuning images in the "
                         f"targets (default {d['distill']:g}; 0 = labels only)")
+    parser.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                        help=f"decoupled weight decay (AdamW) while tuning: wears down the weights clean data "
+                        f"does not use (default {d['weight_decay']:g}; 0 = plain Adam)")
     parser.add_argument("--seed", type=int, default=0, help="split, shuffling and augmentation seed (default 0)")
 
 
@@ -87,7 +90,8 @@ def _tuning(args: argparse.Namespace) -> dict[str, Any]:
             "members": args.members, "ensemble_mean": args.ensemble_mean, "epochs": args.epochs,
             "learning_rate": args.learning_rate,
             "schedule": args.schedule, "batch_size": args.batch_size, "shift": args.shift, "flip": args.flip,
-            "clipnorm": args.clipnorm or None, "distill": args.distill, "seed": args.seed}
+            "clipnorm": args.clipnorm or None, "distill": args.distill,
+            "weight_decay": args.weight_decay, "seed": args.seed}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,4 +29,5 @@ FINE_TUNING: dict[str, Any] = {
     "flip": True,
     "clipnorm": 1.0,
     "distill": 0.0,
+    "weight_decay": 0.0,
 }
