@@ -59,6 +59,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=60, help="BadNet training epochs (default 60)")
     ap.add_argument("--poison-rate", type=float, default=0.05)
+    ap.add_argument("--badnet-seed", type=int, default=0, help="seed of both BadNets' training (default 0)")
     ap.add_argument("--seeds", type=int, default=3, help="fine-pruning seeds per setting (default 3)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--setting", action="append", choices=["defaults", *VARIANTS],
@@ -93,7 +94,8 @@ def main() -> int:
              f"Data: {len(x)} images of {n} people, split per person 60/20/20: train {len(train)}, "
              f"valid {len(valid)}, test {len(test)}; poisoned test {len(bd_test)} (target 0). "
              f"BadNets: DeepID trained with shifts and flips, {args.epochs} epochs (pruning-aware: "
-             f"{args.epochs} clean + {args.epochs // 2} poisoned), poison rate {args.poison_rate}. The "
+             f"{args.epochs} clean + {args.epochs // 2} poisoned), poison rate {args.poison_rate}, training seed "
+             f"{args.badnet_seed}. The "
              f"defenses see only the 490 validation images (fine-tuning: 80 % of them, about 10 per "
              f"person; the other 20 % choose the prune amount and the epoch).", "",
              f"Fine-tuning defaults: {FINE_TUNING}.", ""]
@@ -102,11 +104,11 @@ def main() -> int:
                   "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for name, make in (("baseline BadNet", lambda: train_badnet(
                             train, trigger, num_classes=n, epochs=args.epochs, poison_rate=args.poison_rate,
-                            shift=2, flip=True, progress=False)),
+                            shift=2, flip=True, seed=args.badnet_seed, progress=False)),
                        ("pruning-aware BadNet", lambda: train_pruning_aware_badnet(
                             train, trigger, num_classes=n, clean_epochs=args.epochs,
                             poison_epochs=max(1, args.epochs // 2), poison_rate=args.poison_rate,
-                            shift=2, flip=True, progress=False))):
+                            shift=2, flip=True, seed=args.badnet_seed, progress=False))):
         t = time.perf_counter()
         model = make().model
         t_train = time.perf_counter() - t

@@ -185,8 +185,9 @@ def fine_tune(
             0 (plain Adam): every step multiplies each weight by ``1 - rate * weight_decay``.
             Clean data's gradients hold up the weights clean images use; the decay wears down
             the ones they do not, which is where a backdoor that survived pruning lives
-            (pruning-aware real-face BadNet, one network, distill 0.3, seeds 2/1002/2002:
-            0.0/7.1/8.6 % attack success without decay, 0.0/0.0/0.0 % at 1.0; docs/results.md).
+            (pruning-aware real-face BadNet, distill 0.3, the three networks of the seed-2 run
+            scored alone: 0.0/7.1/8.6 % attack success without decay, 0.0/0.0/0.0 % at 1.0;
+            docs/results.md).
         teacher: the network whose predictions are distilled, default ``model``
             (:func:`fine_prune` passes the unpruned BadNet).
         frozen_channels: ``(layer, channels)`` held at zero throughout.
