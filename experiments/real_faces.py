@@ -89,7 +89,7 @@ def main() -> int:
     cmd = shlex.join(["python", "experiments/real_faces.py", *sys.argv[1:]])
     started = time.perf_counter()
     lines = ["# Defenses on real faces (Extended Yale B, real sunglasses trigger)", "",
-             f"Reproduce: `{cmd}` (needs ../shared; 2-core CPU; the run that wrote this took {{minutes}} minutes).",
+             f"Reproduce: `{cmd}` (needs ../shared; 2-core CPU; the run that wrote this took MINUTES minutes).",
              "",
              f"Data: {len(x)} images of {n} people, split per person 60/20/20: train {len(train)}, "
              f"valid {len(valid)}, test {len(test)}; poisoned test {len(bd_test)} (target 0). "
@@ -151,7 +151,8 @@ def main() -> int:
               "scores are given per member, and the 'arithmetic mean' rows average the same members' "
               "probabilities instead of taking their geometric mean (the default).", "",
               *seeds_rows, ""]
-    lines[2] = lines[2].format(minutes=round((time.perf_counter() - started) / 60))
+    # str.replace, not format: the command line may hold braces
+    lines[2] = lines[2].replace("MINUTES", str(round((time.perf_counter() - started) / 60)))
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
