@@ -329,8 +329,6 @@ def fine_prune(
         raise ValueError(f"method must be 'fine-pruning' or 'fine-tuning', not {method!r}")
     if members < 1:
         raise ValueError(f"members must be >= 1, not {members}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, not {weight_decay}")
     if ensemble_mean not in ENSEMBLE_MEANS:
         raise ValueError(f"ensemble_mean must be one of {ENSEMBLE_MEANS}, not {ensemble_mean!r}")
     if prune_fraction is not None and not 0.0 <= prune_fraction <= 1.0:
@@ -416,7 +414,7 @@ def run_fine_pruning(
         progress: progress bars.
         **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
             holdout_fraction, members, ensemble_mean, epochs, learning_rate, batch_size, seed,
-            schedule, shift, flip, clipnorm, distill).
+            schedule, shift, flip, clipnorm, distill, weight_decay).
 
     Returns:
         (the FinePruneResult, the results dict written to JSON).
