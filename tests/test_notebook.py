@@ -42,9 +42,9 @@ def test_notebook_runs_without_errors_and_says_it_uses_the_demo(executed):
 def test_notebook_shows_figures(executed):
     nb, work, _ = executed
     pngs = notebook_outputs(nb, "image/png")
-    assert len(pngs) >= 3  # samples grid, curves, defense comparison
+    assert len(pngs) >= 4  # samples grid, curves, defense comparison, trigger response
     html = (work / "nb.html").read_text()
-    assert html.count("data:image/png;base64") >= 3
+    assert html.count("data:image/png;base64") >= 4
 
 
 def test_notebook_tables_equal_the_librarys_results(executed, tmp_path):
@@ -76,6 +76,15 @@ def test_notebook_fine_pruning_section_shows_the_written_comparison(executed):
         assert float(shown[r["model"]][2]) == pytest.approx(r["clean_accuracy"], abs=0.005)
         assert float(shown[r["model"]][3]) == pytest.approx(r["attack_success_rate"], abs=0.005)
     assert (work / "out" / "comparison" / "comparison.png").stat().st_size > 1000
+
+
+def test_notebook_trigger_response_names_channels_of_the_pruned_layer(executed):
+    nb, _, demo = executed
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+    line = next(x for x in text.splitlines() if x.startswith("channels the trigger raises most"))
+    channels = int(br.load_model(demo.model).get_layer("conv_3").filters)
+    listed = [p.split(":")[0].strip() for p in line.split("place in pruning order):")[1].split(";")]
+    assert len(listed) == 5 and all(0 <= int(c) < channels for c in listed)
 
 
 def test_notebook_writes_the_report_files(executed):

@@ -13,6 +13,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _backend  # noqa: F401  (before Keras is imported)
+from .analysis import TriggerResponse, trigger_response
 from .augment import augment_images
 from .compare import DefenseComparison, compare_defenses, write_comparison
 from .data import Dataset, load_h5, load_images, save_h5
@@ -45,7 +46,14 @@ from .models import (
     prune_channels,
     save_model,
 )
-from .plotting import plot_curves, plot_evaluations, plot_goodnet_sweep, plot_samples, plot_sweep
+from .plotting import (
+    plot_curves,
+    plot_evaluations,
+    plot_goodnet_sweep,
+    plot_samples,
+    plot_sweep,
+    plot_trigger_response,
+)
 from .pruning import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
 from .triggers import Trigger, load_trigger, poison
 
@@ -68,6 +76,7 @@ __all__ = [
     "SweepResult",
     "SweepStep",
     "Trigger",
+    "TriggerResponse",
     "UnsafeModelError",
     "__version__",
     "accuracy",
@@ -93,6 +102,7 @@ __all__ = [
     "plot_goodnet_sweep",
     "plot_samples",
     "plot_sweep",
+    "plot_trigger_response",
     "poison",
     "predict_classes",
     "prune_channels",
@@ -103,5 +113,6 @@ __all__ = [
     "save_h5",
     "save_model",
     "split_clean",
+    "trigger_response",
     "write_comparison",
 ]

@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from .analysis import TriggerResponse
 from .metrics import Evaluation
 from .pruning import SweepResult
 
-__all__ = ["plot_curves", "plot_evaluations", "plot_goodnet_sweep", "plot_samples", "plot_sweep"]
+__all__ = ["plot_curves", "plot_evaluations", "plot_goodnet_sweep", "plot_samples", "plot_sweep",
+           "plot_trigger_response"]
 
 _STYLE = {"clean": "-", "poisoned": "--"}
 
@@ -121,6 +123,38 @@ def plot_evaluations(evaluations: Sequence[Evaluation], *, ax: Any = None) -> An
     ax.set(ylabel="%", ylim=(0, 105))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def plot_trigger_response(response: TriggerResponse, *, channels_pruned: int | None = None, ax: Any = None,
+                          title: str | None = None) -> Any:
+    """The trigger's rise of each channel's mean activation, channels in pruning order.
+
+    Bars left of the line are the ``channels_pruned`` channels the pruning defense removes;
+    a tall bar right of it is backdoor that pruning leaves for fine-tuning to unlearn.
+
+    Args:
+        response: from :func:`~badnet_repair.analysis.trigger_response`.
+        channels_pruned: how many channels the defense pruned (drawn as a line), default none.
+        ax: matplotlib axes to draw into, default a new figure.
+        title: default "Trigger response of <layer>".
+
+    Returns:
+        The matplotlib Figure.
+    """
+    fig, ax = _axes(ax)
+    order = np.argsort(response.place)
+    rise = response.rise[order]
+    k = len(order) if channels_pruned is None else channels_pruned
+    colors = ["tab:grey" if channels_pruned is not None and i < k else "tab:red" for i in range(len(order))]
+    ax.bar(np.arange(len(order)), rise, color=colors)
+    if channels_pruned is not None:
+        ax.axvline(k - 0.5, color="black", lw=0.8, ls=":")
+        ax.annotate(f"{k} pruned", (k - 0.5, 0.95), xycoords=("data", "axes fraction"), ha="right",
+                    fontsize=8)
+    ax.set(xlabel=f"{response.layer} channels in pruning order (least active on clean data first)",
+           ylabel="mean activation: triggered - clean", title=title or f"Trigger response of {response.layer}")
+    ax.grid(axis="y", alpha=0.3)
     return fig
 
 
