@@ -61,3 +61,36 @@ def test_plot_trigger_response_draws_bars_in_pruning_order():
     np.testing.assert_allclose([b.get_height() for b in bars], [0, 62.5, 0], atol=1e-5)
     assert bars[0].get_facecolor() != bars[1].get_facecolor()  # the pruned bar is greyed out
     assert "conv" in fig.axes[0].get_xlabel()
+
+
+@pytest.mark.slow
+def test_trigger_response_command_on_the_demo_writes_json_md_png(small_demo, tmp_path, capsys):
+    import json
+
+    from badnet_repair.cli import main
+
+    out = tmp_path / "tr"
+    args = ["trigger-response", "-q", "--demo", "pruning-aware", "--demo-dir", str(small_demo.root),
+            "--out", str(out), "--top", "3"]
+    assert main(args) == 0
+    saved = json.loads((out / "trigger_response.json").read_text())
+    model = br.load_model(small_demo.pruning_aware_model)
+    channels = int(model.get_layer("conv_3").filters)
+    assert saved["layer"] == "conv_3" and len(saved["channels"]) == channels
+    assert sorted(c["place"] for c in saved["channels"]) == list(range(channels))
+    assert 0 <= saved["channels_pruned"] <= channels
+    # the library gives the same numbers on the same data
+    valid, test = br.load_h5(small_demo.valid), br.load_h5(small_demo.test)
+    bd = br.load_h5(small_demo.bd_test)
+    sweep = br.prune_sweep(model, valid, thresholds=[10.0])
+    lib = br.trigger_response(model, test.x[test.y != 0], bd, ranking=sweep.ranking)
+    np.testing.assert_allclose([c["rise"] for c in saved["channels"]], lib.rise, rtol=1e-5, atol=1e-4)
+    assert [c["place"] for c in saved["channels"]] == lib.place.tolist()
+    table = (out / "trigger_response.md").read_text()
+    assert table.count("\n| ") == 3 + 1  # header and the 3 channels asked for
+    assert f"| {lib.top(1)[0]} |" in table
+    assert (out / "trigger_response.png").stat().st_size > 1000
+    # nothing is overwritten without --overwrite
+    assert main(args) == 1
+    assert "already exist" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0

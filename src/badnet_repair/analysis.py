@@ -4,7 +4,9 @@ may, to explain why a defense worked or failed."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,7 @@ from .data import Dataset
 from .models import conv_layer
 from .pruning import ChannelRanking, rank_channels
 
-__all__ = ["TriggerResponse", "trigger_response"]
+__all__ = ["TriggerResponse", "trigger_response", "write_trigger_response"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +42,12 @@ class TriggerResponse:
     def top(self, k: int = 5) -> np.ndarray:
         """The (k,) channels the trigger raises most, largest rise first (ties by index)."""
         return np.argsort(-self.rise, kind="stable")[:k]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain types for JSON: the layer and one record per channel, in channel order."""
+        return {"layer": self.layer, "channels": [
+            {"channel": c, "clean_mean": float(self.clean_mean[c]), "poisoned_mean": float(self.poisoned_mean[c]),
+             "rise": float(self.rise[c]), "place": int(self.place[c])} for c in range(len(self.place))]}
 
 
 def trigger_response(
@@ -95,3 +103,39 @@ def trigger_response(
     place = np.empty(len(ranking.order), dtype=np.int64)
     place[np.asarray(ranking.order)] = np.arange(len(ranking.order))
     return TriggerResponse(layer=layer, clean_mean=means[0], poisoned_mean=means[1], place=place)
+
+
+def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike[str], *,
+                           channels_pruned: int | None = None, top: int = 10, title: str | None = None,
+                           overwrite: bool = False) -> dict[str, Path]:
+    """Write ``trigger_response.json`` (every channel), ``.md`` (the ``top`` channels the trigger
+    raises most, marking those among the first ``channels_pruned`` in pruning order) and ``.png``
+    (:func:`~badnet_repair.plotting.plot_trigger_response`). Nothing is overwritten without
+    ``overwrite``."""
+    from matplotlib.figure import Figure
+
+    from .io import atomic_path, check_writable, write_json, write_text
+    from .plotting import plot_trigger_response
+
+    d = Path(out_dir)
+    paths = {k: d / f"trigger_response.{k}" for k in ("json", "md", "png")}
+    check_writable(paths.values(), overwrite=overwrite)
+    write_json(paths["json"], {**response.as_dict(), "channels_pruned": channels_pruned}, overwrite=overwrite)
+    k = channels_pruned
+    md = [f"# {title or f'Trigger response of {response.layer}'}", "",
+          f"The {top} channels of {response.layer} whose mean activation the trigger raises most; place 0 is "
+          f"pruned first (least active on clean data)"
+          + (f", and the first {k} places are pruned." if k is not None else "."), "",
+          "| channel | rise | clean mean | poisoned mean | place in pruning order |"
+          + (" pruned |" if k is not None else ""),
+          "|---:|---:|---:|---:|---:|" + ("---|" if k is not None else "")]
+    for c in response.top(top):
+        md.append(f"| {c} | {response.rise[c]:+.3f} | {response.clean_mean[c]:.3f} | "
+                  f"{response.poisoned_mean[c]:.3f} | {response.place[c]} |"
+                  + ("" if k is None else " yes |" if response.place[c] < k else " no |"))
+    write_text(paths["md"], "\n".join(md) + "\n", overwrite=overwrite)
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    plot_trigger_response(response, channels_pruned=channels_pruned, ax=fig.add_subplot(), title=title)
+    with atomic_path(paths["png"], overwrite=overwrite) as tmp:
+        fig.savefig(tmp, dpi=100)
+    return paths

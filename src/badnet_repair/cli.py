@@ -184,6 +184,27 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--demo", action="store_true", help="both demo BadNets on the demo data")
     cp.add_argument("--demo-dir", default=".demo")
 
+    tp = sub.add_parser(
+        "trigger-response", parents=[common],
+        help="where the backdoor lives: each channel's rise under the trigger and place in the pruning order",
+        description="Rank the layer's channels on the clean validation data as the pruning defense does, "
+        "prune to --accuracy-drop, and measure how much the trigger raises each channel's mean activation "
+        "(poisoned test images against the clean test images of the other classes). Writes "
+        "trigger_response.json/.md/.png. An evaluation: it reads poisoned data, which no defense may.",
+    )
+    tp.add_argument("--model", help="the BadNet (default the lab's model/bd_net.h5)")
+    _add_inputs(tp, ["valid", "test", "bd_test"])
+    tp.add_argument("--layer", default="conv_3", help="the conv layer (default conv_3)")
+    tp.add_argument("--accuracy-drop", type=float, default=10.0,
+                    help="mark the channels pruning removes at this validation accuracy drop (default 10)")
+    tp.add_argument("--top", type=int, default=10, help="channels listed in the table (default 10)")
+    tp.add_argument("--target", type=int, help="attack target (default: the poisoned file's label)")
+    tp.add_argument("--out", default="fixed_models")
+    tp.add_argument("--overwrite", action="store_true")
+    tp.add_argument("--trust-model", action="store_true")
+    tp.add_argument("--demo", choices=["baseline", "pruning-aware"], help="a demo BadNet on the demo data")
+    tp.add_argument("--demo-dir", default=".demo")
+
     rp = sub.add_parser(
         "report", parents=[common],
         help="run Homework-2.ipynb headless; write Lab2_report.md and the notebook as HTML",
@@ -410,6 +431,37 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trigger_response(args: argparse.Namespace) -> int:
+    from .analysis import trigger_response, write_trigger_response
+    from .defense import poisoned_labels
+    from .errors import DataError
+    from .layout import resolve_inputs
+    from .models import load_data_for, load_model
+    from .pruning import prune_sweep
+
+    given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
+    files = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
+    if not files.get("test") or not files.get("bd_test"):
+        raise DataError("trigger-response needs --test and --bd-test")
+    b = load_model(files["model"], trust=args.trust_model)  # type: ignore[arg-type]
+    valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
+    test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
+    bd, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target)  # type: ignore[arg-type]
+    sweep = prune_sweep(b, valid, layer=args.layer, thresholds=[args.accuracy_drop], progress=not args.quiet)
+    sel = sweep.selections[args.accuracy_drop]
+    pruned = len(sweep.ranking.order) if sel is None else sel.channels_pruned
+    # the poisoned images are made from the other classes' images; compare with those
+    clean = test.x[test.y != target]
+    response = trigger_response(b, clean if len(clean) else test.x, bd, layer=args.layer, ranking=sweep.ranking)
+    paths = write_trigger_response(response, args.out, channels_pruned=pruned, top=args.top,
+                                   title=f"{Path(str(files['model'])).name}: trigger response of {args.layer}",
+                                   overwrite=args.overwrite)
+    print(paths["md"].read_text())
+    for p in paths.values():
+        print(p)
+    return 0
+
+
 def _literal(text: str) -> Any:
     import ast
 
@@ -486,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_fine_prune(args)
         if args.command == "compare":
             return _cmd_compare(args)
+        if args.command == "trigger-response":
+            return _cmd_trigger_response(args)
     except BadNetRepairError as exc:
         print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
         return 1
