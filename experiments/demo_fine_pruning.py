@@ -10,6 +10,7 @@ their geometric mean, the default).
 
     python experiments/demo_fine_pruning.py [--seeds 3] [--demo-dir .demo]
         [--members K] [--distill W] [--accuracy-drop X] [--epochs E] [--weight-decay D]
+        [--learning-rate R]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> int:
     ap.add_argument("--accuracy-drop", type=float, default=None, help="prune drop in points (default: the defaults')")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the defaults')")
     ap.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the defaults')")
+    ap.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default: the defaults')")
     args = ap.parse_args()
     import numpy as np
 
@@ -46,7 +48,8 @@ def main() -> int:
 
     given = {k: v for k, v in (("members", args.members), ("distill", args.distill),
                                ("accuracy_drop", args.accuracy_drop), ("epochs", args.epochs),
-                               ("weight_decay", args.weight_decay)) if v is not None}
+                               ("weight_decay", args.weight_decay), ("learning_rate", args.learning_rate))
+             if v is not None}
     print(f"settings: {FINE_TUNING | given}\n")
     print("channels pruned and epoch kept: one per member network\n")
     print("| BadNet | seed | channels pruned | epoch kept | clean accuracy (%) | attack success (%) | "
