@@ -47,6 +47,8 @@ def test_trigger_response_uses_the_given_ranking_and_checks_it():
         br.trigger_response(m, clean, poisoned, layer="conv", ranking=other)
     with pytest.raises(ValueError, match="at least one"):
         br.trigger_response(m, clean, poisoned[:0], layer="conv")
+    with pytest.raises(ValueError, match="images are 4x4x1 .* the model expects 4x4x3"):
+        br.trigger_response(m, clean, poisoned[..., :1], layer="conv")
 
 
 def test_plot_trigger_response_draws_bars_in_pruning_order():

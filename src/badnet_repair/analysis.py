@@ -95,6 +95,9 @@ def trigger_response(
         x = images.x if isinstance(images, Dataset) else np.asarray(images)
         if len(x) == 0:
             raise ValueError("trigger_response needs at least one clean and one poisoned image")
+        if tuple(x.shape[1:]) != tuple(model.input_shape[1:]):
+            raise ValueError(f"images are {'x'.join(map(str, x.shape[1:]))} (HxWxC) but the model expects "
+                             f"{'x'.join(map(str, model.input_shape[1:]))}")
         total = np.zeros(int(conv.filters))
         for i in range(0, len(x), batch_size):
             a = np.asarray(probe.predict(np.asarray(x[i:i + batch_size], dtype=np.float32), verbose=0))
@@ -108,10 +111,21 @@ def trigger_response(
 def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike[str], *,
                            channels_pruned: int | None = None, top: int = 10, title: str | None = None,
                            overwrite: bool = False) -> dict[str, Path]:
-    """Write ``trigger_response.json`` (every channel), ``.md`` (the ``top`` channels the trigger
-    raises most, marking those among the first ``channels_pruned`` in pruning order) and ``.png``
-    (:func:`~badnet_repair.plotting.plot_trigger_response`). Nothing is overwritten without
-    ``overwrite``."""
+    """Write a :class:`TriggerResponse` as ``trigger_response.json``, ``.md`` and ``.png``.
+
+    Args:
+        response: from :func:`trigger_response`.
+        out_dir: the folder (made if missing).
+        channels_pruned: how many channels the defense prunes, default None (not marked).
+        top: channels listed in the markdown table, largest rise first, default 10.
+        title: the table's and the figure's title, default "Trigger response of <layer>".
+        overwrite: replace existing files, default False (an existing one raises
+            :class:`~badnet_repair.errors.OutputExistsError` before anything is written).
+
+    Returns:
+        {"json", "md", "png"} -> path. The JSON holds every channel (:meth:`TriggerResponse.as_dict`)
+        and ``channels_pruned``; the figure is :func:`~badnet_repair.plotting.plot_trigger_response`.
+    """
     from matplotlib.figure import Figure
 
     from .io import atomic_path, check_writable, write_json, write_text
