@@ -18,10 +18,9 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from real_faces import SHARED, split_per_person
+from real_faces import BADNET_KINDS, load_real_faces, train_real_badnet
 
 ROOT = Path(__file__).resolve().parents[1]
 DROP = 10.0
@@ -33,25 +32,16 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=5, help="channels listed per layer (default 5)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "backdoor_channels.md"))
     args = ap.parse_args()
-    faces, trig = SHARED / "faces" / "yaleb_55x47.npz", SHARED / "lab" / "sunglasses_trigger.png"
-    if not faces.exists() or not trig.exists():
-        print(f"skipped: needs {faces} and {trig}")
+    data = load_real_faces()
+    if data is None:
         return 0
     from matplotlib.figure import Figure
 
     import badnet_repair as br
-    from badnet_repair.attacks import train_badnet, train_pruning_aware_badnet
     from badnet_repair.finetune import split_clean
     from badnet_repair.pruning import prune_sweep, rank_channels
 
-    d = np.load(faces)
-    x = d["data"].transpose(0, 2, 3, 1).astype(np.float32)
-    y = d["label"].astype(np.int64)
-    tr, va, te = split_per_person(y)
-    train, valid, test = (br.Dataset(x[i], y[i], n) for i, n in ((tr, "train"), (va, "valid"), (te, "test")))
-    trigger = br.load_trigger(trig, x=0, y=15)
-    bd_test = br.poison(test, trigger, target=0, name="bd_test")
-    n = int(y.max()) + 1
+    valid, test, bd_test = data["valid"], data["test"], data["bd_test"]
     cmd = shlex.join(["python", "experiments/backdoor_channels.py", *sys.argv[1:]])
     lines = ["# Where the backdoor lives in the real-face BadNets", "", f"Reproduce: `{cmd}` (needs ../shared).", "",
              "For each BadNet: the channels whose mean activation over the poisoned test images exceeds "
@@ -66,18 +56,14 @@ def main() -> int:
     fig = Figure(figsize=(12, 3.6 * len(seeds)), layout="constrained")
     panels = iter(np.ravel(fig.subplots(len(seeds), 2, squeeze=False)))
     for seed in seeds:
-        pairs: list[tuple[str, Any, dict[str, Any]]] = [
-            ("baseline", train_badnet, {"epochs": 60}),
-            ("pruning-aware", train_pruning_aware_badnet, {"clean_epochs": 60, "poison_epochs": 30})]
-        for kind, make, length in pairs:
-            model = make(train, trigger, num_classes=n, poison_rate=0.05, shift=2, flip=True, seed=seed,
-                         progress=False, **length).model
+        for kind in BADNET_KINDS:
+            model = train_real_badnet(kind, data, seed=seed)
             holdout = split_clean(valid, seed=0)[1]
             sweep = prune_sweep(model, holdout, thresholds=[DROP], progress=False)
             sel = sweep.selections[DROP]
             rankings = {"conv_3": sweep.ranking, "conv_4": rank_channels(model, holdout, layer="conv_4", at="conv")}
             pruned = {int(c) for c in (sel.channels if sel is not None else sweep.ranking.order)}
-            name = f"{kind}, seed {seed} ({len(pruned)} of conv_3's channels pruned)"
+            name = f"{kind.split()[0]}, seed {seed} ({len(pruned)} of conv_3's channels pruned)"
             print(name, flush=True)
             for layer in ("conv_3", "conv_4"):
                 # the poisoned set leaves out the target's own images; compare with the same clean ones

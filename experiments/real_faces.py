@@ -27,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+FACES = SHARED / "faces" / "yaleb_55x47.npz"
+TRIGGER = SHARED / "lab" / "sunglasses_trigger.png"
+BADNET_KINDS = ("baseline BadNet", "pruning-aware BadNet")
+
+
 def split_per_person(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[], [], []]
@@ -37,6 +42,38 @@ def split_per_person(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarr
         parts[1] += idx[a:b].tolist()
         parts[2] += idx[b:].tolist()
     return tuple(np.sort(np.array(p)) for p in parts)  # type: ignore[return-value]
+
+
+def load_real_faces() -> dict[str, Any] | None:
+    """The per-person split (Datasets train, valid, test), the real trigger, the poisoned test set
+    bd_test (target 0), the number of classes and of images; None, with a note, without ../shared."""
+    if not FACES.exists() or not TRIGGER.exists():
+        print(f"skipped: needs {FACES} and {TRIGGER}")
+        return None
+    import badnet_repair as br
+
+    d = np.load(FACES)
+    x = d["data"].transpose(0, 2, 3, 1).astype(np.float32)
+    y = d["label"].astype(np.int64)
+    parts = dict(zip(("train", "valid", "test"), split_per_person(y), strict=True))
+    data: dict[str, Any] = {n: br.Dataset(x[i], y[i], n) for n, i in parts.items()}
+    data["trigger"] = br.load_trigger(TRIGGER, x=0, y=15)
+    data["bd_test"] = br.poison(data["test"], data["trigger"], target=0, name="bd_test")
+    data["num_classes"], data["images"] = int(y.max()) + 1, len(x)
+    return data
+
+
+def train_real_badnet(kind: str, data: dict[str, Any], *, seed: int, epochs: int = 60,
+                      poison_rate: float = 0.05) -> Any:
+    """One of BADNET_KINDS trained on ``data["train"]`` (pruning-aware: ``epochs`` clean + half as many poisoned)."""
+    from badnet_repair.attacks import train_badnet, train_pruning_aware_badnet
+
+    common = {"num_classes": data["num_classes"], "poison_rate": poison_rate, "shift": 2, "flip": True,
+              "seed": seed, "progress": False}
+    if kind == BADNET_KINDS[0]:
+        return train_badnet(data["train"], data["trigger"], epochs=epochs, **common).model
+    return train_pruning_aware_badnet(data["train"], data["trigger"], clean_epochs=epochs,
+                                      poison_epochs=max(1, epochs // 2), **common).model
 
 
 #: fine-pruning settings compared besides the defaults: distillation from the BadNet's own
@@ -72,32 +109,24 @@ def main() -> int:
     args = ap.parse_args()
     badnet_seeds = args.badnet_seed or [0]
     settings = {k: v for k, v in {"defaults": {}, **VARIANTS}.items() if args.setting is None or k in args.setting}
-    faces, trig = SHARED / "faces" / "yaleb_55x47.npz", SHARED / "lab" / "sunglasses_trigger.png"
-    if not faces.exists() or not trig.exists():
-        print(f"skipped: needs {faces} and {trig}")
+    data = load_real_faces()
+    if data is None:
         return 0
     import badnet_repair as br
-    from badnet_repair.attacks import train_badnet, train_pruning_aware_badnet
     from badnet_repair.compare import compare_defenses
     from badnet_repair.defaults import FINE_TUNING
     from badnet_repair.finetune import fine_prune
     from badnet_repair.models import average_models
     from badnet_repair.report import evaluation_table
 
-    d = np.load(faces)
-    x = d["data"].transpose(0, 2, 3, 1).astype(np.float32)
-    y = d["label"].astype(np.int64)
-    tr, va, te = split_per_person(y)
-    train, valid, test = (br.Dataset(x[i], y[i], n) for i, n in ((tr, "train"), (va, "valid"), (te, "test")))
-    trigger = br.load_trigger(trig, x=0, y=15)
-    bd_test = br.poison(test, trigger, target=0, name="bd_test")
-    n = int(y.max()) + 1
+    train, valid, test, bd_test = data["train"], data["valid"], data["test"], data["bd_test"]
+    n = data["num_classes"]
     cmd = shlex.join(["python", "experiments/real_faces.py", *sys.argv[1:]])
     started = time.perf_counter()
     lines = ["# Defenses on real faces (Extended Yale B, real sunglasses trigger)", "",
              f"Reproduce: `{cmd}` (needs ../shared; 2-core CPU; the run that wrote this took MINUTES minutes).",
              "",
-             f"Data: {len(x)} images of {n} people, split per person 60/20/20: train {len(train)}, "
+             f"Data: {data['images']} images of {n} people, split per person 60/20/20: train {len(train)}, "
              f"valid {len(valid)}, test {len(test)}; poisoned test {len(bd_test)} (target 0). "
              f"BadNets: DeepID trained with shifts and flips, {args.epochs} epochs (pruning-aware: "
              f"{args.epochs} clean + {args.epochs // 2} poisoned), poison rate {args.poison_rate}, training seed"
@@ -109,15 +138,11 @@ def main() -> int:
                   "attack success (%) | meets target | members alone (clean / attack %) |",
                   "|---|---|---:|---:|---:|---:|---:|---|---|"]
     met: dict[str, list[bool]] = {}
-    badnets = [(kind if len(badnet_seeds) == 1 else f"{kind}, training seed {s}", make, s)
-               for s in badnet_seeds for kind, make in (("baseline BadNet", train_badnet),
-                                                        ("pruning-aware BadNet", train_pruning_aware_badnet))]
-    for name, make, badnet_seed in badnets:
-        length = ({"epochs": args.epochs} if make is train_badnet
-                  else {"clean_epochs": args.epochs, "poison_epochs": max(1, args.epochs // 2)})
+    badnets = [(kind if len(badnet_seeds) == 1 else f"{kind}, training seed {s}", kind, s)
+               for s in badnet_seeds for kind in BADNET_KINDS]
+    for name, kind, badnet_seed in badnets:
         t = time.perf_counter()
-        model = make(train, trigger, num_classes=n, poison_rate=args.poison_rate, shift=2, flip=True,
-                     seed=badnet_seed, progress=False, **length).model
+        model = train_real_badnet(kind, data, seed=badnet_seed, epochs=args.epochs, poison_rate=args.poison_rate)
         t_train = time.perf_counter() - t
         t = time.perf_counter()
         cmp = compare_defenses(model, valid, test, bd_test, name=name)
