@@ -15,7 +15,7 @@ from .data import Dataset
 from .models import conv_layer
 from .pruning import ChannelRanking, rank_channels
 
-__all__ = ["TriggerResponse", "trigger_response", "write_trigger_response"]
+__all__ = ["TriggerResponse", "trigger_response", "trigger_response_paths", "write_trigger_response"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +108,11 @@ def trigger_response(
     return TriggerResponse(layer=layer, clean_mean=means[0], poisoned_mean=means[1], place=place)
 
 
+def trigger_response_paths(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """{"json", "md", "png"} -> the files :func:`write_trigger_response` writes into ``out_dir``."""
+    return {k: Path(out_dir) / f"trigger_response.{k}" for k in ("json", "md", "png")}
+
+
 def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike[str], *,
                            channels_pruned: int | None = None, top: int = 10, title: str | None = None,
                            overwrite: bool = False) -> dict[str, Path]:
@@ -131,8 +136,7 @@ def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike
     from .io import atomic_path, check_writable, write_json, write_text
     from .plotting import plot_trigger_response
 
-    d = Path(out_dir)
-    paths = {k: d / f"trigger_response.{k}" for k in ("json", "md", "png")}
+    paths = trigger_response_paths(out_dir)
     check_writable(paths.values(), overwrite=overwrite)
     write_json(paths["json"], {**response.as_dict(), "channels_pruned": channels_pruned}, overwrite=overwrite)
     k = channels_pruned

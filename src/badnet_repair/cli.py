@@ -432,13 +432,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_trigger_response(args: argparse.Namespace) -> int:
-    from .analysis import trigger_response, write_trigger_response
+    from .analysis import trigger_response, trigger_response_paths, write_trigger_response
     from .defense import poisoned_labels
     from .errors import DataError
+    from .io import check_writable
     from .layout import resolve_inputs
     from .models import load_data_for, load_model
     from .pruning import prune_sweep
 
+    # refuse before loading and sweeping, not after
+    check_writable(trigger_response_paths(args.out).values(), overwrite=args.overwrite)
     given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
     files = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
     if not files.get("test") or not files.get("bd_test"):
