@@ -65,7 +65,7 @@ def test_save_h5_round_trips_in_lab_format(tmp_path):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda d: dict(data=nchw(), lbl=np.zeros(6)), r"no dataset 'label'; datasets found: \['data', 'lbl'\]"),
+        (lambda d: dict(data=nchw(), lbl=np.zeros(6)), r"no dataset 'label'; entries found: \['data', 'lbl'\]"),
         (lambda d: dict(images=nchw(), label=np.zeros(6)), r"no dataset 'data'"),
         (lambda d: dict(data=nchw()[0], label=np.zeros(3)), r"expected 4 axes"),
         (lambda d: dict(data=np.zeros((6, 2, 5, 4)), label=np.zeros(6)), r"no axis of size 3"),
@@ -156,3 +156,13 @@ def test_load_images_errors(tmp_path):
         br.load_images(tmp_path / "junk.png")
     with pytest.raises(DataError, match="no such file"):
         br.load_images(tmp_path / "missing.png")
+
+
+def test_a_group_where_the_data_should_be_is_named_as_a_group(tmp_path):
+    p = tmp_path / "grp.h5"
+    with h5py.File(p, "w") as f:
+        f.create_group("data")
+        f["label"] = np.arange(3)
+    with pytest.raises(DataError, match=r"'data' is a group, not a dataset") as info:
+        br.load_h5(p)
+    assert str(p) in str(info.value)

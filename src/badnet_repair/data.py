@@ -258,8 +258,10 @@ def load_h5(
     with _open_h5(p) as f:
         keys = sorted(f.keys())
         for key in (data_key, label_key):
-            if key not in f or not hasattr(f[key], "shape"):
-                raise _fail(p, f"has no dataset {key!r}; datasets found: {keys or 'none'}")
+            if key not in f:
+                raise _fail(p, f"has no dataset {key!r}; entries found: {keys or 'none'}")
+            if not hasattr(f[key], "shape"):
+                raise _fail(p, f"{key!r} is a group, not a dataset; entries found: {keys}")
         dset, lset = f[data_key], f[label_key]
         shape = tuple(int(s) for s in dset.shape)
         if len(shape) != 4:
