@@ -93,7 +93,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "4 members, distill 0.3, prune drop 10, weight decay 0.5": {"members": 4, "distill": 0.3,
                                                                         "accuracy_drop": 10.0, "weight_decay": 0.5},
             "4 members, distill 0.3, prune drop 10, weight decay 1, rate 3e-3": {
-                "members": 4, "distill": 0.3, "accuracy_drop": 10.0, "weight_decay": 1.0, "learning_rate": 3e-3}}
+                "members": 4, "distill": 0.3, "accuracy_drop": 10.0, "weight_decay": 1.0, "learning_rate": 3e-3},
+            "4 members, distill 0.5, prune drop 10, weight decay 1, rate 3e-3": {
+                "members": 4, "distill": 0.5, "accuracy_drop": 10.0, "weight_decay": 1.0, "learning_rate": 3e-3},
+            "6 members, distill 0.5, prune drop 10, weight decay 1, rate 3e-3": {
+                "members": 6, "distill": 0.5, "accuracy_drop": 10.0, "weight_decay": 1.0, "learning_rate": 3e-3}}
 
 
 def main() -> int:
