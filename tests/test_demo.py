@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -67,6 +68,52 @@ def test_demo_data_is_deterministic(tmp_path):
         with h5py.File(getattr(a, name)) as fa, h5py.File(getattr(b, name)) as fb:
             assert fa["data"][()].tobytes() == fb["data"][()].tobytes()
             assert fa["label"][()].tobytes() == fb["label"][()].tobytes()
+
+
+TINY = DemoConfig(num_identities=3, train_per_identity=4, valid_per_identity=2, test_per_identity=2,
+                  epochs=2, clean_epochs=1, poison_epochs=1, poison_rate=0.2)
+
+
+def test_demo_makes_only_the_badnets_asked_for(tmp_path, caplog):
+    paths = make_demo(tmp_path, config=TINY, progress=False, badnets=["baseline"])
+    m = load_demo_manifest(tmp_path)
+    assert "baseline" in m and "pruning_aware" not in m
+    assert paths.model.exists() and not paths.pruning_aware_model.exists()
+    baseline_bytes = paths.model.read_bytes()
+    # asked later without settings: trained with the demo's own (tiny) ones, baseline kept
+    with caplog.at_level("INFO", logger="badnet_repair"):
+        make_demo(tmp_path, progress=False, badnets=("pruning-aware",))
+    assert "training the demo's pruning-aware BadNet: 2 epochs on 12 images" in caplog.text
+    m = load_demo_manifest(tmp_path)
+    assert m["config"] == asdict(TINY)
+    assert "baseline" in m and m["pruning_aware"]["reinstated_channels"] is not None
+    assert br.num_classes(br.load_model(paths.pruning_aware_model)) == 3
+    assert paths.model.read_bytes() == baseline_bytes
+    with pytest.raises(ValueError, match="among"):
+        make_demo(tmp_path, progress=False, badnets=["multi-target"])
+
+
+def test_demo_badnets_are_the_same_bytes_every_time(tmp_path):
+    """Seeds plus TensorFlow's op determinism: the same settings give the same weights."""
+    a = make_demo(tmp_path / "a", config=TINY, progress=False, badnets=["baseline"])
+    b = make_demo(tmp_path / "b", config=TINY, progress=False, badnets=["baseline"])
+    with h5py.File(a.root / "model" / "bd_weights.h5") as fa, h5py.File(b.root / "model" / "bd_weights.h5") as fb:
+        names: list[str] = []
+        fa.visit(lambda n: names.append(n) if isinstance(fa[n], h5py.Dataset) else None)
+        assert len(names) >= 10  # every kernel and bias of DeepID
+        for n in names:
+            assert fa[n][()].tobytes() == fb[n][()].tobytes(), n
+
+
+def test_op_determinism_is_restored_after_training():
+    from tensorflow.python.framework import config as tf_config
+
+    from badnet_repair.attacks import deterministic_ops
+
+    before = tf_config.is_op_determinism_enabled()
+    with deterministic_ops():
+        assert tf_config.is_op_determinism_enabled()
+    assert tf_config.is_op_determinism_enabled() == before
 
 
 def test_prune_runs_on_the_demo_when_no_lab_files(demo, tmp_path, monkeypatch, capsys):

@@ -10,9 +10,10 @@ decoys first and reaches the backdoor only by pruning channels clean inputs need
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,28 @@ def poison_training_set(train: Dataset, trigger: Trigger, *, target: int = 0, po
     return Dataset(x, y, name=f"{train.name}+poison"), n_bd / len(y)
 
 
+@contextlib.contextmanager
+def deterministic_ops() -> Iterator[None]:
+    """TensorFlow's op determinism inside the block, so seeded training gives the same bytes
+    on every run (on machines of the same kind, with the same TensorFlow); the process's
+    setting is restored after. Other backends: nothing to do."""
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    # The public API can only turn it on; TensorFlow's own config module can read and undo it.
+    from tensorflow.python.framework import config as tf_config
+
+    was_on = getattr(tf_config, "is_op_determinism_enabled", lambda: True)()
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_on and hasattr(tf_config, "disable_op_determinism"):
+            tf_config.disable_op_determinism()
+
+
 def train_model(
     model: Any,
     data: Dataset,
@@ -138,32 +161,34 @@ def train_model(
     progress: bool = True,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``data`` with Adam (cosine-decayed learning rate) and
-    cross-entropy; returns the per-epoch history.
+    cross-entropy; returns the per-epoch history. Runs with TensorFlow's op determinism
+    (:func:`deterministic_ops`), so the same seed gives the same weights.
 
     With ``shift`` or ``flip`` each epoch trains on freshly augmented copies
     (:func:`~badnet_repair.augment.augment_images`), which lifts clean accuracy on small
     face sets (measured on Yale B in docs/results.md)."""
     from .augment import augment_images
 
-    keras.utils.set_random_seed(seed)
-    steps = epochs * -(-len(data) // batch_size)
-    # cosine decay to zero: the last epochs settle instead of bouncing around the optimum
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, steps))
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    bar = _Progress(epochs, desc, progress)
-    if not (shift or flip):
-        model.fit(data.x, data.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-                  callbacks=[*callbacks, bar])
+    with deterministic_ops():
+        keras.utils.set_random_seed(seed)
+        steps = epochs * -(-len(data) // batch_size)
+        # cosine decay to zero: the last epochs settle instead of bouncing around the optimum
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, steps))
+        model.compile(optimizer=keras.optimizers.Adam(schedule),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        bar = _Progress(epochs, desc, progress)
+        if not (shift or flip):
+            model.fit(data.x, data.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+                      callbacks=[*callbacks, bar])
+            return bar.history
+        rng = np.random.default_rng([seed, 12])
+        for epoch in range(epochs):
+            x = augment_images(np.asarray(data.x), rng=rng, shift=shift, flip=flip)
+            h = model.fit(x, data.y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0,
+                          callbacks=list(callbacks))
+            bar.on_epoch_end(epoch, {k: v[-1] for k, v in h.history.items()})
+        bar.on_train_end()
         return bar.history
-    rng = np.random.default_rng([seed, 12])
-    for epoch in range(epochs):
-        x = augment_images(np.asarray(data.x), rng=rng, shift=shift, flip=flip)
-        h = model.fit(x, data.y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0,
-                      callbacks=list(callbacks))
-        bar.on_epoch_end(epoch, {k: v[-1] for k, v in h.history.items()})
-    bar.on_train_end()
-    return bar.history
 
 
 def train_badnet(

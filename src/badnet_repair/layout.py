@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .demo import DEMO_BADNETS
 from .errors import DataError
 
 __all__ = ["LAB_FILES", "ResolvedInputs", "resolve_inputs"]
@@ -29,7 +30,6 @@ GET_LAB = (
     "pass the files with --model, --valid, --bd-valid, --test and --bd-test, "
     "or run on the built-in demo with --demo baseline"
 )
-DEMO_MODELS = ("baseline", "pruning-aware")
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,13 @@ def _demo(which: str, demo_dir: str | os.PathLike[str], demo_config: Any, progre
 
     if isinstance(demo_config, dict):
         demo_config = DemoConfig(**demo_config)
-    if which not in DEMO_MODELS:
-        raise ValueError(f"demo must be one of {DEMO_MODELS}, not {which!r}")
-    if load_demo_manifest(demo_dir) is None:
-        log.warning("making the built-in demo in %s (once; a few minutes)", demo_dir)
-    paths = make_demo(demo_dir, config=demo_config, progress=progress)
+    if which not in DEMO_BADNETS:
+        raise ValueError(f"demo must be one of {DEMO_BADNETS}, not {which!r}")
+    manifest = load_demo_manifest(demo_dir)
+    if manifest is None or which.replace("-", "_") not in manifest:
+        log.warning("making the built-in demo's %s BadNet in %s (once)", which, demo_dir)
+    # only the BadNet this run uses: the other is made the first time a command asks for it
+    paths = make_demo(demo_dir, config=demo_config, progress=progress, badnets=(which,))
     model = paths.pruning_aware_model if which == "pruning-aware" else paths.model
     files: dict[str, str | None] = {
         "model": str(model), "valid": str(paths.valid), "bd_valid": str(paths.bd_valid),
