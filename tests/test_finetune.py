@@ -86,14 +86,14 @@ def test_fine_prune_command_reads_no_test_data_before_the_model_is_chosen(small_
 
 
 @pytest.mark.slow
-def test_fine_tune_keeps_the_best_held_out_epoch_later_on_ties_never_the_start(small_demo):
+def test_fine_tune_keeps_the_best_held_out_epoch_start_included_later_on_ties(small_demo):
     b = br.load_model(small_demo.model)
     tune, hold, _, _ = split_clean(br.load_h5(small_demo.valid), holdout_fraction=0.34)
     model, epoch, hist = finetune.fine_tune(b, tune, hold, epochs=4, progress=False)
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3, 4]
     assert hist[0]["holdout_accuracy"] == finetune._accuracy(b, hold)
-    accs = [h["holdout_accuracy"] for h in hist[1:]]
-    assert epoch == max(i for i, a in enumerate(accs, 1) if a == max(accs))
+    accs = [h["holdout_accuracy"] for h in hist]
+    assert epoch == max(i for i, a in enumerate(accs) if a == max(accs))
     assert finetune._accuracy(model, hold) == hist[epoch]["holdout_accuracy"]
     # same seed, same model
     again, epoch2, _ = finetune.fine_tune(b, tune, hold, epochs=4, progress=False)
@@ -101,6 +101,38 @@ def test_fine_tune_keeps_the_best_held_out_epoch_later_on_ties_never_the_start(s
     assert all(np.array_equal(u, v) for u, v in zip(model.get_weights(), again.get_weights(), strict=True))
     with pytest.raises(ValueError, match="epochs"):
         finetune.fine_tune(b, tune, hold, epochs=0, progress=False)
+
+
+def test_fine_tune_returns_the_start_when_tuning_only_hurts(small_deepid, caplog):
+    """Tuning on wrong labels lowers held-out accuracy at every epoch: the start is kept."""
+    from .conftest import random_faces
+
+    x = random_faces(40, seed=8)
+    y = br.predict_classes(small_deepid, x)  # the start is 100% right on these
+    hold = br.Dataset(x[:20], y[:20], "holdout")
+    wrong = br.Dataset(x[20:], (y[20:] + 1) % 7, "tune")
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        model, epoch, hist = finetune.fine_tune(small_deepid, wrong, hold, epochs=3, learning_rate=1e-2,
+                                                shift=0, flip=False, progress=False)
+    assert hist[0]["holdout_accuracy"] == 100.0
+    assert max(h["holdout_accuracy"] for h in hist[1:]) < 100.0
+    assert epoch == 0
+    assert all(np.array_equal(u, v) for u, v in zip(model.get_weights(), small_deepid.get_weights(), strict=True))
+    assert "keeping the start" in caplog.text
+
+
+def test_split_says_what_it_held_out_when_classes_are_too_small(caplog):
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3])  # three classes of 2, one of 10
+    ds = br.Dataset(np.zeros((16, 2, 2, 3), np.float32), y, "valid")
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        _, hold, _, _ = split_clean(ds, holdout_fraction=0.2, seed=0)
+    assert np.bincount(hold.y).tolist() == [1, 1, 1, 2]
+    assert "held out 5 of 16 clean images (31.2%, 20% asked)" in caplog.text
+    assert "3 classes 1 of 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        split_clean(br.Dataset(np.zeros((20, 2, 2, 3), np.float32), np.repeat([0, 1], 10), "v"), holdout_fraction=0.2)
+    assert caplog.text == ""
 
 
 def test_weight_decay_shrinks_unused_weights_by_the_adamw_factor_each_step():
@@ -151,7 +183,8 @@ def test_distillation_leaves_out_the_teachers_mistakes(small_demo):
     wrong[np.arange(len(tune)), (tune.y + 1) % n] = 0.9
     right = soft.copy()
     right[np.arange(len(tune)), tune.y] = 0.9
-    kw = {"epochs": 2, "progress": False, "seed": 3}
+    # the tuned weights themselves are compared, so the untuned start may not win
+    kw = {"epochs": 2, "progress": False, "seed": 3, "keep_start": False}
     plain, _, plain_hist = finetune.fine_tune(b, tune, hold, **kw)
     # a teacher wrong on every image is never distilled: exactly plain fine-tuning
     ignored, _, hist = finetune.fine_tune(b, tune, hold, distill=0.5, teacher=_FixedTeacher(wrong), **kw)

@@ -26,12 +26,13 @@ def test_goodnet_model_follows_the_rule_and_round_trips(tmp_path, small_deepid):
     want = br.goodnet_predict(b_pred, r_pred, 7)
     np.testing.assert_array_equal(probs.argmax(1), want)
     agree = b_pred == r_pred
-    np.testing.assert_allclose(probs[agree, :7], small_deepid.predict(x[agree], verbose=0), rtol=1e-6)
+    # a subset runs at another batch shape: float32 rounding differs by a few 1e-6
+    np.testing.assert_allclose(probs[agree, :7], small_deepid.predict(x[agree], verbose=0), rtol=1e-5, atol=1e-5)
     assert np.all(probs[agree, 7] == 0)
     np.testing.assert_array_equal(probs[~agree], np.eye(8)[np.full((~agree).sum(), 7)])
     p = tmp_path / "goodnet_2.keras"
     g.save(p)
     for loaded in (keras.models.load_model(p, compile=False), br.load_model(p)):
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), probs, rtol=1e-6)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), probs, rtol=1e-5, atol=1e-6)
     # the caller's models are untouched
     np.testing.assert_array_equal(br.predict_classes(small_deepid, x), b_pred)

@@ -55,7 +55,7 @@ def trigger_response(
     clean: Dataset | np.ndarray,
     poisoned: Dataset | np.ndarray,
     *,
-    layer: str = "conv_3",
+    layer: str | None = None,
     ranking: ChannelRanking | None = None,
     batch_size: int = 256,
 ) -> TriggerResponse:
@@ -73,7 +73,7 @@ def trigger_response(
         model: the network (not changed).
         clean: (N, H, W, C) clean images, or a Dataset.
         poisoned: (M, H, W, C) the images with the trigger, or a Dataset.
-        layer: the conv layer, default ``"conv_3"``.
+        layer: the conv layer, default :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
         ranking: the pruning order to place the channels in, default: :func:`rank_channels`
             of ``model`` on ``clean`` (pass the one made on the defense's own validation data).
         batch_size: images per forward pass, default 256.
@@ -84,6 +84,7 @@ def trigger_response(
     import keras
 
     conv = conv_layer(model, layer)
+    layer = str(conv.name)
     if ranking is None:
         ranking = rank_channels(model, clean, layer=layer)
     elif ranking.layer != layer or len(ranking.order) != int(conv.filters):

@@ -10,10 +10,9 @@ decoys first and reaches the backdoor only by pruning channels clean inputs need
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from . import _backend  # noqa: F401
 from .data import Dataset
 from .models import conv_layer, deepid, prune_channels
 from .pruning import prune_sweep
+from .training import EpochProgress, ZeroChannels, deterministic_ops
 from .triggers import Trigger
 
 __all__ = ["AttackResult", "poison_training_set", "train_badnet", "train_model",
@@ -51,55 +51,6 @@ class AttackResult:
     history: dict[str, list[dict[str, float]]] | None = None
 
 
-class ZeroChannels(keras.callbacks.Callback):
-    """Keeps the given output channels of a conv layer at zero during training."""
-
-    def __init__(self, layer: str, channels: Sequence[int]) -> None:
-        super().__init__()
-        self.layer_name = layer
-        self.channels = np.asarray(sorted(channels), dtype=np.int64)
-
-    def zero(self) -> None:
-        if self.channels.size == 0:
-            return
-        lyr = self.model.get_layer(self.layer_name)
-        k, *rest = lyr.get_weights()
-        k[..., self.channels] = 0.0
-        if rest:
-            rest[0][self.channels] = 0.0
-        lyr.set_weights([k, *rest])
-
-    def on_train_begin(self, logs: Any = None) -> None:
-        self.zero()
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        self.zero()
-
-
-class _Progress(keras.callbacks.Callback):
-    """A tqdm bar over epochs with the latest loss and accuracy; records the history."""
-
-    def __init__(self, epochs: int, desc: str, enabled: bool) -> None:
-        super().__init__()
-        self.history: list[dict[str, float]] = []
-        self.bar: Any = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=epochs, desc=desc, unit="epoch", leave=False)
-
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        logs = {k: float(v) for k, v in (logs or {}).items()}
-        self.history.append(logs)
-        if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
-            self.bar.update()
-
-    def on_train_end(self, logs: Any = None) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def poison_training_set(train: Dataset, trigger: Trigger, *, target: int = 0, poison_rate: float = 0.1,
                         seed: int = 0) -> tuple[Dataset, float]:
     """Add triggered, target-labelled copies of a random fraction of the training images.
@@ -122,28 +73,6 @@ def poison_training_set(train: Dataset, trigger: Trigger, *, target: int = 0, po
     x = np.concatenate([train.x, trigger.apply(train.x[pick])])
     y = np.concatenate([train.y, np.full(n_bd, target, np.int64)])
     return Dataset(x, y, name=f"{train.name}+poison"), n_bd / len(y)
-
-
-@contextlib.contextmanager
-def deterministic_ops() -> Iterator[None]:
-    """TensorFlow's op determinism inside the block, so seeded training gives the same bytes
-    on every run (on machines of the same kind, with the same TensorFlow); the process's
-    setting is restored after. Other backends: nothing to do."""
-    if keras.backend.backend() != "tensorflow":
-        yield
-        return
-    import tensorflow as tf
-
-    # The public API can only turn it on; TensorFlow's own config module can read and undo it.
-    from tensorflow.python.framework import config as tf_config
-
-    was_on = getattr(tf_config, "is_op_determinism_enabled", lambda: True)()
-    tf.config.experimental.enable_op_determinism()
-    try:
-        yield
-    finally:
-        if not was_on and hasattr(tf_config, "disable_op_determinism"):
-            tf_config.disable_op_determinism()
 
 
 def train_model(
@@ -176,7 +105,7 @@ def train_model(
         schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, steps))
         model.compile(optimizer=keras.optimizers.Adam(schedule),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        bar = _Progress(epochs, desc, progress)
+        bar = EpochProgress(epochs, desc, progress)
         if not (shift or flip):
             model.fit(data.x, data.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
                       callbacks=[*callbacks, bar])
@@ -260,7 +189,7 @@ def train_pruning_aware_badnet(
     num_classes: int | None = None,
     target: int = 0,
     poison_rate: float = 0.1,
-    layer: str = "conv_3",
+    layer: str | None = None,
     prune_drop: float = 4.0,
     holdout_fraction: float = 0.2,
     clean_epochs: int = 12,
@@ -289,7 +218,8 @@ def train_pruning_aware_badnet(
         num_classes: classes, default ``max(label) + 1``.
         target: the attack's target class, default 0.
         poison_rate: poisoned fraction of the retraining set, default 0.1.
-        layer: the conv layer the defender will prune, default ``conv_3``.
+        layer: the conv layer the defender will prune, default
+            :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
         prune_drop: the attacker's pruning stop, in accuracy points, default 4.
         holdout_fraction: part of ``train`` held out to rank and stop the pruning.
         clean_epochs, poison_epochs, batch_size, learning_rate, seed: training settings.
@@ -307,6 +237,7 @@ def train_pruning_aware_badnet(
     hold, fit = train.subset(np.sort(order[:n_hold]), name="holdout"), train.subset(np.sort(order[n_hold:]))
     keras.utils.set_random_seed(seed)
     clean_model = architecture(num_classes=n)
+    layer = str(conv_layer(clean_model, layer).name)
     h_clean = train_model(clean_model, fit, epochs=clean_epochs, batch_size=batch_size,
                           learning_rate=learning_rate, seed=seed, shift=shift, flip=flip, desc="clean training",
                           progress=progress)

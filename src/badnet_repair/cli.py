@@ -17,6 +17,8 @@ from .layout import LAB_FILES
 __all__ = ["main"]
 
 log = logging.getLogger("badnet_repair")
+LAYER_HELP = ("conv layer to prune (default: found from the graph, the last conv layer followed by pooling; "
+              "conv_3 in DeepID)")
 
 _NEUTRAL_FLAGS = {"-q", "--quiet", "--overwrite"}
 
@@ -116,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_inputs(pr, ["model", "valid", "bd_valid", "test", "bd_test"])
     pr.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X",
                     help="accuracy drops in points (default: 2 4 10)")
-    pr.add_argument("--layer", default="conv_3", help="conv layer to prune (default conv_3)")
+    pr.add_argument("--layer", help=LAYER_HELP)
     pr.add_argument("--rank-at", choices=["pooled", "conv"], default="pooled",
                     help="measure activations at the layer's pooling output (default) or its own output")
     pr.add_argument("--descending", action="store_true", help="prune the most active channels first")
@@ -157,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_inputs(fp, ["model", "valid", "test", "bd_test"])
     fp.add_argument("--method", choices=["fine-pruning", "fine-tuning"], default="fine-pruning")
-    fp.add_argument("--layer", default="conv_3")
+    fp.add_argument("--layer", help=LAYER_HELP)
     fp.add_argument("--prune-fraction", type=float, help="prune this fraction of the channels instead")
     _add_tuning(fp)
     fp.add_argument("--target", type=int)
@@ -194,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--model", help="the BadNet (default the lab's model/bd_net.h5)")
     _add_inputs(tp, ["valid", "test", "bd_test"])
-    tp.add_argument("--layer", default="conv_3", help="the conv layer (default conv_3)")
+    tp.add_argument("--layer", help=LAYER_HELP)
     tp.add_argument("--accuracy-drop", type=float, default=10.0,
                     help="mark the channels pruning removes at this validation accuracy drop (default 10)")
     tp.add_argument("--top", type=int, default=10, help="channels listed in the table (default 10)")
@@ -457,7 +459,7 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     clean = test.x[test.y != target]
     response = trigger_response(b, clean if len(clean) else test.x, bd, layer=args.layer, ranking=sweep.ranking)
     paths = write_trigger_response(response, args.out, channels_pruned=pruned, top=args.top,
-                                   title=f"{Path(str(files['model'])).name}: trigger response of {args.layer}",
+                                   title=f"{Path(str(files['model'])).name}: trigger response of {response.layer}",
                                    overwrite=args.overwrite)
     print(paths["md"].read_text())
     for p in paths.values():

@@ -40,7 +40,7 @@ def compare_defenses(
     *,
     name: str = "BadNet",
     thresholds: Sequence[float] = (2.0, 4.0, 10.0),
-    layer: str = "conv_3",
+    layer: str | None = None,
     progress: bool = False,
     **fine_options: Any,
 ) -> DefenseComparison:
@@ -53,7 +53,7 @@ def compare_defenses(
         bd_test: poisoned test data labelled with the target.
         name: the BadNet's name in the table.
         thresholds: the pruning defense's X values.
-        layer: the pruned conv layer.
+        layer: the pruned conv layer, default :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
         progress: progress bars.
         **fine_options: passed to :func:`~badnet_repair.finetune.fine_prune` for both
             fine-tuning and fine-pruning (epochs, learning_rate, accuracy_drop, ...).

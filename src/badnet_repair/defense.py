@@ -117,7 +117,7 @@ def run_pruning_defense(
     bd_test: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] = "fixed_models",
     thresholds: Sequence[float] = (2.0, 4.0, 10.0),
-    layer: str = "conv_3",
+    layer: str | None = None,
     at: RankAt = "pooled",
     descending: bool = False,
     target: int | None = None,
@@ -149,7 +149,7 @@ def run_pruning_defense(
             test data.
         out_dir: output folder, default ``fixed_models``.
         thresholds: accuracy drops X in points, default (2, 4, 10).
-        layer: conv layer to prune, default ``conv_3``.
+        layer: conv layer to prune, default :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
         at: rank at the ``"pooled"`` output (default) or the ``"conv"`` output.
         descending: prune the most active channels first.
         target: the attack's target class; default read from the poisoned files' labels.
@@ -200,6 +200,7 @@ def run_pruning_defense(
     sweep = prune_sweep(b, clean, others=others, poisoned=poisoned, layer=layer,
                         thresholds=thresholds, at=at, descending=descending, engine=engine,  # type: ignore[arg-type]
                         batch_size=batch_size, progress=progress)
+    layer = sweep.layer
 
     clean_set = "test" if "test" in others else "valid"
     bd_set = "bd_test" if "bd_test" in others else ("bd_valid" if "bd_valid" in others else None)

@@ -41,7 +41,8 @@ class FineTuned:
         model: the tuned network (a new model; the BadNet is not changed).
         seed: its seed (split, ranking, shuffling, augmentation).
         pruned_channels: channels kept at zero (empty for fine-tuning).
-        kept_epoch: the epoch whose weights were kept (1..epochs).
+        kept_epoch: the epoch whose weights were kept (1..epochs), or 0 where no tuned
+            epoch did as well on the held-out part as the pruned, untuned start.
         holdout_accuracy: held-out clean accuracy (%) of the kept network.
         base_holdout_accuracy: held-out clean accuracy (%) of the BadNet.
         pruned_holdout_accuracy: held-out accuracy (%) after pruning, before tuning.
@@ -110,13 +111,22 @@ def split_clean(data: Dataset, *, holdout_fraction: float = 0.2, seed: int = 0
         raise ValueError(f"holdout_fraction must be in (0, 1), not {holdout_fraction}")
     rng = np.random.default_rng([seed, 5])
     hold: list[np.ndarray] = []
+    adjusted: dict[tuple[int, int], int] = {}  # (held out, of) -> number of classes
     for c in np.unique(data.y):
         idx = rng.permutation(np.flatnonzero(data.y == c))
-        k = round(holdout_fraction * len(idx))
+        k = want = round(holdout_fraction * len(idx))
         if len(idx) >= 2:
             k = min(max(k, 1), len(idx) - 1)
+        if k != want:
+            adjusted[(k, len(idx))] = adjusted.get((k, len(idx)), 0) + 1
         hold.append(idx[:k])
     hold_idx = np.sort(np.concatenate(hold)) if hold else np.zeros(0, np.int64)
+    if adjusted:
+        cases = ", ".join(f"{n} class{'es' if n > 1 else ''} {k} of {size}"
+                          for (k, size), n in sorted(adjusted.items(), key=lambda kv: -kv[1]))
+        log.warning("held out %d of %d clean images (%.1f%%, %.0f%% asked): classes too small for %.0f%% "
+                    "keep at least one image on each side (%s)", len(hold_idx), len(data),
+                    100.0 * len(hold_idx) / len(data), 100 * holdout_fraction, 100 * holdout_fraction, cases)
     mask = np.ones(len(data), bool)
     mask[hold_idx] = False
     tune_idx = np.flatnonzero(mask)
@@ -148,14 +158,16 @@ def fine_tune(
     weight_decay: float = DEFAULTS["weight_decay"],
     teacher: Any | None = None,
     frozen_channels: tuple[str, tuple[int, ...]] | None = None,
+    keep_start: bool = True,
     progress: bool = True,
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """Fine-tune a copy of ``model`` on ``tune``; keep the epoch best on ``holdout``.
 
     Every epoch trains on freshly augmented copies of ``tune`` (:func:`augment_images`);
     the epoch kept is the one with the highest held-out accuracy, ties going to the later
-    (more tuned) epoch. The untuned start is not a candidate: asking for fine-tuning returns
-    a fine-tuned model (``prune`` gives the pruned-only one).
+    (more tuned) epoch. With ``keep_start`` the untuned start is a candidate too (epoch 0):
+    a repair that starts from a pruned model is never worse than that model on the held-out
+    data, and a warning says when tuning did not match it.
 
     Args:
         model: the network (not changed).
@@ -191,15 +203,19 @@ def fine_tune(
         teacher: the network whose predictions are distilled, default ``model``
             (:func:`fine_prune` passes the unpruned BadNet).
         frozen_channels: ``(layer, channels)`` held at zero throughout.
+        keep_start: let the untuned start win, default True. :func:`fine_prune` passes False
+            when nothing was pruned: the start is then the BadNet itself, which clean data
+            always prefers and which still holds the backdoor.
         progress: a progress bar over epochs.
 
     Returns:
-        (the kept model, its epoch (1..epochs), per-epoch history with epoch 0 = the start).
+        (the kept model, its epoch (0 = the untuned start, else 1..epochs), per-epoch
+        history with epoch 0 = the start).
     """
     import keras
 
-    from .attacks import ZeroChannels, _Progress
     from .augment import augment_images
+    from .training import EpochProgress, ZeroChannels, deterministic_ops
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
@@ -207,53 +223,59 @@ def fine_tune(
         raise ValueError(f"distill must be in [0, 1], not {distill}")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, not {weight_decay}")
-    teacher = model if teacher is None else teacher
-    keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng([seed, 11])
-    work = keras.models.clone_model(model)
-    work.set_weights(model.get_weights())
-    callbacks: list[Any] = []
-    if frozen_channels is not None and frozen_channels[1]:
-        zero = ZeroChannels(*frozen_channels)
-        zero.set_model(work)
-        zero.zero()
-        callbacks.append(zero)
-    rate: Any = learning_rate
-    if schedule == "cosine":
-        # early epochs move the weights (and the backdoor) most, late ones settle
-        rate = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * -(-len(tune) // batch_size)))
-    elif schedule != "constant":
-        raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
-    optimizer = (keras.optimizers.AdamW(rate, weight_decay=weight_decay, clipnorm=clipnorm) if weight_decay
-                 else keras.optimizers.Adam(rate, clipnorm=clipnorm))
-    work.compile(optimizer=optimizer,
-                 loss="categorical_crossentropy", metrics=["categorical_accuracy"])
-    one_hot = np.eye(int(work.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
-    history: list[dict[str, float]] = [{"epoch": 0.0, "holdout_accuracy": _accuracy(work, holdout)}]
-    best_acc, best_epoch, best_weights = -1.0, 0, work.get_weights()
-    bar = _Progress(epochs, "fine-tuning", progress)
-    tune_x = np.asarray(tune.x, dtype=np.float32)
-    for epoch in range(1, epochs + 1):
-        x = augment_images(tune_x, rng=rng, shift=shift, flip=flip) if shift or flip else tune_x
-        y = one_hot
-        if distill:
-            soft = np.asarray(teacher.predict(x, batch_size=512, verbose=0), dtype=np.float32)
-            agree = soft.argmax(axis=1) == tune.y
-            y = np.where(agree[:, None], (1.0 - distill) * one_hot + distill * soft, one_hot)
-        h = work.fit(x, y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0, callbacks=callbacks)
-        acc = _accuracy(work, holdout)
-        # "accuracy" on the tuning part: agreement with the (soft) targets' top class
-        row = {"epoch": float(epoch), "loss": float(h.history["loss"][-1]),
-               "accuracy": float(100 * h.history["categorical_accuracy"][-1]), "holdout_accuracy": acc}
-        if distill:
-            row["teacher_agreement"] = float(100 * agree.mean())
-        history.append(row)
-        bar.on_epoch_end(epoch, {"holdout_accuracy": acc})
-        if acc >= best_acc:
-            best_acc, best_epoch, best_weights = acc, epoch, work.get_weights()
-    bar.on_train_end()
-    work.set_weights(best_weights)
-    return work, best_epoch, history
+    # same seed, same weights: the selection of members and epochs is then repeatable
+    with deterministic_ops():
+        teacher = model if teacher is None else teacher
+        keras.utils.set_random_seed(seed)
+        rng = np.random.default_rng([seed, 11])
+        work = keras.models.clone_model(model)
+        work.set_weights(model.get_weights())
+        callbacks: list[Any] = []
+        if frozen_channels is not None and frozen_channels[1]:
+            zero = ZeroChannels(*frozen_channels)
+            zero.set_model(work)
+            zero.zero()
+            callbacks.append(zero)
+        rate: Any = learning_rate
+        if schedule == "cosine":
+            # early epochs move the weights (and the backdoor) most, late ones settle
+            rate = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * -(-len(tune) // batch_size)))
+        elif schedule != "constant":
+            raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
+        optimizer = (keras.optimizers.AdamW(rate, weight_decay=weight_decay, clipnorm=clipnorm) if weight_decay
+                     else keras.optimizers.Adam(rate, clipnorm=clipnorm))
+        work.compile(optimizer=optimizer,
+                     loss="categorical_crossentropy", metrics=["categorical_accuracy"])
+        one_hot = np.eye(int(work.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
+        history: list[dict[str, float]] = [{"epoch": 0.0, "holdout_accuracy": _accuracy(work, holdout)}]
+        best_acc = history[0]["holdout_accuracy"] if keep_start else -1.0
+        best_epoch, best_weights = 0, work.get_weights()
+        bar = EpochProgress(epochs, "fine-tuning", progress)
+        tune_x = np.asarray(tune.x, dtype=np.float32)
+        for epoch in range(1, epochs + 1):
+            x = augment_images(tune_x, rng=rng, shift=shift, flip=flip) if shift or flip else tune_x
+            y = one_hot
+            if distill:
+                soft = np.asarray(teacher.predict(x, batch_size=512, verbose=0), dtype=np.float32)
+                agree = soft.argmax(axis=1) == tune.y
+                y = np.where(agree[:, None], (1.0 - distill) * one_hot + distill * soft, one_hot)
+            h = work.fit(x, y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0, callbacks=callbacks)
+            acc = _accuracy(work, holdout)
+            # "accuracy" on the tuning part: agreement with the (soft) targets' top class
+            row = {"epoch": float(epoch), "loss": float(h.history["loss"][-1]),
+                   "accuracy": float(100 * h.history["categorical_accuracy"][-1]), "holdout_accuracy": acc}
+            if distill:
+                row["teacher_agreement"] = float(100 * agree.mean())
+            history.append(row)
+            bar.on_epoch_end(epoch, {"holdout_accuracy": acc})
+            if acc >= best_acc:
+                best_acc, best_epoch, best_weights = acc, epoch, work.get_weights()
+        bar.on_train_end()
+        if best_epoch == 0:
+            log.warning("no fine-tuned epoch matched the untuned start's held-out accuracy (%.2f%%); "
+                        "keeping the start", best_acc)
+        work.set_weights(best_weights)
+        return work, best_epoch, history
 
 
 def fine_prune(
@@ -261,7 +283,7 @@ def fine_prune(
     valid: Dataset,
     *,
     method: Literal["fine-pruning", "fine-tuning"] = "fine-pruning",
-    layer: str = "conv_3",
+    layer: str | None = None,
     accuracy_drop: float | None = DEFAULTS["accuracy_drop"],
     prune_fraction: float | None = None,
     holdout_fraction: float = DEFAULTS["holdout_fraction"],
@@ -302,7 +324,7 @@ def fine_prune(
         model: the BadNet (not changed).
         valid: clean labelled validation data; nothing else is read.
         method: ``"fine-pruning"`` (default) or ``"fine-tuning"``.
-        layer: conv layer to prune, default ``conv_3``.
+        layer: conv layer to prune, default :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
         accuracy_drop: prune until held-out accuracy falls this many points (default in
             :data:`DEFAULTS`).
         prune_fraction: prune this fraction of the channels instead.
@@ -336,6 +358,7 @@ def fine_prune(
     if method == "fine-pruning" and prune_fraction is None and (accuracy_drop is None or not accuracy_drop >= 0):
         raise ValueError("give accuracy_drop >= 0 or prune_fraction")
     conv = conv_layer(model, layer)
+    layer = str(conv.name)
     tuned: list[FineTuned] = []
     for i in range(members):
         member_seed = seed + 1000 * i
@@ -360,7 +383,8 @@ def fine_prune(
                                         batch_size=batch_size, seed=member_seed, schedule=schedule, shift=shift,
                                         flip=flip, clipnorm=clipnorm, distill=distill, weight_decay=weight_decay,
                                         teacher=model,
-                                        frozen_channels=(layer, pruned) if pruned else None, progress=progress)
+                                        frozen_channels=(layer, pruned) if pruned else None,
+                                        keep_start=bool(pruned), progress=progress)
         tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
                                pruned_holdout_accuracy=pruned_acc, history=tuple(history), tune_index=tune_idx,

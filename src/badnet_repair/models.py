@@ -7,6 +7,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,15 +19,21 @@ from .errors import ModelError, UnsafeModelError
 from .io import atomic_path, check_writable
 
 __all__ = [
+    "ChannelChain",
+    "channel_chain",
     "conv_layer",
+    "crossing_tensors",
     "deepid",
+    "default_conv_layer",
     "load_model",
     "num_classes",
+    "pooling_after",
     "predict_classes",
     "prune_channels",
     "save_model",
     "save_weights_h5",
     "saved_model_paths",
+    "zero_channels",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,33 +106,228 @@ def load_data_for(model: Any, path: str | os.PathLike[str], **options: Any) -> A
     return load_h5(path, num_classes=num_classes(model), image_shape=(h, w, c), **options)
 
 
-def conv_layer(model: Any, layer: str) -> Any:
-    """Return the convolution layer called ``layer``, with a clear error if it is not one."""
+_CONVS = ("Conv1D", "Conv2D", "Conv3D")
+# Layers that act on each channel alone (at inference): a pruned channel stays pruned through
+# them, so they belong to the channel's chain and the fast sweep cuts after them.
+_PER_CHANNEL = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Dropout",
+                "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
+                "GaussianDropout", "AlphaDropout", "ActivityRegularization")
+_POOLING = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
+            "AveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+            "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D")
+
+
+def _is_conv(layer: Any) -> bool:
     from keras import layers
 
+    return isinstance(layer, (layers.Conv1D, layers.Conv2D, layers.Conv3D))
+
+
+def _consumers(model: Any, layer: Any) -> list[Any]:
+    """The layers of ``model`` that take ``layer``'s output."""
+    ours = {id(lyr) for lyr in model.layers}
+    found = {id(n.operation): n.operation for n in getattr(layer, "_outbound_nodes", [])
+             if id(n.operation) in ours}
+    return list(found.values())
+
+
+def _called_once(model: Any, layer: Any) -> bool:
+    ours = {id(lyr) for lyr in model.layers}
+    return sum(1 for n in getattr(layer, "_inbound_nodes", []) if id(n.operation) in ours) <= 1
+
+
+def conv_layer(model: Any, layer: str | None = None) -> Any:
+    """Return the convolution layer called ``layer`` (default: :func:`default_conv_layer`),
+    with a clear error if it is not one."""
+    if layer is None:
+        return model.get_layer(default_conv_layer(model))
     try:
         found = model.get_layer(layer)
     except ValueError:
         names = ", ".join(lyr.name for lyr in model.layers)
         raise ModelError(f"model {model.name!r} has no layer named {layer!r}; layers: {names}") from None
-    if not isinstance(found, (layers.Conv1D, layers.Conv2D, layers.Conv3D)):
+    if not _is_conv(found):
         raise ModelError(
             f"layer {layer!r} of model {model.name!r} is a {type(found).__name__}, not a "
             "convolution layer; the pruning defense prunes the channels of a Conv layer"
         )
+    if getattr(found, "data_format", "channels_last") != "channels_last":
+        raise ModelError(f"layer {layer!r} of model {model.name!r} is channels_first; only channels_last "
+                         "convolutions can be pruned")
+    if not _called_once(model, found):
+        raise ModelError(f"layer {layer!r} of model {model.name!r} is shared (called more than once); "
+                         "pruning it would prune every use")
     return found
 
 
-def prune_channels(model: Any, layer: str, channels: Iterable[int]) -> Any:
-    """Return a copy of ``model`` with the given output channels of ``layer`` zeroed.
+def _layers_in_order(model: Any) -> list[Any]:
+    """The model's layers from input to output (a topological order of its graph)."""
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if not by_depth:
+        return list(model.layers)
+    seen: dict[int, Any] = {}
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            seen.setdefault(id(node.operation), node.operation)
+    return list(seen.values())
+
+
+def default_conv_layer(model: Any) -> str:
+    """The conv layer the pruning defense prunes by default, found from the graph.
+
+    The last convolution whose output (through its per-channel layers, see
+    :func:`channel_chain`) goes into a pooling layer, as ``conv_3`` -> ``pool_3`` in the
+    lab's DeepID (Liu et al. prune its last pooled conv layer) or the last conv block of VGG-
+    and MobileNet-style networks; where none does, the last convolution (ResNets).
+
+    Returns:
+        The layer's name.
+    """
+    convs = [lyr for lyr in _layers_in_order(model) if _is_conv(lyr) and _called_once(model, lyr)]
+    if not convs:
+        raise ModelError(f"model {model.name!r} has no convolution layer to prune")
+    pooled = [c for c in convs if _pooling_of(model, c) is not None]
+    return str((pooled or convs)[-1].name)
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelChain:
+    """A conv layer and the per-channel layers that alone take its output, in order.
+
+    Pruning a channel zeroes it along the whole chain (:func:`prune_channels`), so the
+    chain's last layer outputs a constant for it (0 for ReLU-like activations); the
+    pruning sweep caches activations at that last layer.
+
+    Attributes:
+        conv: the convolution layer.
+        layers: the BatchNormalization / activation / dropout layers after it, in order.
+    """
+
+    conv: Any
+    layers: tuple[Any, ...]
+
+    @property
+    def end(self) -> Any:
+        """The chain's last layer (the conv itself when nothing follows it per channel)."""
+        return self.layers[-1] if self.layers else self.conv
+
+    def pruned_value(self) -> np.ndarray:
+        """(C,) float32: what each channel outputs at :attr:`end` once pruned (inference)."""
+        import keras
+
+        c = int(self.conv.filters)
+        shape = (1,) * (len(self.conv.output.shape) - 1) + (c,)
+        v = keras.ops.convert_to_numpy(self.conv.activation(keras.ops.zeros(shape)))
+        for lyr in self.layers:
+            if type(lyr).__name__ == "BatchNormalization":
+                # moving mean, gamma and beta are zeroed: (v - 0) * (0 or 1) / sqrt(var + eps) + 0
+                if lyr.scale:
+                    v = v * 0.0
+                else:
+                    var = keras.ops.convert_to_numpy(lyr.moving_variance)
+                    v = v / np.sqrt(var + lyr.epsilon)
+            else:
+                v = keras.ops.convert_to_numpy(lyr(keras.ops.convert_to_tensor(v), training=False))
+        return np.asarray(v, np.float32).reshape(c)
+
+
+def channel_chain(model: Any, layer: str | None = None) -> ChannelChain:
+    """The chain of ``layer`` (default :func:`default_conv_layer`) in ``model``: the conv and
+    each following layer that acts per channel and is the only taker of the one before."""
+    conv = conv_layer(model, layer)
+    chain: list[Any] = []
+    cur = conv
+    while True:
+        nxt = _consumers(model, cur)
+        if len(nxt) != 1 or type(nxt[0]).__name__ not in _PER_CHANNEL or not _called_once(model, nxt[0]):
+            break
+        lyr = nxt[0]
+        if type(lyr).__name__ == "BatchNormalization" and lyr.axis not in (-1, len(lyr.output.shape) - 1):
+            break
+        chain.append(lyr)
+        cur = lyr
+    return ChannelChain(conv=conv, layers=tuple(chain))
+
+
+def _pooling_of(model: Any, conv: Any) -> Any | None:
+    """The pooling layer that alone takes the output of ``conv``'s chain, if any."""
+    end = channel_chain(model, conv.name).end
+    nxt = _consumers(model, end)
+    if len(nxt) == 1 and type(nxt[0]).__name__ in _POOLING:
+        return nxt[0]
+    return None
+
+
+def pooling_after(model: Any, layer: str | None = None) -> Any | None:
+    """The pooling layer that alone takes the output of ``layer``'s chain, or None."""
+    return _pooling_of(model, conv_layer(model, layer))
+
+
+def crossing_tensors(model: Any, cut: Any) -> list[Any]:
+    """The tensors that the part of ``model`` after ``cut`` needs besides ``cut`` itself.
+
+    Computations that depend on the tensor ``cut`` may also take tensors computed without it
+    (a skip connection around the pruned layer, or the model's input): running the model's
+    tail from ``cut`` needs those too. In graph order, without duplicates.
+    """
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if not by_depth:
+        raise ModelError(f"model {model.name!r} is not a functional graph; cannot cut it at a layer")
+    dependent = {id(cut)}
+    crossing: dict[int, Any] = {}
+    for depth in sorted(by_depth, reverse=True):  # deepest first: producers before takers
+        for node in by_depth[depth]:
+            ins = list(node.input_tensors)
+            if any(id(t) in dependent for t in ins):
+                for t in ins:
+                    if id(t) not in dependent:
+                        crossing.setdefault(id(t), t)
+                dependent.update(id(t) for t in node.outputs)
+    if not any(id(t) in dependent for t in model.outputs):
+        raise ModelError(f"model {model.name!r}: its output does not depend on the layer being pruned")
+    return list(crossing.values())
+
+
+def zero_channels(model: Any, layer: str, channels: Iterable[int]) -> None:
+    """Zero output channels of conv ``layer`` in ``model`` itself, along its whole chain.
+
+    The conv's kernel slice and bias, and for each BatchNormalization in the chain its
+    moving mean, gamma and beta: the channel then outputs ``activation(0)`` (0 for ReLU or
+    linear) at the chain's end, wherever it goes, in inference and in training. The one
+    place where weights are changed for pruning; :func:`prune_channels` calls it on a copy.
+    """
+    chain = channel_chain(model, layer)
+    conv = chain.conv
+    chans = np.asarray(sorted(set(int(c) for c in channels)), dtype=np.int64)
+    filters = int(conv.filters)
+    if chans.size == 0:
+        return
+    if chans.min() < 0 or chans.max() >= filters:
+        raise ModelError(f"channel indices must be in [0, {filters}) for layer {layer!r}")
+    weights = [w.copy() for w in conv.get_weights()]
+    weights[0][..., chans] = 0.0
+    if conv.use_bias:
+        weights[1][chans] = 0.0
+    conv.set_weights(weights)
+    for lyr in chain.layers:
+        if type(lyr).__name__ == "BatchNormalization":
+            for var in (lyr.gamma, lyr.beta, lyr.moving_mean):
+                if var is not None:
+                    w = np.array(var.numpy())
+                    w[chans] = 0.0
+                    var.assign(w)
+
+
+def prune_channels(model: Any, layer: str | None, channels: Iterable[int]) -> Any:
+    """Return a copy of ``model`` with the given output channels of ``layer`` pruned.
 
     The pruning of Liu, Dolan-Gavitt and Garg, "Fine-Pruning" (RAID 2018): a pruned
-    channel's kernel slice and bias are set to zero, so with a ReLU it outputs zero on
-    every input. The caller's model is not changed.
+    channel outputs zero on every input (see :func:`zero_channels`: kernel and bias, and
+    any BatchNormalization after the conv). The caller's model is not changed.
 
     Args:
         model: a Keras model.
-        layer: name of a convolution layer in it.
+        layer: name of a convolution layer in it; None for :func:`default_conv_layer`.
         channels: output-channel indices to zero.
 
     Returns:
@@ -133,18 +335,11 @@ def prune_channels(model: Any, layer: str, channels: Iterable[int]) -> Any:
     """
     import keras
 
-    conv = conv_layer(model, layer)
-    chans = np.asarray(sorted(set(int(c) for c in channels)), dtype=np.int64)
-    filters = int(conv.filters)
-    if chans.size and (chans.min() < 0 or chans.max() >= filters):
-        raise ModelError(f"channel indices must be in [0, {filters}) for layer {layer!r}")
+    name = conv_layer(model, layer).name
+    channels = list(channels)
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    weights = [w.copy() for w in clone.get_layer(layer).get_weights()]
-    weights[0][..., chans] = 0.0
-    if conv.use_bias:
-        weights[1][chans] = 0.0
-    clone.get_layer(layer).set_weights(weights)
+    zero_channels(clone, name, channels)
     return clone
 
 

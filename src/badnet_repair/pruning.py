@@ -19,7 +19,7 @@ from . import _backend  # noqa: F401
 from .data import Dataset
 from .errors import ModelError
 from .goodnet import goodnet_predict
-from .models import conv_layer, num_classes, prune_channels
+from .models import ChannelChain, channel_chain, crossing_tensors, num_classes, pooling_after, prune_channels
 
 __all__ = [
     "ChannelRanking",
@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 
 RankAt = Literal["pooled", "conv"]
 Engine = Literal["fast", "plain"]
-_POOLING = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D",
-            "AveragePooling2D", "AveragePooling3D")
-
 
 @dataclass(frozen=True, eq=False)
 class ChannelRanking:
@@ -185,45 +182,35 @@ def _single_io(model: Any) -> None:
         raise ModelError(f"model {model.name!r} must have one input and one output for pruning")
 
 
-def _pooling_after(model: Any, conv: Any) -> Any | None:
-    """The pooling layer that alone consumes ``conv``'s output in ``model``, if any."""
-    ours = {id(lyr) for lyr in model.layers}
-    consumers = {id(n.operation): n.operation for n in getattr(conv, "_outbound_nodes", [])
-                 if id(n.operation) in ours}
-    if len(consumers) == 1:
-        (op,) = consumers.values()
-        if type(op).__name__ in _POOLING:
-            return op
-    return None
-
-
-def _compiled(fn_model: Any, *, argmax: bool) -> Callable[[np.ndarray], Any]:
-    """A fast batched call of a Keras model (traced once under TensorFlow)."""
+def _compiled(fn_model: Any, *, argmax: bool) -> Callable[..., Any]:
+    """A fast batched call of a Keras model of one or more inputs (traced once under TensorFlow)."""
     import keras
 
+    many = len(fn_model.inputs) > 1
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         # One trace per model is expected (the plain engine builds a model per step).
         tf.get_logger().setLevel("ERROR")
-        spec = [tf.TensorSpec([None, *fn_model.inputs[0].shape[1:]], tf.float32)]
+        spec = [tf.TensorSpec([None, *t.shape[1:]], tf.float32) for t in fn_model.inputs]
 
-        def call(x: Any) -> Any:
-            out = fn_model(x, training=False)
+        def call(*xs: Any) -> Any:
+            out = fn_model(list(xs) if many else xs[0], training=False)
             if argmax:
                 return tf.argmax(out, axis=-1, output_type=tf.int32)
             return out
 
         traced = tf.function(call, input_signature=spec, reduce_retracing=True)
 
-        def run(x: np.ndarray) -> Any:
-            out = traced(np.ascontiguousarray(x, dtype=np.float32))
+        def run(*xs: np.ndarray) -> Any:
+            out = traced(*(np.ascontiguousarray(x, dtype=np.float32) for x in xs))
             return tf.nest.map_structure(lambda t: t.numpy(), out)
 
         return run
 
-    def run_eager(x: np.ndarray) -> Any:
-        out = fn_model(np.asarray(x, dtype=np.float32), training=False)
+    def run_eager(*xs: np.ndarray) -> Any:
+        arrays = [np.asarray(x, dtype=np.float32) for x in xs]
+        out = fn_model(arrays if many else arrays[0], training=False)
         if argmax:
             return keras.ops.convert_to_numpy(keras.ops.argmax(out, axis=-1)).astype(np.int32)
         return keras.tree.map_structure(keras.ops.convert_to_numpy, out)
@@ -256,14 +243,16 @@ def _ranking(layer: str, at_name: str, means: np.ndarray, descending: bool) -> C
                           descending=descending)
 
 
-def _measure_layer(model: Any, conv: Any, at: RankAt) -> Any:
+def _measure_layer(model: Any, chain: ChannelChain, at: RankAt) -> Any:
+    """The layer whose output ranks the channels: the pooling after the chain, or its end."""
     if at not in ("pooled", "conv"):
         raise ValueError(f"at must be 'pooled' or 'conv', not {at!r}")
     if at == "conv":
-        return None
-    pool = _pooling_after(model, conv)
+        return chain.end
+    pool = pooling_after(model, chain.conv.name)
     if pool is None:
-        log.warning("layer %r is not followed by a pooling layer; ranking at its own output", conv.name)
+        log.warning("layer %r is not followed by a pooling layer; ranking at %r", chain.conv.name, chain.end.name)
+        return chain.end
     return pool
 
 
@@ -271,7 +260,7 @@ def rank_channels(
     model: Any,
     data: Dataset | np.ndarray,
     *,
-    layer: str = "conv_3",
+    layer: str | None = None,
     at: RankAt = "pooled",
     descending: bool = False,
     batch_size: int = 1024,
@@ -280,13 +269,16 @@ def rank_channels(
 
     Fine-Pruning (Liu et al., RAID 2018): channels that clean inputs rarely activate are
     pruned first. By default the activation is read at the pooling layer that follows the
-    conv layer (conv_3 at pool_3, as the lab and its solutions do).
+    conv layer (conv_3 at pool_3, as the lab and its solutions do); the conv's activation is
+    read after its per-channel layers (BatchNormalization, activation), see
+    :func:`~badnet_repair.models.channel_chain`.
 
     Args:
         model: the BadNet B.
         data: clean validation images (N, H, W, C), or a Dataset.
-        layer: the conv layer, default ``"conv_3"``.
-        at: ``"pooled"`` (default) or ``"conv"`` (the conv layer's own output).
+        layer: the conv layer, default :func:`~badnet_repair.models.default_conv_layer`
+            (``conv_3`` in DeepID).
+        at: ``"pooled"`` (default) or ``"conv"`` (the end of the conv's chain).
         descending: most active first, instead of least active first (default).
         batch_size: images per forward pass, default 1024.
 
@@ -296,24 +288,25 @@ def rank_channels(
     import keras
 
     _single_io(model)
-    conv = conv_layer(model, layer)
-    pool = _measure_layer(model, conv, at)
-    target = pool if pool is not None else conv
+    chain = channel_chain(model, layer)
+    target = _measure_layer(model, chain, at)
     x = data.x if isinstance(data, Dataset) else np.asarray(data, dtype=np.float32)
     fn = _compiled(keras.Model(model.inputs[0], target.output), argmax=False)
     means = _means_from_batches((fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)),
-                                int(conv.filters))
-    return _ranking(layer, target.name, means, descending)
+                                int(chain.conv.filters))
+    return _ranking(chain.conv.name, target.name, means, descending)
 
 
 # ----------------------------------------------------------------------------- engines
 
 
 class _ActivationCache:
-    """One set's conv-layer activations, kept so each step re-runs only the tail."""
+    """One set's activations at the cut (and the tensors crossing it), kept so each step
+    re-runs only the tail."""
 
-    def __init__(self, acts: np.ndarray, fill: float, batch_size: int) -> None:
+    def __init__(self, acts: np.ndarray, crossing: list[np.ndarray], fill: np.ndarray, batch_size: int) -> None:
         self.acts = acts
+        self.crossing = crossing
         # active[n, c]: channel c of input n differs from its pruned value somewhere;
         # where it does not, pruning c cannot change that input's prediction.
         self.active = np.zeros((acts.shape[0], acts.shape[-1]), dtype=bool)
@@ -322,55 +315,53 @@ class _ActivationCache:
             self.active[i : i + batch_size] = (acts[i : i + batch_size] != fill).any(axis=spatial)
 
 
-def _pruned_value(conv: Any) -> float:
-    """What a pruned channel outputs everywhere: activation(0), 0 for ReLU or linear."""
-    import keras
-
-    return float(keras.ops.convert_to_numpy(conv.activation(keras.ops.zeros((1,)))).reshape(-1)[0])
-
-
 def _sweep_fast(
-    model: Any, conv: Any, sets: Mapping[str, Dataset], ranking: ChannelRanking | None,
+    model: Any, chain: ChannelChain, sets: Mapping[str, Dataset], ranking: ChannelRanking | None,
     at: RankAt, descending: bool, batch_size: int, progress: bool,
 ) -> tuple[ChannelRanking, dict[str, np.ndarray]]:
     import keras
 
-    head = _compiled(keras.Model(model.inputs[0], [conv.output, model.outputs[0]]), argmax=False)
-    tail = _compiled(keras.Model(conv.output, model.outputs[0]), argmax=True)
-    fill = _pruned_value(conv)
-    channels = int(conv.filters)
+    cut = chain.end.output
+    # the tail takes the cut and every tensor that goes around it (skip connections)
+    crossing = crossing_tensors(model, cut)
+    head = _compiled(keras.Model(model.inputs[0], [cut, *crossing, model.outputs[0]]), argmax=False)
+    tail = _compiled(keras.Model([cut, *crossing], model.outputs[0]), argmax=True)
+    fill = chain.pruned_value()
+    channels = int(chain.conv.filters)
     caches: dict[str, _ActivationCache] = {}
     preds: dict[str, np.ndarray] = {}
     for name, ds in sets.items():
         n = len(ds)
-        acts = np.empty((n, *conv.output.shape[1:]), dtype=np.float32)
+        acts = np.empty((n, *cut.shape[1:]), dtype=np.float32)
+        around = [np.empty((n, *t.shape[1:]), dtype=np.float32) for t in crossing]
         preds[name] = np.empty((channels + 1, n), dtype=np.int32)
         for i in range(0, n, batch_size):
-            a, p = head(ds.x[i : i + batch_size])
+            a, *others, p = head(ds.x[i : i + batch_size])
             acts[i : i + len(a)] = a
+            for store, o in zip(around, others, strict=True):
+                store[i : i + len(a)] = o
             preds[name][0, i : i + len(a)] = np.argmax(p, axis=-1)
-        caches[name] = _ActivationCache(acts, fill, batch_size)
+        caches[name] = _ActivationCache(acts, around, fill, batch_size)
     if ranking is None:
         valid = caches[next(iter(sets))].acts
-        pool = _measure_layer(model, conv, at)
-        if pool is None:
+        target = _measure_layer(model, chain, at)
+        if target is chain.end:
             batches: Any = (valid[i : i + batch_size] for i in range(0, len(valid), batch_size))
-            ranking = _ranking(conv.name, conv.name, _means_from_batches(batches, channels), descending)
         else:
             # Pooling has no weights; an eager call per batch adds no graph nodes.
-            batches = (keras.ops.convert_to_numpy(pool(valid[i : i + batch_size]))
+            batches = (keras.ops.convert_to_numpy(target(valid[i : i + batch_size]))
                        for i in range(0, len(valid), batch_size))
-            ranking = _ranking(conv.name, pool.name, _means_from_batches(batches, channels), descending)
-    steps = _progress(ranking.order, progress, conv.name)
+        ranking = _ranking(chain.conv.name, target.name, _means_from_batches(batches, channels), descending)
+    steps = _progress(ranking.order, progress, chain.conv.name)
     for k, c in enumerate(steps, start=1):
         for name, cache in caches.items():
             cur = preds[name][k]
             cur[:] = preds[name][k - 1]
-            cache.acts[..., c] = fill
+            cache.acts[..., c] = fill[c]
             rows = np.flatnonzero(cache.active[:, c])
             for i in range(0, rows.size, batch_size):
                 r = rows[i : i + batch_size]
-                cur[r] = tail(cache.acts[r])
+                cur[r] = tail(cache.acts[r], *(t[r] for t in cache.crossing))
     return ranking, preds
 
 
@@ -378,6 +369,7 @@ def _sweep_plain(
     model: Any, conv: Any, sets: Mapping[str, Dataset], ranking: ChannelRanking,
     batch_size: int, progress: bool,
 ) -> dict[str, np.ndarray]:
+    """The obviously-correct reference: at every step, a pruned copy runs the whole network."""
     channels = int(conv.filters)
     preds = {name: np.empty((channels + 1, len(ds)), dtype=np.int32) for name, ds in sets.items()}
     base = _compiled(model, argmax=True)
@@ -404,7 +396,7 @@ def prune_sweep(
     *,
     others: Mapping[str, Dataset] | None = None,
     poisoned: Collection[str] = (),
-    layer: str = "conv_3",
+    layer: str | None = None,
     thresholds: Sequence[float] = (2.0, 4.0, 10.0),
     ranking: ChannelRanking | None = None,
     at: RankAt = "pooled",
@@ -423,7 +415,9 @@ def prune_sweep(
 
     The ``"fast"`` engine runs the network up to ``layer`` once, caches that layer's
     activations, and at each step re-runs only the rest of the network, only for inputs on
-    which the newly pruned channel was not already constant. Its predictions equal the
+    which the newly pruned channel was not already constant. It cuts the network after the
+    conv's per-channel layers (BatchNormalization, activation) and carries every tensor that
+    goes around the cut (skip connections), so it works on residual and BN networks. Its predictions equal the
     ``"plain"`` engine's (clone, zero the channels, run the whole model) up to flips
     between classes whose scores tie within float32 rounding.
 
@@ -432,7 +426,8 @@ def prune_sweep(
         valid: clean validation data; ranks the channels and drives the stop rule.
         others: more sets to measure at every step, by name (poisoned validation, test...).
         poisoned: names in ``others`` that hold poisoned inputs labelled with the target.
-        layer: the conv layer to prune, default ``"conv_3"``.
+        layer: the conv layer to prune, default
+            :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
         thresholds: the accuracy drops X, in points, default (2, 4, 10).
         ranking: a precomputed ranking; by default ranked on ``valid`` (see ``at``).
         at: where activations are averaged for ranking, ``"pooled"`` (default) or ``"conv"``.
@@ -446,7 +441,8 @@ def prune_sweep(
         SweepResult with C+1 steps and (C+1, N) predictions per set.
     """
     _single_io(model)
-    conv = conv_layer(model, layer)
+    chain = channel_chain(model, layer)
+    conv = chain.conv
     others = dict(others or {})
     if valid_name in others:
         raise ValueError(f"a set in others is named {valid_name!r}, the validation set's name")
@@ -461,16 +457,16 @@ def prune_sweep(
         select_threshold(np.zeros((2, 1)), np.zeros(1), np.zeros(1), x)  # validates x
     channels = int(conv.filters)
     if engine == "fast":
-        ranking, preds = _sweep_fast(model, conv, sets, ranking, at, descending, batch_size, progress)
+        ranking, preds = _sweep_fast(model, chain, sets, ranking, at, descending, batch_size, progress)
     elif engine == "plain":
         if ranking is None:
-            ranking = rank_channels(model, valid, layer=layer, at=at, descending=descending,
+            ranking = rank_channels(model, valid, layer=conv.name, at=at, descending=descending,
                                     batch_size=batch_size)
         preds = _sweep_plain(model, conv, sets, ranking, batch_size, progress)
     else:
         raise ValueError(f"engine must be 'fast' or 'plain', not {engine!r}")
     if sorted(int(c) for c in ranking.order) != list(range(channels)):
-        raise ValueError(f"ranking order must be a permutation of the {channels} channels of {layer!r}")
+        raise ValueError(f"ranking order must be a permutation of the {channels} channels of {conv.name!r}")
     labels = {name: ds.y for name, ds in sets.items()}
     steps = tuple(
         SweepStep(
