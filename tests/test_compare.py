@@ -27,3 +27,17 @@ def test_compare_on_the_demo_writes_every_defense_for_both_badnets(small_demo, t
     for r in rows:
         if r["kind"] == "goodnet":
             assert 0 <= r["detection_rate"] <= 100 and 0 <= r["false_alarm_rate"] <= 100
+
+
+def test_compare_runs_the_defenses_named_from_the_registry(small_demo, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "-q", "--demo", "--demo-dir", str(small_demo.root), "--out", str(out),
+                 "--defenses", "pruning", "--thresholds", "0", "4"]) == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    for badnet in ("baseline BadNet", "pruning-aware BadNet"):
+        models = [r["model"] for r in rows if r["badnet"] == badnet]
+        assert models[0] == "no defense"
+        assert set(models[1:]) <= {"pruning X=0", "G (pruning X=0)", "pruning X=4", "G (pruning X=4)"}
+        assert "pruning X=0" in models  # a drop of 0 points is reached at the first channel
+    with pytest.raises(SystemExit):
+        main(["compare", "--demo", "--defenses", "neural-cleanse"])

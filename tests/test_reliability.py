@@ -193,7 +193,7 @@ def test_repeated_sweeps_give_the_same_order_and_predictions(lab_files, small_de
 
 
 def test_results_record_versions_hashes_and_parameters(lab_files, tmp_path):
-    from badnet_repair.io import sha256_file
+    from badnet_repair.files import sha256_file
 
     r = br.run_pruning_defense(lab_files["model"], lab_files["valid"], out_dir=tmp_path / "o",
                                thresholds=[3], save_models=False, report=False, progress=False)

@@ -1,23 +1,36 @@
 """badnet-repair: repair backdoored neural networks (BadNets).
 
 The pruning defense of Liu, Dolan-Gavitt and Garg ("Fine-Pruning", RAID 2018) on the
-CSAW-HackML lab's formats: rank a conv layer's channels on clean data, prune them in order,
-keep B'_X where validation accuracy first falls X points, and build the GoodNet G that
-flags inputs on which B and B' disagree; fine-pruning (prune, then fine-tune on clean data)
-and the comparison of the defenses. Importing the package registers G's layer with
-Keras, so ``keras.models.load_model("goodnet_2.keras")`` works afterwards.
+CSAW-HackML lab's formats and on any Keras CNN (BatchNormalization, skip connections):
+rank a conv layer's channels on clean data, prune them in order, keep B'_X where
+validation accuracy first falls X points, and build the GoodNet G that flags inputs on
+which B and B' disagree; fine-pruning (prune, then fine-tune on clean data) and the
+comparison of the defenses, every defense on one interface (:mod:`badnet_repair.defenses`,
+:mod:`badnet_repair.detectors`). Importing the package registers G's layer with Keras, so
+``keras.models.load_model("goodnet_2.keras")`` works afterwards.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _backend  # noqa: F401  (before Keras is imported)
+from . import (
+    _backend,  # noqa: F401  (before Keras is imported)
+    attacks,
+    defenses,
+    demo,
+    detectors,
+    faces,
+    triggers,
+)
 from .analysis import TriggerResponse, trigger_response
 from .augment import augment_images
 from .compare import DefenseComparison, compare_defenses, write_comparison
 from .data import Dataset, load_h5, load_images, save_h5
+from .defaults import TuningSettings
 from .defense import DefenseResult, run_pruning_defense
+from .defenses import Defense, FinePruning, FineTuning, Pruning, Repair, Repaired, make_defense
+from .detectors import Detector, Disagreement, goodnet_classes
 from .errors import (
     BadNetRepairError,
     DataError,
@@ -37,8 +50,11 @@ from .metrics import (
     false_alarm_rate,
 )
 from .models import (
+    ChannelChain,
     average_models,
+    channel_chain,
     deepid,
+    default_conv_layer,
     load_data_for,
     load_model,
     num_classes,
@@ -59,43 +75,62 @@ from .triggers import Trigger, load_trigger, poison
 
 __all__ = [
     "BadNetRepairError",
+    "ChannelChain",
     "ChannelRanking",
     "DataError",
     "DataWarning",
     "Dataset",
+    "Defense",
     "DefenseComparison",
     "DefenseResult",
+    "Detector",
+    "Disagreement",
     "Evaluation",
     "FinePruneResult",
+    "FinePruning",
     "FineTuned",
+    "FineTuning",
     "GeometricMean",
     "GoodNetCombine",
     "ModelError",
     "OutputExistsError",
+    "Pruning",
+    "Repair",
+    "Repaired",
     "Selection",
     "SweepResult",
     "SweepStep",
     "Trigger",
     "TriggerResponse",
+    "TuningSettings",
     "UnsafeModelError",
     "__version__",
     "accuracy",
     "attack_success_rate",
+    "attacks",
     "augment_images",
     "average_models",
     "build_goodnet",
+    "channel_chain",
     "compare_defenses",
     "deepid",
+    "default_conv_layer",
+    "defenses",
+    "demo",
     "detection_rate",
+    "detectors",
+    "faces",
     "false_alarm_rate",
     "fine_prune",
     "fine_tune",
+    "goodnet_classes",
     "goodnet_predict",
     "load_data_for",
     "load_h5",
     "load_images",
     "load_model",
     "load_trigger",
+    "make_defense",
     "num_classes",
     "plot_curves",
     "plot_evaluations",
@@ -114,5 +149,6 @@ __all__ = [
     "save_model",
     "split_clean",
     "trigger_response",
+    "triggers",
     "write_comparison",
 ]

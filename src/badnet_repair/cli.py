@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import ENSEMBLE_MEANS, FINE_TUNING
+from .defenses import REGISTRY as DEFENSES
 from .layout import LAB_FILES
 
 __all__ = ["main"]
@@ -178,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--model", action="append", help="a BadNet (repeat for several)")
     _add_inputs(cp, ["valid", "test", "bd_test"])
     cp.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X")
+    cp.add_argument("--defenses", nargs="+", choices=list(DEFENSES), default=list(DEFENSES), metavar="NAME",
+                    help="the defenses to compare, in table order (default all: "
+                    + "; ".join(f"{n}: {cls.summary}" for n, cls in DEFENSES.items()) + ")")
     _add_tuning(cp)
     cp.add_argument("--target", type=int)
     cp.add_argument("--out", default="fixed_models")
@@ -314,7 +318,7 @@ def _is_goodnet(model: Any) -> bool:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .defense import poisoned_labels
+    from .data import poisoned_labels
     from .metrics import evaluate_predictions
     from .models import load_data_for, load_model, num_classes, predict_classes
 
@@ -398,12 +402,16 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_defenses, write_comparison
-    from .defense import poisoned_labels
+    from .data import poisoned_labels
+    from .defenses import make_defense
     from .errors import DataError
     from .layout import resolve_inputs
     from .models import load_data_for, load_model
 
-    thresholds = _thresholds(args.thresholds)
+    # each defense takes the options its class declares (the registry's settings)
+    options = {"thresholds": _thresholds(args.thresholds), **_tuning(args)}
+    defenses = [make_defense(n, **{k: v for k, v in options.items() if k in DEFENSES[n].settings()})
+                for n in args.defenses]
     if args.demo:
         base = resolve_inputs(demo="baseline", demo_dir=args.demo_dir, progress=not args.quiet)
         aware = resolve_inputs(demo="pruning-aware", demo_dir=args.demo_dir, progress=not args.quiet)
@@ -424,8 +432,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
         test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
         bd, _ = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target)  # type: ignore[arg-type]
-        comparisons.append(compare_defenses(b, valid, test, bd, name=name, thresholds=thresholds,
-                                            progress=not args.quiet, **_tuning(args)))
+        comparisons.append(compare_defenses(b, valid, test, bd, name=name, defenses=defenses,
+                                            progress=not args.quiet))
     paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)
     print(paths["md"].read_text())
     for p in paths.values():
@@ -434,13 +442,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_trigger_response(args: argparse.Namespace) -> int:
-    from .analysis import trigger_response, trigger_response_paths, write_trigger_response
-    from .defense import poisoned_labels
+    from .analysis import trigger_response
+    from .data import poisoned_labels
     from .errors import DataError
-    from .io import check_writable
+    from .files import check_writable
     from .layout import resolve_inputs
     from .models import load_data_for, load_model
     from .pruning import prune_sweep
+    from .report import trigger_response_paths, write_trigger_response
 
     # refuse before loading and sweeping, not after
     check_writable(trigger_response_paths(args.out).values(), overwrite=args.overwrite)

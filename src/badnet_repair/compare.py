@@ -1,7 +1,7 @@
-"""Compare defenses on one BadNet: none, fine-tuning, pruning at each X, fine-pruning.
-
-Liu, Dolan-Gavitt and Garg ("Fine-Pruning", RAID 2018) compare exactly these. Every defense
-sees only the clean validation data; the test sets are measured, never used for a choice.
+"""Compare defenses on one BadNet: by default none, fine-tuning, pruning at each X, and
+fine-pruning, as Liu, Dolan-Gavitt and Garg ("Fine-Pruning", RAID 2018) do; any
+:class:`~badnet_repair.defenses.Defense` can be given. Every defense sees only the clean
+validation data; the test sets are read after every repair is done.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .data import Dataset
-from .finetune import fine_prune
+from .defenses import Defense, FineTuning, make_defense
+from .files import atomic_path, check_writable, write_json, write_text
 from .goodnet import goodnet_predict
-from .io import atomic_path, check_writable, write_json, write_text
 from .metrics import Evaluation, evaluate_predictions
 from .models import num_classes, predict_classes
-from .pruning import prune_sweep
 from .report import evaluation_table, to_csv
 
-__all__ = ["DefenseComparison", "compare_defenses", "write_comparison"]
+__all__ = ["DefenseComparison", "compare_defenses", "default_defenses", "write_comparison"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,16 @@ class DefenseComparison:
     evaluations: tuple[Evaluation, ...]
 
 
+def default_defenses(*, thresholds: Sequence[float] = (2.0, 4.0, 10.0), layer: str | None = None,
+                     **fine_options: Any) -> list[Defense]:
+    """The defenses Liu et al. compare, in table order: fine-tuning, pruning at each X, and
+    fine-pruning, the two tuned ones sharing ``fine_options`` (epochs, learning_rate, ...)."""
+    tuning = {k: v for k, v in fine_options.items() if k in FineTuning.settings()}
+    return [make_defense("fine-tuning", layer=layer, **tuning),
+            make_defense("pruning", thresholds=thresholds, layer=layer),
+            make_defense("fine-pruning", layer=layer, **fine_options)]
+
+
 def compare_defenses(
     model: Any,
     valid: Dataset,
@@ -39,12 +48,16 @@ def compare_defenses(
     bd_test: Dataset,
     *,
     name: str = "BadNet",
+    defenses: Sequence[Defense] | None = None,
     thresholds: Sequence[float] = (2.0, 4.0, 10.0),
     layer: str | None = None,
     progress: bool = False,
     **fine_options: Any,
 ) -> DefenseComparison:
-    """Evaluate no defense, fine-tuning, pruning at each X and fine-pruning, with GoodNets.
+    """Evaluate each defense's repaired models and their GoodNets on the test sets.
+
+    Every defense repairs the BadNet from ``valid`` alone, and all of them finish before the
+    test sets are read, so nothing measured can influence a repair.
 
     Args:
         model: the BadNet (not changed).
@@ -52,43 +65,37 @@ def compare_defenses(
         test: clean test data.
         bd_test: poisoned test data labelled with the target.
         name: the BadNet's name in the table.
-        thresholds: the pruning defense's X values.
-        layer: the pruned conv layer, default :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
+        defenses: the defenses, default :func:`default_defenses` built from ``thresholds``,
+            ``layer`` and ``fine_options``.
+        thresholds: the pruning defense's X values (for the default defenses).
+        layer: the pruned conv layer, default found from the graph (``conv_3`` in DeepID).
         progress: progress bars.
-        **fine_options: passed to :func:`~badnet_repair.finetune.fine_prune` for both
-            fine-tuning and fine-pruning (epochs, learning_rate, accuracy_drop, ...).
+        **fine_options: settings of the default fine-tuning and fine-pruning defenses.
 
     Returns:
-        DefenseComparison: B, then for each defense its repaired model and its GoodNet.
+        DefenseComparison: B, then for each repaired model its row and its GoodNet's (the
+        lab's rule: B's class where B and the repaired model agree, else the alarm class).
     """
+    if defenses is None:
+        defenses = default_defenses(thresholds=thresholds, layer=layer, **fine_options)
+    elif fine_options:
+        raise ValueError("give the defenses' settings in the defenses, not as fine_options")
+    repairs = [d.repair(model, valid, progress=progress) for d in defenses]
+    # only now are the test sets read
     n = num_classes(model)
-    sweep = prune_sweep(model, valid, others={"test": test, "bd_test": bd_test}, poisoned=["bd_test"],
-                        layer=layer, thresholds=thresholds, progress=progress)
-    base_clean, base_bd = sweep.predictions["test"][0], sweep.predictions["bd_test"][0]
-
-    def rows(label: str, clean: Any, bd: Any, pruned: int, x: float | None) -> list[Evaluation]:
-        common: dict[str, Any] = dict(clean_labels=test.y, poisoned_labels=bd_test.y, threshold=x,
-                                      channels_pruned=pruned, clean_set=test.name, poisoned_set=bd_test.name)
-        return [
-            evaluate_predictions(model=label, kind="repaired", clean_pred=clean, poisoned_pred=bd, **common),
-            evaluate_predictions(model=f"G ({label})", kind="goodnet", alarm_class=n,
-                                 clean_pred=goodnet_predict(base_clean, clean, n),
-                                 poisoned_pred=goodnet_predict(base_bd, bd, n), **common),
-        ]
-
-    out = [evaluate_predictions(model="no defense", kind="badnet", clean_pred=base_clean, clean_labels=test.y,
-                                poisoned_pred=base_bd, poisoned_labels=bd_test.y, channels_pruned=0,
-                                clean_set=test.name, poisoned_set=bd_test.name)]
-    tuned = fine_prune(model, valid, method="fine-tuning", layer=layer, progress=progress, **fine_options)
-    out += rows("fine-tuning", predict_classes(tuned.model, test.x), predict_classes(tuned.model, bd_test.x),
-                0, None)
-    for x, sel in sweep.selections.items():
-        if sel is not None:
-            k = sel.channels_pruned
-            out += rows(f"pruning X={x:g}", sweep.predictions["test"][k], sweep.predictions["bd_test"][k], k, x)
-    fp = fine_prune(model, valid, method="fine-pruning", layer=layer, progress=progress, **fine_options)
-    out += rows("fine-pruning", predict_classes(fp.model, test.x), predict_classes(fp.model, bd_test.x),
-                fp.channels_pruned, None)
+    base_clean, base_bd = predict_classes(model, test.x), predict_classes(model, bd_test.x)
+    common: dict[str, Any] = dict(clean_labels=test.y, poisoned_labels=bd_test.y, clean_set=test.name,
+                                  poisoned_set=bd_test.name)
+    out = [evaluate_predictions(model="no defense", kind="badnet", clean_pred=base_clean, poisoned_pred=base_bd,
+                                channels_pruned=0, **common)]
+    for repair in repairs:
+        for m in repair.models:
+            clean, bd = predict_classes(m.model, test.x), predict_classes(m.model, bd_test.x)
+            where: dict[str, Any] = dict(threshold=m.threshold, channels_pruned=m.channels_pruned, **common)
+            out += [evaluate_predictions(model=m.label, kind="repaired", clean_pred=clean, poisoned_pred=bd, **where),
+                    evaluate_predictions(model=f"G ({m.label})", kind="goodnet", alarm_class=n,
+                                         clean_pred=goodnet_predict(base_clean, clean, n),
+                                         poisoned_pred=goodnet_predict(base_bd, bd, n), **where)]
     return DefenseComparison(badnet=name, evaluations=tuple(out))
 
 

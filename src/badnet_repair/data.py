@@ -18,9 +18,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import DataError, DataWarning
-from .io import atomic_path
+from .files import atomic_path
 
-__all__ = ["Dataset", "LazyImages", "load_h5", "load_images", "save_h5"]
+__all__ = ["Dataset", "LazyImages", "load_h5", "load_images", "poisoned_labels", "save_h5"]
 
 log = logging.getLogger(__name__)
 
@@ -406,3 +406,25 @@ def load_images(
     if len(shapes) > 1:
         raise DataError(f"images have different sizes {sorted(shapes)}; pass image_shape to check")
     return np.stack(out)
+
+
+def poisoned_labels(data: Dataset, target: int | None) -> tuple[Dataset, int]:
+    """Labels of a poisoned set: all ``target`` if given, else the file's single label.
+
+    Raises:
+        DataError: if no target is given and the file's labels are not all one class.
+    """
+    seen = np.unique(data.y)
+    if target is None:
+        if seen.size != 1:
+            shown = ", ".join(str(int(v)) for v in seen[:10]) + (" ..." if seen.size > 10 else "")
+            raise DataError(
+                f"{data.path or data.name}: a poisoned set's labels should all be the attack's "
+                f"target, but {seen.size} different labels were seen ({shown}); pass the target "
+                "explicitly (--target)"
+            )
+        return data, int(seen[0])
+    if seen.size != 1 or int(seen[0]) != target:
+        log.info("%s: scoring attack success against target %d", data.name, target)
+    y = np.full(len(data), target, dtype=np.int64)
+    return Dataset(data.x, y, name=data.name, path=data.path), int(target)

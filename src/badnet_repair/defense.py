@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .data import Dataset, Layout
-from .errors import DataError
+from .data import Dataset, Layout, poisoned_labels
+from .files import atomic_path, check_writable, sha256_file, versions, write_json, write_text
 from .goodnet import build_goodnet
-from .io import atomic_path, check_writable, sha256_file, write_json, write_text
 from .metrics import Evaluation, evaluate_predictions
 from .models import load_data_for, load_model, num_classes, prune_channels, save_model, saved_model_paths
 from .pruning import RankAt, SweepResult, prune_sweep
 from .report import render_report, sweep_rows, write_csv
 
-__all__ = ["DefenseResult", "output_paths", "poisoned_labels", "run_pruning_defense", "versions"]
+__all__ = ["DefenseResult", "output_paths", "run_pruning_defense"]
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +46,6 @@ class DefenseResult:
     results: Mapping[str, Any]
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries that decide the numbers."""
-    import h5py
-    import keras
-
-    out = {"python": platform.python_version(), "badnet_repair": __version__,
-           "numpy": np.__version__, "keras": keras.__version__, "h5py": h5py.__version__}
-    try:
-        import tensorflow as tf
-
-        out["tensorflow"] = tf.__version__
-    except ImportError:  # pragma: no cover - another Keras backend
-        pass
-    return out
-
-
 def _tag(x: float) -> str:
     return f"{x:g}"
 
@@ -84,28 +65,6 @@ def output_paths(out_dir: str | os.PathLike[str], thresholds: Sequence[float],
                 paths[f"bd_{_tag(x)}_{fmt}"] = p
             paths[f"goodnet_{_tag(x)}"] = d / f"goodnet_{_tag(x)}.keras"
     return paths
-
-
-def poisoned_labels(data: Dataset, target: int | None) -> tuple[Dataset, int]:
-    """Labels of a poisoned set: all ``target`` if given, else the file's single label.
-
-    Raises:
-        DataError: if no target is given and the file's labels are not all one class.
-    """
-    seen = np.unique(data.y)
-    if target is None:
-        if seen.size != 1:
-            shown = ", ".join(str(int(v)) for v in seen[:10]) + (" ..." if seen.size > 10 else "")
-            raise DataError(
-                f"{data.path or data.name}: a poisoned set's labels should all be the attack's "
-                f"target, but {seen.size} different labels were seen ({shown}); pass the target "
-                "explicitly (--target)"
-            )
-        return data, int(seen[0])
-    if seen.size != 1 or int(seen[0]) != target:
-        log.info("%s: scoring attack success against target %d", data.name, target)
-    y = np.full(len(data), target, dtype=np.int64)
-    return Dataset(data.x, y, name=data.name, path=data.path), int(target)
 
 
 def run_pruning_defense(

@@ -32,7 +32,7 @@ import numpy as np
 
 from .data import Dataset, save_h5
 from .errors import BadNetRepairError
-from .io import write_json
+from .files import write_json
 
 __all__ = ["DEMO_BADNETS", "DemoConfig", "DemoPaths", "demo_paths", "load_demo_manifest", "make_demo"]
 
@@ -209,8 +209,8 @@ def make_demo(
 
 def _make_data(paths: DemoPaths, cfg: DemoConfig) -> dict[str, Any]:
     """Write the faces, the poisoned sets and the trigger; return the new manifest."""
-    from .defense import versions
     from .faces import make_faces
+    from .files import versions
     from .triggers import drawn_sunglasses, poison
 
     if paths.root.exists():
@@ -290,7 +290,7 @@ def _duration(seconds: float) -> str:
 def _save_trigger_png(rgba: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    from .io import atomic_path
+    from .files import atomic_path
 
     out = np.concatenate([rgba[..., :3], rgba[..., 3:] * 255.0], axis=-1)
     with atomic_path(path, overwrite=True) as tmp:

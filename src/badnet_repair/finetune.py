@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _backend  # noqa: F401
 from .data import Dataset
-from .defaults import ENSEMBLE_MEANS, FINE_TUNING
+from .defaults import ENSEMBLE_MEANS, FINE_TUNING, TuningSettings
 from .goodnet import goodnet_predict
 from .models import conv_layer, predict_classes, prune_channels
 
@@ -286,20 +286,9 @@ def fine_prune(
     layer: str | None = None,
     accuracy_drop: float | None = DEFAULTS["accuracy_drop"],
     prune_fraction: float | None = None,
-    holdout_fraction: float = DEFAULTS["holdout_fraction"],
-    members: int = DEFAULTS["members"],
-    ensemble_mean: Literal["arithmetic", "geometric"] = DEFAULTS["ensemble_mean"],
-    epochs: int = DEFAULTS["epochs"],
-    learning_rate: float = DEFAULTS["learning_rate"],
-    batch_size: int = DEFAULTS["batch_size"],
     seed: int = 0,
-    schedule: str = DEFAULTS["schedule"],
-    shift: int = DEFAULTS["shift"],
-    flip: bool = DEFAULTS["flip"],
-    clipnorm: float | None = DEFAULTS["clipnorm"],
-    distill: float = DEFAULTS["distill"],
-    weight_decay: float = DEFAULTS["weight_decay"],
     progress: bool = True,
+    **tuning: Any,
 ) -> FinePruneResult:
     """Fine-pruning (Liu et al., RAID 2018): prune, then fine-tune on clean data.
 
@@ -337,9 +326,11 @@ def fine_prune(
             On the real-face pruning-aware BadNet, 3 members: 1.7-2.3 % attack success
             geometric vs 2.7-4.8 % arithmetic at the same clean accuracy; not lower on every
             run (docs/results.md).
-        epochs, learning_rate, batch_size, seed, schedule, shift, flip, clipnorm, distill,
-        weight_decay: fine-tuning settings (see :func:`fine_tune`; defaults in :data:`DEFAULTS`).
+        seed: member ``i`` is tuned with seed ``seed + 1000 i``, default 0.
         progress: progress bars.
+        **tuning: the other fine-tuning settings, fields of
+            :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning_rate, batch_size,
+            schedule, shift, flip, clipnorm, distill, weight_decay; see :func:`fine_tune`).
 
     Returns:
         FinePruneResult.
@@ -347,6 +338,14 @@ def fine_prune(
     from .models import average_models
     from .pruning import prune_sweep
 
+    unknown = sorted(set(tuning) - {f.name for f in fields(TuningSettings)})
+    if unknown:
+        raise ValueError(f"unknown fine-tuning setting(s) {', '.join(unknown)}; settings: "
+                         f"{', '.join(f.name for f in fields(TuningSettings))}")
+    settings = TuningSettings(**tuning)
+    holdout_fraction, members, ensemble_mean = settings.holdout_fraction, settings.members, settings.ensemble_mean
+    per_network = {k: v for k, v in asdict(settings).items() if k not in ("holdout_fraction", "members",
+                                                                          "ensemble_mean")}
     if method not in ("fine-pruning", "fine-tuning"):
         raise ValueError(f"method must be 'fine-pruning' or 'fine-tuning', not {method!r}")
     if members < 1:
@@ -379,12 +378,9 @@ def fine_prune(
         pruned_acc = _accuracy(start, holdout)
         log.info("%s member %d/%d: %d channels of %s pruned; held-out accuracy %.2f -> %.2f", method, i + 1,
                  members, len(pruned), layer, base_acc, pruned_acc)
-        net, epoch, history = fine_tune(start, tune, holdout, epochs=epochs, learning_rate=learning_rate,
-                                        batch_size=batch_size, seed=member_seed, schedule=schedule, shift=shift,
-                                        flip=flip, clipnorm=clipnorm, distill=distill, weight_decay=weight_decay,
-                                        teacher=model,
+        net, epoch, history = fine_tune(start, tune, holdout, seed=member_seed, teacher=model,
                                         frozen_channels=(layer, pruned) if pruned else None,
-                                        keep_start=bool(pruned), progress=progress)
+                                        keep_start=bool(pruned), progress=progress, **per_network)
         tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
                                pruned_holdout_accuracy=pruned_acc, history=tuple(history), tune_index=tune_idx,
@@ -400,7 +396,7 @@ def _effective(options: dict[str, Any]) -> dict[str, Any]:
 
     params = {k: p.default for k, p in inspect.signature(fine_prune).parameters.items()
               if p.default is not inspect.Parameter.empty and k not in ("method", "progress")}
-    return {**params, **options}
+    return {**params, **asdict(TuningSettings()), **options}
 
 
 def run_fine_pruning(
@@ -443,9 +439,9 @@ def run_fine_pruning(
     Returns:
         (the FinePruneResult, the results dict written to JSON).
     """
-    from .defense import poisoned_labels, versions
+    from .data import poisoned_labels
+    from .files import atomic_path, check_writable, sha256_file, versions, write_json
     from .goodnet import build_goodnet
-    from .io import atomic_path, check_writable, sha256_file, write_json
     from .metrics import evaluate_predictions
     from .models import load_data_for, load_model, num_classes, save_model, saved_model_paths
 

@@ -16,7 +16,7 @@ import numpy as np
 from . import _backend  # noqa: F401  (quiet TensorFlow before Keras loads it)
 from .defaults import ENSEMBLE_MEANS
 from .errors import ModelError, UnsafeModelError
-from .io import atomic_path, check_writable
+from .files import atomic_path, check_writable
 
 __all__ = [
     "ChannelChain",

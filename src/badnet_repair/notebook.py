@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .data import Dataset
-from .io import atomic_path, write_text
+from .files import atomic_path, write_text
 
 __all__ = [
     "execute_notebook",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
-import io as _io
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import write_text
+from .analysis import TriggerResponse
+from .files import write_text
 from .pruning import SweepResult
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "selection_table",
     "sweep_rows",
     "to_csv",
+    "trigger_response_paths",
     "write_csv",
+    "write_trigger_response",
 ]
 
 
@@ -69,7 +72,7 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     """Rows of equal keys as CSV text (``\\n`` line ends, None as empty)."""
     if not rows:
         return ""
-    buf = _io.StringIO()
+    buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -260,3 +263,54 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
         "",
     ]
     return "\n".join(lines)
+
+
+def trigger_response_paths(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """{"json", "md", "png"} -> the files :func:`write_trigger_response` writes into ``out_dir``."""
+    return {k: Path(out_dir) / f"trigger_response.{k}" for k in ("json", "md", "png")}
+
+
+def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike[str], *,
+                           channels_pruned: int | None = None, top: int = 10, title: str | None = None,
+                           overwrite: bool = False) -> dict[str, Path]:
+    """Write a :class:`TriggerResponse` as ``trigger_response.json``, ``.md`` and ``.png``.
+
+    Args:
+        response: from :func:`trigger_response`.
+        out_dir: the folder (made if missing).
+        channels_pruned: how many channels the defense prunes, default None (not marked).
+        top: channels listed in the markdown table, largest rise first, default 10.
+        title: the table's and the figure's title, default "Trigger response of <layer>".
+        overwrite: replace existing files, default False (an existing one raises
+            :class:`~badnet_repair.errors.OutputExistsError` before anything is written).
+
+    Returns:
+        {"json", "md", "png"} -> path. The JSON holds every channel (:meth:`TriggerResponse.as_dict`)
+        and ``channels_pruned``; the figure is :func:`~badnet_repair.plotting.plot_trigger_response`.
+    """
+    from matplotlib.figure import Figure
+
+    from .files import atomic_path, check_writable, write_json
+    from .plotting import plot_trigger_response
+
+    paths = trigger_response_paths(out_dir)
+    check_writable(paths.values(), overwrite=overwrite)
+    write_json(paths["json"], {**response.as_dict(), "channels_pruned": channels_pruned}, overwrite=overwrite)
+    k = channels_pruned
+    md = [f"# {title or f'Trigger response of {response.layer}'}", "",
+          f"The {top} channels of {response.layer} whose mean activation the trigger raises most; place 0 is "
+          f"pruned first (least active on clean data)"
+          + (f", and the first {k} places are pruned." if k is not None else "."), "",
+          "| channel | rise | clean mean | poisoned mean | place in pruning order |"
+          + (" pruned |" if k is not None else ""),
+          "|---:|---:|---:|---:|---:|" + ("---|" if k is not None else "")]
+    for c in response.top(top):
+        md.append(f"| {c} | {response.rise[c]:+.3f} | {response.clean_mean[c]:.3f} | "
+                  f"{response.poisoned_mean[c]:.3f} | {response.place[c]} |"
+                  + ("" if k is None else " yes |" if response.place[c] < k else " no |"))
+    write_text(paths["md"], "\n".join(md) + "\n", overwrite=overwrite)
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    plot_trigger_response(response, channels_pruned=channels_pruned, ax=fig.add_subplot(), title=title)
+    with atomic_path(paths["png"], overwrite=overwrite) as tmp:
+        fig.savefig(tmp, dpi=100)
+    return paths

@@ -6,14 +6,18 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from . import __version__
 from .errors import OutputExistsError
 
-__all__ = ["atomic_path", "check_writable", "sha256_file", "write_json", "write_text"]
+__all__ = ["atomic_path", "check_writable", "sha256_file", "versions", "write_json", "write_text"]
 
 
 def check_writable(paths: Iterable[str | os.PathLike[str]], *, overwrite: bool = False) -> None:
@@ -78,3 +82,19 @@ def sha256_file(path: str | os.PathLike[str], *, block_size: int = 1 << 20) -> s
         for block in iter(lambda: f.read(block_size), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that decide the numbers."""
+    import h5py
+    import keras
+
+    out = {"python": platform.python_version(), "badnet_repair": __version__,
+           "numpy": np.__version__, "keras": keras.__version__, "h5py": h5py.__version__}
+    try:
+        import tensorflow as tf
+
+        out["tensorflow"] = tf.__version__
+    except ImportError:  # pragma: no cover - another Keras backend
+        pass
+    return out

@@ -1,0 +1,67 @@
+"""Fine-tuning and fine-pruning as :class:`~badnet_repair.defenses.Defense` classes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from ..data import Dataset
+from ..defaults import FINE_TUNING, TuningSettings
+from ..finetune import FinePruneResult, fine_prune
+from .base import Defense, Repair, Repaired
+
+__all__ = ["FinePruning", "FineTuning"]
+
+
+@dataclass(frozen=True)
+class FineTuning(TuningSettings, Defense):
+    """Fine-tuning on clean data (Liu et al., RAID 2018, Section 5), the epoch kept chosen on
+    a held-out part of it (:func:`~badnet_repair.finetune.fine_tune`).
+
+    Settings: those of :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning
+    rate, augmentation, distillation, members...), plus ``layer`` (only used to hold pruned
+    channels at zero; default found from the graph) and ``seed`` (default 0).
+    """
+
+    name: ClassVar[str] = "fine-tuning"
+    method: ClassVar[Literal["fine-pruning", "fine-tuning"]] = "fine-tuning"
+    summary: ClassVar[str] = "fine-tune on augmented clean data, epoch chosen on a held-out part"
+
+    layer: str | None = None
+    seed: int = 0
+
+    def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
+        """The fine-tuned model (or the average of ``members`` of them)."""
+        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **self._options()))
+
+    def _options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def _repair(self, result: FinePruneResult) -> Repair:
+        members = [{"seed": m.seed, "channels_pruned": len(m.pruned_channels), "kept_epoch": m.kept_epoch,
+                    "base_holdout_accuracy": m.base_holdout_accuracy,
+                    "pruned_holdout_accuracy": m.pruned_holdout_accuracy,
+                    "holdout_accuracy": m.holdout_accuracy} for m in result.members]
+        choices = {"layer": result.layer, "members": members}
+        history = [[dict(h) for h in m.history] for m in result.members]
+        repaired = Repaired(label=self.name, model=result.model, channels_pruned=result.channels_pruned)
+        return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, history))
+
+
+@dataclass(frozen=True)
+class FinePruning(FineTuning):
+    """Fine-pruning (Liu et al., RAID 2018): prune until held-out clean accuracy falls
+    ``accuracy_drop`` points (or prune ``prune_fraction`` of the channels), then fine-tune
+    with the pruned channels held at zero (:func:`~badnet_repair.finetune.fine_prune`).
+
+    Settings: those of :class:`FineTuning`, plus ``accuracy_drop`` (default 4 points) and
+    ``prune_fraction`` (default None: use the drop).
+    """
+
+    name: ClassVar[str] = "fine-pruning"
+    method: ClassVar[Literal["fine-pruning", "fine-tuning"]] = "fine-pruning"
+    summary: ClassVar[str] = "prune to a held-out accuracy drop, then fine-tune (Liu et al. 2018)"
+
+    accuracy_drop: float | None = FINE_TUNING["accuracy_drop"]
+    prune_fraction: float | None = None

@@ -1,0 +1,63 @@
+"""The pruning defense as a :class:`~badnet_repair.defenses.Defense`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from ..data import Dataset
+from ..models import prune_channels
+from ..pruning import prune_sweep
+from .base import Defense, Repair, Repaired
+
+__all__ = ["Pruning"]
+
+
+@dataclass(frozen=True)
+class Pruning(Defense):
+    """The pruning defense of Liu, Dolan-Gavitt and Garg ("Fine-Pruning", RAID 2018).
+
+    Ranks ``layer``'s channels by mean activation on the clean data, prunes them in
+    ascending order, and returns B'_X at the first step where clean accuracy falls at least
+    X points below B's, for each X in ``thresholds`` (see
+    :func:`~badnet_repair.pruning.prune_sweep`).
+
+    Args:
+        thresholds: the accuracy drops X, in points, default (2, 4, 10).
+        layer: the conv layer, default found from the graph (``conv_3`` in DeepID).
+        rank_at: ``"pooled"`` (default; the pooling after the layer) or ``"conv"``.
+        descending: prune the most active channels first, default False.
+        engine: ``"fast"`` (default) or ``"plain"`` (the slow reference).
+        batch_size: inputs per forward pass, default 1024.
+    """
+
+    name: ClassVar[str] = "pruning"
+    summary: ClassVar[str] = "prune the least active channels of the last pooled conv layer (Liu et al. 2018)"
+
+    thresholds: tuple[float, ...] = (2.0, 4.0, 10.0)
+    layer: str | None = None
+    rank_at: Literal["pooled", "conv"] = "pooled"
+    descending: bool = False
+    engine: Literal["fast", "plain"] = "fast"
+    batch_size: int = 1024
+
+    def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
+        """B'_X for each threshold X; the record holds the ranking, the choices and the sweep."""
+        sweep = prune_sweep(model, clean, layer=self.layer, thresholds=self.thresholds, at=self.rank_at,
+                            descending=self.descending, engine=self.engine, batch_size=self.batch_size,
+                            progress=progress)
+        models = tuple(
+            Repaired(label=f"{self.name} X={x:g}", model=prune_channels(model, sweep.layer, sel.channels),
+                     channels_pruned=sel.channels_pruned, threshold=x)
+            for x, sel in sweep.selections.items() if sel is not None
+        )
+        choices = {
+            "layer": sweep.layer, "measured_at": sweep.ranking.measured_at,
+            "order": [int(c) for c in sweep.ranking.order],
+            "selections": [{"threshold": x, "channels_pruned": None if s is None else s.channels_pruned,
+                            "valid_accuracy": None if s is None else s.valid_accuracy} for x, s in
+                           sweep.selections.items()],
+        }
+        history = [{"channels_pruned": s.channels_pruned, "valid_accuracy": s.metrics[sweep.valid_set]}
+                   for s in sweep.steps]
+        return Repair(defense=self.name, models=models, record=self.make_record(choices, history))
