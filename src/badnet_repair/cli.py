@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .defaults import ENSEMBLE_MEANS, FINE_TUNING
 from .defenses import REGISTRY as DEFENSES
+from .demo import DEMO_BADNETS
 from .layout import LAB_FILES
 
 __all__ = ["main"]
@@ -53,48 +53,53 @@ def _add_inputs(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
                             help=f"{_INPUT_HELP[role]} (default {LAB_FILES[role]})")
 
 
-def _add_tuning(parser: argparse.ArgumentParser) -> None:
-    """The fine-tuning options of fine-prune and compare (defaults: defaults.FINE_TUNING)."""
-    d = FINE_TUNING
-    parser.add_argument("--accuracy-drop", type=float, default=d["accuracy_drop"],
-                        help=f"prune until held-out accuracy falls this many points (default {d['accuracy_drop']:g})")
-    parser.add_argument("--holdout-fraction", type=float, default=d["holdout_fraction"],
-                        help=f"validation share held out to choose the prune amount and epoch "
-                        f"(default {d['holdout_fraction']:g})")
-    parser.add_argument("--members", type=int, default=d["members"],
-                        help=f"networks tuned on different splits of the clean data and averaged "
-                        f"(default {d['members']}; 1 = a single network, as in the paper)")
-    parser.add_argument("--ensemble-mean", choices=ENSEMBLE_MEANS, default=d["ensemble_mean"],
-                        help=f"how several members' probabilities are averaged (default {d['ensemble_mean']}: "
-                        "a member that kept the backdoor is outvoted)")
-    parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"default {d['epochs']}")
-    parser.add_argument("--learning-rate", type=float, default=d["learning_rate"],
-                        help=f"Adam's peak learning rate (default {d['learning_rate']:g})")
-    parser.add_argument("--schedule", choices=["constant", "cosine"], default=d["schedule"],
-                        help=f"learning rate: cosine-decayed to 0 or constant (default {d['schedule']})")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"default {d['batch_size']}")
-    parser.add_argument("--shift", type=int, default=d["shift"],
-                        help=f"augmentation: random shifts of up to this many pixels (default {d['shift']}; 0 = none)")
-    parser.add_argument("--no-flip", dest="flip", action="store_false", default=d["flip"],
-                        help="augmentation: no horizontal flips (for data that is not left-right symmetric)")
-    parser.add_argument("--clipnorm", type=float, default=d["clipnorm"],
-                        help=f"clip gradients to this norm (default {d['clipnorm']:g}; 0 = no clipping)")
-    parser.add_argument("--distill", type=float, default=d["distill"],
-                        help=f"weight of the BadNet's own predictions on the clean tuning images in the "
-                        f"targets (default {d['distill']:g}; 0 = labels only)")
-    parser.add_argument("--weight-decay", type=float, default=d["weight_decay"],
-                        help=f"decoupled weight decay (AdamW) while tuning: wears down the weights clean data "
-                        f"does not use (default {d['weight_decay']:g}; 0 = plain Adam)")
-    parser.add_argument("--seed", type=int, default=0, help="split, shuffling and augmentation seed (default 0)")
+def _add_settings(parser: argparse.ArgumentParser, cls: type[Any], *, skip: Sequence[str] = ()) -> None:
+    """One option per setting of defense class ``cls`` (its dataclass fields): ``--name``,
+    typed and with the default and help its class declares; ``--no-name`` for a setting
+    that is on by default."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, hint, text = f.name.replace("_", "-"), hints[f.name], f.metadata.get("help", "")
+        if hint is bool:
+            parser.add_argument(f"--no-{flag}" if f.default else f"--{flag}", dest=f.name, default=f.default,
+                                action="store_false" if f.default else "store_true", help=text)
+            continue
+        shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
+        options: dict[str, Any] = {"default": f.default, "help": f"{text} (default {shown})"}
+        if typing.get_origin(hint) is typing.Literal:
+            options["choices"] = list(typing.get_args(hint))
+        else:
+            options["type"] = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        parser.add_argument(f"--{flag}", **options)
 
 
 def _tuning(args: argparse.Namespace) -> dict[str, Any]:
-    return {"accuracy_drop": args.accuracy_drop, "holdout_fraction": args.holdout_fraction,
-            "members": args.members, "ensemble_mean": args.ensemble_mean, "epochs": args.epochs,
-            "learning_rate": args.learning_rate,
-            "schedule": args.schedule, "batch_size": args.batch_size, "shift": args.shift, "flip": args.flip,
-            "clipnorm": args.clipnorm or None, "distill": args.distill,
-            "weight_decay": args.weight_decay, "seed": args.seed}
+    """The fine-pruning settings given on the command line."""
+    settings = DEFENSES["fine-pruning"].settings()
+    given = {name: getattr(args, name) for name in settings if hasattr(args, name)}
+    if "clipnorm" in given:
+        given["clipnorm"] = given["clipnorm"] or None  # 0 = no clipping
+    return given
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *, demo_help: str, both_demos: bool = False) -> None:
+    """The options the commands that read a BadNet share: target, output folder, overwriting,
+    trusting the model file, and the built-in demo."""
+    parser.add_argument("--target", type=int, help="attack target class (default: the poisoned files' label)")
+    parser.add_argument("--out", default="fixed_models", help="output folder (default fixed_models/)")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="allow model files with layers that run stored code (Lambda, custom)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    if both_demos:
+        parser.add_argument("--demo", action="store_true", help=demo_help)
+    else:
+        parser.add_argument("--demo", choices=list(DEMO_BADNETS), help=demo_help)
+    parser.add_argument("--demo-dir", default=".demo", help="the demo's cache folder (default .demo/)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,21 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--rank-at", choices=["pooled", "conv"], default="pooled",
                     help="measure activations at the layer's pooling output (default) or its own output")
     pr.add_argument("--descending", action="store_true", help="prune the most active channels first")
-    pr.add_argument("--target", type=int, help="attack target class (default: the poisoned files' label)")
-    pr.add_argument("--out", default="fixed_models", help="output folder (default fixed_models/)")
     pr.add_argument("--engine", choices=["fast", "plain"], default="fast",
                     help="fast (cached activations, default) or plain (re-run the whole model per step)")
     pr.add_argument("--batch-size", type=int, default=1024)
     pr.add_argument("--layout", choices=["nchw", "nhwc", "auto"], default="nchw",
                     help="how the HDF5 'data' is stored (default nchw, the lab's)")
-    pr.add_argument("--trust-model", action="store_true",
-                    help="allow model files with layers that run stored code (Lambda, custom)")
-    pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     pr.add_argument("--no-models", action="store_true", help="do not save the repaired models")
-    pr.add_argument("--demo", choices=["baseline", "pruning-aware"],
-                    help="run on the built-in demo's BadNet (made first if needed); the default when "
-                    "none of the lab files exist")
-    pr.add_argument("--demo-dir", default=".demo", help="the demo's cache folder (default .demo/)")
+    _add_run_options(pr, demo_help="run on the built-in demo's BadNet (made first if needed); the default when "
+                     "none of the lab files exist")
 
     md = sub.add_parser(
         "make-demo", parents=[common],
@@ -160,15 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_inputs(fp, ["model", "valid", "test", "bd_test"])
     fp.add_argument("--method", choices=["fine-pruning", "fine-tuning"], default="fine-pruning")
-    fp.add_argument("--layer", help=LAYER_HELP)
-    fp.add_argument("--prune-fraction", type=float, help="prune this fraction of the channels instead")
-    _add_tuning(fp)
-    fp.add_argument("--target", type=int)
-    fp.add_argument("--out", default="fixed_models")
-    fp.add_argument("--trust-model", action="store_true")
-    fp.add_argument("--overwrite", action="store_true")
-    fp.add_argument("--demo", choices=["baseline", "pruning-aware"], help="run on the built-in demo")
-    fp.add_argument("--demo-dir", default=".demo")
+    _add_settings(fp, DEFENSES["fine-pruning"])
+    _add_run_options(fp, demo_help="run on the built-in demo")
 
     cp = sub.add_parser(
         "compare", parents=[common],
@@ -182,13 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--defenses", nargs="+", choices=list(DEFENSES), default=list(DEFENSES), metavar="NAME",
                     help="the defenses to compare, in table order (default all: "
                     + "; ".join(f"{n}: {cls.summary}" for n, cls in DEFENSES.items()) + ")")
-    _add_tuning(cp)
-    cp.add_argument("--target", type=int)
-    cp.add_argument("--out", default="fixed_models")
-    cp.add_argument("--overwrite", action="store_true")
-    cp.add_argument("--trust-model", action="store_true")
-    cp.add_argument("--demo", action="store_true", help="both demo BadNets on the demo data")
-    cp.add_argument("--demo-dir", default=".demo")
+    _add_settings(cp, DEFENSES["fine-pruning"])
+    _add_run_options(cp, demo_help="both demo BadNets on the demo data", both_demos=True)
 
     tp = sub.add_parser(
         "trigger-response", parents=[common],
@@ -204,12 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--accuracy-drop", type=float, default=10.0,
                     help="mark the channels pruning removes at this validation accuracy drop (default 10)")
     tp.add_argument("--top", type=int, default=10, help="channels listed in the table (default 10)")
-    tp.add_argument("--target", type=int, help="attack target (default: the poisoned file's label)")
-    tp.add_argument("--out", default="fixed_models")
-    tp.add_argument("--overwrite", action="store_true")
-    tp.add_argument("--trust-model", action="store_true")
-    tp.add_argument("--demo", choices=["baseline", "pruning-aware"], help="a demo BadNet on the demo data")
-    tp.add_argument("--demo-dir", default=".demo")
+    _add_run_options(tp, demo_help="a demo BadNet on the demo data")
 
     rp = sub.add_parser(
         "report", parents=[common],
@@ -360,12 +341,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if len(args.images) == 1 and len(pred) == 1:
         print(int(pred[0]))
     else:
-        from .data import _IMAGE_SUFFIXES
+        from .data import IMAGE_SUFFIXES
 
         names: list[str] = []
         for item in args.images:
             p = Path(item)
-            names += ([str(q) for q in sorted(p.iterdir()) if q.suffix.lower() in _IMAGE_SUFFIXES]
+            names += ([str(q) for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES]
                       if p.is_dir() else [item])
         for name, c in zip(names, pred, strict=True):
             print(f"{name}\t{int(c)}")
@@ -386,8 +367,7 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
     result, results = run_fine_pruning(
         files["model"], files["valid"], test=files.get("test"), bd_test=files.get("bd_test"),  # type: ignore[arg-type]
         out_dir=args.out, method=args.method, target=args.target, trust_model=args.trust_model,
-        overwrite=args.overwrite, progress=not args.quiet, layer=args.layer,
-        prune_fraction=args.prune_fraction, **_tuning(args))
+        overwrite=args.overwrite, progress=not args.quiet, **_tuning(args))
     for i, m in enumerate(result.members):
         who = f"member {i}: " if len(result.members) > 1 else ""
         print(f"{args.method}: {who}{len(m.pruned_channels)} channels pruned, epoch {m.kept_epoch} kept; "

@@ -20,12 +20,12 @@ import numpy as np
 from .errors import DataError, DataWarning
 from .files import atomic_path
 
-__all__ = ["Dataset", "LazyImages", "load_h5", "load_images", "poisoned_labels", "save_h5"]
+__all__ = ["IMAGE_SUFFIXES", "Dataset", "LazyImages", "load_h5", "load_images", "poisoned_labels", "save_h5"]
 
 log = logging.getLogger(__name__)
 
 Layout = Literal["nchw", "nhwc", "auto"]
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -373,7 +373,7 @@ def load_images(
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in _IMAGE_SUFFIXES)
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise _fail(p, "folder holds no PNG or JPEG images")
             files.extend(found)

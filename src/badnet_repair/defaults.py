@@ -3,10 +3,10 @@ so that ``badnet-repair --help`` stays fast)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "TuningSettings"]
+__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "TuningSettings", "setting"]
 
 #: How several fine-pruned members' probabilities can be combined (the first is the default).
 ENSEMBLE_MEANS = ("geometric", "arithmetic")
@@ -17,6 +17,12 @@ ENSEMBLE_MEANS = ("geometric", "arithmetic")
 #: remove it at about 2 points of clean accuracy. ``members`` > 1 averages several networks
 #: tuned on different splits (more clean accuracy on real faces, K times the time; docs/results.md),
 #: by the geometric mean of their probabilities unless ``ensemble_mean`` says "arithmetic".
+def setting(default: Any, help: str) -> Any:
+    """A defense setting: a dataclass field with its default and the one-line help the CLI
+    shows for it (``--name``, generated from the field)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TuningSettings:
     """Fine-tuning's settings, declared once: the defaults of
@@ -38,18 +44,24 @@ class TuningSettings:
         weight_decay: decoupled weight decay (AdamW), default 0.
     """
 
-    holdout_fraction: float = 0.2
-    members: int = 1
-    ensemble_mean: Literal["geometric", "arithmetic"] = "geometric"
-    epochs: int = 50
-    learning_rate: float = 2e-3
-    batch_size: int = 64
-    schedule: str = "cosine"
-    shift: int = 2
-    flip: bool = True
-    clipnorm: float | None = 1.0
-    distill: float = 0.0
-    weight_decay: float = 0.0
+    holdout_fraction: float = setting(0.2, "validation share held out to choose the prune amount and epoch")
+    members: int = setting(1, "networks tuned on different splits of the clean data and averaged "
+                              "(1 = a single network, as in the paper)")
+    ensemble_mean: Literal["geometric", "arithmetic"] = setting(
+        "geometric", "how several members' probabilities are averaged (geometric: a member that kept the "
+                     "backdoor is outvoted)")
+    epochs: int = setting(50, "fine-tuning epochs")
+    learning_rate: float = setting(2e-3, "Adam's peak learning rate")
+    batch_size: int = setting(64, "fine-tuning batch size")
+    schedule: Literal["cosine", "constant"] = setting("cosine", "learning rate: cosine-decayed to 0 or constant")
+    shift: int = setting(2, "augmentation: random shifts of up to this many pixels (0 = none)")
+    flip: bool = setting(True, "augmentation: random horizontal flips (off for data that is not left-right "
+                               "symmetric)")
+    clipnorm: float | None = setting(1.0, "clip gradients to this norm (0 = no clipping)")
+    distill: float = setting(0.0, "weight of the BadNet's own predictions on the clean tuning images in the "
+                                  "targets (0 = labels only)")
+    weight_decay: float = setting(0.0, "decoupled weight decay (AdamW) while tuning: wears down the weights "
+                                       "clean data does not use (0 = plain Adam)")
 
 
 #: The defaults as a dict, with fine-pruning's accuracy drop (points) in front.

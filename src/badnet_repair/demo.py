@@ -68,47 +68,26 @@ class DemoConfig:
     seed: int = 0
 
 
+def _file(*parts: str) -> Any:
+    """A DemoPaths attribute: ``root`` joined with ``parts``."""
+    return property(lambda self: self.root.joinpath(*parts))
+
+
 @dataclass(frozen=True)
 class DemoPaths:
-    """Where the demo's files are."""
+    """Where the demo's files are: attributes are paths under ``root``."""
 
     root: Path
 
-    @property
-    def model(self) -> Path:
-        return self.root / "model" / "bd_net.h5"
-
-    @property
-    def pruning_aware_model(self) -> Path:
-        return self.root / "model" / "pa_net.h5"
-
-    @property
-    def train(self) -> Path:
-        return self.root / "data" / "cl" / "train.h5"
-
-    @property
-    def valid(self) -> Path:
-        return self.root / "data" / "cl" / "valid.h5"
-
-    @property
-    def test(self) -> Path:
-        return self.root / "data" / "cl" / "test.h5"
-
-    @property
-    def bd_valid(self) -> Path:
-        return self.root / "data" / "bd" / "bd_valid.h5"
-
-    @property
-    def bd_test(self) -> Path:
-        return self.root / "data" / "bd" / "bd_test.h5"
-
-    @property
-    def trigger(self) -> Path:
-        return self.root / "trigger.png"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "demo.json"
+    model = _file("model", "bd_net.h5")
+    pruning_aware_model = _file("model", "pa_net.h5")
+    train = _file("data", "cl", "train.h5")
+    valid = _file("data", "cl", "valid.h5")
+    test = _file("data", "cl", "test.h5")
+    bd_valid = _file("data", "bd", "bd_valid.h5")
+    bd_test = _file("data", "bd", "bd_test.h5")
+    trigger = _file("trigger.png")
+    manifest = _file("demo.json")
 
 
 def demo_paths(root: str | os.PathLike[str] = DEFAULT_DIR) -> DemoPaths:

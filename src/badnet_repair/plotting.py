@@ -31,6 +31,15 @@ def _label(sweep: SweepResult, name: str) -> str:
     return f"{name} {'attack success' if sweep.kinds[name] == 'poisoned' else 'accuracy'}"
 
 
+def _finish_sweep_axes(sweep: SweepResult, ax: Any, *, title: str, fontsize: int, loc: str) -> None:
+    """Thresholds marked, percentage axes over the fraction pruned, grid and legend."""
+    _mark_thresholds(sweep, ax)
+    ax.set(xlabel=f"fraction of {sweep.layer} channels pruned", ylabel="%", ylim=(-2, 102), xlim=(0, 1),
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize, loc=loc)
+
+
 def _mark_thresholds(sweep: SweepResult, ax: Any) -> None:
     c = len(sweep.steps) - 1
     at_step: dict[int, list[float]] = {}
@@ -60,11 +69,7 @@ def plot_sweep(sweep: SweepResult, *, ax: Any = None, sets: Sequence[str] | None
     frac = np.array([s.fraction_pruned for s in sweep.steps])
     for name in sets or list(sweep.kinds):
         ax.plot(frac, sweep.metric(name), _STYLE[sweep.kinds[name]], label=_label(sweep, name))
-    _mark_thresholds(sweep, ax)
-    ax.set(xlabel=f"fraction of {sweep.layer} channels pruned", ylabel="%", ylim=(-2, 102),
-           xlim=(0, 1), title="Pruned model B'")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    _finish_sweep_axes(sweep, ax, title="Pruned model B'", fontsize=8, loc="lower left")
     return fig
 
 
@@ -82,11 +87,7 @@ def plot_goodnet_sweep(sweep: SweepResult, *, ax: Any = None, sets: Sequence[str
         alarm = "detection" if kind == "poisoned" else "false alarm"
         ax.plot(frac, sweep.goodnet_metric(name, what="alarm"), _STYLE[kind], alpha=0.6,
                 lw=1, label=f"G {name} {alarm}")
-    _mark_thresholds(sweep, ax)
-    ax.set(xlabel=f"fraction of {sweep.layer} channels pruned", ylabel="%", ylim=(-2, 102),
-           xlim=(0, 1), title="GoodNet G (B and B' disagree -> class N)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left")
+    _finish_sweep_axes(sweep, ax, title="GoodNet G (B and B' disagree -> class N)", fontsize=7, loc="center left")
     return fig
 
 

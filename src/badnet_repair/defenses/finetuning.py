@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ..data import Dataset
-from ..defaults import FINE_TUNING, TuningSettings
+from ..defaults import FINE_TUNING, TuningSettings, setting
 from ..finetune import FinePruneResult, fine_prune
 from .base import Defense, Repair, Repaired
 
@@ -28,8 +28,9 @@ class FineTuning(TuningSettings, Defense):
     method: ClassVar[Literal["fine-pruning", "fine-tuning"]] = "fine-tuning"
     summary: ClassVar[str] = "fine-tune on augmented clean data, epoch chosen on a held-out part"
 
-    layer: str | None = None
-    seed: int = 0
+    layer: str | None = setting(None, "conv layer to prune (default: found from the graph, the last conv layer "
+                                      "followed by pooling; conv_3 in DeepID)")
+    seed: int = setting(0, "split, shuffling and augmentation seed")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them)."""
@@ -63,5 +64,6 @@ class FinePruning(FineTuning):
     method: ClassVar[Literal["fine-pruning", "fine-tuning"]] = "fine-pruning"
     summary: ClassVar[str] = "prune to a held-out accuracy drop, then fine-tune (Liu et al. 2018)"
 
-    accuracy_drop: float | None = FINE_TUNING["accuracy_drop"]
-    prune_fraction: float | None = None
+    accuracy_drop: float | None = setting(FINE_TUNING["accuracy_drop"],
+                                          "prune until held-out accuracy falls this many points")
+    prune_fraction: float | None = setting(None, "prune this fraction of the channels instead")
