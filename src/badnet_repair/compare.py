@@ -15,8 +15,7 @@ from typing import Any
 from .data import Dataset
 from .defenses import Defense, FineTuning, make_defense
 from .files import atomic_path, check_writable, write_json, write_text
-from .goodnet import goodnet_predict
-from .metrics import Evaluation, evaluate_predictions
+from .metrics import Evaluation, evaluate_predictions, evaluate_repair
 from .models import num_classes, predict_classes
 from .report import evaluation_table, to_csv
 
@@ -90,12 +89,10 @@ def compare_defenses(
                                 channels_pruned=0, **common)]
     for repair in repairs:
         for m in repair.models:
-            clean, bd = predict_classes(m.model, test.x), predict_classes(m.model, bd_test.x)
-            where: dict[str, Any] = dict(threshold=m.threshold, channels_pruned=m.channels_pruned, **common)
-            out += [evaluate_predictions(model=m.label, kind="repaired", clean_pred=clean, poisoned_pred=bd, **where),
-                    evaluate_predictions(model=f"G ({m.label})", kind="goodnet", alarm_class=n,
-                                         clean_pred=goodnet_predict(base_clean, clean, n),
-                                         poisoned_pred=goodnet_predict(base_bd, bd, n), **where)]
+            out += evaluate_repair(m.label, clean_pred=predict_classes(m.model, test.x),
+                                   poisoned_pred=predict_classes(m.model, bd_test.x), base_clean_pred=base_clean,
+                                   base_poisoned_pred=base_bd, num_classes=n, channels_pruned=m.channels_pruned,
+                                   threshold=m.threshold, **common)
     return DefenseComparison(badnet=name, evaluations=tuple(out))
 
 

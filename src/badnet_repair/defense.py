@@ -14,7 +14,7 @@ import numpy as np
 from .data import Dataset, Layout, poisoned_labels
 from .files import atomic_path, check_writable, sha256_file, versions, write_json, write_text
 from .goodnet import build_goodnet
-from .metrics import Evaluation, evaluate_predictions
+from .metrics import Evaluation, evaluate_predictions, evaluate_repair
 from .models import load_data_for, load_model, num_classes, prune_channels, save_model, saved_model_paths
 from .pruning import RankAt, SweepResult, prune_sweep
 from .report import render_report, sweep_rows, write_csv
@@ -164,25 +164,23 @@ def run_pruning_defense(
     clean_set = "test" if "test" in others else "valid"
     bd_set = "bd_test" if "bd_test" in others else ("bd_valid" if "bd_valid" in others else None)
 
-    def evaluation(name: str, kind: str, step: int, x: float | None, goodnet: bool) -> Evaluation:
-        def pred(s: str) -> np.ndarray:
-            return sweep.goodnet_predictions(s, step) if goodnet else sweep.predictions[s][step]
+    def preds(s: str | None, step: int) -> np.ndarray | None:
+        return None if s is None else sweep.predictions[s][step]
 
-        return evaluate_predictions(
-            model=name, kind=kind, clean_pred=pred(clean_set), clean_labels=sweep.labels[clean_set],
-            poisoned_pred=pred(bd_set) if bd_set else None,
-            poisoned_labels=sweep.labels[bd_set] if bd_set else None,
-            alarm_class=n_classes if goodnet else None, threshold=x, channels_pruned=step,
-            clean_set=clean_set, poisoned_set=bd_set,
-        )
-
-    evaluations = [evaluation("B", "badnet", 0, None, False)]
+    labels: dict[str, Any] = dict(clean_labels=sweep.labels[clean_set],
+                                  poisoned_labels=sweep.labels[bd_set] if bd_set else None,
+                                  clean_set=clean_set, poisoned_set=bd_set)
+    evaluations = [evaluate_predictions(model="B", kind="badnet", clean_pred=preds(clean_set, 0),
+                                        poisoned_pred=preds(bd_set, 0), channels_pruned=0, **labels)]
     models: dict[float, dict[str, Path]] = {}
     for x, sel in sweep.selections.items():
         if sel is None:
             continue
-        evaluations.append(evaluation(f"B'_{_tag(x)}", "repaired", sel.channels_pruned, x, False))
-        evaluations.append(evaluation(f"G_{_tag(x)}", "goodnet", sel.channels_pruned, x, True))
+        k = sel.channels_pruned
+        evaluations += evaluate_repair(f"B'_{_tag(x)}", goodnet_label=f"G_{_tag(x)}", clean_pred=preds(clean_set, k),
+                                       poisoned_pred=preds(bd_set, k), base_clean_pred=preds(clean_set, 0),
+                                       base_poisoned_pred=preds(bd_set, 0), num_classes=n_classes, channels_pruned=k,
+                                       threshold=x, **labels)
         if save_models:
             repaired = prune_channels(b, layer, sel.channels)
             saved = dict(save_model(repaired, out_dir, f"bd_{_tag(x)}", overwrite=overwrite))

@@ -23,7 +23,6 @@ import numpy as np
 from . import _backend  # noqa: F401
 from .data import Dataset
 from .defaults import ENSEMBLE_MEANS, FINE_TUNING, TuningSettings
-from .goodnet import goodnet_predict
 from .models import conv_layer, predict_classes, prune_channels
 
 __all__ = ["DEFAULTS", "FinePruneResult", "FineTuned", "fine_prune", "fine_tune", "run_fine_pruning", "split_clean"]
@@ -442,7 +441,7 @@ def run_fine_pruning(
     from .data import poisoned_labels
     from .files import atomic_path, check_writable, sha256_file, versions, write_json
     from .goodnet import build_goodnet
-    from .metrics import evaluate_predictions
+    from .metrics import evaluate_predictions, evaluate_repair
     from .models import load_data_for, load_model, num_classes, save_model, saved_model_paths
 
     stem = "fp" if method == "fine-pruning" else "ft"
@@ -476,22 +475,19 @@ def run_fine_pruning(
             files["bd_test"] = Path(bd_test)
         if test is not None:
             files["test"] = Path(test)
-        preds = {name: (predict_classes(m, t.x) if t else None, predict_classes(m, bd.x) if bd else None)
-                 for name, m in (("B", b), (stem, result.model))}
-        for name, kind in (("B", "badnet"), (stem, "repaired")):
-            evaluations.append(evaluate_predictions(
-                model=name, kind=kind, clean_pred=preds[name][0], clean_labels=t.y if t else None,
-                poisoned_pred=preds[name][1], poisoned_labels=bd.y if bd else None,
-                channels_pruned=result.channels_pruned if kind == "repaired" else 0,
-                clean_set="test" if t else None, poisoned_set="bd_test" if bd else None).as_dict())
-        (b_clean, b_bd), (r_clean, r_bd) = preds["B"], preds[stem]
-        g_clean = goodnet_predict(b_clean, r_clean, n) if b_clean is not None and r_clean is not None else None
-        g_bd = goodnet_predict(b_bd, r_bd, n) if b_bd is not None and r_bd is not None else None
-        evaluations.append(evaluate_predictions(
-            model=f"G_{stem}", kind="goodnet", clean_pred=g_clean, clean_labels=t.y if t else None,
-            poisoned_pred=g_bd, poisoned_labels=bd.y if bd else None, alarm_class=n,
-            channels_pruned=result.channels_pruned, clean_set="test" if t else None,
-            poisoned_set="bd_test" if bd else None).as_dict())
+
+        def preds(m: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+            return predict_classes(m, t.x) if t else None, predict_classes(m, bd.x) if bd else None
+
+        (b_clean, b_bd), (r_clean, r_bd) = preds(b), preds(result.model)
+        sets: dict[str, Any] = dict(clean_labels=t.y if t else None, poisoned_labels=bd.y if bd else None,
+                                    clean_set="test" if t else None, poisoned_set="bd_test" if bd else None)
+        rows = [evaluate_predictions(model="B", kind="badnet", clean_pred=b_clean, poisoned_pred=b_bd,
+                                     channels_pruned=0, **sets),
+                *evaluate_repair(stem, goodnet_label=f"G_{stem}", clean_pred=r_clean, poisoned_pred=r_bd,
+                                 base_clean_pred=b_clean, base_poisoned_pred=b_bd, num_classes=n,
+                                 channels_pruned=result.channels_pruned, **sets)]
+        evaluations = [e.as_dict() for e in rows]
     results = {
         "method": method,
         "provenance": {"versions": versions(),

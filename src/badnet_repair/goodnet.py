@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from . import _backend  # noqa: F401
+from .metrics import goodnet_predict
 from .models import num_classes as _num_classes
 from .models import renamed_copy
 
@@ -69,21 +68,3 @@ def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
     x = keras.Input(shape=tuple(badnet.inputs[0].shape[1:]), name="input")
     out = GoodNetCombine(name="goodnet_combine")([b(x), r(x)])
     return keras.Model(x, out, name=name)
-
-
-def goodnet_predict(bad_pred: np.ndarray, repaired_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """G's classes from B's and B''s class predictions.
-
-    Args:
-        bad_pred: (N,) classes predicted by B.
-        repaired_pred: (N,) classes predicted by B'.
-        num_classes: N of B; the alarm class is N.
-
-    Returns:
-        (N,) int64: ``bad_pred`` where the two agree, ``num_classes`` where they differ.
-    """
-    bad_pred = np.asarray(bad_pred, dtype=np.int64)
-    repaired_pred = np.asarray(repaired_pred, dtype=np.int64)
-    if bad_pred.shape != repaired_pred.shape:
-        raise ValueError(f"prediction shapes differ: {bad_pred.shape} vs {repaired_pred.shape}")
-    return np.where(bad_pred == repaired_pred, bad_pred, np.int64(num_classes))

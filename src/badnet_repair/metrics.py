@@ -13,7 +13,9 @@ __all__ = [
     "attack_success_rate",
     "detection_rate",
     "evaluate_predictions",
+    "evaluate_repair",
     "false_alarm_rate",
+    "goodnet_predict",
 ]
 
 
@@ -102,3 +104,67 @@ def evaluate_predictions(
         clean_set=clean_set,
         poisoned_set=poisoned_set,
     )
+
+
+def goodnet_predict(bad_pred: np.ndarray, repaired_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """G's classes from B's and B''s class predictions.
+
+    Args:
+        bad_pred: (N,) classes predicted by B.
+        repaired_pred: (N,) classes predicted by B', or (S, N) for S pruning steps.
+        num_classes: N of B; the alarm class is N.
+
+    Returns:
+        int64 of ``repaired_pred``'s shape: ``bad_pred`` where the two agree, ``num_classes``
+        where they differ.
+    """
+    bad_pred = np.asarray(bad_pred, dtype=np.int64)
+    repaired_pred = np.asarray(repaired_pred, dtype=np.int64)
+    if repaired_pred.shape[repaired_pred.ndim - bad_pred.ndim:] != bad_pred.shape:
+        raise ValueError(f"prediction shapes differ: {bad_pred.shape} vs {repaired_pred.shape}")
+    return np.where(bad_pred == repaired_pred, bad_pred, np.int64(num_classes))
+
+
+def evaluate_repair(
+    label: str,
+    *,
+    clean_pred: np.ndarray | None,
+    poisoned_pred: np.ndarray | None,
+    base_clean_pred: np.ndarray | None,
+    base_poisoned_pred: np.ndarray | None,
+    clean_labels: np.ndarray | None,
+    poisoned_labels: np.ndarray | None,
+    num_classes: int,
+    goodnet_label: str | None = None,
+    channels_pruned: int = 0,
+    threshold: float | None = None,
+    clean_set: str | None = None,
+    poisoned_set: str | None = None,
+) -> tuple[Evaluation, Evaluation]:
+    """A repaired model's row and its GoodNet's, from class predictions.
+
+    The GoodNet is the lab's: B's class where B and the repaired model agree, else the alarm
+    class N (:func:`goodnet_predict`). A set not given (None) is left out of both rows.
+
+    Args:
+        label: the repaired model's name in tables; its GoodNet is ``goodnet_label``
+            (default ``"G (<label>)"``).
+        clean_pred, poisoned_pred: (N,) the repaired model's classes on the clean and poisoned sets.
+        base_clean_pred, base_poisoned_pred: (N,) B's classes on the same sets.
+        clean_labels, poisoned_labels: (N,) their labels (the target for poisoned sets).
+        num_classes: N, B's classes (the alarm class).
+        channels_pruned, threshold, clean_set, poisoned_set: recorded in both rows.
+
+    Returns:
+        (the repaired model's Evaluation, the GoodNet's Evaluation).
+    """
+    def goodnet(base: np.ndarray | None, pred: np.ndarray | None) -> np.ndarray | None:
+        return None if base is None or pred is None else goodnet_predict(base, pred, num_classes)
+
+    common: dict[str, Any] = dict(clean_labels=clean_labels, poisoned_labels=poisoned_labels, threshold=threshold,
+                                  channels_pruned=channels_pruned, clean_set=clean_set, poisoned_set=poisoned_set)
+    return (evaluate_predictions(model=label, kind="repaired", clean_pred=clean_pred, poisoned_pred=poisoned_pred,
+                                 **common),
+            evaluate_predictions(model=goodnet_label or f"G ({label})", kind="goodnet", alarm_class=num_classes,
+                                 clean_pred=goodnet(base_clean_pred, clean_pred),
+                                 poisoned_pred=goodnet(base_poisoned_pred, poisoned_pred), **common))

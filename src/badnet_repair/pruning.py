@@ -18,7 +18,7 @@ import numpy as np
 from . import _backend  # noqa: F401
 from .data import Dataset
 from .errors import ModelError
-from .goodnet import goodnet_predict
+from .metrics import goodnet_predict
 from .models import ChannelChain, channel_chain, crossing_tensors, num_classes, pooling_after, prune_channels
 
 __all__ = [
@@ -127,7 +127,7 @@ class SweepResult:
         sets, false-alarm rate on clean sets).
         """
         p = self.predictions[name]
-        g = np.where(p == p[0], p[0], self.num_classes)
+        g = goodnet_predict(p[0], p, self.num_classes)
         hit = g == self.labels[name] if what == "match" else g == self.num_classes
         return 100.0 * hit.mean(axis=1)
 
