@@ -38,8 +38,8 @@ def main() -> int:
     from matplotlib.figure import Figure
 
     import badnet_repair as br
-    from badnet_repair.finetune import split_clean
-    from badnet_repair.pruning import prune_sweep, rank_channels
+    from badnet_repair.defenses.sweep import prune_sweep, rank_channels
+    from badnet_repair.defenses.tuning import split_clean
 
     valid, test, bd_test = data["valid"], data["test"], data["bd_test"]
     cmd = shlex.join(["python", "experiments/backdoor_channels.py", *sys.argv[1:]])

@@ -44,7 +44,7 @@ def main() -> int:
 
     import badnet_repair as br
     from badnet_repair.defaults import FINE_TUNING
-    from badnet_repair.layout import resolve_inputs
+    from badnet_repair.workflow.layout import resolve_inputs
 
     given = {k: v for k, v in (("members", args.members), ("distill", args.distill),
                                ("accuracy_drop", args.accuracy_drop), ("epochs", args.epochs),

@@ -117,11 +117,11 @@ def main() -> int:
     if data is None:
         return 0
     import badnet_repair as br
-    from badnet_repair.compare import compare_defenses
     from badnet_repair.defaults import FINE_TUNING
-    from badnet_repair.finetune import fine_prune
-    from badnet_repair.models import average_models
-    from badnet_repair.report import evaluation_table
+    from badnet_repair.defenses.tuning import fine_prune
+    from badnet_repair.nets.models import average_models
+    from badnet_repair.reporting.report import evaluation_table
+    from badnet_repair.workflow.compare import compare_defenses
 
     train, valid, test, bd_test = data["train"], data["valid"], data["test"], data["bd_test"]
     n = data["num_classes"]

@@ -6,8 +6,8 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.attacks import poison_training_set, train_badnet, train_pruning_aware_badnet
-from badnet_repair.faces import make_faces
-from badnet_repair.triggers import drawn_sunglasses
+from badnet_repair.attacks.triggers import drawn_sunglasses
+from badnet_repair.demo.faces import make_faces
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from badnet_repair.augment import augment_images
+from badnet_repair.nets.augment import augment_images
 
 
 def _plain(x: np.ndarray, seed: int, shift: int, flip: bool) -> np.ndarray:

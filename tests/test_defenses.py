@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import badnet_repair as br
-from badnet_repair.compare import compare_defenses
 from badnet_repair.defenses import REGISTRY, Defense, FinePruning, FineTuning, Pruning, Repair, Repaired, make_defense
 from badnet_repair.detectors import Disagreement, goodnet_classes
+from badnet_repair.workflow.compare import compare_defenses
 
 from .conftest import random_faces, tiny_conv_model
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import badnet_repair as br
+from badnet_repair.attacks.triggers import drawn_sunglasses
 from badnet_repair.cli import main
 from badnet_repair.demo import DemoConfig, load_demo_manifest, make_demo
-from badnet_repair.triggers import drawn_sunglasses
 
 from .conftest import SMALL_DEMO
 
@@ -108,7 +108,7 @@ def test_demo_badnets_are_the_same_bytes_every_time(tmp_path):
 def test_op_determinism_is_restored_after_training():
     from tensorflow.python.framework import config as tf_config
 
-    from badnet_repair.attacks import deterministic_ops
+    from badnet_repair.nets.training import deterministic_ops
 
     before = tf_config.is_op_determinism_enabled()
     with deterministic_ops():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from badnet_repair.faces import identity_params, make_faces
+from badnet_repair.demo.faces import identity_params, make_faces
 
 
 def small(seed=0):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import badnet_repair as br
-from badnet_repair import data as data_module
-from badnet_repair import finetune
 from badnet_repair.cli import main
-from badnet_repair.finetune import fine_prune, split_clean
+from badnet_repair.defenses import tuning as finetune
+from badnet_repair.defenses.tuning import fine_prune, split_clean
+from badnet_repair.formats import data as data_module
+from badnet_repair.workflow import fine_prune as fine_prune_workflow
 
 
 def test_split_is_disjoint_covers_everything_and_is_per_class():
@@ -67,7 +68,7 @@ def test_fine_prune_command_reads_no_test_data_before_the_model_is_chosen(small_
 
     monkeypatch.setattr(data_module.LazyImages, "_read", spy_read)
     monkeypatch.setattr(data_module, "load_h5", spy_load)
-    monkeypatch.setattr(finetune, "fine_prune", spy_fp)
+    monkeypatch.setattr(fine_prune_workflow, "fine_prune", spy_fp)
     code = main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
                  "--test", str(small_demo.test), "--bd-test", str(small_demo.bd_test), "--epochs", "2",
                  "--holdout-fraction", "0.34", "--out", str(tmp_path / "o")])

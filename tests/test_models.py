@@ -73,7 +73,7 @@ def test_weights_only_file_infers_classes_and_checks_shapes(tmp_path, small_deep
     other = br.deepid(num_classes=7)
     kernel = other.get_layer("conv_2")
     other_p = tmp_path / "other_weights.h5"
-    from badnet_repair.models import save_weights_h5
+    from badnet_repair.nets.models import save_weights_h5
 
     save_weights_h5(other, other_p)
     with h5py.File(other_p, "a") as f:
@@ -157,7 +157,7 @@ def _constant_softmax(bias: list[float], name: str):
 
 
 def test_geometric_average_is_the_normalised_product_and_saves(tmp_path):
-    from badnet_repair.models import average_models, save_model
+    from badnet_repair.nets.models import average_models, save_model
 
     a = _constant_softmax([0.0, 0.0], "a")  # [1/2, 1/2]
     b = _constant_softmax([float(np.log(3.0)), 0.0], "b")  # [3/4, 1/4]
@@ -178,7 +178,7 @@ def test_geometric_average_is_the_normalised_product_and_saves(tmp_path):
 
 
 def test_average_models_means_the_probabilities_and_saves(tmp_path):
-    from badnet_repair.models import average_models, save_model
+    from badnet_repair.nets.models import average_models, save_model
 
     a = _constant_softmax([0.0, 0.0], "a")  # softmax -> [1/2, 1/2]
     b = _constant_softmax([float(np.log(3.0)), 0.0], "b")  # -> [3/4, 1/4]

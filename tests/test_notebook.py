@@ -9,7 +9,7 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.cli import main
-from badnet_repair.notebook import execute_notebook, markdown_rows, notebook_outputs, parameter_names
+from badnet_repair.reporting.notebook import execute_notebook, markdown_rows, notebook_outputs, parameter_names
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "Homework-2.ipynb"
 

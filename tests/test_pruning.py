@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import badnet_repair as br
-from badnet_repair.pruning import select_threshold
+from badnet_repair.defenses.sweep import select_threshold
 
 from .conftest import random_faces, square_trigger, tiny_conv_model
 

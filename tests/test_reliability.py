@@ -103,7 +103,7 @@ def test_lazy_images_read_the_same_pixels_as_eager(tmp_path):
     with h5py.File(p, "w") as f:
         f["data"], f["label"] = data, np.arange(11)
     eager, lazy = br.load_h5(p), br.load_h5(p, lazy=True)
-    assert isinstance(lazy.x, br.data.LazyImages) and lazy.x.shape == eager.x.shape
+    assert isinstance(lazy.x, br.formats.data.LazyImages) and lazy.x.shape == eager.x.shape
     np.testing.assert_array_equal(lazy.x[2:7], eager.x[2:7])
     idx = np.array([9, 2, 2, 0])
     np.testing.assert_array_equal(lazy.x[idx], eager.x[idx])
@@ -193,7 +193,7 @@ def test_repeated_sweeps_give_the_same_order_and_predictions(lab_files, small_de
 
 
 def test_results_record_versions_hashes_and_parameters(lab_files, tmp_path):
-    from badnet_repair.files import sha256_file
+    from badnet_repair.formats.files import sha256_file
 
     r = br.run_pruning_defense(lab_files["model"], lab_files["valid"], out_dir=tmp_path / "o",
                                thresholds=[3], save_models=False, report=False, progress=False)

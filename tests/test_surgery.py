@@ -8,7 +8,7 @@ import pytest
 from keras import layers
 
 import badnet_repair as br
-from badnet_repair.models import channel_chain, crossing_tensors, default_conv_layer
+from badnet_repair.nets.models import channel_chain, crossing_tensors, default_conv_layer
 
 
 def _bn_net(*, separate_activation: bool = False, scale: bool = True, center: bool = True) -> keras.Model:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import badnet_repair as br
-from badnet_repair.triggers import drawn_sunglasses
+from badnet_repair.attacks.triggers import drawn_sunglasses
 
 
 def test_apply_alpha_composites_exactly_where_it_should():

@@ -20,17 +20,16 @@ from . import (
     defenses,
     demo,
     detectors,
-    faces,
-    triggers,
 )
-from .analysis import TriggerResponse, trigger_response
-from .augment import augment_images
-from .compare import DefenseComparison, compare_defenses, write_comparison
-from .data import Dataset, load_h5, load_images, save_h5
+from .attacks import triggers
+from .attacks.triggers import Trigger, load_trigger, poison
 from .defaults import TuningSettings
-from .defense import DefenseResult, run_pruning_defense
 from .defenses import Defense, FinePruning, FineTuning, Pruning, Repair, Repaired, make_defense
+from .defenses.sweep import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
+from .defenses.tuning import FinePruneResult, FineTuned, fine_prune, fine_tune, split_clean
+from .demo import faces
 from .detectors import Detector, Disagreement, goodnet_classes
+from .detectors.goodnet import GoodNetCombine, build_goodnet, goodnet_predict
 from .errors import (
     BadNetRepairError,
     DataError,
@@ -39,9 +38,7 @@ from .errors import (
     OutputExistsError,
     UnsafeModelError,
 )
-from .finetune import FinePruneResult, FineTuned, fine_prune, fine_tune, run_fine_pruning, split_clean
-from .goodnet import GoodNetCombine, build_goodnet, goodnet_predict
-from .layers import GeometricMean
+from .formats.data import Dataset, load_h5, load_images, save_h5
 from .metrics import (
     Evaluation,
     accuracy,
@@ -49,7 +46,9 @@ from .metrics import (
     detection_rate,
     false_alarm_rate,
 )
-from .models import (
+from .nets.augment import augment_images
+from .nets.layers import GeometricMean
+from .nets.models import (
     ChannelChain,
     average_models,
     channel_chain,
@@ -62,7 +61,8 @@ from .models import (
     prune_channels,
     save_model,
 )
-from .plotting import (
+from .reporting.analysis import TriggerResponse, trigger_response
+from .reporting.plotting import (
     plot_curves,
     plot_evaluations,
     plot_goodnet_sweep,
@@ -70,8 +70,9 @@ from .plotting import (
     plot_sweep,
     plot_trigger_response,
 )
-from .pruning import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
-from .triggers import Trigger, load_trigger, poison
+from .workflow.compare import DefenseComparison, compare_defenses, write_comparison
+from .workflow.fine_prune import run_fine_pruning
+from .workflow.prune import DefenseResult, run_pruning_defense
 
 __all__ = [
     "BadNetRepairError",

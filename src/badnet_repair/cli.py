@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .defenses import REGISTRY as DEFENSES
-from .demo import DEMO_BADNETS
-from .layout import LAB_FILES
+from .demo.make import DEMO_BADNETS
+from .workflow.layout import LAB_FILES
 
 __all__ = ["main"]
 
@@ -228,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_make_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .demo import DemoConfig, load_demo_manifest, make_demo
+    from .demo.make import DemoConfig, load_demo_manifest, make_demo
 
     cfg: DemoConfig | None = None
     if args.identities is not None or args.seed is not None:
@@ -251,8 +251,8 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .defense import run_pruning_defense
-    from .layout import resolve_inputs
+    from .workflow.layout import resolve_inputs
+    from .workflow.prune import run_pruning_defense
 
     try:
         thresholds = _thresholds(args.thresholds)
@@ -276,7 +276,7 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         # Flags that do not change the numbers stay out, so reruns give identical results.
         command="badnet-repair " + shlex.join(a for a in argv if a not in _NEUTRAL_FLAGS),
     )
-    from .report import evaluation_table
+    from .reporting.report import evaluation_table
 
     sel = result.sweep.selections
     for x, s in sel.items():
@@ -293,15 +293,15 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _is_goodnet(model: Any) -> bool:
-    from .goodnet import GoodNetCombine
+    from .detectors.goodnet import GoodNetCombine
 
     return any(isinstance(lyr, GoodNetCombine) for lyr in model.layers)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import poisoned_labels
+    from .formats.data import poisoned_labels
     from .metrics import evaluate_predictions
-    from .models import load_data_for, load_model, num_classes, predict_classes
+    from .nets.models import load_data_for, load_model, num_classes, predict_classes
 
     model = load_model(args.model, trust=args.trust_model)
     n = num_classes(model)
@@ -331,8 +331,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .data import load_images
-    from .models import load_model, predict_classes
+    from .formats.data import load_images
+    from .nets.models import load_model, predict_classes
 
     model = load_model(args.model, trust=args.trust_model)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
@@ -341,7 +341,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if len(args.images) == 1 and len(pred) == 1:
         print(int(pred[0]))
     else:
-        from .data import IMAGE_SUFFIXES
+        from .formats.data import IMAGE_SUFFIXES
 
         names: list[str] = []
         for item in args.images:
@@ -354,9 +354,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_fine_prune(args: argparse.Namespace) -> int:
-    from .finetune import run_fine_pruning
-    from .layout import resolve_inputs
-    from .report import evaluation_table
+    from .reporting.report import evaluation_table
+    from .workflow.fine_prune import run_fine_pruning
+    from .workflow.layout import resolve_inputs
 
     given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
     resolved = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet)
@@ -381,12 +381,12 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_defenses, write_comparison
-    from .data import poisoned_labels
     from .defenses import make_defense
     from .errors import DataError
-    from .layout import resolve_inputs
-    from .models import load_data_for, load_model
+    from .formats.data import poisoned_labels
+    from .nets.models import load_data_for, load_model
+    from .workflow.compare import compare_defenses, write_comparison
+    from .workflow.layout import resolve_inputs
 
     # each defense takes the options its class declares (the registry's settings)
     options = {"thresholds": _thresholds(args.thresholds), **_tuning(args)}
@@ -422,14 +422,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_trigger_response(args: argparse.Namespace) -> int:
-    from .analysis import trigger_response
-    from .data import poisoned_labels
+    from .defenses.sweep import prune_sweep
     from .errors import DataError
-    from .files import check_writable
-    from .layout import resolve_inputs
-    from .models import load_data_for, load_model
-    from .pruning import prune_sweep
-    from .report import trigger_response_paths, write_trigger_response
+    from .formats.data import poisoned_labels
+    from .formats.files import check_writable
+    from .nets.models import load_data_for, load_model
+    from .reporting.analysis import trigger_response
+    from .reporting.report import trigger_response_paths, write_trigger_response
+    from .workflow.layout import resolve_inputs
 
     # refuse before loading and sweeping, not after
     check_writable(trigger_response_paths(args.out).values(), overwrite=args.overwrite)
@@ -467,7 +467,7 @@ def _literal(text: str) -> Any:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .errors import DataError
-    from .notebook import execute_notebook, parameter_names
+    from .reporting.notebook import execute_notebook, parameter_names
 
     nb = Path(args.notebook)
     if not nb.is_file():

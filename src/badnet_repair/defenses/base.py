@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..data import Dataset
+from ..formats.data import Dataset
 
 __all__ = ["Defense", "Repair", "Repaired"]
 

@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from ..data import Dataset
 from ..defaults import FINE_TUNING, TuningSettings, setting
-from ..finetune import FinePruneResult, fine_prune
+from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
+from .tuning import FinePruneResult, fine_prune
 
 __all__ = ["FinePruning", "FineTuning"]
 

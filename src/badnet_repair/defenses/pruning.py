@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from ..data import Dataset
-from ..models import prune_channels
-from ..pruning import prune_sweep
+from ..formats.data import Dataset
+from ..nets.models import prune_channels
 from .base import Defense, Repair, Repaired
+from .sweep import prune_sweep
 
 __all__ = ["Pruning"]
 

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..data import Dataset
-from ..models import predict_classes
+from ..formats.data import Dataset
+from ..nets.models import predict_classes
 
 __all__ = ["Detector", "goodnet_classes"]
 

@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..data import Dataset
-from ..models import num_classes, predict_classes
+from ..formats.data import Dataset
+from ..nets.models import num_classes, predict_classes
 from .base import Detector
 
 __all__ = ["Disagreement"]

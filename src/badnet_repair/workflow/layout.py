@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .demo import DEMO_BADNETS
-from .errors import DataError
+from ..demo.make import DEMO_BADNETS
+from ..errors import DataError
 
 __all__ = ["LAB_FILES", "ResolvedInputs", "resolve_inputs"]
 
@@ -51,7 +51,7 @@ class ResolvedInputs:
 
 def _demo(which: str, demo_dir: str | os.PathLike[str], demo_config: Any, progress: bool,
           notice: str | None) -> ResolvedInputs:
-    from .demo import DemoConfig, load_demo_manifest, make_demo
+    from ..demo.make import DemoConfig, load_demo_manifest, make_demo
 
     if isinstance(demo_config, dict):
         demo_config = DemoConfig(**demo_config)

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset, save_h5
-from .errors import BadNetRepairError
-from .files import write_json
+from ..errors import BadNetRepairError
+from ..formats.data import Dataset, save_h5
+from ..formats.files import write_json
 
 __all__ = ["DEMO_BADNETS", "DemoConfig", "DemoPaths", "demo_paths", "load_demo_manifest", "make_demo"]
 
@@ -107,8 +107,8 @@ def load_demo_manifest(root: str | os.PathLike[str] = DEFAULT_DIR) -> dict[str, 
 
 
 def _evaluate(model: Any, clean: Dataset, bd: Dataset) -> dict[str, float]:
-    from .metrics import accuracy, attack_success_rate
-    from .models import predict_classes
+    from ..metrics import accuracy, attack_success_rate
+    from ..nets.models import predict_classes
 
     return {"clean_test_accuracy": accuracy(predict_classes(model, clean.x), clean.y),
             "test_attack_success_rate": attack_success_rate(predict_classes(model, bd.x), bd.y)}
@@ -188,9 +188,9 @@ def make_demo(
 
 def _make_data(paths: DemoPaths, cfg: DemoConfig) -> dict[str, Any]:
     """Write the faces, the poisoned sets and the trigger; return the new manifest."""
+    from ..attacks.triggers import drawn_sunglasses, poison
+    from ..formats.files import versions
     from .faces import make_faces
-    from .files import versions
-    from .triggers import drawn_sunglasses, poison
 
     if paths.root.exists():
         for sub in ("model", "data"):
@@ -228,10 +228,10 @@ def _arrays(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
 def _make_badnet(paths: DemoPaths, cfg: DemoConfig, manifest: dict[str, Any], badnet: str,
                  progress: bool) -> dict[str, Any]:
     """Train one demo BadNet, save its files, and record it in the manifest (returned)."""
-    from .attacks import train_badnet, train_pruning_aware_badnet
-    from .data import load_h5
-    from .models import save_model
-    from .triggers import drawn_sunglasses
+    from ..attacks.badnets import train_badnet, train_pruning_aware_badnet
+    from ..attacks.triggers import drawn_sunglasses
+    from ..formats.data import load_h5
+    from ..nets.models import save_model
 
     train = load_h5(paths.train, name="train")
     trigger = drawn_sunglasses()  # the PNG's alpha is rounded to 8 bits; train with the exact one
@@ -269,7 +269,7 @@ def _duration(seconds: float) -> str:
 def _save_trigger_png(rgba: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    from .files import atomic_path
+    from ..formats.files import atomic_path
 
     out = np.concatenate([rgba[..., :3], rgba[..., 3:] * 255.0], axis=-1)
     with atomic_path(path, overwrite=True) as tmp:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _backend  # noqa: F401
+from .. import _backend  # noqa: F401
 
 __all__ = ["GeometricMean"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Dataset
+from ..formats.data import Dataset
 
 __all__ = ["FaceSplits", "identity_params", "make_faces", "render_faces"]
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import Dataset
-from .defenses import Defense, FineTuning, make_defense
-from .files import atomic_path, check_writable, write_json, write_text
-from .metrics import Evaluation, evaluate_predictions, evaluate_repair
-from .models import num_classes, predict_classes
-from .report import evaluation_table, to_csv
+from ..defenses import Defense, FineTuning, make_defense
+from ..formats.data import Dataset
+from ..formats.files import atomic_path, check_writable, write_json, write_text
+from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
+from ..nets.models import num_classes, predict_classes
+from ..reporting.report import evaluation_table, to_csv
 
 __all__ = ["DefenseComparison", "compare_defenses", "default_defenses", "write_comparison"]
 
@@ -101,7 +101,7 @@ def write_comparison(comparisons: Sequence[DefenseComparison], out_dir: str | os
     """Write ``comparison.csv``, ``.json``, ``.md`` and ``comparison.png`` (bars per BadNet)."""
     from matplotlib.figure import Figure
 
-    from .plotting import plot_evaluations
+    from ..reporting.plotting import plot_evaluations
 
     d = Path(out_dir)
     paths = {k: d / f"comparison.{k}" for k in ("csv", "json", "md", "png")}

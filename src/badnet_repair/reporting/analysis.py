@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset
-from .models import conv_layer
-from .pruning import ChannelRanking, rank_channels
+from ..defenses.sweep import ChannelRanking, rank_channels
+from ..formats.data import Dataset
+from ..nets.models import conv_layer
 
 __all__ = ["TriggerResponse", "trigger_response"]
 

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..defenses.sweep import SweepResult
+from ..formats.files import write_text
 from .analysis import TriggerResponse
-from .files import write_text
-from .pruning import SweepResult
 
 __all__ = [
     "base_table",
@@ -290,7 +290,7 @@ def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike
     """
     from matplotlib.figure import Figure
 
-    from .files import atomic_path, check_writable, write_json
+    from ..formats.files import atomic_path, check_writable, write_json
     from .plotting import plot_trigger_response
 
     paths = trigger_response_paths(out_dir)

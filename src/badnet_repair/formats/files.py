@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import OutputExistsError
+from .. import __version__
+from ..errors import OutputExistsError
 
 __all__ = ["atomic_path", "check_writable", "sha256_file", "versions", "write_json", "write_text"]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Dataset
-from .errors import DataError
+from ..errors import DataError
+from ..formats.data import Dataset
 
 __all__ = ["Trigger", "drawn_sunglasses", "load_trigger", "poison"]
 

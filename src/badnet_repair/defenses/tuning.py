@@ -13,19 +13,17 @@ no poisoned data is seen.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from . import _backend  # noqa: F401
-from .data import Dataset
-from .defaults import ENSEMBLE_MEANS, FINE_TUNING, TuningSettings
-from .models import conv_layer, predict_classes, prune_channels
+from .. import _backend  # noqa: F401
+from ..defaults import ENSEMBLE_MEANS, FINE_TUNING, TuningSettings
+from ..formats.data import Dataset
+from ..nets.models import conv_layer, predict_classes, prune_channels
 
-__all__ = ["DEFAULTS", "FinePruneResult", "FineTuned", "fine_prune", "fine_tune", "run_fine_pruning", "split_clean"]
+__all__ = ["DEFAULTS", "FinePruneResult", "FineTuned", "fine_prune", "fine_tune", "split_clean"]
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +211,8 @@ def fine_tune(
     """
     import keras
 
-    from .augment import augment_images
-    from .training import EpochProgress, ZeroChannels, deterministic_ops
+    from ..nets.augment import augment_images
+    from ..nets.training import EpochProgress, ZeroChannels, deterministic_ops
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
@@ -334,8 +332,8 @@ def fine_prune(
     Returns:
         FinePruneResult.
     """
-    from .models import average_models
-    from .pruning import prune_sweep
+    from ..nets.models import average_models
+    from .sweep import prune_sweep
 
     unknown = sorted(set(tuning) - {f.name for f in fields(TuningSettings)})
     if unknown:
@@ -387,123 +385,3 @@ def fine_prune(
     repaired = tuned[0].model if members == 1 else average_models(
         [t.model for t in tuned], name=f"{method.replace('-', '_')}_ensemble", mean=ensemble_mean)
     return FinePruneResult(model=repaired, method=method, layer=layer, members=tuple(tuned))
-
-
-def _effective(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with fine_prune's defaults filled in: results record what was run."""
-    import inspect
-
-    params = {k: p.default for k, p in inspect.signature(fine_prune).parameters.items()
-              if p.default is not inspect.Parameter.empty and k not in ("method", "progress")}
-    return {**params, **asdict(TuningSettings()), **options}
-
-
-def run_fine_pruning(
-    model: str | os.PathLike[str],
-    valid: str | os.PathLike[str],
-    *,
-    test: str | os.PathLike[str] | None = None,
-    bd_test: str | os.PathLike[str] | None = None,
-    out_dir: str | os.PathLike[str] = "fixed_models",
-    method: Literal["fine-pruning", "fine-tuning"] = "fine-pruning",
-    target: int | None = None,
-    trust_model: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    **options: Any,
-) -> tuple[FinePruneResult, dict[str, Any]]:
-    """Fine-prune (or fine-tune) a BadNet from files, save it and its GoodNet, then evaluate.
-
-    The test files are opened only after the repaired model is chosen and saved, so they
-    cannot influence it. Writes ``fp.h5``, ``fp_weights.h5``, ``fp.keras`` and
-    ``goodnet_fp.keras`` (``ft`` instead of ``fp`` for fine-tuning) and ``fp_results.json``.
-    With several ``members``, ``fp.h5`` and ``fp.keras`` hold the averaging model, and each
-    member's weights go to ``fp_member_{i}_weights.h5`` (lab layout, loadable into DeepID)
-    instead of ``fp_weights.h5``.
-
-    Args:
-        model: the BadNet's file.
-        valid: clean validation data (lab HDF5): the only data the repair sees.
-        test, bd_test: clean and poisoned test data, for the evaluation afterwards.
-        out_dir: output folder, default ``fixed_models``.
-        method: ``"fine-pruning"`` (default) or ``"fine-tuning"``.
-        target: the attack's target; default the poisoned file's label.
-        trust_model: allow model files with code-carrying layers.
-        overwrite: replace existing outputs.
-        progress: progress bars.
-        **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
-            holdout_fraction, members, ensemble_mean, epochs, learning_rate, batch_size, seed,
-            schedule, shift, flip, clipnorm, distill, weight_decay).
-
-    Returns:
-        (the FinePruneResult, the results dict written to JSON).
-    """
-    from .data import poisoned_labels
-    from .files import atomic_path, check_writable, sha256_file, versions, write_json
-    from .goodnet import build_goodnet
-    from .metrics import evaluate_predictions, evaluate_repair
-    from .models import load_data_for, load_model, num_classes, save_model, saved_model_paths
-
-    stem = "fp" if method == "fine-pruning" else "ft"
-    out = Path(out_dir)
-    members = int(options.get("members", DEFAULTS["members"]))
-    # an averaged model has no lab-style weights-only file; each member gets one instead
-    model_paths = {k: v for k, v in saved_model_paths(out, stem).items() if members == 1 or k != "weights"}
-    member_paths = {f"member_{i}_weights": saved_model_paths(out, f"{stem}_member_{i}")["weights"]
-                    for i in range(members)} if members > 1 else {}
-    paths = {**model_paths, **member_paths, "goodnet": out / f"goodnet_{stem}.keras",
-             "results": out / f"{stem}_results.json"}
-    check_writable(paths.values(), overwrite=overwrite)
-    b = load_model(model, trust=trust_model)
-    n = num_classes(b)
-    clean = load_data_for(b, valid, name="valid")
-    result = fine_prune(b, clean, method=method, progress=progress, **options)
-    save_model(result.model, out, stem, formats=tuple(model_paths), overwrite=overwrite)
-    for i, member in enumerate(result.members if members > 1 else ()):
-        save_model(member.model, out, f"{stem}_member_{i}", formats=("weights",), overwrite=overwrite)
-    goodnet = build_goodnet(b, result.model)
-    with atomic_path(paths["goodnet"], overwrite=overwrite) as tmp:
-        goodnet.save(tmp)
-    # only now are the test sets opened
-    evaluations = []
-    files = {"model": Path(model), "valid": Path(valid)}
-    if test is not None or bd_test is not None:
-        t = load_data_for(b, test, lazy=True) if test else None
-        bd = None
-        if bd_test is not None:
-            bd, target = poisoned_labels(load_data_for(b, bd_test, lazy=True), target)
-            files["bd_test"] = Path(bd_test)
-        if test is not None:
-            files["test"] = Path(test)
-
-        def preds(m: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
-            return predict_classes(m, t.x) if t else None, predict_classes(m, bd.x) if bd else None
-
-        (b_clean, b_bd), (r_clean, r_bd) = preds(b), preds(result.model)
-        sets: dict[str, Any] = dict(clean_labels=t.y if t else None, poisoned_labels=bd.y if bd else None,
-                                    clean_set="test" if t else None, poisoned_set="bd_test" if bd else None)
-        rows = [evaluate_predictions(model="B", kind="badnet", clean_pred=b_clean, poisoned_pred=b_bd,
-                                     channels_pruned=0, **sets),
-                *evaluate_repair(stem, goodnet_label=f"G_{stem}", clean_pred=r_clean, poisoned_pred=r_bd,
-                                 base_clean_pred=b_clean, base_poisoned_pred=b_bd, num_classes=n,
-                                 channels_pruned=result.channels_pruned, **sets)]
-        evaluations = [e.as_dict() for e in rows]
-    results = {
-        "method": method,
-        "provenance": {"versions": versions(),
-                       "inputs": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in files.items()}},
-        "parameters": {"method": method, **_effective(options)},
-        "layer": result.layer,
-        "channels_pruned": result.channels_pruned,
-        "holdout_images": len(result.members[0].holdout_index),
-        "tune_images": len(result.members[0].tune_index),
-        "members": [{"seed": m.seed, "pruned_channels": list(m.pruned_channels), "kept_epoch": m.kept_epoch,
-                     "holdout": {"base_accuracy": m.base_holdout_accuracy, "pruned_accuracy": m.pruned_holdout_accuracy,
-                                 "kept_accuracy": m.holdout_accuracy},
-                     "history": list(m.history)} for m in result.members],
-        "target": target,
-        "evaluations": evaluations,
-        "models": {k: str(v) for k, v in paths.items() if k != "results"},
-    }
-    write_json(paths["results"], results, overwrite=overwrite)
-    return result, results

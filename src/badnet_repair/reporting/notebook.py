@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset
-from .files import atomic_path, write_text
+from ..formats.data import Dataset
+from ..formats.files import atomic_path, write_text
 
 __all__ = [
     "execute_notebook",

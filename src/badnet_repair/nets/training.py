@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _backend  # noqa: F401
+from .. import _backend  # noqa: F401
 from .models import zero_channels
 
 __all__ = ["EpochProgress", "ZeroChannels", "deterministic_ops"]

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _backend  # noqa: F401
-from .data import Dataset
-from .models import conv_layer, deepid, prune_channels
-from .pruning import prune_sweep
-from .training import EpochProgress, ZeroChannels, deterministic_ops
+from .. import _backend  # noqa: F401
+from ..defenses.sweep import prune_sweep
+from ..formats.data import Dataset
+from ..nets.models import conv_layer, deepid, prune_channels
+from ..nets.training import EpochProgress, ZeroChannels, deterministic_ops
 from .triggers import Trigger
 
 __all__ = ["AttackResult", "poison_training_set", "train_badnet", "train_model",
@@ -96,7 +96,7 @@ def train_model(
     With ``shift`` or ``flip`` each epoch trains on freshly augmented copies
     (:func:`~badnet_repair.augment.augment_images`), which lifts clean accuracy on small
     face sets (measured on Yale B in docs/results.md)."""
-    from .augment import augment_images
+    from ..nets.augment import augment_images
 
     with deterministic_ops():
         keras.utils.set_random_seed(seed)

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from ..defenses.sweep import SweepResult
+from ..metrics import Evaluation
 from .analysis import TriggerResponse
-from .metrics import Evaluation
-from .pruning import SweepResult
 
 __all__ = ["plot_curves", "plot_evaluations", "plot_goodnet_sweep", "plot_samples", "plot_sweep",
            "plot_trigger_response"]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import DataError, DataWarning
+from ..errors import DataError, DataWarning
 from .files import atomic_path
 
 __all__ = ["IMAGE_SUFFIXES", "Dataset", "LazyImages", "load_h5", "load_images", "poisoned_labels", "save_h5"]

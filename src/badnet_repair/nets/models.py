@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _backend  # noqa: F401  (quiet TensorFlow before Keras loads it)
-from .defaults import ENSEMBLE_MEANS
-from .errors import ModelError, UnsafeModelError
-from .files import atomic_path, check_writable
+from .. import _backend  # noqa: F401  (quiet TensorFlow before Keras loads it)
+from ..defaults import ENSEMBLE_MEANS
+from ..errors import ModelError, UnsafeModelError
+from ..formats.files import atomic_path, check_writable
 
 __all__ = [
     "ChannelChain",
@@ -100,7 +100,7 @@ def load_data_for(model: Any, path: str | os.PathLike[str], **options: Any) -> A
     Returns:
         Dataset with (N, H, W, C) float32 images and (N,) int64 labels.
     """
-    from .data import load_h5
+    from ..formats.data import load_h5
 
     h, w, c = (int(d) for d in model.inputs[0].shape[1:])
     return load_h5(path, num_classes=num_classes(model), image_shape=(h, w, c), **options)

@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _backend  # noqa: F401
-from .data import Dataset
-from .errors import ModelError
-from .metrics import goodnet_predict
-from .models import ChannelChain, channel_chain, crossing_tensors, num_classes, pooling_after, prune_channels
+from .. import _backend  # noqa: F401
+from ..errors import ModelError
+from ..formats.data import Dataset
+from ..metrics import goodnet_predict
+from ..nets.models import ChannelChain, channel_chain, crossing_tensors, num_classes, pooling_after, prune_channels
 
 __all__ = [
     "ChannelRanking",

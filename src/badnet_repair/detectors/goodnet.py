@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _backend  # noqa: F401
-from .metrics import goodnet_predict
-from .models import num_classes as _num_classes
-from .models import renamed_copy
+from .. import _backend  # noqa: F401
+from ..metrics import goodnet_predict
+from ..nets.models import num_classes as _num_classes
+from ..nets.models import renamed_copy
 
 __all__ = ["GoodNetCombine", "build_goodnet", "goodnet_predict"]
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset, Layout, poisoned_labels
-from .files import atomic_path, check_writable, sha256_file, versions, write_json, write_text
-from .goodnet import build_goodnet
-from .metrics import Evaluation, evaluate_predictions, evaluate_repair
-from .models import load_data_for, load_model, num_classes, prune_channels, save_model, saved_model_paths
-from .pruning import RankAt, SweepResult, prune_sweep
-from .report import render_report, sweep_rows, write_csv
+from ..defenses.sweep import RankAt, SweepResult, prune_sweep
+from ..detectors.goodnet import build_goodnet
+from ..formats.data import Dataset, Layout, poisoned_labels
+from ..formats.files import atomic_path, check_writable, sha256_file, versions, write_json, write_text
+from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
+from ..nets.models import load_data_for, load_model, num_classes, prune_channels, save_model, saved_model_paths
+from ..reporting.report import render_report, sweep_rows, write_csv
 
 __all__ = ["DefenseResult", "output_paths", "run_pruning_defense"]
 
@@ -200,7 +200,7 @@ def run_pruning_defense(
         "results_json": write_json(paths["results_json"], results, overwrite=overwrite),
     }
     if report:
-        from .plotting import plot_curves
+        from ..reporting.plotting import plot_curves
 
         fig = plot_curves(sweep)
         with atomic_path(paths["figure"], overwrite=overwrite) as tmp:
