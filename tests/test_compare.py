@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,26 @@ def test_compare_runs_the_defenses_named_from_the_registry(small_demo, tmp_path)
         assert "pruning X=0" in models  # a drop of 0 points is reached at the first channel
     with pytest.raises(SystemExit):
         main(["compare", "--demo", "--defenses", "neural-cleanse"])
+
+
+def test_compare_opens_test_files_only_after_every_repair(small_demo, tmp_path, monkeypatch):
+    from badnet_repair.defenses import Pruning
+    from badnet_repair.workflow import run
+
+    events: list[str] = []
+    real_load, real_repair = run.load_data_for, Pruning.repair
+
+    def spy_load(model, path, **kw):
+        events.append(f"open {Path(path).name}")
+        return real_load(model, path, **kw)
+
+    def spy_repair(self, model, clean, **kw):
+        events.append("repair")
+        return real_repair(self, model, clean, **kw)
+
+    monkeypatch.setattr(run, "load_data_for", spy_load)
+    monkeypatch.setattr(Pruning, "repair", spy_repair)
+    assert main(["compare", "-q", "--demo", "--demo-dir", str(small_demo.root), "--out", str(tmp_path / "c"),
+                 "--defenses", "pruning", "--thresholds", "4"]) == 0
+    # per BadNet: the clean file, the repair, then the test files
+    assert events == ["open valid.h5", "repair", "open test.h5", "open bd_test.h5"] * 2

@@ -383,9 +383,7 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .defenses import make_defense
     from .errors import DataError
-    from .formats.data import poisoned_labels
-    from .nets.models import load_data_for, load_model
-    from .workflow.compare import compare_defenses, write_comparison
+    from .workflow.compare import compare_file, write_comparison
     from .workflow.layout import resolve_inputs
 
     # each defense takes the options its class declares (the registry's settings)
@@ -408,12 +406,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     comparisons = []
     for name, path in models:
         print(f"{name}: {path}", flush=True)
-        b = load_model(path, trust=args.trust_model)  # type: ignore[arg-type]
-        valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
-        test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
-        bd, _ = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target)  # type: ignore[arg-type]
-        comparisons.append(compare_defenses(b, valid, test, bd, name=name, defenses=defenses,
-                                            progress=not args.quiet))
+        comparisons.append(compare_file(path, files["valid"], files["test"], files["bd_test"],  # type: ignore[arg-type]
+                                        defenses=defenses, name=name, target=args.target,
+                                        trust_model=args.trust_model, progress=not args.quiet))
     paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)
     print(paths["md"].read_text())
     for p in paths.values():

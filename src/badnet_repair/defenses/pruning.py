@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
+
 from ..formats.data import Dataset
 from ..nets.models import prune_channels
 from .base import Defense, Repair, Repaired
-from .sweep import prune_sweep
+from .sweep import ChannelRanking, prune_sweep
 
-__all__ = ["Pruning"]
+__all__ = ["Pruning", "ranking_of"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Pruning(Defense):
         choices = {
             "layer": sweep.layer, "measured_at": sweep.ranking.measured_at,
             "order": [int(c) for c in sweep.ranking.order],
+            "mean_activation": [float(v) for v in sweep.ranking.mean_activation],
             "selections": [{"threshold": x, "channels_pruned": None if s is None else s.channels_pruned,
                             "valid_accuracy": None if s is None else s.valid_accuracy} for x, s in
                            sweep.selections.items()],
@@ -61,3 +64,15 @@ class Pruning(Defense):
         history = [{"channels_pruned": s.channels_pruned, "valid_accuracy": s.metrics[sweep.valid_set]}
                    for s in sweep.steps]
         return Repair(defense=self.name, models=models, record=self.make_record(choices, history))
+
+
+def ranking_of(repair: Repair) -> ChannelRanking:
+    """The channel ranking a :class:`Pruning` repair followed, rebuilt from its record (to
+    evaluate its steps on other data afterwards, as ``badnet-repair prune`` does)."""
+    if repair.defense != Pruning.name:
+        raise ValueError(f"a {repair.defense!r} repair has no pruning ranking")
+    c = repair.record["choices"]
+    return ChannelRanking(layer=c["layer"], measured_at=c["measured_at"],
+                          mean_activation=np.asarray(c["mean_activation"], np.float64),
+                          order=np.asarray(c["order"], np.int64),
+                          descending=bool(repair.record["settings"]["descending"]))

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..defenses import Defense, FineTuning, make_defense
+from ..defenses import Defense, FineTuning, Repair, make_defense
 from ..formats.data import Dataset
-from ..formats.files import atomic_path, check_writable, write_json, write_text
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import num_classes, predict_classes
-from ..reporting.report import evaluation_table, to_csv
+from ..reporting.report import evaluation_table
+from .run import open_badnet, open_evaluation_sets, write_results
 
-__all__ = ["DefenseComparison", "compare_defenses", "default_defenses", "write_comparison"]
+__all__ = ["DefenseComparison", "compare_defenses", "compare_file", "default_defenses", "evaluate_repairs",
+           "write_comparison"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,23 @@ def compare_defenses(
     elif fine_options:
         raise ValueError("give the defenses' settings in the defenses, not as fine_options")
     repairs = [d.repair(model, valid, progress=progress) for d in defenses]
-    # only now are the test sets read
+    return evaluate_repairs(model, repairs, test, bd_test, name=name)
+
+
+def evaluate_repairs(model: Any, repairs: Sequence[Repair], test: Dataset, bd_test: Dataset, *,
+                     name: str = "BadNet") -> DefenseComparison:
+    """B's row, then each repaired model's and its GoodNet's, on the test sets.
+
+    Args:
+        model: the BadNet B.
+        repairs: finished repairs of B.
+        test: clean test data.
+        bd_test: poisoned test data labelled with the target.
+        name: the BadNet's name in the table.
+
+    Returns:
+        DefenseComparison.
+    """
     n = num_classes(model)
     base_clean, base_bd = predict_classes(model, test.x), predict_classes(model, bd_test.x)
     common: dict[str, Any] = dict(clean_labels=test.y, poisoned_labels=bd_test.y, clean_set=test.name,
@@ -96,6 +113,31 @@ def compare_defenses(
     return DefenseComparison(badnet=name, evaluations=tuple(out))
 
 
+def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], test: str | os.PathLike[str],
+                 bd_test: str | os.PathLike[str], *, defenses: Sequence[Defense], name: str = "BadNet",
+                 target: int | None = None, trust_model: bool = False, progress: bool = False) -> DefenseComparison:
+    """:func:`compare_defenses` on files: every defense repairs B from the clean validation
+    file, and only then are the test files opened (:mod:`badnet_repair.workflow.run`).
+
+    Args:
+        model: B's file.
+        valid: the clean validation data (lab HDF5), the defenses' only data.
+        test, bd_test: clean and poisoned test data (lab HDF5).
+        defenses: the defenses, in table order.
+        name: the BadNet's name in the table.
+        target: the attack's target; default the poisoned file's label.
+        trust_model: allow model files with code-carrying layers.
+        progress: progress bars.
+
+    Returns:
+        DefenseComparison.
+    """
+    b, clean = open_badnet(model, valid, trust_model=trust_model)
+    repairs = [d.repair(b, clean, progress=progress) for d in defenses]
+    ev = open_evaluation_sets(repairs, b, {"test": test, "bd_test": bd_test}, target=target)
+    return evaluate_repairs(b, repairs, ev.sets["test"], ev.sets["bd_test"], name=name)
+
+
 def write_comparison(comparisons: Sequence[DefenseComparison], out_dir: str | os.PathLike[str], *,
                      overwrite: bool = False) -> dict[str, Path]:
     """Write ``comparison.csv``, ``.json``, ``.md`` and ``comparison.png`` (bars per BadNet)."""
@@ -104,20 +146,16 @@ def write_comparison(comparisons: Sequence[DefenseComparison], out_dir: str | os
     from ..reporting.plotting import plot_evaluations
 
     d = Path(out_dir)
-    paths = {k: d / f"comparison.{k}" for k in ("csv", "json", "md", "png")}
-    check_writable(paths.values(), overwrite=overwrite)
     rows = [{"badnet": c.badnet, **e.as_dict()} for c in comparisons for e in c.evaluations]
-    write_text(paths["csv"], to_csv(rows), overwrite=overwrite)
-    write_json(paths["json"], rows, overwrite=overwrite)
     md = ["# Defenses compared", ""]
     for c in comparisons:
         md += [f"## {c.badnet}", "", evaluation_table([e.as_dict() for e in c.evaluations])]
-    write_text(paths["md"], "\n".join(md), overwrite=overwrite)
     fig = Figure(figsize=(max(7.0, 0.6 * len(comparisons[0].evaluations) + 2), 3.8 * len(comparisons)),
-                 layout="constrained")
+                 layout="constrained", dpi=100)
     for ax, c in zip(fig.subplots(len(comparisons), 1, squeeze=False)[:, 0], comparisons, strict=True):
         plot_evaluations([e for e in c.evaluations if e.kind != "goodnet"], ax=ax)
         ax.set_title(c.badnet)
-    with atomic_path(paths["png"], overwrite=overwrite) as tmp:
-        fig.savefig(tmp, dpi=100)
+    paths = {k: d / f"comparison.{k}" for k in ("csv", "json", "md", "png")}
+    write_results({paths["csv"]: rows, paths["json"]: rows, paths["md"]: "\n".join(md), paths["png"]: fig},
+                  overwrite=overwrite)
     return paths

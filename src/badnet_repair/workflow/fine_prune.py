@@ -14,6 +14,7 @@ from ..defaults import FINE_TUNING as DEFAULTS
 from ..defaults import TuningSettings
 from ..defenses.tuning import FinePruneResult, fine_prune
 from ..nets.models import predict_classes
+from .run import open_badnet, open_evaluation_sets, save_repair, write_results
 
 __all__ = ["run_fine_pruning"]
 
@@ -67,11 +68,9 @@ def run_fine_pruning(
     Returns:
         (the FinePruneResult, the results dict written to JSON).
     """
-    from ..detectors.goodnet import build_goodnet
-    from ..formats.data import poisoned_labels
-    from ..formats.files import atomic_path, check_writable, sha256_file, versions, write_json
+    from ..formats.files import check_writable, sha256_file, versions
     from ..metrics import evaluate_predictions, evaluate_repair
-    from ..nets.models import load_data_for, load_model, num_classes, save_model, saved_model_paths
+    from ..nets.models import num_classes, save_model, saved_model_paths
 
     stem = "fp" if method == "fine-pruning" else "ft"
     out = Path(out_dir)
@@ -83,28 +82,20 @@ def run_fine_pruning(
     paths = {**model_paths, **member_paths, "goodnet": out / f"goodnet_{stem}.keras",
              "results": out / f"{stem}_results.json"}
     check_writable(paths.values(), overwrite=overwrite)
-    b = load_model(model, trust=trust_model)
+    # 1. the repair: B and the clean validation data only
+    b, clean = open_badnet(model, valid, trust_model=trust_model)
     n = num_classes(b)
-    clean = load_data_for(b, valid, name="valid")
     result = fine_prune(b, clean, method=method, progress=progress, **options)
-    save_model(result.model, out, stem, formats=tuple(model_paths), overwrite=overwrite)
+    save_repair(b, result.model, out, stem, formats=tuple(model_paths), goodnet=paths["goodnet"], overwrite=overwrite)
     for i, member in enumerate(result.members if members > 1 else ()):
         save_model(member.model, out, f"{stem}_member_{i}", formats=("weights",), overwrite=overwrite)
-    goodnet = build_goodnet(b, result.model)
-    with atomic_path(paths["goodnet"], overwrite=overwrite) as tmp:
-        goodnet.save(tmp)
-    # only now are the test sets opened
+    # 2. the evaluation: only now are the test sets opened
+    ev = open_evaluation_sets(result, b, {"test": test, "bd_test": bd_test}, target=target)
+    target = ev.target
+    files = {"model": Path(model), "valid": Path(valid), **ev.files}
+    t, bd = ev.sets.get("test"), ev.sets.get("bd_test")
     evaluations = []
-    files = {"model": Path(model), "valid": Path(valid)}
-    if test is not None or bd_test is not None:
-        t = load_data_for(b, test, lazy=True) if test else None
-        bd = None
-        if bd_test is not None:
-            bd, target = poisoned_labels(load_data_for(b, bd_test, lazy=True), target)
-            files["bd_test"] = Path(bd_test)
-        if test is not None:
-            files["test"] = Path(test)
-
+    if t is not None or bd is not None:
         def preds(m: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
             return predict_classes(m, t.x) if t else None, predict_classes(m, bd.x) if bd else None
 
@@ -134,5 +125,5 @@ def run_fine_pruning(
         "evaluations": evaluations,
         "models": {k: str(v) for k, v in paths.items() if k != "results"},
     }
-    write_json(paths["results"], results, overwrite=overwrite)
+    write_results({paths["results"]: results}, overwrite=overwrite)
     return result, results

@@ -11,13 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from ..defenses import Pruning
+from ..defenses.pruning import ranking_of
 from ..defenses.sweep import RankAt, SweepResult, prune_sweep
-from ..detectors.goodnet import build_goodnet
-from ..formats.data import Dataset, Layout, poisoned_labels
-from ..formats.files import atomic_path, check_writable, sha256_file, versions, write_json, write_text
+from ..formats.data import Dataset, Layout
+from ..formats.files import check_writable, sha256_file, versions
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
-from ..nets.models import load_data_for, load_model, num_classes, prune_channels, save_model, saved_model_paths
-from ..reporting.report import render_report, sweep_rows, write_csv
+from ..nets.models import num_classes, saved_model_paths
+from ..reporting.report import render_report, sweep_rows
+from .run import open_badnet, open_evaluation_sets, save_repair, write_results
 
 __all__ = ["DefenseResult", "output_paths", "run_pruning_defense"]
 
@@ -133,33 +135,30 @@ def run_pruning_defense(
     paths = output_paths(out_dir, thresholds, save_models=save_models, report=report)
     check_writable(paths.values(), overwrite=overwrite)
 
-    b = load_model(model, trust=trust_model)
+    # 1. the repair: B and the clean validation data only
+    b, clean = open_badnet(model, valid, trust_model=trust_model, layout=layout, lazy=True)
     n_classes = num_classes(b)
+    defense = Pruning(thresholds=thresholds, layer=layer, rank_at=at, descending=descending, engine=engine,  # type: ignore[arg-type]
+                      batch_size=batch_size)
+    repair = defense.repair(b, clean, progress=progress)
+    layer = repair.record["choices"]["layer"]
+    models: dict[float, dict[str, Path]] = {}
+    for m in repair.models if save_models else ():
+        x = float(m.threshold or 0.0)
+        tag = _tag(x)
+        models[x] = save_repair(b, m.model, out_dir, f"bd_{tag}", goodnet=paths[f"goodnet_{tag}"],
+                                          overwrite=overwrite)
 
-    def load(path: Any, name: str) -> Dataset:
-        # lazy: the files are checked now and read chunk by chunk by the sweep, so memory
-        # holds the cached activations rather than every image
-        return load_data_for(b, path, layout=layout, name=name, lazy=True)
-
-    files = {"model": Path(model), "valid": Path(valid)}
-    clean = load(valid, "valid")
-    others: dict[str, Dataset] = {}
-    poisoned: list[str] = []
-    for name, path, is_bd in (("bd_valid", bd_valid, True), ("test", test, False),
-                              ("bd_test", bd_test, True)):
-        if path is None:
-            continue
-        files[name] = Path(path)
-        ds = load(path, name)
-        if is_bd:
-            ds, target = poisoned_labels(ds, target)
-            poisoned.append(name)
-        others[name] = ds
-
-    sweep = prune_sweep(b, clean, others=others, poisoned=poisoned, layer=layer,
-                        thresholds=thresholds, at=at, descending=descending, engine=engine,  # type: ignore[arg-type]
-                        batch_size=batch_size, progress=progress)
-    layer = sweep.layer
+    # 2. the evaluation: only now are the test and poisoned files opened; the sweep follows the
+    # repair's own ranking, so its steps and selections are the repair's
+    ev = open_evaluation_sets(repair, b, {"bd_valid": bd_valid, "test": test, "bd_test": bd_test},
+                              target=target, layout=layout)
+    target = ev.target
+    files = {"model": Path(model), "valid": Path(valid), **ev.files}
+    others = dict(ev.sets)
+    sweep = prune_sweep(b, clean, others=others, poisoned=ev.poisoned, layer=layer, thresholds=thresholds,
+                        ranking=ranking_of(repair), engine=engine, batch_size=batch_size,  # type: ignore[arg-type]
+                        progress=progress)
 
     clean_set = "test" if "test" in others else "valid"
     bd_set = "bd_test" if "bd_test" in others else ("bd_valid" if "bd_valid" in others else None)
@@ -172,42 +171,30 @@ def run_pruning_defense(
                                   clean_set=clean_set, poisoned_set=bd_set)
     evaluations = [evaluate_predictions(model="B", kind="badnet", clean_pred=preds(clean_set, 0),
                                         poisoned_pred=preds(bd_set, 0), channels_pruned=0, **labels)]
-    models: dict[float, dict[str, Path]] = {}
-    for x, sel in sweep.selections.items():
-        if sel is None:
-            continue
-        k = sel.channels_pruned
-        evaluations += evaluate_repair(f"B'_{_tag(x)}", goodnet_label=f"G_{_tag(x)}", clean_pred=preds(clean_set, k),
-                                       poisoned_pred=preds(bd_set, k), base_clean_pred=preds(clean_set, 0),
-                                       base_poisoned_pred=preds(bd_set, 0), num_classes=n_classes, channels_pruned=k,
-                                       threshold=x, **labels)
-        if save_models:
-            repaired = prune_channels(b, layer, sel.channels)
-            saved = dict(save_model(repaired, out_dir, f"bd_{_tag(x)}", overwrite=overwrite))
-            with atomic_path(paths[f"goodnet_{_tag(x)}"], overwrite=overwrite) as tmp:
-                build_goodnet(b, repaired).save(tmp)
-            saved["goodnet"] = paths[f"goodnet_{_tag(x)}"]
-            models[x] = saved
+    for m in repair.models:
+        k, tag = m.channels_pruned, _tag(float(m.threshold or 0.0))
+        evaluations += evaluate_repair(f"B'_{tag}", goodnet_label=f"G_{tag}",
+                                       clean_pred=preds(clean_set, k), poisoned_pred=preds(bd_set, k),
+                                       base_clean_pred=preds(clean_set, 0), base_poisoned_pred=preds(bd_set, 0),
+                                       num_classes=n_classes, channels_pruned=k, threshold=m.threshold, **labels)
 
     results = _results_dict(sweep, evaluations, models, files, clean, others, n_classes, target,
                             dict(thresholds=list(thresholds), layer=layer, at=at, descending=descending,
                                  engine=engine, batch_size=batch_size, layout=layout),
                             clean_set, bd_set, data_source, command)
-    written = {
-        "sweep_csv": write_csv(paths["sweep_csv"], sweep_rows(sweep), overwrite=overwrite),
-        "results_csv": write_csv(paths["results_csv"], [e.as_dict() for e in evaluations],
-                                 overwrite=overwrite),
-        "results_json": write_json(paths["results_json"], results, overwrite=overwrite),
-    }
+    outputs: dict[Path, Any] = {paths["sweep_csv"]: sweep_rows(sweep),
+                                paths["results_csv"]: [e.as_dict() for e in evaluations],
+                                paths["results_json"]: results}
     if report:
         from ..reporting.plotting import plot_curves
 
         fig = plot_curves(sweep)
-        with atomic_path(paths["figure"], overwrite=overwrite) as tmp:
-            fig.savefig(tmp, dpi=110)
-        written["figure"] = paths["figure"]
-        written["report"] = write_text(paths["report"], render_report(results, figure=FIGURE),
-                                       overwrite=overwrite)
+        fig.set_dpi(110)
+        outputs[paths["figure"]] = fig
+        outputs[paths["report"]] = render_report(results, figure=FIGURE)
+    write_results(outputs, overwrite=overwrite)
+    written: dict[str, Path] = {name: paths[name] for name in ("sweep_csv", "results_csv", "results_json", "figure",
+                                                               "report") if name in paths}
     return DefenseResult(sweep=sweep, evaluations=tuple(evaluations), models=models,
                          files=written, results=results)
 

@@ -1,0 +1,152 @@
+"""One workflow for defenses on files: open the BadNet and the clean data, repair, save, and
+only then open the test and poisoned files to evaluate.
+
+The order is built into the functions' arguments, not left to statement order:
+:func:`open_badnet` opens the model and the clean validation data and nothing else;
+:func:`open_evaluation_sets` is the only function that opens test or poisoned files, and it
+takes the finished repairs as its first argument, so no repair can exist after it is
+called. :func:`save_repair` writes a repaired model and its GoodNet, and
+:func:`write_results` is the one writer of the csv, json, md and png outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..defenses import Repair
+from ..detectors.goodnet import build_goodnet
+from ..formats.data import Dataset, Layout, poisoned_labels
+from ..formats.files import atomic_path, check_writable, write_json, write_text
+from ..nets.models import load_data_for, load_model, save_model
+from ..reporting.report import to_csv
+
+__all__ = ["EvaluationSets", "open_badnet", "open_evaluation_sets", "save_repair", "write_results"]
+
+log = logging.getLogger(__name__)
+
+#: Evaluation roles and whether they hold poisoned inputs.
+EVALUATION_ROLES = {"bd_valid": True, "test": False, "bd_test": True}
+
+
+def open_badnet(model: str | os.PathLike[str], valid: str | os.PathLike[str], *, trust_model: bool = False,
+                layout: Layout = "nchw", lazy: bool = False) -> tuple[Any, Dataset]:
+    """Load the BadNet B and the clean validation data, checked against B.
+
+    Args:
+        model: B's file (``.h5``, ``.keras`` or weights-only ``.h5``).
+        valid: the clean validation data (lab HDF5), the only data a defense sees.
+        trust_model: allow model files with code-carrying layers.
+        layout: how the HDF5 images are stored, default ``"nchw"`` (the lab's).
+        lazy: read the images chunk by chunk when used instead of now.
+
+    Returns:
+        (B, the clean Dataset named ``"valid"``).
+    """
+    b = load_model(model, trust=trust_model)
+    return b, load_data_for(b, valid, layout=layout, name="valid", lazy=lazy)
+
+
+def save_repair(badnet: Any, repaired: Any, out_dir: str | os.PathLike[str], stem: str, *,
+                formats: Sequence[str] = ("h5", "weights", "keras"), goodnet: str | os.PathLike[str] | None = None,
+                overwrite: bool = False) -> dict[str, Path]:
+    """Save a repaired model as ``<stem>.h5``, ``<stem>_weights.h5``, ``<stem>.keras`` (those in
+    ``formats``) and, if ``goodnet`` is a path, the lab's GoodNet of B and it there.
+
+    Returns:
+        format (and ``"goodnet"``) -> path written.
+    """
+    saved = dict(save_model(repaired, out_dir, stem, formats=tuple(formats), overwrite=overwrite))
+    if goodnet is not None:
+        with atomic_path(goodnet, overwrite=overwrite) as tmp:
+            build_goodnet(badnet, repaired).save(tmp)
+        saved["goodnet"] = Path(goodnet)
+    return saved
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationSets:
+    """The test and poisoned sets of a run, opened after its repairs.
+
+    Attributes:
+        sets: role (``bd_valid``, ``test``, ``bd_test``) -> Dataset, for the roles given;
+            poisoned sets are labelled with the target.
+        poisoned: the roles that hold poisoned inputs.
+        target: the attack's target class, or None without poisoned sets.
+        files: role -> the file it was read from.
+    """
+
+    sets: Mapping[str, Dataset]
+    poisoned: tuple[str, ...]
+    target: int | None
+    files: Mapping[str, Path]
+
+
+def open_evaluation_sets(repairs: Sequence[Repair] | Repair | Any, badnet: Any,
+                         files: Mapping[str, str | os.PathLike[str] | None], *, target: int | None = None,
+                         layout: Layout = "nchw", lazy: bool = True) -> EvaluationSets:
+    """Open the test and poisoned files, once the repairs they evaluate are done.
+
+    Args:
+        repairs: the finished repair(s) (or their result) these sets will evaluate; not read,
+            only required, so that evaluation data can only be opened after repairing.
+        badnet: B, to check the images and labels against.
+        files: role (``bd_valid``, ``test``, ``bd_test``) -> path, None for a role not given.
+        target: the attack's target class; default each poisoned file's single label.
+        layout: how the HDF5 images are stored.
+        lazy: read the images chunk by chunk (default).
+
+    Returns:
+        EvaluationSets.
+    """
+    if repairs is None:
+        raise ValueError("open_evaluation_sets needs the finished repairs")
+    unknown = set(files) - set(EVALUATION_ROLES)
+    if unknown:
+        raise ValueError(f"unknown evaluation roles {sorted(unknown)}; expected {list(EVALUATION_ROLES)}")
+    sets: dict[str, Dataset] = {}
+    opened: dict[str, Path] = {}
+    poisoned: list[str] = []
+    for role, is_poisoned in EVALUATION_ROLES.items():
+        path = files.get(role)
+        if path is None:
+            continue
+        ds = load_data_for(badnet, path, layout=layout, name=role, lazy=lazy)
+        if is_poisoned:
+            ds, target = poisoned_labels(ds, target)
+            poisoned.append(role)
+        sets[role], opened[role] = ds, Path(path)
+    return EvaluationSets(sets=sets, poisoned=tuple(poisoned), target=target, files=opened)
+
+
+def write_results(outputs: Mapping[Path, Any], *, overwrite: bool = False) -> dict[str, Path]:
+    """The one writer of a run's outputs, each atomically, by the path's suffix.
+
+    ``.csv``: a sequence of rows (mappings with equal keys); ``.json``: any JSON-able
+    object; ``.md`` and ``.txt``: text; ``.png``: a matplotlib Figure. Every path is checked
+    before anything is written, so an existing output stops the run whole (unless
+    ``overwrite``).
+
+    Returns:
+        The paths written, by their file name.
+    """
+    paths = {Path(p): content for p, content in outputs.items()}
+    check_writable(paths, overwrite=overwrite)
+    for path, content in paths.items():
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            write_text(path, to_csv(content), overwrite=overwrite)
+        elif suffix == ".json":
+            write_json(path, content, overwrite=overwrite)
+        elif suffix in (".md", ".txt"):
+            write_text(path, content, overwrite=overwrite)
+        elif suffix == ".png":
+            with atomic_path(path, overwrite=overwrite) as tmp:
+                content.savefig(tmp, dpi=content.get_dpi())
+        else:
+            raise ValueError(f"write_results cannot write {path.name}: unknown suffix {suffix!r}")
+    return {p.name: p for p in paths}
