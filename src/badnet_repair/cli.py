@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .defaults import LAYER_HELP
 from .defenses import REGISTRY as DEFENSES
 from .demo.make import DEMO_BADNETS
 from .workflow.layout import LAB_FILES
@@ -18,8 +19,6 @@ from .workflow.layout import LAB_FILES
 __all__ = ["main"]
 
 log = logging.getLogger("badnet_repair")
-LAYER_HELP = ("conv layer to prune (default: found from the graph, the last conv layer followed by pooling; "
-              "conv_3 in DeepID)")
 
 _NEUTRAL_FLAGS = {"-q", "--quiet", "--overwrite"}
 
@@ -53,24 +52,31 @@ def _add_inputs(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
                             help=f"{_INPUT_HELP[role]} (default {LAB_FILES[role]})")
 
 
-def _add_settings(parser: argparse.ArgumentParser, cls: type[Any], *, skip: Sequence[str] = ()) -> None:
-    """One option per setting of defense class ``cls`` (its dataclass fields): ``--name``,
-    typed and with the default and help its class declares; ``--no-name`` for a setting
-    that is on by default."""
+def _add_settings(parser: argparse.ArgumentParser, cls: type[Any], *, only: Sequence[str] | None = None) -> None:
+    """One option per setting of defense class ``cls`` (its dataclass fields, or those in
+    ``only``): ``--name``, typed and with the default and help its class declares;
+    ``--no-name`` for a setting that is on by default; ``--name X [X ...]`` for a tuple,
+    given as text and checked by the command (thresholds)."""
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if only is not None and f.name not in only:
             continue
         flag, hint, text = f.name.replace("_", "-"), hints[f.name], f.metadata.get("help", "")
         if hint is bool:
             parser.add_argument(f"--no-{flag}" if f.default else f"--{flag}", dest=f.name, default=f.default,
                                 action="store_false" if f.default else "store_true", help=text)
             continue
+        if typing.get_origin(hint) is tuple:
+            default = [f"{v:g}" for v in typing.cast(tuple, f.default)]
+            parser.add_argument(f"--{flag}", nargs="+", default=default, metavar="X",
+                                help=f"{text} (default: {' '.join(default)})")
+            continue
         shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
-        options: dict[str, Any] = {"default": f.default, "help": f"{text} (default {shown})"}
+        options: dict[str, Any] = {"default": f.default,
+                                   "help": text if f.default is None else f"{text} (default {shown})"}
         if typing.get_origin(hint) is typing.Literal:
             options["choices"] = list(typing.get_args(hint))
         else:
@@ -122,15 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "G_X. With no file arguments it uses the lab layout (model/, data/cl/, data/bd/).",
     )
     _add_inputs(pr, ["model", "valid", "bd_valid", "test", "bd_test"])
-    pr.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X",
-                    help="accuracy drops in points (default: 2 4 10)")
-    pr.add_argument("--layer", help=LAYER_HELP)
-    pr.add_argument("--rank-at", choices=["pooled", "conv"], default="pooled",
-                    help="measure activations at the layer's pooling output (default) or its own output")
-    pr.add_argument("--descending", action="store_true", help="prune the most active channels first")
-    pr.add_argument("--engine", choices=["fast", "plain"], default="fast",
-                    help="fast (cached activations, default) or plain (re-run the whole model per step)")
-    pr.add_argument("--batch-size", type=int, default=1024)
+    _add_settings(pr, DEFENSES["pruning"])
     pr.add_argument("--layout", choices=["nchw", "nhwc", "auto"], default="nchw",
                     help="how the HDF5 'data' is stored (default nchw, the lab's)")
     pr.add_argument("--no-models", action="store_true", help="do not save the repaired models")
@@ -169,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--model", action="append", help="a BadNet (repeat for several)")
     _add_inputs(cp, ["valid", "test", "bd_test"])
-    cp.add_argument("--thresholds", nargs="+", default=["2", "4", "10"], metavar="X")
+    _add_settings(cp, DEFENSES["pruning"], only=("thresholds",))
     cp.add_argument("--defenses", nargs="+", choices=list(DEFENSES), default=list(DEFENSES), metavar="NAME",
                     help="the defenses to compare, in table order (default all: "
                     + "; ".join(f"{n}: {cls.summary}" for n, cls in DEFENSES.items()) + ")")
@@ -386,9 +384,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .workflow.compare import compare_file, write_comparison
     from .workflow.layout import resolve_inputs
 
-    # each defense takes the options its class declares (the registry's settings)
-    options = {"thresholds": _thresholds(args.thresholds), **_tuning(args)}
-    defenses = [make_defense(n, **{k: v for k, v in options.items() if k in DEFENSES[n].settings()})
+    # each defense takes the command-line settings its class declares; pruning only its own
+    # flags (its batch_size is the sweep's, not fine-tuning's --batch-size), and the layer
+    tuning = _tuning(args)
+    options = {"pruning": {"thresholds": _thresholds(args.thresholds), "layer": tuning["layer"]}}
+    defenses = [make_defense(n, **{k: v for k, v in options.get(n, tuning).items() if k in DEFENSES[n].settings()})
                 for n in args.defenses]
     if args.demo:
         base = resolve_inputs(demo="baseline", demo_dir=args.demo_dir, progress=not args.quiet)

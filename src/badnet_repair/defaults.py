@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "TuningSettings", "setting"]
+__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "LAYER_HELP", "TuningSettings", "setting"]
 
 #: How several fine-pruned members' probabilities can be combined (the first is the default).
 ENSEMBLE_MEANS = ("geometric", "arithmetic")
@@ -17,6 +17,11 @@ ENSEMBLE_MEANS = ("geometric", "arithmetic")
 #: remove it at about 2 points of clean accuracy. ``members`` > 1 averages several networks
 #: tuned on different splits (more clean accuracy on real faces, K times the time; docs/results.md),
 #: by the geometric mean of their probabilities unless ``ensemble_mean`` says "arithmetic".
+#: What ``layer`` means wherever a defense takes one.
+LAYER_HELP = ("conv layer to prune (default: found from the graph, the last conv layer followed by pooling; "
+              "conv_3 in DeepID)")
+
+
 def setting(default: Any, help: str) -> Any:
     """A defense setting: a dataclass field with its default and the one-line help the CLI
     shows for it (``--name``, generated from the field)."""
@@ -26,7 +31,7 @@ def setting(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class TuningSettings:
     """Fine-tuning's settings, declared once: the defaults of
-    :func:`~badnet_repair.finetune.fine_prune`, the fields of the fine-tuning and
+    :func:`~badnet_repair.defenses.tuning.fine_prune`, the fields of the fine-tuning and
     fine-pruning defenses, and the CLI's ``fine-prune`` options.
 
     Attributes:

@@ -94,7 +94,7 @@ def train_model(
     (:func:`deterministic_ops`), so the same seed gives the same weights.
 
     With ``shift`` or ``flip`` each epoch trains on freshly augmented copies
-    (:func:`~badnet_repair.augment.augment_images`), which lifts clean accuracy on small
+    (:func:`~badnet_repair.nets.augment.augment_images`), which lifts clean accuracy on small
     face sets (measured on Yale B in docs/results.md)."""
     from ..nets.augment import augment_images
 
@@ -219,7 +219,7 @@ def train_pruning_aware_badnet(
         target: the attack's target class, default 0.
         poison_rate: poisoned fraction of the retraining set, default 0.1.
         layer: the conv layer the defender will prune, default
-            :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
+            :func:`~badnet_repair.nets.models.default_conv_layer` (``conv_3`` in DeepID).
         prune_drop: the attacker's pruning stop, in accuracy points, default 4.
         holdout_fraction: part of ``train`` held out to rank and stop the pruning.
         clean_epochs, poison_epochs, batch_size, learning_rate, seed: training settings.

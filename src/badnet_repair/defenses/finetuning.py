@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from ..defaults import FINE_TUNING, TuningSettings, setting
+from ..defaults import FINE_TUNING, LAYER_HELP, TuningSettings, setting
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 from .tuning import FinePruneResult, fine_prune
@@ -17,7 +17,7 @@ __all__ = ["FinePruning", "FineTuning"]
 @dataclass(frozen=True)
 class FineTuning(TuningSettings, Defense):
     """Fine-tuning on clean data (Liu et al., RAID 2018, Section 5), the epoch kept chosen on
-    a held-out part of it (:func:`~badnet_repair.finetune.fine_tune`).
+    a held-out part of it (:func:`~badnet_repair.defenses.tuning.fine_tune`).
 
     Settings: those of :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning
     rate, augmentation, distillation, members...), plus ``layer`` (only used to hold pruned
@@ -28,8 +28,7 @@ class FineTuning(TuningSettings, Defense):
     method: ClassVar[Literal["fine-pruning", "fine-tuning"]] = "fine-tuning"
     summary: ClassVar[str] = "fine-tune on augmented clean data, epoch chosen on a held-out part"
 
-    layer: str | None = setting(None, "conv layer to prune (default: found from the graph, the last conv layer "
-                                      "followed by pooling; conv_3 in DeepID)")
+    layer: str | None = setting(None, LAYER_HELP)
     seed: int = setting(0, "split, shuffling and augmentation seed")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
@@ -54,7 +53,7 @@ class FineTuning(TuningSettings, Defense):
 class FinePruning(FineTuning):
     """Fine-pruning (Liu et al., RAID 2018): prune until held-out clean accuracy falls
     ``accuracy_drop`` points (or prune ``prune_fraction`` of the channels), then fine-tune
-    with the pruned channels held at zero (:func:`~badnet_repair.finetune.fine_prune`).
+    with the pruned channels held at zero (:func:`~badnet_repair.defenses.tuning.fine_prune`).
 
     Settings: those of :class:`FineTuning`, plus ``accuracy_drop`` (default 4 points) and
     ``prune_fraction`` (default None: use the drop).

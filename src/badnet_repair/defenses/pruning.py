@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from ..defaults import LAYER_HELP, setting
 from ..formats.data import Dataset
 from ..nets.models import prune_channels
 from .base import Defense, Repair, Repaired
@@ -22,7 +23,7 @@ class Pruning(Defense):
     Ranks ``layer``'s channels by mean activation on the clean data, prunes them in
     ascending order, and returns B'_X at the first step where clean accuracy falls at least
     X points below B's, for each X in ``thresholds`` (see
-    :func:`~badnet_repair.pruning.prune_sweep`).
+    :func:`~badnet_repair.defenses.sweep.prune_sweep`).
 
     Args:
         thresholds: the accuracy drops X, in points, default (2, 4, 10).
@@ -36,12 +37,14 @@ class Pruning(Defense):
     name: ClassVar[str] = "pruning"
     summary: ClassVar[str] = "prune the least active channels of the last pooled conv layer (Liu et al. 2018)"
 
-    thresholds: tuple[float, ...] = (2.0, 4.0, 10.0)
-    layer: str | None = None
-    rank_at: Literal["pooled", "conv"] = "pooled"
-    descending: bool = False
-    engine: Literal["fast", "plain"] = "fast"
-    batch_size: int = 1024
+    thresholds: tuple[float, ...] = setting((2.0, 4.0, 10.0), "accuracy drops in points")
+    layer: str | None = setting(None, LAYER_HELP)
+    rank_at: Literal["pooled", "conv"] = setting(
+        "pooled", "measure activations at the layer's pooling output or its own output")
+    descending: bool = setting(False, "prune the most active channels first")
+    engine: Literal["fast", "plain"] = setting(
+        "fast", "fast (cached activations) or plain (re-run the whole model per step)")
+    batch_size: int = setting(1024, "inputs per forward pass of the sweep")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B'_X for each threshold X; the record holds the ranking, the choices and the sweep."""

@@ -271,12 +271,12 @@ def rank_channels(
     pruned first. By default the activation is read at the pooling layer that follows the
     conv layer (conv_3 at pool_3, as the lab and its solutions do); the conv's activation is
     read after its per-channel layers (BatchNormalization, activation), see
-    :func:`~badnet_repair.models.channel_chain`.
+    :func:`~badnet_repair.nets.models.channel_chain`.
 
     Args:
         model: the BadNet B.
         data: clean validation images (N, H, W, C), or a Dataset.
-        layer: the conv layer, default :func:`~badnet_repair.models.default_conv_layer`
+        layer: the conv layer, default :func:`~badnet_repair.nets.models.default_conv_layer`
             (``conv_3`` in DeepID).
         at: ``"pooled"`` (default) or ``"conv"`` (the end of the conv's chain).
         descending: most active first, instead of least active first (default).
@@ -427,7 +427,7 @@ def prune_sweep(
         others: more sets to measure at every step, by name (poisoned validation, test...).
         poisoned: names in ``others`` that hold poisoned inputs labelled with the target.
         layer: the conv layer to prune, default
-            :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
+            :func:`~badnet_repair.nets.models.default_conv_layer` (``conv_3`` in DeepID).
         thresholds: the accuracy drops X, in points, default (2, 4, 10).
         ranking: a precomputed ranking; by default ranked on ``valid`` (see ``at``).
         at: where activations are averaged for ranking, ``"pooled"`` (default) or ``"conv"``.

@@ -69,7 +69,7 @@ class FinePruneResult:
 
     Attributes:
         model: the repaired model: the single member's network, or with several members a
-            model averaging their probabilities (:func:`~badnet_repair.models.average_models`).
+            model averaging their probabilities (:func:`~badnet_repair.nets.models.average_models`).
         method: ``"fine-pruning"`` or ``"fine-tuning"``.
         layer: the pruned layer.
         members: the tuned networks, each with its own split, pruning and kept epoch.
@@ -310,7 +310,8 @@ def fine_prune(
         model: the BadNet (not changed).
         valid: clean labelled validation data; nothing else is read.
         method: ``"fine-pruning"`` (default) or ``"fine-tuning"``.
-        layer: conv layer to prune, default :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
+        layer: conv layer to prune, default
+            :func:`~badnet_repair.nets.models.default_conv_layer` (``conv_3`` in DeepID).
         accuracy_drop: prune until held-out accuracy falls this many points (default in
             :data:`DEFAULTS`).
         prune_fraction: prune this fraction of the channels instead.
@@ -319,7 +320,7 @@ def fine_prune(
             network, as in the paper).
         ensemble_mean: how members are averaged: ``"geometric"`` (default; normalised
             product of their probabilities, so a member that kept the backdoor is outvoted by
-            those that did not) or ``"arithmetic"`` (:func:`~badnet_repair.models.average_models`).
+            those that did not) or ``"arithmetic"`` (:func:`~badnet_repair.nets.models.average_models`).
             On the real-face pruning-aware BadNet, 3 members: 1.7-2.3 % attack success
             geometric vs 2.7-4.8 % arithmetic at the same clean accuracy; not lower on every
             run (docs/results.md).

@@ -18,7 +18,7 @@ class Disagreement(Detector):
 
     The lab's GoodNet rule (Liu, Dolan-Gavitt and Garg, "Fine-Pruning", RAID 2018, as the
     CSAW-HackML lab applies it): an input whose class changes once the backdoor's channels
-    are pruned carried the trigger. :func:`~badnet_repair.goodnet.build_goodnet` is the same
+    are pruned carried the trigger. :func:`~badnet_repair.detectors.goodnet.build_goodnet` is the same
     rule as one Keras model.
 
     Args:

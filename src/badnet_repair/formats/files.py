@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ import numpy as np
 from .. import __version__
 from ..errors import OutputExistsError
 
-__all__ = ["atomic_path", "check_writable", "sha256_file", "versions", "write_json", "write_text"]
+__all__ = ["atomic_path", "check_writable", "sha256_file", "to_csv", "versions", "write_json", "write_results",
+           "write_text"]
 
 
 def check_writable(paths: Iterable[str | os.PathLike[str]], *, overwrite: bool = False) -> None:
@@ -98,3 +101,44 @@ def versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover - another Keras backend
         pass
     return out
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of equal keys as CSV text (``\\n`` line ends, None as empty)."""
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def write_results(outputs: Mapping[Path, Any], *, overwrite: bool = False) -> dict[str, Path]:
+    """The one writer of a run's outputs, each atomically, by the path's suffix.
+
+    ``.csv``: a sequence of rows (mappings with equal keys); ``.json``: any JSON-able
+    object; ``.md`` and ``.txt``: text; ``.png``: a matplotlib Figure. Every path is checked
+    before anything is written, so an existing output stops the run whole (unless
+    ``overwrite``).
+
+    Returns:
+        The paths written, by their file name.
+    """
+    paths = {Path(p): content for p, content in outputs.items()}
+    check_writable(paths, overwrite=overwrite)
+    for path, content in paths.items():
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            write_text(path, to_csv(content), overwrite=overwrite)
+        elif suffix == ".json":
+            write_json(path, content, overwrite=overwrite)
+        elif suffix in (".md", ".txt"):
+            write_text(path, content, overwrite=overwrite)
+        elif suffix == ".png":
+            with atomic_path(path, overwrite=overwrite) as tmp:
+                content.savefig(tmp, dpi=content.get_dpi())
+        else:
+            raise ValueError(f"write_results cannot write {path.name}: unknown suffix {suffix!r}")
+    return {p.name: p for p in paths}

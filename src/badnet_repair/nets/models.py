@@ -95,7 +95,7 @@ def load_data_for(model: Any, path: str | os.PathLike[str], **options: Any) -> A
     Args:
         model: the network the data is for.
         path: the ``.h5`` file.
-        **options: passed to :func:`~badnet_repair.data.load_h5` (name, lazy, layout, ...).
+        **options: passed to :func:`~badnet_repair.formats.data.load_h5` (name, lazy, layout, ...).
 
     Returns:
         Dataset with (N, H, W, C) float32 images and (N,) int64 labels.
@@ -367,7 +367,7 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble",
         models: one or more models with the same input shape and (N, K) outputs.
         name: the model name, default ``"ensemble"``.
         mean: ``"arithmetic"`` (default; the mean of the probabilities) or ``"geometric"``
-            (their normalised geometric mean, :class:`~badnet_repair.layers.GeometricMean`:
+            (their normalised geometric mean, :class:`~badnet_repair.nets.layers.GeometricMean`:
             a member that keeps a backdoor is outvoted by members that do not).
 
     Returns:

@@ -71,7 +71,7 @@ def trigger_response(
         model: the network (not changed).
         clean: (N, H, W, C) clean images, or a Dataset.
         poisoned: (M, H, W, C) the images with the trigger, or a Dataset.
-        layer: the conv layer, default :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
+        layer: the conv layer, default :func:`~badnet_repair.nets.models.default_conv_layer` (``conv_3`` in DeepID).
         ranking: the pruning order to place the channels in, default: :func:`rank_channels`
             of ``model`` on ``clean`` (pass the one made on the defense's own validation data).
         batch_size: images per forward pass, default 256.

@@ -125,7 +125,7 @@ def _inject_parameters(nb: Any, parameters: Mapping[str, Any]) -> None:
                None)
     if idx is None:
         raise ValueError("the notebook has no cell tagged 'parameters'")
-    lines = ["# Parameters injected by badnet_repair.notebook.execute_notebook"]
+    lines = ["# Parameters injected by badnet_repair.reporting.notebook.execute_notebook"]
     lines += [f"{k} = {v!r}" for k, v in parameters.items()]
     cell = nbformat.v4.new_code_cell("\n".join(lines))
     cell.metadata["tags"] = ["injected-parameters"]

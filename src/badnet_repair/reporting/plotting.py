@@ -135,7 +135,7 @@ def plot_trigger_response(response: TriggerResponse, *, channels_pruned: int | N
     a tall bar right of it is backdoor that pruning leaves for fine-tuning to unlearn.
 
     Args:
-        response: from :func:`~badnet_repair.analysis.trigger_response`.
+        response: from :func:`~badnet_repair.reporting.analysis.trigger_response`.
         channels_pruned: how many channels the defense pruned (drawn as a line), default none.
         ax: matplotlib axes to draw into, default a new figure.
         title: default "Trigger response of <layer>".

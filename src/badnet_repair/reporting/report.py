@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..defenses.sweep import SweepResult
-from ..formats.files import write_text
 from .analysis import TriggerResponse
 
 __all__ = [
@@ -21,9 +18,7 @@ __all__ = [
     "render_report",
     "selection_table",
     "sweep_rows",
-    "to_csv",
     "trigger_response_paths",
-    "write_csv",
     "write_trigger_response",
 ]
 
@@ -66,23 +61,6 @@ def sweep_rows(sweep: SweepResult) -> list[dict[str, Any]]:
             row[f"goodnet_{name}_{alarm}"] = round(float(g_alarm[name][k]), 4)
         rows.append(row)
     return rows
-
-
-def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Rows of equal keys as CSV text (``\\n`` line ends, None as empty)."""
-    if not rows:
-        return ""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    return buf.getvalue()
-
-
-def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, overwrite: bool = False) -> Path:
-    """Write rows as CSV, atomically."""
-    return write_text(path, to_csv(rows), overwrite=overwrite)
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -197,7 +175,7 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
 
     Args:
         results: the dict written to ``results.json`` by
-            :func:`~badnet_repair.defense.run_pruning_defense`.
+            :func:`~badnet_repair.workflow.prune.run_pruning_defense`.
         figure: the curves image path, relative to the report, or None.
         title: the top heading.
 
@@ -286,16 +264,14 @@ def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike
 
     Returns:
         {"json", "md", "png"} -> path. The JSON holds every channel (:meth:`TriggerResponse.as_dict`)
-        and ``channels_pruned``; the figure is :func:`~badnet_repair.plotting.plot_trigger_response`.
+        and ``channels_pruned``; the figure is :func:`~badnet_repair.reporting.plotting.plot_trigger_response`.
     """
     from matplotlib.figure import Figure
 
-    from ..formats.files import atomic_path, check_writable, write_json
+    from ..formats.files import write_results
     from .plotting import plot_trigger_response
 
     paths = trigger_response_paths(out_dir)
-    check_writable(paths.values(), overwrite=overwrite)
-    write_json(paths["json"], {**response.as_dict(), "channels_pruned": channels_pruned}, overwrite=overwrite)
     k = channels_pruned
     md = [f"# {title or f'Trigger response of {response.layer}'}", "",
           f"The {top} channels of {response.layer} whose mean activation the trigger raises most; place 0 is "
@@ -308,9 +284,8 @@ def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike
         md.append(f"| {c} | {response.rise[c]:+.3f} | {response.clean_mean[c]:.3f} | "
                   f"{response.poisoned_mean[c]:.3f} | {response.place[c]} |"
                   + ("" if k is None else " yes |" if response.place[c] < k else " no |"))
-    write_text(paths["md"], "\n".join(md) + "\n", overwrite=overwrite)
-    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained", dpi=100)
     plot_trigger_response(response, channels_pruned=channels_pruned, ax=fig.add_subplot(), title=title)
-    with atomic_path(paths["png"], overwrite=overwrite) as tmp:
-        fig.savefig(tmp, dpi=100)
+    write_results({paths["json"]: {**response.as_dict(), "channels_pruned": channels_pruned},
+                   paths["md"]: "\n".join(md) + "\n", paths["png"]: fig}, overwrite=overwrite)
     return paths

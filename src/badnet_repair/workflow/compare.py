@@ -14,10 +14,11 @@ from typing import Any
 
 from ..defenses import Defense, FineTuning, Repair, make_defense
 from ..formats.data import Dataset
+from ..formats.files import write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import num_classes, predict_classes
 from ..reporting.report import evaluation_table
-from .run import open_badnet, open_evaluation_sets, write_results
+from .run import open_badnet, open_evaluation_sets
 
 __all__ = ["DefenseComparison", "compare_defenses", "compare_file", "default_defenses", "evaluate_repairs",
            "write_comparison"]

@@ -13,8 +13,9 @@ import numpy as np
 from ..defaults import FINE_TUNING as DEFAULTS
 from ..defaults import TuningSettings
 from ..defenses.tuning import FinePruneResult, fine_prune
+from ..formats.files import write_results
 from ..nets.models import predict_classes
-from .run import open_badnet, open_evaluation_sets, save_repair, write_results
+from .run import open_badnet, open_evaluation_sets, save_repair
 
 __all__ = ["run_fine_pruning"]
 

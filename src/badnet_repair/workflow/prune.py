@@ -15,11 +15,11 @@ from ..defenses import Pruning
 from ..defenses.pruning import ranking_of
 from ..defenses.sweep import RankAt, SweepResult, prune_sweep
 from ..formats.data import Dataset, Layout
-from ..formats.files import check_writable, sha256_file, versions
+from ..formats.files import check_writable, sha256_file, versions, write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import num_classes, saved_model_paths
 from ..reporting.report import render_report, sweep_rows
-from .run import open_badnet, open_evaluation_sets, save_repair, write_results
+from .run import open_badnet, open_evaluation_sets, save_repair
 
 __all__ = ["DefenseResult", "output_paths", "run_pruning_defense"]
 
@@ -96,7 +96,7 @@ def run_pruning_defense(
     """Run the lab's pruning defense end to end on files.
 
     Loads B and the data, sweeps the pruning of ``layer`` (see
-    :func:`~badnet_repair.pruning.prune_sweep`), saves B'_X (``bd_X.h5``,
+    :func:`~badnet_repair.defenses.sweep.prune_sweep`), saves B'_X (``bd_X.h5``,
     ``bd_X_weights.h5``, ``bd_X.keras``) and G_X (``goodnet_X.keras``) for each threshold,
     evaluates B, B'_X and G_X on the test sets (the validation sets if no test sets are
     given), and writes ``sweep.csv``, ``results.csv``, ``results.json``,
@@ -110,7 +110,8 @@ def run_pruning_defense(
             test data.
         out_dir: output folder, default ``fixed_models``.
         thresholds: accuracy drops X in points, default (2, 4, 10).
-        layer: conv layer to prune, default :func:`~badnet_repair.models.default_conv_layer` (``conv_3`` in DeepID).
+        layer: conv layer to prune, default
+            :func:`~badnet_repair.nets.models.default_conv_layer` (``conv_3`` in DeepID).
         at: rank at the ``"pooled"`` output (default) or the ``"conv"`` output.
         descending: prune the most active channels first.
         target: the attack's target class; default read from the poisoned files' labels.

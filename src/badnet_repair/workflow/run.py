@@ -6,7 +6,8 @@ The order is built into the functions' arguments, not left to statement order:
 :func:`open_evaluation_sets` is the only function that opens test or poisoned files, and it
 takes the finished repairs as its first argument, so no repair can exist after it is
 called. :func:`save_repair` writes a repaired model and its GoodNet, and
-:func:`write_results` is the one writer of the csv, json, md and png outputs.
+:func:`~badnet_repair.formats.files.write_results` is the one writer of the csv, json, md and
+png outputs.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ..defenses import Repair
+from ..defenses.tuning import FinePruneResult
 from ..detectors.goodnet import build_goodnet
 from ..formats.data import Dataset, Layout, poisoned_labels
-from ..formats.files import atomic_path, check_writable, write_json, write_text
+from ..formats.files import atomic_path
 from ..nets.models import load_data_for, load_model, save_model
-from ..reporting.report import to_csv
 
-__all__ = ["EvaluationSets", "open_badnet", "open_evaluation_sets", "save_repair", "write_results"]
+__all__ = ["EvaluationSets", "open_badnet", "open_evaluation_sets", "save_repair"]
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,14 @@ class EvaluationSets:
     files: Mapping[str, Path]
 
 
-def open_evaluation_sets(repairs: Sequence[Repair] | Repair | Any, badnet: Any,
+def open_evaluation_sets(repairs: Repair | Sequence[Repair] | FinePruneResult, badnet: Any,
                          files: Mapping[str, str | os.PathLike[str] | None], *, target: int | None = None,
                          layout: Layout = "nchw", lazy: bool = True) -> EvaluationSets:
     """Open the test and poisoned files, once the repairs they evaluate are done.
 
     Args:
-        repairs: the finished repair(s) (or their result) these sets will evaluate; not read,
-            only required, so that evaluation data can only be opened after repairing.
+        repairs: the finished repair(s) these sets will evaluate (or fine-pruning's result);
+            not read, only required, so that evaluation data can only be opened after repairing.
         badnet: B, to check the images and labels against.
         files: role (``bd_valid``, ``test``, ``bd_test``) -> path, None for a role not given.
         target: the attack's target class; default each poisoned file's single label.
@@ -121,32 +122,3 @@ def open_evaluation_sets(repairs: Sequence[Repair] | Repair | Any, badnet: Any,
             poisoned.append(role)
         sets[role], opened[role] = ds, Path(path)
     return EvaluationSets(sets=sets, poisoned=tuple(poisoned), target=target, files=opened)
-
-
-def write_results(outputs: Mapping[Path, Any], *, overwrite: bool = False) -> dict[str, Path]:
-    """The one writer of a run's outputs, each atomically, by the path's suffix.
-
-    ``.csv``: a sequence of rows (mappings with equal keys); ``.json``: any JSON-able
-    object; ``.md`` and ``.txt``: text; ``.png``: a matplotlib Figure. Every path is checked
-    before anything is written, so an existing output stops the run whole (unless
-    ``overwrite``).
-
-    Returns:
-        The paths written, by their file name.
-    """
-    paths = {Path(p): content for p, content in outputs.items()}
-    check_writable(paths, overwrite=overwrite)
-    for path, content in paths.items():
-        suffix = path.suffix.lower()
-        if suffix == ".csv":
-            write_text(path, to_csv(content), overwrite=overwrite)
-        elif suffix == ".json":
-            write_json(path, content, overwrite=overwrite)
-        elif suffix in (".md", ".txt"):
-            write_text(path, content, overwrite=overwrite)
-        elif suffix == ".png":
-            with atomic_path(path, overwrite=overwrite) as tmp:
-                content.savefig(tmp, dpi=content.get_dpi())
-        else:
-            raise ValueError(f"write_results cannot write {path.name}: unknown suffix {suffix!r}")
-    return {p.name: p for p in paths}
