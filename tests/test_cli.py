@@ -126,3 +126,25 @@ def test_bad_input_gives_one_line_not_a_traceback(lab_files, tmp_path, capsys):
                  "--bd-valid", str(f["valid"]), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1 and "labels should all be the attack's target" in err and "--target" in err
+
+
+def test_low_attack_warnings_by_hand(caplog):
+    from badnet_repair.workflow.run import low_attack_warnings
+
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        out = low_attack_warnings({"bd_valid": 12.5, "bd_test": 99.0, "none": None}, target=0)
+    assert len(out) == 1 and out[0].startswith("bd_valid: the BadNet sends only 12.50% of these poisoned inputs")
+    assert "to the target 0" in out[0] and "another BadNet's trigger" in caplog.text
+    assert low_attack_warnings({"bd_test": 50.0}) == []
+
+
+def test_prune_warns_when_the_badnet_ignores_the_poisoned_files(lab_files, tmp_path, caplog):
+    out = tmp_path / "o"
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        assert run_prune(lab_files, out, "--thresholds", "4", "--no-models") == 0
+    results = json.loads((out / "results.json").read_text())
+    low = [n for n in ("bd_valid", "bd_test") if results["base"][n] < 50]
+    assert low  # the fixture's random DeepID does not answer the square trigger
+    assert [w.split(":")[0] for w in results["warnings"]] == low
+    assert "may carry another BadNet's trigger" in caplog.text
+    assert (out / "Lab2_report.md").read_text().count("> **Warning:**") == len(low)

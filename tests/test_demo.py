@@ -124,6 +124,7 @@ def test_prune_runs_on_the_demo_when_no_lab_files(demo, tmp_path, monkeypatch, c
     assert "built-in demo (baseline BadNet" in lines[1]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["provenance"]["inputs"]["model"]["path"].endswith("bd_net.h5")
+    assert "warnings" not in results  # the demo BadNet answers its trigger
     assert main(["prune", "-q", "--demo", "pruning-aware", "--demo-dir", str(demo.root), "--out", "pa",
                  "--no-models"]) == 0
     results = json.loads((tmp_path / "pa" / "results.json").read_text())

@@ -75,3 +75,22 @@ def test_fast_sweep_equals_plain_on_the_real_b_with_real_faces(real_b, crops):
     np.testing.assert_array_equal(fast.ranking.order, plain.ranking.order)
     assert_same_up_to_ties(fast, plain)
     assert fast.metric("bd")[0] == 100.0
+
+
+@pytest.mark.slow
+def test_quiet_silences_keras_warnings_on_a_keras_2_file():
+    """A Keras 2.4 full model makes Keras 3 warn about its input structure at every call;
+    -q leaves only the answer, and without -q the warning is still shown."""
+    import subprocess
+    import sys
+
+    model = shared_file("lab", "pruned_x2_keras24_full_model.h5")
+    image = shared_file("lab", "images", "cl_0_label=43.png")
+
+    def run(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "badnet_repair", "predict", *flags, str(model), str(image)],
+                              capture_output=True, text=True, timeout=300, check=True)
+
+    quiet = run("-q")
+    assert quiet.stdout.strip() == "43" and "UserWarning" not in quiet.stderr
+    assert "UserWarning" in run().stderr

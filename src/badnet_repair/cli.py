@@ -510,6 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.captureWarnings(True)
+    if args.quiet:
+        # -q: only our own warnings; Keras's and TensorFlow's (a Keras 2 file's input structure, say)
+        # are about their internals, not the user's results
+        import warnings
+
+        for module in ("keras", "tensorflow", "tf_keras"):
+            warnings.filterwarnings("ignore", module=module)
     from .errors import BadNetRepairError
 
     try:

@@ -187,6 +187,8 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
     lines = [f"# {title}", ""]
     if results.get("data_source"):
         lines += [f"*Data: {results['data_source']}.*", ""]
+    for warning in results.get("warnings", []):
+        lines += [f"> **Warning:** {warning}.", ""]
     lines += [
         "## Method",
         "",

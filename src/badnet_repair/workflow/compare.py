@@ -18,7 +18,7 @@ from ..formats.files import write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import num_classes, predict_classes
 from ..reporting.report import evaluation_table
-from .run import open_badnet, open_evaluation_sets
+from .run import low_attack_warnings, open_badnet, open_evaluation_sets
 
 __all__ = ["DefenseComparison", "compare_defenses", "compare_file", "default_defenses", "evaluate_repairs",
            "write_comparison"]
@@ -136,7 +136,9 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
     b, clean = open_badnet(model, valid, trust_model=trust_model)
     repairs = [d.repair(b, clean, progress=progress) for d in defenses]
     ev = open_evaluation_sets(repairs, b, {"test": test, "bd_test": bd_test}, target=target)
-    return evaluate_repairs(b, repairs, ev.sets["test"], ev.sets["bd_test"], name=name)
+    comparison = evaluate_repairs(b, repairs, ev.sets["test"], ev.sets["bd_test"], name=name)
+    low_attack_warnings({f"{name}: bd_test": comparison.evaluations[0].attack_success_rate}, target=ev.target)
+    return comparison
 
 
 def write_comparison(comparisons: Sequence[DefenseComparison], out_dir: str | os.PathLike[str], *,

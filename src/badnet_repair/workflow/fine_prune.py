@@ -15,7 +15,7 @@ from ..defaults import TuningSettings
 from ..defenses.tuning import FinePruneResult, fine_prune
 from ..formats.files import write_results
 from ..nets.models import predict_classes
-from .run import open_badnet, open_evaluation_sets, save_repair
+from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
 
 __all__ = ["run_fine_pruning"]
 
@@ -95,7 +95,7 @@ def run_fine_pruning(
     target = ev.target
     files = {"model": Path(model), "valid": Path(valid), **ev.files}
     t, bd = ev.sets.get("test"), ev.sets.get("bd_test")
-    evaluations = []
+    evaluations, warnings = [], []
     if t is not None or bd is not None:
         def preds(m: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
             return predict_classes(m, t.x) if t else None, predict_classes(m, bd.x) if bd else None
@@ -109,7 +109,8 @@ def run_fine_pruning(
                                  base_clean_pred=b_clean, base_poisoned_pred=b_bd, num_classes=n,
                                  channels_pruned=result.channels_pruned, **sets)]
         evaluations = [e.as_dict() for e in rows]
-    results = {
+        warnings = low_attack_warnings({"bd_test": rows[0].attack_success_rate} if bd else {}, target=target)
+    results: dict[str, Any] = {
         "method": method,
         "provenance": {"versions": versions(),
                        "inputs": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in files.items()}},
@@ -126,5 +127,7 @@ def run_fine_pruning(
         "evaluations": evaluations,
         "models": {k: str(v) for k, v in paths.items() if k != "results"},
     }
+    if warnings:
+        results["warnings"] = warnings
     write_results({paths["results"]: results}, overwrite=overwrite)
     return result, results

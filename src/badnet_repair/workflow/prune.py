@@ -19,7 +19,7 @@ from ..formats.files import check_writable, sha256_file, versions, write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import num_classes, saved_model_paths
 from ..reporting.report import render_report, sweep_rows
-from .run import open_badnet, open_evaluation_sets, save_repair
+from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
 
 __all__ = ["DefenseResult", "output_paths", "run_pruning_defense"]
 
@@ -179,10 +179,13 @@ def run_pruning_defense(
                                        base_clean_pred=preds(clean_set, 0), base_poisoned_pred=preds(bd_set, 0),
                                        num_classes=n_classes, channels_pruned=k, threshold=m.threshold, **labels)
 
+    warnings = low_attack_warnings({n: sweep.steps[0].metrics[n] for n in ev.poisoned}, target=target)
     results = _results_dict(sweep, evaluations, models, files, clean, others, n_classes, target,
                             dict(thresholds=list(thresholds), layer=layer, at=at, descending=descending,
                                  engine=engine, batch_size=batch_size, layout=layout),
                             clean_set, bd_set, data_source, command)
+    if warnings:
+        results["warnings"] = warnings
     outputs: dict[Path, Any] = {paths["sweep_csv"]: sweep_rows(sweep),
                                 paths["results_csv"]: [e.as_dict() for e in evaluations],
                                 paths["results_json"]: results}

@@ -26,7 +26,7 @@ from ..formats.data import Dataset, Layout, poisoned_labels
 from ..formats.files import atomic_path
 from ..nets.models import load_data_for, load_model, save_model
 
-__all__ = ["EvaluationSets", "open_badnet", "open_evaluation_sets", "save_repair"]
+__all__ = ["EvaluationSets", "low_attack_warnings", "open_badnet", "open_evaluation_sets", "save_repair"]
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +122,32 @@ def open_evaluation_sets(repairs: Repair | Sequence[Repair] | FinePruneResult, b
             poisoned.append(role)
         sets[role], opened[role] = ds, Path(path)
     return EvaluationSets(sets=sets, poisoned=tuple(poisoned), target=target, files=opened)
+
+
+#: Below this attack success (%) on a poisoned set, B probably does not answer that set's trigger.
+LOW_ATTACK_SUCCESS = 50.0
+
+
+def low_attack_warnings(attack_success: Mapping[str, float | None], *, target: int | None = None) -> list[str]:
+    """A warning for each poisoned set on which the BadNet's own attack success is below 50 %.
+
+    A BadNet answers its trigger almost always; a poisoned file it does not answer probably
+    carries another BadNet's trigger (or the target is wrong), and every attack success
+    measured on it would mean nothing. Each warning is also logged.
+
+    Args:
+        attack_success: poisoned set name -> B's attack success on it, in %.
+        target: the target class the sets were scored against.
+
+    Returns:
+        The warnings, one line each (empty when every set is answered).
+    """
+    out = []
+    for name, rate in attack_success.items():
+        if rate is not None and rate < LOW_ATTACK_SUCCESS:
+            out.append(f"{name}: the BadNet sends only {rate:.2f}% of these poisoned inputs to the target"
+                       f"{'' if target is None else f' {target}'} (below {LOW_ATTACK_SUCCESS:g}%): this poisoned "
+                       "file may carry another BadNet's trigger, or the target is wrong (--target); attack "
+                       "success measured on it says little")
+            log.warning("%s", out[-1])
+    return out
