@@ -197,3 +197,41 @@ def test_average_models_means_the_probabilities_and_saves(tmp_path):
         average_models([a, b], mean="harmonic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one"):
         average_models([])
+
+
+def test_full_h5_loads_in_keras_2_and_predicts_the_same(tmp_path, small_deepid):
+    """The lab grades with a Keras 2 eval.py: bd_X.h5 must load there (tf-keras) as in Keras 3."""
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    from badnet_repair.nets.models import save_model
+
+    from .conftest import random_faces
+
+    pruned = br.prune_channels(small_deepid, "conv_3", range(30))
+    paths = save_model(pruned, tmp_path, "bd_2", formats=("h5",))
+    x = random_faces(32, seed=9)
+    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+    k3 = keras.models.load_model(paths["h5"], compile=False)
+    assert [lyr.name for lyr in k2.layers] == [lyr.name for lyr in pruned.layers]
+    np.testing.assert_array_equal(k2.predict(x, verbose=0), k3.predict(x, verbose=0))
+    np.testing.assert_array_equal(k3.predict(x, verbose=0), pruned.predict(x, verbose=0))
+    assert not br.load_model(paths["h5"]).get_layer("conv_3").get_weights()[0][..., :30].any()
+
+
+def test_keras2_config_by_hand():
+    from badnet_repair.nets.models import keras2_config
+
+    tensor = {"class_name": "__keras_tensor__", "config": {"keras_history": ["a", 0, 0]}}
+    cfg = {"class_name": "Functional", "config": {"name": "m", "input_layers": ["a", 0, 0],
+                                                   "output_layers": ["b", 0, 0], "layers": [
+        {"class_name": "InputLayer", "name": "a", "inbound_nodes": [],
+         "config": {"batch_shape": [None, 2], "dtype": "float32", "name": "a", "optional": False}},
+        {"class_name": "Dense", "name": "b", "inbound_nodes": [{"args": [tensor], "kwargs": {}}],
+         "config": {"name": "b", "units": 1, "lora_rank": None,
+                    "dtype": {"class_name": "DTypePolicy", "config": {"name": "float32"}}}}]}}
+    out = keras2_config(cfg)["config"]
+    assert out["input_layers"] == [["a", 0, 0]] and out["output_layers"] == [["b", 0, 0]]
+    assert out["layers"][0]["config"] == {"batch_input_shape": [None, 2], "dtype": "float32", "name": "a"}
+    assert out["layers"][1]["config"] == {"name": "b", "units": 1, "dtype": "float32"}
+    assert out["layers"][1]["inbound_nodes"] == [[["a", 0, 0, {}]]]
+    with pytest.raises(br.ModelError, match="functional"):
+        keras2_config({"class_name": "Sequential", "config": {}})

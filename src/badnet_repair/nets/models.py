@@ -25,6 +25,7 @@ __all__ = [
     "crossing_tensors",
     "deepid",
     "default_conv_layer",
+    "keras2_config",
     "load_model",
     "num_classes",
     "pooling_after",
@@ -575,9 +576,14 @@ def _load_full(path: Path, config: Any, trust: bool) -> Any:
 
     _refuse_unsafe(path, config, trust)
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=not trust)
+        model = keras.models.load_model(path, compile=False, safe_mode=not trust)
     except Exception as exc:
         raise ModelError(f"{path}: Keras could not load this model: {exc}") from None
+    # Keras 2 files declare their one input as a list; Keras 3 then warns at every call with an
+    # array. The same layers with a plain input behave identically and do not.
+    if len(model.inputs) == 1 and len(model.outputs) == 1 and isinstance(getattr(model, "_inputs_struct", None), list):
+        model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
+    return model
 
 
 # ----------------------------------------------------------------------------- saving
@@ -650,8 +656,92 @@ def save_model(
             warnings.simplefilter("ignore")
             _quiet_absl()
             model.save(tmp)
+            if fmt == "h5":
+                _write_keras2_config(tmp)
         log.info("saved %s", path)
     return paths
+
+
+# Keras 2 (tf-keras, the lab's eval.py) reads a full .h5 model's JSON config in its own format;
+# Keras 3 writes its own. Keras 3 reads both, so the .h5 is written in Keras 2's.
+_KERAS3_ONLY = {"optional", "lora_rank", "lora_alpha", "quantization_config", "input_axes", "output_axes"}
+
+
+def _keras2_value(value: Any) -> Any:
+    """A config value as Keras 2 writes it: dtype policies as their name, no Keras 3-only keys."""
+    if isinstance(value, dict):
+        if value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and "config" in value:
+            return value["config"].get("name", "float32")
+        return {k: _keras2_value(v) for k, v in value.items() if k not in _KERAS3_ONLY}
+    if isinstance(value, list):
+        return [_keras2_value(v) for v in value]
+    return value
+
+
+def _node_tensors(args: Any) -> list[Any]:
+    """``[layer, node_index, tensor_index, {}]`` for each Keras 3 tensor in a node's arguments."""
+    if isinstance(args, dict) and args.get("class_name") == "__keras_tensor__":
+        return [[*args["config"]["keras_history"], {}]]
+    if isinstance(args, list | tuple):
+        return [t for a in args for t in _node_tensors(a)]
+    return []
+
+
+def _keras2_nodes(nodes: list[Any]) -> list[Any]:
+    """Keras 3's ``{"args": [tensor, ...], "kwargs": {}}`` nodes as Keras 2's
+    ``[[layer, node_index, tensor_index, kwargs], ...]`` lists."""
+    out = []
+    for node in nodes:
+        if not (isinstance(node, dict) and "args" in node):
+            return nodes  # already Keras 2's
+        tensors = _node_tensors(node["args"])
+        if node.get("kwargs"):
+            raise ModelError("a layer is called with keyword arguments; Keras 2 cannot read this model's config")
+        out.append(tensors)
+    return out
+
+
+def keras2_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A Keras 3 functional model's config (``model.get_config()`` form with class name) in the
+    form Keras 2 reads, for full ``.h5`` files that the lab's Keras 2 eval script loads.
+
+    Raises:
+        ModelError: where the model is not a functional graph of standard layers.
+    """
+    if config.get("class_name") not in ("Functional", "Model"):
+        raise ModelError(f"only functional models can be written for Keras 2, not {config.get('class_name')!r}")
+    body = dict(config["config"])
+    layers = []
+    for layer in body["layers"]:
+        cfg = _keras2_value(layer["config"])
+        if layer["class_name"] == "InputLayer" and "batch_shape" in cfg:
+            cfg["batch_input_shape"] = cfg.pop("batch_shape")
+        layers.append({"class_name": layer["class_name"], "config": cfg, "name": layer["name"],
+                       "inbound_nodes": _keras2_nodes(layer.get("inbound_nodes", []))})
+    body["layers"] = layers
+    for key in ("input_layers", "output_layers"):
+        ends = body[key]
+        body[key] = [ends] if ends and isinstance(ends[0], str) else ends
+    return {"class_name": "Functional", "config": body}
+
+
+def _write_keras2_config(path: Path) -> None:
+    """Rewrite a full .h5 file's model config in Keras 2's form, where the model allows it."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        import keras
+
+        layers = config.get("config", {}).get("layers", [])
+        if not all(hasattr(keras.layers, lyr.get("class_name", "")) for lyr in layers):
+            return  # nested or custom layers (GoodNets, averages): Keras 2 could not build them anyway
+        try:
+            converted = keras2_config(config)
+        except ModelError as exc:
+            log.info("%s stays in Keras 3's config form: %s", path.name, exc)
+            return
+        f.attrs["model_config"] = json.dumps(converted)
 
 
 def _quiet_absl() -> None:
