@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -33,10 +32,7 @@ class FineTuning(TuningSettings, Defense):
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them)."""
-        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **self._options()))
-
-    def _options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **self.get_params()))
 
     def _repair(self, result: FinePruneResult) -> Repair:
         members = [{"seed": m.seed, "channels_pruned": len(m.pruned_channels), "kept_epoch": m.kept_epoch,
