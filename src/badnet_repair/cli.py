@@ -249,14 +249,14 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .workflow.layout import resolve_inputs
-    from .workflow.prune import run_pruning_defense
-
     try:
         thresholds = _thresholds(args.thresholds)
     except argparse.ArgumentTypeError as exc:
         print(f"badnet-repair prune: error: {exc}", file=sys.stderr)
         return 2
+    from .workflow.layout import resolve_inputs
+    from .workflow.prune import run_pruning_defense
+
     resolved = resolve_inputs({k: getattr(args, k) for k in LAB_FILES}, demo=args.demo,
                               demo_dir=args.demo_dir, progress=not args.quiet)
     if resolved.notice:

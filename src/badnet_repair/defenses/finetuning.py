@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..defaults import FINE_TUNING, LAYER_HELP, TuningSettings, setting
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
-from .tuning import FinePruneResult, fine_prune
+
+if TYPE_CHECKING:
+    from .tuning import FinePruneResult
+
+# Fine-tuning (TensorFlow) is imported when a repair runs, so the command line can list these
+# classes' settings without loading TensorFlow.
 
 __all__ = ["FinePruning", "FineTuning"]
 
@@ -32,6 +37,8 @@ class FineTuning(TuningSettings, Defense):
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them)."""
+        from .tuning import fine_prune
+
         return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **self.get_params()))
 
     def _repair(self, result: FinePruneResult) -> Repair:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from ..defaults import LAYER_HELP, setting
 from ..formats.data import Dataset
-from ..nets.models import prune_channels
 from .base import Defense, Repair, Repaired
-from .sweep import ChannelRanking, prune_sweep
+
+if TYPE_CHECKING:
+    from .sweep import ChannelRanking
+
+# The sweep and the surgery (TensorFlow) are imported when a repair runs, so the command line
+# can list this class's settings without loading TensorFlow.
 
 __all__ = ["Pruning", "ranking_of"]
 
@@ -48,6 +52,9 @@ class Pruning(Defense):
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B'_X for each threshold X; the record holds the ranking, the choices and the sweep."""
+        from ..nets.models import prune_channels
+        from .sweep import prune_sweep
+
         sweep = prune_sweep(model, clean, layer=self.layer, thresholds=self.thresholds, at=self.rank_at,
                             descending=self.descending, engine=self.engine, batch_size=self.batch_size,
                             progress=progress)
@@ -74,6 +81,8 @@ def ranking_of(repair: Repair) -> ChannelRanking:
     evaluate its steps on other data afterwards, as ``badnet-repair prune`` does)."""
     if repair.defense != Pruning.name:
         raise ValueError(f"a {repair.defense!r} repair has no pruning ranking")
+    from .sweep import ChannelRanking
+
     c = repair.record["choices"]
     return ChannelRanking(layer=c["layer"], measured_at=c["measured_at"],
                           mean_activation=np.asarray(c["mean_activation"], np.float64),

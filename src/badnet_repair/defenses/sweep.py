@@ -385,9 +385,9 @@ def _sweep_plain(
 def _progress(it: Any, progress: bool, what: str) -> Any:
     if not progress:
         return it
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
-    return tqdm(it, desc=f"pruning {what}", unit="channel", leave=False)
+    return bar(it, desc=f"pruning {what}", unit="channel")
 
 
 def prune_sweep(

@@ -12,35 +12,13 @@ from typing import Any
 
 from .. import _backend  # noqa: F401
 from ..metrics import goodnet_predict
+from ..nets.layers import GoodNetCombine
 from ..nets.models import num_classes as _num_classes
 from ..nets.models import renamed_copy
 
 __all__ = ["GoodNetCombine", "build_goodnet", "goodnet_predict"]
 
 import keras
-from keras import ops
-
-
-@keras.saving.register_keras_serializable(package="badnet_repair")
-class GoodNetCombine(keras.layers.Layer):
-    """Combine B's and B''s (N,) probabilities into G's (N+1,) probabilities.
-
-    Where argmax(B) == argmax(B') the output is B's probabilities with 0 appended for class
-    N; elsewhere it is one-hot class N. Ties in argmax resolve to the lowest class, as in
-    ``numpy.argmax``.
-    """
-
-    def call(self, inputs: Any) -> Any:
-        p_bad, p_repaired = inputs
-        n = ops.shape(p_bad)[-1]
-        agree = ops.equal(ops.argmax(p_bad, axis=-1), ops.argmax(p_repaired, axis=-1))
-        padded = ops.pad(p_bad, [[0, 0], [0, 1]])
-        alarm = ops.one_hot(ops.full(ops.shape(p_bad)[:1], n, dtype="int32"), n + 1, dtype=p_bad.dtype)
-        return ops.where(ops.expand_dims(agree, -1), padded, alarm)
-
-    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
-        shape = tuple(input_shape[0])
-        return (*shape[:-1], None if shape[-1] is None else shape[-1] + 1)
 
 
 def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:

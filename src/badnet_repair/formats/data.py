@@ -293,9 +293,9 @@ def load_h5(
             x = np.empty((n, *hwc), dtype=np.float32)
             starts = range(0, n, max(1, int(chunk_size)))
             if progress:
-                from tqdm.auto import tqdm
+                from ..progress import bar
 
-                starts = tqdm(starts, desc=f"reading {p.name}", unit="chunk", leave=False)
+                starts = bar(starts, desc=f"reading {p.name}", unit="chunk")
             for i in starts:
                 chunk = dset[i : min(i + chunk_size, n)]
                 if fmt == "nchw":

@@ -1,7 +1,8 @@
 """Custom Keras layers stored inside the models this package saves.
 
-Importing the package registers them with Keras, so ``keras.models.load_model`` reads the
-saved models without ``safe_mode=False``.
+Importing this module registers them with Keras, so ``keras.models.load_model`` reads the
+saved models without ``safe_mode=False``. ``import badnet_repair`` makes sure it is imported
+as soon as Keras is (see the package's ``__init__``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from .. import _backend  # noqa: F401
 
-__all__ = ["GeometricMean"]
+__all__ = ["GeometricMean", "GoodNetCombine"]
 
 import keras
 from keras import ops
@@ -40,3 +41,25 @@ class GeometricMean(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "floor": self.floor}
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class GoodNetCombine(keras.layers.Layer):
+    """Combine B's and B''s (N,) probabilities into G's (N+1,) probabilities.
+
+    Where argmax(B) == argmax(B') the output is B's probabilities with 0 appended for class
+    N; elsewhere it is one-hot class N. Ties in argmax resolve to the lowest class, as in
+    ``numpy.argmax``.
+    """
+
+    def call(self, inputs: Any) -> Any:
+        p_bad, p_repaired = inputs
+        n = ops.shape(p_bad)[-1]
+        agree = ops.equal(ops.argmax(p_bad, axis=-1), ops.argmax(p_repaired, axis=-1))
+        padded = ops.pad(p_bad, [[0, 0], [0, 1]])
+        alarm = ops.one_hot(ops.full(ops.shape(p_bad)[:1], n, dtype="int32"), n + 1, dtype=p_bad.dtype)
+        return ops.where(ops.expand_dims(agree, -1), padded, alarm)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        shape = tuple(input_shape[0])
+        return (*shape[:-1], None if shape[-1] is None else shape[-1] + 1)

@@ -66,9 +66,9 @@ class EpochProgress(keras.callbacks.Callback):
         self.history: list[dict[str, float]] = []
         self.bar: Any = None
         if enabled:
-            from tqdm.auto import tqdm
+            from ..progress import bar
 
-            self.bar = tqdm(total=epochs, desc=desc, unit="epoch", leave=False)
+            self.bar = bar(total=epochs, desc=desc, unit="epoch")
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         logs = {k: float(v) for k, v in (logs or {}).items()}
