@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 
 import badnet_repair as br
 
@@ -36,3 +37,49 @@ def test_goodnet_model_follows_the_rule_and_round_trips(tmp_path, small_deepid):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), probs, rtol=1e-5, atol=1e-6)
     # the caller's models are untouched
     np.testing.assert_array_equal(br.predict_classes(small_deepid, x), b_pred)
+
+
+def test_portable_goodnet_equals_the_rule_and_loads_in_keras_2_and_3(tmp_path, small_deepid):
+    from badnet_repair.detectors.goodnet import build_portable_goodnet
+    from badnet_repair.workflow.run import save_repair
+
+    x = random_faces(64, seed=11)
+    repaired = br.prune_channels(small_deepid, "conv_3", range(50))
+    b_pred, r_pred = br.predict_classes(small_deepid, x), br.predict_classes(repaired, x)
+    assert 0 < np.count_nonzero(b_pred != r_pred) < len(x)  # both branches of the rule are used
+    exact = keras.ops.convert_to_numpy(br.build_goodnet(small_deepid, repaired)(x))
+    portable = build_portable_goodnet(small_deepid, repaired)
+    assert not any(isinstance(lyr, keras.Model) for lyr in portable.layers), "one flat graph"
+    assert all(type(lyr).__module__.startswith("keras.") for lyr in portable.layers), "standard layers only"
+    got = keras.ops.convert_to_numpy(portable(x))
+    np.testing.assert_array_equal(got.argmax(1), br.goodnet_predict(b_pred, r_pred, 7))
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
+    saved = save_repair(small_deepid, repaired, tmp_path, "bd_2", formats=(), goodnet_h5=tmp_path / "goodnet_2.h5")
+    k3 = keras.models.load_model(saved["goodnet_h5"], compile=False)
+    np.testing.assert_allclose(k3.predict(x, verbose=0), got, rtol=1e-5, atol=1e-6)
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    k2 = tf_keras.models.load_model(saved["goodnet_h5"], compile=False)
+    np.testing.assert_allclose(k2.predict(x, verbose=0), got, rtol=1e-5, atol=1e-6)
+
+
+def test_portable_goodnet_marks_only_exact_top_classes():
+    """The top-class mark by hand: a gap of one float32 step below a small maximum is not top."""
+    from badnet_repair.detectors.goodnet import build_portable_goodnet
+
+    def fixed(probs, name):
+        inp = keras.Input((2,))
+        out = keras.layers.Dense(3, name=f"{name}_out")(inp)  # constant output: zero kernel, bias = probs
+        m = keras.Model(inp, out, name=name)
+        m.get_layer(f"{name}_out").set_weights([np.zeros((2, 3), np.float32), np.asarray(probs, np.float32)])
+        return m
+
+    top = np.float32(0.4)
+    below = np.nextafter(top, np.float32(0))
+    b = fixed([top, below, 1 - top - below], "b")
+    same = fixed([top, below, 1 - top - below], "r")
+    other = fixed([below, top, 1 - top - below], "r2")
+    x = np.zeros((1, 2), np.float32)
+    agree = keras.ops.convert_to_numpy(build_portable_goodnet(b, same)(x))[0]
+    differ = keras.ops.convert_to_numpy(build_portable_goodnet(b, other)(x))[0]
+    np.testing.assert_array_equal(agree, [top, below, 1 - top - below, 0.0])
+    np.testing.assert_array_equal(differ, [0.0, 0.0, 0.0, 1.0])

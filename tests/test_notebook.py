@@ -2,51 +2,100 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import shutil
 from pathlib import Path
 
+import nbformat
 import pytest
 
 import badnet_repair as br
 from badnet_repair.cli import main
-from badnet_repair.reporting.notebook import execute_notebook, markdown_rows, notebook_outputs, parameter_names
+from badnet_repair.reporting.notebook import (
+    execute_notebook,
+    finish_streams,
+    markdown_rows,
+    notebook_outputs,
+    parameter_names,
+)
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "Homework-2.ipynb"
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def executed(small_demo, tmp_path_factory):
     work = tmp_path_factory.mktemp("nb")  # no lab files here: the notebook must fall back to the demo
-    params = {"DEMO_DIR": str(small_demo.root), "OUT_DIR": str(work / "out"), "THRESHOLDS": [2, 4, 10],
+    params = {"DEMO_DIR": str(small_demo.root), "OUT_DIR": "out", "THRESHOLDS": [2, 4, 10],
               "FINE_TUNING": {"epochs": 2}}
     nb = execute_notebook(NOTEBOOK, parameters=params, cwd=work, html=work / "nb.html", timeout=600)
     return nb, work, small_demo
 
 
-def test_parameters_cell_is_tagged_and_holds_the_lab_layout():
+def _stream(nb, name: str) -> str:
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == name)
+
+
+def test_parameters_cell_holds_only_user_settings():
     names = parameter_names(NOTEBOOK)
-    for name in ("MODEL", "VALID", "BD_VALID", "TEST", "BD_TEST", "THRESHOLDS", "LAYER", "OUT_DIR", "DEMO"):
+    for name in ("MODEL", "VALID", "BD_VALID", "TEST", "BD_TEST", "THRESHOLDS", "LAYER", "OUT_DIR", "REPORT", "DEMO"):
         assert name in names
+    assert not [n for n in names if "CONFIG" in n]  # no test-only settings
 
 
+def test_no_name_defined_under_a_condition_is_used_in_a_later_cell():
+    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    for i, src in enumerate(cells):
+        conditional = {t.id for node in ast.parse(src).body if isinstance(node, (ast.If, ast.Try, ast.For, ast.While))
+                       for sub in ast.walk(node) if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store)
+                       for t in [sub]}
+        for later in cells[i + 1:]:
+            names = [n for n in ast.walk(ast.parse(later)) if isinstance(n, ast.Name)]
+            used = {n.id for n in names if isinstance(n.ctx, ast.Load)} - {n.id for n in names
+                                                                          if isinstance(n.ctx, ast.Store)}
+            assert not conditional & used, f"cell {i} defines {conditional & used} under a condition; used later"
+
+
+def test_the_committed_notebook_shows_each_lab_step_and_finished_progress_bars():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    headings = [c.source.splitlines()[0] for c in nb.cells if c.cell_type == "markdown"]
+    for step in ("load B", "rank the channels", "sweep", "stop rule", "save", "GoodNet", "evaluate", "conclusion",
+                 "report", "every defense"):
+        assert any(step.lower() in h.lower() for h in headings), step
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("outputs") for c in code[2:]), "the committed notebook is committed with its outputs"
+    bars = [line for c in code for o in c.get("outputs", []) if o.get("name") == "stderr"
+            for line in o["text"].splitlines() if "|" in line and "%" in line]
+    assert bars and all("100%" in b for b in bars) and not any("\r" in b for b in bars), bars
+
+
+@pytest.mark.slow
 def test_notebook_runs_without_errors_and_says_it_uses_the_demo(executed):
     nb, _, _ = executed
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+    text = _stream(nb, "stdout")
     assert "No lab files" in text and "Using the built-in demo" in text
 
 
+@pytest.mark.slow
+def test_notebook_progress_bars_are_saved_finished(executed):
+    nb, _, _ = executed
+    bars = [line for line in _stream(nb, "stderr").splitlines() if "%|" in line]
+    assert any(b.startswith("pruning conv_3: 100%") for b in bars), bars
+    assert all("100%" in b for b in bars) and "\r" not in _stream(nb, "stderr")
+
+
+@pytest.mark.slow
 def test_notebook_shows_figures(executed):
     nb, work, _ = executed
     pngs = notebook_outputs(nb, "image/png")
-    assert len(pngs) >= 4  # samples grid, curves, defense comparison, trigger response
+    assert len(pngs) >= 6  # samples, ranking, curves, G's decisions, defense comparison, trigger response
     html = (work / "nb.html").read_text()
-    assert html.count("data:image/png;base64") >= 4
+    assert html.count("data:image/png;base64") >= 6
 
 
+@pytest.mark.slow
 def test_notebook_tables_equal_the_librarys_results(executed, tmp_path):
     nb, work, demo = executed
     lib = br.run_pruning_defense(demo.model, demo.valid, bd_valid=demo.bd_valid, test=demo.test,
@@ -61,10 +110,17 @@ def test_notebook_tables_equal_the_librarys_results(executed, tmp_path):
         assert float(row[2]) == pytest.approx(e.clean_accuracy, abs=0.005)
         assert float(row[3]) == pytest.approx(e.attack_success_rate, abs=0.005)
     saved = json.loads((work / "out" / "results.json").read_text())
-    assert saved["evaluations"] == [e.as_dict() for e in lib.evaluations]
+    assert [e["model"] for e in saved["evaluations"]] == [e.model for e in lib.evaluations]
+    for got, want in zip(saved["evaluations"], lib.evaluations, strict=True):
+        assert got["clean_accuracy"] == pytest.approx(want.clean_accuracy, abs=0.2)  # float32 ties at most
+    assert [s["channels_pruned"] for s in saved["selections"]] == [s["channels_pruned"] for s in
+                                                                 lib.results["selections"]]
+    stops = next(t for t in notebook_outputs(nb, "text/markdown") if t.startswith("| X |"))
+    assert [int(r[1]) for r in markdown_rows(stops)] == [s["channels_pruned"] for s in lib.results["selections"]]
 
 
-def test_notebook_fine_pruning_section_shows_the_written_comparison(executed):
+@pytest.mark.slow
+def test_notebook_comparison_section_shows_the_written_comparison(executed):
     nb, work, _ = executed
     rows = json.loads((work / "out" / "comparison" / "comparison.json").read_text())
     names = [r["model"] for r in rows]
@@ -78,37 +134,55 @@ def test_notebook_fine_pruning_section_shows_the_written_comparison(executed):
     assert (work / "out" / "comparison" / "comparison.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_notebook_trigger_response_names_channels_of_the_pruned_layer(executed):
     nb, _, demo = executed
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
-    line = next(x for x in text.splitlines() if x.startswith("channels the trigger raises most"))
+    line = next(x for x in _stream(nb, "stdout").splitlines() if x.startswith("channels the trigger raises most"))
     channels = int(br.load_model(demo.model).get_layer("conv_3").filters)
     listed = [p.split(":")[0].strip() for p in line.split("place in pruning order):")[1].split(";")]
     assert len(listed) == 5 and all(0 <= int(c) < channels for c in listed)
 
 
-def test_notebook_writes_the_report_files(executed):
-    _, work, _ = executed
-    out = work / "out"
-    assert (out / "Lab2_report.md").exists() and (out / "pruning_curves.png").exists()
-    html = (out / "Lab2_report.html").read_text()
+@pytest.mark.slow
+def test_notebook_writes_the_report_at_the_top_and_the_models_in_out_dir(executed):
+    nb, work, _ = executed
+    report = (work / "Lab2_report.md").read_text()
+    assert "](out/pruning_curves.png)" in report and (work / "out" / "pruning_curves.png").exists()
+    # the report's conclusion is the one the notebook shows (and the student may edit)
+    shown = next(t for t in notebook_outputs(nb, "text/markdown") if t.startswith("The BadNet B"))
+    assert shown.strip() in report
+    html = (work / "Lab2_report.html").read_text()
     assert "data:image/png;base64" in html and "<table>" in html
-    assert (out / "goodnet_4.keras").exists()
+    for x in ("2", "4", "10"):
+        assert (work / "out" / f"goodnet_{x}.keras").exists() and (work / "out" / f"bd_{x}.h5").exists()
 
 
+def test_finish_streams_keeps_the_last_redraw_of_each_line():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stderr", text="\rbar  10%|#\rbar  50%|##"),
+                           nbformat.v4.new_output("stream", name="stderr", text="\rbar 100%|###\ndone\n"),
+                           nbformat.v4.new_output("stream", name="stdout", text="out\n")]
+    finish_streams(nb)
+    assert [o["text"] for o in nb.cells[0].outputs] == ["bar 100%|###\ndone\n", "out\n"]
+
+
+@pytest.mark.slow
 def test_report_command_renders_the_executed_notebook(small_demo, tmp_path, monkeypatch, capsys):
-    import shutil
-
     nb = tmp_path / "Homework-2.ipynb"
     shutil.copy(NOTEBOOK, nb)
     monkeypatch.chdir(tmp_path)
-    assert main(["report", "--notebook", str(nb), "-p", "DEMO_DIR", str(small_demo.root),
-                 "-p", "DEMO", "pruning-aware", "-p", "THRESHOLDS", "[4]"]) == 0
+    args = ["report", "--notebook", str(nb), "-p", "DEMO_DIR", str(small_demo.root), "-p", "DEMO", "pruning-aware",
+            "-p", "THRESHOLDS", "[4]", "-p", "COMPARE_DEFENSES", "False"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "notebook HTML" in out
+    assert "notebook HTML" in out and f"report: {tmp_path / 'Lab2_report.md'}" in out
     assert (tmp_path / "fixed_models" / "Homework-2.html").exists()
     results = json.loads((tmp_path / "fixed_models" / "results.json").read_text())
-    assert results["parameters"]["thresholds"] == [4.0]
+    assert [s["threshold"] for s in results["selections"]] == [4.0]
     assert results["provenance"]["inputs"]["model"]["path"].endswith("pa_net.h5")
     assert main(["report", "--notebook", str(nb), "-p", "NOPE", "1"]) == 1
     assert "no parameter named NOPE" in capsys.readouterr().err
+    # the notebook itself is replaced only when asked
+    assert main(["report", "--notebook", str(nb), "--executed", str(nb)]) == 1
+    assert "--in-place" in capsys.readouterr().err
+    assert not nbformat.read(nb, as_version=4).cells[3].get("outputs")

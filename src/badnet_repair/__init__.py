@@ -56,7 +56,7 @@ if TYPE_CHECKING:
         OutputExistsError,
         UnsafeModelError,
     )
-    from .formats.data import Dataset, load_h5, load_images, save_h5
+    from .formats.data import Dataset, load_h5, load_images, poisoned_labels, save_h5
     from .metrics import (
         Evaluation,
         accuracy,
@@ -83,14 +83,24 @@ if TYPE_CHECKING:
     from .reporting.plotting import (
         plot_curves,
         plot_evaluations,
+        plot_goodnet_decisions,
         plot_goodnet_sweep,
+        plot_ranking,
         plot_samples,
         plot_sweep,
         plot_trigger_response,
     )
     from .workflow.compare import DefenseComparison, compare_defenses, write_comparison
     from .workflow.fine_prune import run_fine_pruning
-    from .workflow.prune import DefenseResult, run_pruning_defense
+    from .workflow.prune import (
+        DefenseResult,
+        evaluate_lab_models,
+        lab_results,
+        repaired_models,
+        run_pruning_defense,
+        save_lab_models,
+        write_lab_outputs,
+    )
 
 # public name -> (module, attribute in it; None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -170,6 +180,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'run_fine_pruning': ('.workflow.fine_prune', 'run_fine_pruning'),
     'DefenseResult': ('.workflow.prune', 'DefenseResult'),
     'run_pruning_defense': ('.workflow.prune', 'run_pruning_defense'),
+    'poisoned_labels': ('.formats.data', 'poisoned_labels'),
+    'plot_ranking': ('.reporting.plotting', 'plot_ranking'),
+    'plot_goodnet_decisions': ('.reporting.plotting', 'plot_goodnet_decisions'),
+    'repaired_models': ('.workflow.prune', 'repaired_models'),
+    'save_lab_models': ('.workflow.prune', 'save_lab_models'),
+    'evaluate_lab_models': ('.workflow.prune', 'evaluate_lab_models'),
+    'lab_results': ('.workflow.prune', 'lab_results'),
+    'write_lab_outputs': ('.workflow.prune', 'write_lab_outputs'),
 }
 
 
@@ -274,12 +292,14 @@ __all__ = [
     "demo",
     "detection_rate",
     "detectors",
+    "evaluate_lab_models",
     "faces",
     "false_alarm_rate",
     "fine_prune",
     "fine_tune",
     "goodnet_classes",
     "goodnet_predict",
+    "lab_results",
     "load_data_for",
     "load_h5",
     "load_images",
@@ -289,21 +309,27 @@ __all__ = [
     "num_classes",
     "plot_curves",
     "plot_evaluations",
+    "plot_goodnet_decisions",
     "plot_goodnet_sweep",
+    "plot_ranking",
     "plot_samples",
     "plot_sweep",
     "plot_trigger_response",
     "poison",
+    "poisoned_labels",
     "predict_classes",
     "prune_channels",
     "prune_sweep",
     "rank_channels",
+    "repaired_models",
     "run_fine_pruning",
     "run_pruning_defense",
     "save_h5",
+    "save_lab_models",
     "save_model",
     "split_clean",
     "trigger_response",
     "triggers",
     "write_comparison",
+    "write_lab_outputs",
 ]

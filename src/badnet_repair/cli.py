@@ -194,14 +194,17 @@ def _parser() -> argparse.ArgumentParser:
         "report", parents=[common],
         help="run Homework-2.ipynb headless; write Lab2_report.md and the notebook as HTML",
         description="Execute the notebook top to bottom in a Jupyter kernel (its parameters cell "
-        "overridden by -p), which writes Lab2_report.md and Lab2_report.html into its OUT_DIR; then "
-        "write the executed notebook and a self-contained HTML of it (images embedded).",
+        "overridden by -p), which saves the models and results into its OUT_DIR and writes its REPORT "
+        "(Lab2_report.md next to the notebook, with Lab2_report.html); then write the executed notebook "
+        "and a self-contained HTML of it (images embedded) into OUT_DIR.",
     )
     rp.add_argument("--notebook", default="Homework-2.ipynb", help="the notebook (default Homework-2.ipynb)")
     rp.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override a parameter, e.g. -p DEMO pruning-aware -p THRESHOLDS '[2, 4]'")
     rp.add_argument("--html", help="HTML of the executed notebook (default OUT_DIR/<notebook>.html)")
     rp.add_argument("--executed", help="the executed notebook (default OUT_DIR/<notebook>.executed.ipynb)")
+    rp.add_argument("--in-place", action="store_true",
+                    help="write the executed notebook over the notebook itself, outputs included (to commit them)")
     rp.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default 1800)")
 
     ev = sub.add_parser("eval", parents=[common], help="clean accuracy and attack success rate of a model",
@@ -476,7 +479,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not out_dir.is_absolute():
         out_dir = nb.parent / out_dir
     html = Path(args.html) if args.html else out_dir / f"{nb.stem}.html"
-    executed = Path(args.executed) if args.executed else out_dir / f"{nb.stem}.executed.ipynb"
+    if args.in_place and args.executed:
+        raise DataError("give --executed or --in-place, not both")
+    executed = nb if args.in_place else Path(args.executed) if args.executed else out_dir / f"{nb.stem}.executed.ipynb"
+    if executed.resolve() == nb.resolve() and not args.in_place:
+        raise DataError(f"{executed}: that is the notebook itself; pass --in-place to replace it with its "
+                        "executed copy")
     print(f"Running {nb} headless" + (f" with {params}" if params else "") + " ...", flush=True)
     from nbclient.exceptions import CellExecutionError
 
@@ -488,9 +496,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"badnet-repair report: error: a cell of {nb} failed: {tail[0]}", file=sys.stderr)
         return 1
     print(f"executed notebook: {executed}\nnotebook HTML: {html}")
-    for name in ("Lab2_report.md", "Lab2_report.html"):
-        if (out_dir / name).exists():
-            print(f"report: {out_dir / name}")
+    report = Path(str(params.get("REPORT", "Lab2_report.md")))
+    report = report if report.is_absolute() else nb.parent / report
+    for path in (report, report.with_suffix(".html")):
+        if path.exists():
+            print(f"report: {path}")
     return 0
 
 

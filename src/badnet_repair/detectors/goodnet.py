@@ -13,10 +13,10 @@ from typing import Any
 from .. import _backend  # noqa: F401
 from ..metrics import goodnet_predict
 from ..nets.layers import GoodNetCombine
+from ..nets.models import inline_copy, renamed_copy
 from ..nets.models import num_classes as _num_classes
-from ..nets.models import renamed_copy
 
-__all__ = ["GoodNetCombine", "build_goodnet", "goodnet_predict"]
+__all__ = ["GoodNetCombine", "build_goodnet", "build_portable_goodnet", "goodnet_predict"]
 
 import keras
 
@@ -46,3 +46,69 @@ def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
     x = keras.Input(shape=tuple(badnet.inputs[0].shape[1:]), name="input")
     out = GoodNetCombine(name="goodnet_combine")([b(x), r(x)])
     return keras.Model(x, out, name=name)
+
+
+#: The top-class test's scale: 2**50 times any gap between two distinct float32 probabilities
+#: of a model's top class (at least 1/N) is far below -1, so the clipped ``gap * scale + 1``
+#: is exactly 1 at the top class and exactly 0 elsewhere.
+_TOP_SCALE = float(2**50)
+
+
+def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
+    """G from standard Keras layers only, for a full ``.h5`` that Keras 2 loads.
+
+    The lab's GoodNet rule (Liu et al., RAID 2018, as the CSAW-HackML lab defines G) without
+    a custom layer: B and B' are inlined into one flat graph (their layers renamed
+    ``badnet_*`` and ``repaired_*``); each one's top class is marked exactly by clipping
+    ``(p - max p) * 2**50 + 1`` to [0, 1] (Reshape, GlobalMaxPooling1D, RepeatVector,
+    Subtract, a 1x1 Conv1D, ReLU(max_value=1)); ``agree`` is 1 where the two marks share a
+    class; the output is ``[p_B * agree, 1 - agree]``. Its outputs equal
+    :func:`build_goodnet`'s wherever B's and B''s top classes are unique; where a model has
+    an exact tie for its top class, this G counts the two as agreeing if any tied class is
+    shared (``build_goodnet`` compares the first of each).
+
+    Args:
+        badnet: B, a flat functional model (N, H, W, C) -> (N, K) probabilities.
+        repaired: B', the same shapes and flat.
+        name: the model name.
+
+    Returns:
+        A flat ``keras.Model`` (N, H, W, C) -> (N, K+1) made of standard layers.
+
+    Raises:
+        ValueError: if B and B' have different class counts.
+        ModelError: if either nests other models (ensembles, GoodNets).
+    """
+    import numpy as np
+    from keras import layers
+
+    k = _num_classes(badnet)
+    if _num_classes(repaired) != k:
+        raise ValueError(f"B has {k} classes but B' has {_num_classes(repaired)}")
+    x = keras.Input(shape=tuple(badnet.inputs[0].shape[1:]), name="input")
+    p_bad = inline_copy(badnet, x, "badnet_")
+    p_rep = inline_copy(repaired, x, "repaired_")
+
+    def top(p: Any, who: str) -> tuple[Any, Any]:
+        column = layers.Reshape((k, 1), name=f"{who}_column")(p)
+        best = layers.RepeatVector(k, name=f"{who}_max")(layers.GlobalMaxPooling1D(name=f"{who}_top_p")(column))
+        gap = layers.Subtract(name=f"{who}_gap")([column, best])  # 0 at the top class, < 0 elsewhere
+        scale = layers.Conv1D(1, 1, name=f"{who}_scale")
+        mark = layers.ReLU(max_value=1.0, name=f"{who}_is_top")(scale(gap))
+        return layers.Reshape((k,), name=f"{who}_top")(mark), scale
+
+    top_bad, scale_bad = top(p_bad, "badnet")
+    top_rep, scale_rep = top(p_rep, "repaired")
+    shared = layers.Dense(1, use_bias=False, name="shared_top")(layers.Multiply(name="both_top")([top_bad, top_rep]))
+    agree = layers.ReLU(max_value=1.0, name="agree")(shared)
+    spread = layers.Dense(k, use_bias=False, name="agree_per_class")
+    alarm = layers.Dense(1, name="alarm")
+    kept = layers.Multiply(name="kept")([p_bad, spread(agree)])
+    out = layers.Concatenate(name="goodnet_output")([kept, alarm(agree)])
+    model = keras.Model(x, out, name=name)
+    for scale in (scale_bad, scale_rep):
+        scale.set_weights([np.full((1, 1, 1), _TOP_SCALE, np.float32), np.ones(1, np.float32)])
+    model.get_layer("shared_top").set_weights([np.ones((k, 1), np.float32)])
+    spread.set_weights([np.ones((1, k), np.float32)])
+    alarm.set_weights([np.full((1, 1), -1.0, np.float32), np.ones(1, np.float32)])
+    return model

@@ -25,6 +25,7 @@ __all__ = [
     "crossing_tensors",
     "deepid",
     "default_conv_layer",
+    "inline_copy",
     "keras2_config",
     "load_model",
     "num_classes",
@@ -352,6 +353,39 @@ def renamed_copy(model: Any, name: str) -> Any:
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     return keras.Model(clone.inputs[0], clone.outputs[0], name=name)
+
+
+def inline_copy(model: Any, inputs: Any, prefix: str) -> Any:
+    """Apply a copy of ``model``'s layers, renamed ``prefix + name``, to the tensor ``inputs``.
+
+    For one flat graph built from several models (a model nested in another is a layer Keras 2
+    cannot rebuild from a Keras 3 file): the copies share nothing with ``model`` and carry its
+    weights.
+
+    Args:
+        model: a functional model of standard layers, with one input and one output.
+        inputs: a symbolic tensor of the model's input shape.
+        prefix: put before every copied layer's name (names must stay unique in the new graph).
+
+    Returns:
+        The copy's output tensor.
+
+    Raises:
+        ModelError: if the model nests other models.
+    """
+    import keras
+
+    nested = [lyr.name for lyr in model.layers if isinstance(lyr, keras.Model)]
+    if nested:
+        raise ModelError(f"model {model.name!r} nests other models ({', '.join(nested)}); it cannot be inlined")
+
+    def renamed(layer: Any) -> Any:
+        return layer.__class__.from_config({**layer.get_config(), "name": f"{prefix}{layer.name}"})
+
+    clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=renamed)
+    for src, dst in zip(model.layers, clone.layers, strict=True):
+        dst.set_weights(src.get_weights())
+    return clone.outputs[0]
 
 
 def average_models(models: Sequence[Any], *, name: str = "ensemble",

@@ -22,10 +22,12 @@ import numpy as np
 
 from ..formats.data import Dataset
 from ..formats.files import atomic_path, write_text
+from ..progress import ENV as PROGRESS_ENV
 
 __all__ = [
     "execute_notebook",
     "figure_png",
+    "finish_streams",
     "markdown_to_html",
     "sample_grid",
     "show",
@@ -169,7 +171,10 @@ def execute_notebook(
         _inject_parameters(nb, parameters)
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
                             resources={"metadata": {"path": str(cwd or src.parent)}})
-    client.execute()
+    # text progress bars that stay: a saved notebook keeps no widget state, so a widget bar
+    # would show as frozen at 0%
+    client.execute(env={**os.environ, PROGRESS_ENV: "text"})
+    finish_streams(nb)
     if output is not None:
         with atomic_path(output, overwrite=True) as tmp:
             nbformat.write(nb, tmp)
@@ -180,6 +185,29 @@ def execute_notebook(
         body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"path": str(cwd or src.parent)}})
         write_text(html, body, overwrite=True)
     return nb
+
+
+def finish_streams(nb: Any) -> None:
+    """Merge each cell's consecutive stream outputs and apply carriage returns, in place, as a
+    terminal shows them: a progress bar redrawn with ``\\r`` keeps only its last state."""
+    for cell in nb.cells:
+        merged: list[Any] = []
+        for o in cell.get("outputs", []):
+            if (o.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                    and merged[-1].get("name") == o.get("name")):
+                merged[-1]["text"] += o["text"]
+            else:
+                merged.append(o)
+        for o in merged:
+            if o.get("output_type") == "stream":
+                o["text"] = "\n".join(_last_redraw(line) for line in o["text"].split("\n"))
+        if "outputs" in cell:
+            cell["outputs"] = merged
+
+
+def _last_redraw(line: str) -> str:
+    parts = [p for p in line.split("\r") if p]
+    return parts[-1] if parts else ""
 
 
 def notebook_outputs(nb: Any, kind: str = "text/markdown") -> list[str]:

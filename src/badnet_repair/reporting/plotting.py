@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from ..defenses.sweep import SweepResult
+from ..defenses.sweep import ChannelRanking, SweepResult
+from ..formats.data import Dataset
 from ..metrics import Evaluation
+from ..nets.models import num_classes, predict_classes
 from .analysis import TriggerResponse
 
-__all__ = ["plot_curves", "plot_evaluations", "plot_goodnet_sweep", "plot_samples", "plot_sweep",
-           "plot_trigger_response"]
+__all__ = ["plot_curves", "plot_evaluations", "plot_goodnet_decisions", "plot_goodnet_sweep", "plot_ranking",
+           "plot_samples", "plot_sweep", "plot_trigger_response"]
 
 _STYLE = {"clean": "-", "poisoned": "--"}
 
@@ -186,4 +188,82 @@ def plot_samples(
             ax.set_title(str(labels[i]), fontsize=8)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_ranking(ranking: ChannelRanking, *, selections: Any = None, ax: Any = None, title: str | None = None) -> Any:
+    """The channels' mean activation on clean data, sorted in pruning order.
+
+    The pruning defense removes channels from the left: those clean inputs use least. Where
+    ``selections`` is given (a sweep's ``selections``: X -> Selection), a dotted line marks
+    how many channels each B'_X prunes.
+
+    Args:
+        ranking: from :func:`~badnet_repair.defenses.sweep.rank_channels` (C channels).
+        selections: optional X -> Selection (or None where X was not reached).
+        ax: matplotlib axes to draw into, default a new figure.
+        title: default "Mean activation of <layer>'s channels on clean data".
+
+    Returns:
+        The matplotlib Figure.
+    """
+    fig, ax = _axes(ax)
+    values = np.asarray(ranking.mean_activation)[ranking.order]
+    ax.bar(np.arange(len(values)), values, color="tab:blue", width=0.85)
+    for x, sel in (selections or {}).items():
+        if sel is not None:
+            k = sel.channels_pruned
+            ax.axvline(k - 0.5, color="black", lw=0.8, ls=":")
+            ax.annotate(f"X={x:g}: {k}", (k - 0.5, 0.97), xycoords=("data", "axes fraction"), ha="right",
+                        va="top", fontsize=7, rotation=90)
+    ax.set(xlabel=f"{ranking.layer} channels in pruning order", ylabel=f"mean activation at {ranking.measured_at}",
+           title=title or f"Mean activation of {ranking.layer}'s channels on clean data")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_goodnet_decisions(goodnet: Any, clean: Dataset, poisoned: Dataset | None = None, *, n: int = 5,
+                           title: str | None = None) -> Any:
+    """G's decision on the first ``n`` clean and ``n`` poisoned images, with B's and B''s classes.
+
+    Each caption gives the label, what B and B' (G's two halves, where G is the lab's GoodNet
+    of :func:`~badnet_repair.detectors.goodnet.build_goodnet`) answer, and G's output: B's
+    class where they agree, ``N`` (the alarm class) where they differ. Green: G is right (the
+    label on a clean image, the alarm on a poisoned one); red: it is not.
+
+    Args:
+        goodnet: G, (M, H, W, C) -> (M, N+1) probabilities.
+        clean: clean images and labels.
+        poisoned: poisoned images, optional.
+        n: images per row, default 5.
+        title: the figure's title, optional.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    from matplotlib.figure import Figure
+
+    alarm = num_classes(goodnet) - 1
+    halves = {lyr.name: lyr for lyr in goodnet.layers}
+    rows = [("clean", clean.x[:n], clean.y[:n])]
+    if poisoned is not None:
+        rows.append(("poisoned", poisoned.x[:n], poisoned.y[:n]))
+    fig = Figure(figsize=(1.75 * n, 2.35 * len(rows)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rows), n))
+    for r, (kind, x, y) in enumerate(rows):
+        g = predict_classes(goodnet, x)
+        b = predict_classes(halves["badnet"], x) if "badnet" in halves else None
+        b2 = predict_classes(halves["repaired"], x) if "repaired" in halves else None
+        for i, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if i >= len(x):
+                continue
+            ax.imshow(np.clip(x[i], 0, 255).astype(np.uint8))
+            out = "N (alarm)" if g[i] == alarm else str(int(g[i]))
+            right = g[i] == alarm if kind == "poisoned" else g[i] == y[i]
+            head = f"{kind}, label {int(y[i])}" if kind == "clean" else f"poisoned (target {int(y[i])})"
+            parts = [head] + ([f"B {int(b[i])}, B' {int(b2[i])}"] if b is not None and b2 is not None else [])
+            ax.set_title("\n".join([*parts, f"G: {out}"]), fontsize=7, color="tab:green" if right else "tab:red")
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig

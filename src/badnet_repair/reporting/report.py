@@ -12,11 +12,12 @@ from .analysis import TriggerResponse
 
 __all__ = [
     "base_table",
-    "conclusion",
     "evaluation_table",
+    "lab_conclusion",
     "models_list",
     "render_report",
     "selection_table",
+    "selections_of",
     "sweep_rows",
     "trigger_response_paths",
     "write_trigger_response",
@@ -71,8 +72,9 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
-def evaluation_table(evaluations: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table of evaluations (dicts of :class:`~badnet_repair.metrics.Evaluation`)."""
+def evaluation_table(evaluations: Sequence[Any]) -> str:
+    """A markdown table of evaluations (:class:`~badnet_repair.metrics.Evaluation` objects or their dicts)."""
+    evaluations = [e.as_dict() if hasattr(e, "as_dict") else e for e in evaluations]
     head = ("| model | channels pruned | clean accuracy (%) | attack success (%) "
             "| G detection (%) | G false alarm (%) |\n|---|---:|---:|---:|---:|---:|\n")
     lines = [
@@ -84,7 +86,7 @@ def evaluation_table(evaluations: Sequence[Mapping[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def conclusion(results: Mapping[str, Any]) -> str:
+def lab_conclusion(results: Mapping[str, Any]) -> str:
     """A few sentences that read the numbers: what pruning did to the backdoor, and the
     pruning-aware pattern (attack success that survives until accuracy collapses)."""
     evals = results["evaluations"]
@@ -147,30 +149,62 @@ def base_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def selection_table(results: Mapping[str, Any]) -> str:
-    """A markdown table of each X's stopping point: channels pruned and validation accuracy."""
-    lines = ["| X | channels pruned | fraction | validation accuracy (%) | drop (points) |",
-             "|---:|---:|---:|---:|---:|"]
-    for s in results["selections"]:
+def selections_of(sweep: SweepResult) -> list[dict[str, Any]]:
+    """Each threshold's stopping point, as ``results.json`` lists them."""
+    out: list[dict[str, Any]] = []
+    for x, s in sweep.selections.items():
+        if s is None:
+            out.append({"threshold": x, "channels_pruned": None})
+            continue
+        out.append({"threshold": x, "channels_pruned": s.channels_pruned, "channels": [int(c) for c in s.channels],
+                    "valid_accuracy": s.valid_accuracy, "accuracy_drop": s.accuracy_drop,
+                    "metrics": dict(sweep.steps[s.channels_pruned].metrics)})
+    return out
+
+
+def selection_table(source: Mapping[str, Any] | SweepResult) -> str:
+    """A markdown table of each X's stopping point: channels pruned, validation accuracy, and
+    the attack success on each poisoned set of the sweep at that step.
+
+    Args:
+        source: a :class:`~badnet_repair.defenses.sweep.SweepResult`, or results as
+            ``results.json`` holds them.
+    """
+    if isinstance(source, SweepResult):
+        selections, channels, kinds = selections_of(source), len(source.ranking.order), dict(source.kinds)
+    else:
+        selections, channels, kinds = source["selections"], len(source["order"]), dict(source.get("kinds", {}))
+    poisoned = [n for n, k in kinds.items() if k == "poisoned"]
+    head = "| X | channels pruned | fraction | validation accuracy (%) | drop (points) |"
+    head += "".join(f" {n} attack success (%) |" for n in poisoned)
+    lines = [head, "|---:|---:|---:|---:|---:|" + "---:|" * len(poisoned)]
+    for s in selections:
         if s.get("channels_pruned") is None:
-            lines.append(f"| {s['threshold']:g} | not reached | | | |")
-        else:
-            lines.append(
-                f"| {s['threshold']:g} | {s['channels_pruned']} | "
-                f"{s['channels_pruned'] / len(results['order']):.3f} | {s['valid_accuracy']:.2f} | "
-                f"{s['accuracy_drop']:.2f} |"
-            )
+            lines.append(f"| {s['threshold']:g} | not reached | | | |" + " |" * len(poisoned))
+            continue
+        metrics = s.get("metrics", {})
+        lines.append(
+            f"| {s['threshold']:g} | {s['channels_pruned']} | {s['channels_pruned'] / channels:.3f} | "
+            f"{s['valid_accuracy']:.2f} | {s['accuracy_drop']:.2f} |"
+            + "".join(f" {_fmt(metrics.get(n))} |" for n in poisoned)
+        )
     return "\n".join(lines) + "\n"
 
 
-def models_list(results: Mapping[str, Any]) -> str:
-    """A markdown list of the saved models, one line per threshold."""
-    return "\n".join(f"- X={x}: " + ", ".join(f"`{f}`" for f in files.values())
-                     for x, files in results.get("models", {}).items()) + "\n"
+def models_list(models: Mapping[Any, Mapping[str, Any]]) -> str:
+    """A markdown list of the saved models, one line per threshold.
+
+    Args:
+        models: X -> format -> path, as :func:`~badnet_repair.workflow.prune.save_lab_models`
+            returns them (or ``results["models"]``).
+    """
+    return "\n".join((f"- X={x:g}: " if isinstance(x, float) else f"- X={x}: ")
+                     + ", ".join(f"`{f}`" for f in files.values()) for x, files in models.items()) + "\n"
 
 
 def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_curves.png",
-                  title: str = "Lab 2 report: repairing a BadNet with the pruning defense") -> str:
+                  title: str = "Lab 2 report: repairing a BadNet with the pruning defense",
+                  conclusion: str | None = None) -> str:
     """The markdown report of a pruning-defense run, from its ``results.json`` content.
 
     Args:
@@ -178,6 +212,8 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
             :func:`~badnet_repair.workflow.prune.run_pruning_defense`.
         figure: the curves image path, relative to the report, or None.
         title: the top heading.
+        conclusion: the conclusion's text, default generated from the numbers
+            (:func:`lab_conclusion`).
 
     Returns:
         Markdown text.
@@ -230,9 +266,9 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
     ]
     if figure:
         lines += ["## Curves", "", f"![Accuracy and attack success rate versus channels pruned]({figure})", ""]
-    lines += ["## Conclusion", "", conclusion(results), ""]
+    lines += ["## Conclusion", "", (lab_conclusion(results) if conclusion is None else conclusion).strip(), ""]
     if results.get("models"):
-        lines += ["## Saved models", "", models_list(results)]
+        lines += ["## Saved models", "", models_list(results["models"])]
     prov = results["provenance"]
     lines += [
         "## Reproduce",

@@ -11,17 +11,26 @@ from typing import Any
 
 import numpy as np
 
-from ..defenses import Pruning
+from ..defenses import Pruning, Repaired
 from ..defenses.pruning import ranking_of
 from ..defenses.sweep import RankAt, SweepResult, prune_sweep
 from ..formats.data import Dataset, Layout
 from ..formats.files import check_writable, sha256_file, versions, write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
-from ..nets.models import num_classes, saved_model_paths
-from ..reporting.report import render_report, sweep_rows
+from ..nets.models import num_classes, predict_classes, prune_channels, saved_model_paths
+from ..reporting.report import render_report, selections_of, sweep_rows
 from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
 
-__all__ = ["DefenseResult", "output_paths", "run_pruning_defense"]
+__all__ = [
+    "DefenseResult",
+    "evaluate_lab_models",
+    "lab_results",
+    "output_paths",
+    "repaired_models",
+    "run_pruning_defense",
+    "save_lab_models",
+    "write_lab_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +45,7 @@ class DefenseResult:
     Attributes:
         sweep: the full sweep.
         evaluations: B, then each B'_X and G_X, on the evaluation sets.
-        models: threshold -> {"h5", "weights", "keras", "goodnet"} -> path.
+        models: threshold -> {"h5", "weights", "keras", "goodnet", "goodnet_h5"} -> path.
         files: name -> path of every results file written.
         results: the content of ``results.json``.
     """
@@ -66,6 +75,7 @@ def output_paths(out_dir: str | os.PathLike[str], thresholds: Sequence[float],
             for fmt, p in saved_model_paths(d, f"bd_{_tag(x)}").items():
                 paths[f"bd_{_tag(x)}_{fmt}"] = p
             paths[f"goodnet_{_tag(x)}"] = d / f"goodnet_{_tag(x)}.keras"
+            paths[f"goodnet_{_tag(x)}_h5"] = d / f"goodnet_{_tag(x)}.h5"
     return paths
 
 
@@ -97,7 +107,7 @@ def run_pruning_defense(
 
     Loads B and the data, sweeps the pruning of ``layer`` (see
     :func:`~badnet_repair.defenses.sweep.prune_sweep`), saves B'_X (``bd_X.h5``,
-    ``bd_X_weights.h5``, ``bd_X.keras``) and G_X (``goodnet_X.keras``) for each threshold,
+    ``bd_X_weights.h5``, ``bd_X.keras``) and G_X (``goodnet_X.keras``, ``goodnet_X.h5``) for each threshold,
     evaluates B, B'_X and G_X on the test sets (the validation sets if no test sets are
     given), and writes ``sweep.csv``, ``results.csv``, ``results.json``,
     ``pruning_curves.png`` and ``Lab2_report.md``. Nothing existing is overwritten unless
@@ -143,19 +153,13 @@ def run_pruning_defense(
                       batch_size=batch_size)
     repair = defense.repair(b, clean, progress=progress)
     layer = repair.record["choices"]["layer"]
-    models: dict[float, dict[str, Path]] = {}
-    for m in repair.models if save_models else ():
-        x = float(m.threshold or 0.0)
-        tag = _tag(x)
-        models[x] = save_repair(b, m.model, out_dir, f"bd_{tag}", goodnet=paths[f"goodnet_{tag}"],
-                                          overwrite=overwrite)
+    repaired = {float(m.threshold or 0.0): m for m in repair.models}
+    models = save_lab_models(b, repaired, out_dir, overwrite=overwrite) if save_models else {}
 
     # 2. the evaluation: only now are the test and poisoned files opened; the sweep follows the
     # repair's own ranking, so its steps and selections are the repair's
     ev = open_evaluation_sets(repair, b, {"bd_valid": bd_valid, "test": test, "bd_test": bd_test},
                               target=target, layout=layout)
-    target = ev.target
-    files = {"model": Path(model), "valid": Path(valid), **ev.files}
     others = dict(ev.sets)
     sweep = prune_sweep(b, clean, others=others, poisoned=ev.poisoned, layer=layer, thresholds=thresholds,
                         ranking=ranking_of(repair), engine=engine, batch_size=batch_size,  # type: ignore[arg-type]
@@ -179,37 +183,174 @@ def run_pruning_defense(
                                        base_clean_pred=preds(clean_set, 0), base_poisoned_pred=preds(bd_set, 0),
                                        num_classes=n_classes, channels_pruned=k, threshold=m.threshold, **labels)
 
-    warnings = low_attack_warnings({n: sweep.steps[0].metrics[n] for n in ev.poisoned}, target=target)
-    results = _results_dict(sweep, evaluations, models, files, clean, others, n_classes, target,
-                            dict(thresholds=list(thresholds), layer=layer, at=at, descending=descending,
-                                 engine=engine, batch_size=batch_size, layout=layout),
-                            clean_set, bd_set, data_source, command)
-    if warnings:
-        results["warnings"] = warnings
-    outputs: dict[Path, Any] = {paths["sweep_csv"]: sweep_rows(sweep),
-                                paths["results_csv"]: [e.as_dict() for e in evaluations],
-                                paths["results_json"]: results}
-    if report:
-        from ..reporting.plotting import plot_curves
-
-        fig = plot_curves(sweep)
-        fig.set_dpi(110)
-        outputs[paths["figure"]] = fig
-        outputs[paths["report"]] = render_report(results, figure=FIGURE)
-    write_results(outputs, overwrite=overwrite)
-    written: dict[str, Path] = {name: paths[name] for name in ("sweep_csv", "results_csv", "results_json", "figure",
-                                                               "report") if name in paths}
+    results = lab_results(sweep, evaluations, model_file=model, datasets=[clean, *others.values()],
+                          models=models, target=ev.target,
+                          parameters=dict(engine=engine, batch_size=batch_size, layout=layout),
+                          data_source=data_source, command=command)
+    written = write_lab_outputs(results, sweep, out_dir, report=paths["report"] if report else None,
+                                figure=report, overwrite=overwrite)
     return DefenseResult(sweep=sweep, evaluations=tuple(evaluations), models=models,
                          files=written, results=results)
 
 
+def repaired_models(badnet: Any, sweep: SweepResult) -> dict[float, Repaired]:
+    """B'_X for each threshold X the sweep reached: B with the selected channels pruned.
+
+    Returns:
+        X -> :class:`~badnet_repair.defenses.Repaired` (``.model`` a new Keras model; B is not
+        changed), in threshold order.
+    """
+    return {x: Repaired(label=f"B'_{_tag(x)}", model=prune_channels(badnet, sweep.layer, s.channels),
+                        channels_pruned=s.channels_pruned, threshold=x)
+            for x, s in sweep.selections.items() if s is not None}
+
+
+def save_lab_models(badnet: Any, repaired: Mapping[float, Repaired], out_dir: str | os.PathLike[str], *,
+                    overwrite: bool = False) -> dict[float, dict[str, Path]]:
+    """Save each B'_X as the lab hands it in, and its GoodNet G_X.
+
+    Writes ``bd_X.h5`` (full model; loads in Keras 2 and 3), ``bd_X_weights.h5`` (the lab's
+    weights layout), ``bd_X.keras``, ``goodnet_X.keras`` (Keras 3) and ``goodnet_X.h5`` (standard
+    layers only: loads in Keras 2 and 3) into ``out_dir``. Every path is
+    checked first: nothing is written if one exists and ``overwrite`` is False.
+
+    Returns:
+        X -> {"h5", "weights", "keras", "goodnet", "goodnet_h5"} -> path.
+    """
+    paths = output_paths(out_dir, list(repaired), save_models=True, report=False)
+    check_writable([p for name, p in paths.items() if name.startswith(("bd_", "goodnet_"))], overwrite=overwrite)
+    return {x: save_repair(badnet, m.model, out_dir, f"bd_{_tag(x)}", goodnet=paths[f"goodnet_{_tag(x)}"],
+                           goodnet_h5=paths[f"goodnet_{_tag(x)}_h5"], overwrite=overwrite)
+            for x, m in repaired.items()}
+
+
+def evaluate_lab_models(badnet: Any, repaired: Mapping[float, Repaired], test: Dataset, bd_test: Dataset | None = None,
+                        *, batch_size: int = 1024) -> list[Evaluation]:
+    """B, each B'_X and each G_X on a clean and a poisoned set, as the lab's ``eval.py`` scores them.
+
+    Args:
+        badnet: B.
+        repaired: X -> B'_X (:func:`repaired_models`, or a defense's ``Repaired`` models).
+        test: clean data.
+        bd_test: poisoned data labelled with the target, optional.
+        batch_size: inputs per forward pass.
+
+    Returns:
+        [B, B'_X, G_X for each X]: clean accuracy, attack success, and G's detection and
+        false-alarm rates (G_X is the lab's rule on B's and B'_X's classes, as the saved
+        ``goodnet_X.keras`` computes it).
+    """
+    n = num_classes(badnet)
+    base_clean = predict_classes(badnet, test.x, batch_size=batch_size)
+    base_bd = None if bd_test is None else predict_classes(badnet, bd_test.x, batch_size=batch_size)
+    labels: dict[str, Any] = dict(clean_labels=test.y, poisoned_labels=None if bd_test is None else bd_test.y,
+                                  clean_set=test.name, poisoned_set=None if bd_test is None else bd_test.name)
+    out = [evaluate_predictions(model="B", kind="badnet", clean_pred=base_clean, poisoned_pred=base_bd,
+                                channels_pruned=0, **labels)]
+    for x, m in repaired.items():
+        out += evaluate_repair(f"B'_{_tag(x)}", goodnet_label=f"G_{_tag(x)}",
+                               clean_pred=predict_classes(m.model, test.x, batch_size=batch_size),
+                               poisoned_pred=None if bd_test is None else predict_classes(m.model, bd_test.x,
+                                                                                          batch_size=batch_size),
+                               base_clean_pred=base_clean, base_poisoned_pred=base_bd, num_classes=n,
+                               channels_pruned=m.channels_pruned, threshold=x, **labels)
+    return out
+
+
+def lab_results(sweep: SweepResult, evaluations: Sequence[Evaluation], *, model_file: str | os.PathLike[str],
+                datasets: Sequence[Dataset], models: Mapping[float, Mapping[str, Path]] | None = None,
+                target: int | None = None, parameters: Mapping[str, Any] | None = None,
+                data_source: str | None = None, command: str | None = None) -> dict[str, Any]:
+    """Everything a lab run found, as ``results.json`` holds it and the report reads it.
+
+    Args:
+        sweep: the pruning sweep (its ranking, steps and selections).
+        evaluations: B, B'_X and G_X on the evaluation sets.
+        model_file: B's file.
+        datasets: every data set used, each named by its role (``valid``, ``bd_valid``,
+            ``test``, ``bd_test``) and read from a file (``Dataset.path``).
+        models: X -> format -> saved path, optional.
+        target: the attack's target class.
+        parameters: settings to record besides the sweep's own.
+        data_source: a line saying where the data came from.
+        command: the command that reproduces the run.
+
+    Returns:
+        A JSON-able dict; warnings (B's attack success below 50 % on a poisoned set) under
+        ``"warnings"``.
+    """
+    files = {"model": Path(model_file), **{d.name: Path(d.path) for d in datasets if d.path}}
+    sizes = {d.name: len(d) for d in datasets}
+    first = evaluations[0] if evaluations else None
+    clean_set = first.clean_set if first else None
+    bd_set = first.poisoned_set if first else None
+    base = next((e for e in evaluations if e.kind == "badnet"), None)
+    attack: dict[str, float | None] = {name: m for name, m in sweep.steps[0].metrics.items()
+                                       if sweep.kinds.get(name) == "poisoned"}
+    if base is not None and bd_set is not None:
+        attack[bd_set] = base.attack_success_rate
+    warnings = low_attack_warnings(attack, target=target)
+    thresholds = [float(x) for x in sweep.selections]
+    results = _results_dict(sweep, evaluations, models or {}, files, sizes, sweep.num_classes, target,
+                            dict(thresholds=thresholds, layer=sweep.layer, at=sweep.ranking.measured_at,
+                                 descending=sweep.ranking.descending, **(parameters or {})),
+                            clean_set or sweep.valid_set, bd_set, data_source, command)
+    if warnings:
+        results["warnings"] = warnings
+    return results
+
+
+def write_lab_outputs(results: Mapping[str, Any], sweep: SweepResult, out_dir: str | os.PathLike[str], *,
+                      report: str | os.PathLike[str] | None = None, conclusion: str | None = None,
+                      figure: bool = True, overwrite: bool = False) -> dict[str, Path]:
+    """Write a lab run's results and report, atomically.
+
+    Writes ``sweep.csv``, ``results.csv``, ``results.json`` and ``pruning_curves.png`` into
+    ``out_dir``, and the markdown report to ``report`` (for example ``Lab2_report.md`` at the
+    top of the lab's folder, or inside ``out_dir``), its figure linked relative to it.
+
+    Args:
+        results: from :func:`lab_results`.
+        sweep: the same run's sweep (for ``sweep.csv`` and the curves).
+        out_dir: the results folder.
+        report: the report's path, None for no report.
+        conclusion: the report's conclusion, default generated from the numbers
+            (:func:`~badnet_repair.reporting.report.conclusion`).
+        figure: write the curves.
+        overwrite: replace existing files.
+
+    Returns:
+        name -> path of each file written (``sweep_csv``, ``results_csv``, ``results_json``,
+        ``figure``, ``report``).
+    """
+    d = Path(out_dir)
+    paths = {"sweep_csv": d / "sweep.csv", "results_csv": d / "results.csv", "results_json": d / "results.json"}
+    outputs: dict[Path, Any] = {paths["sweep_csv"]: sweep_rows(sweep),
+                                paths["results_csv"]: list(results["evaluations"]),
+                                paths["results_json"]: dict(results)}
+    if figure:
+        from ..reporting.plotting import plot_curves
+
+        paths["figure"] = d / FIGURE
+        fig = plot_curves(sweep)
+        fig.set_dpi(110)
+        outputs[paths["figure"]] = fig
+    if report is not None:
+        paths["report"] = Path(report)
+        link = (Path(os.path.relpath(paths["figure"], paths["report"].parent)).as_posix()
+                if figure else None)
+        outputs[paths["report"]] = render_report(results, figure=link, conclusion=conclusion)
+    check_writable(paths.values(), overwrite=overwrite)
+    write_results(outputs, overwrite=overwrite)
+    return paths
+
+
 def _results_dict(
     sweep: SweepResult, evaluations: Sequence[Evaluation], models: Mapping[float, Mapping[str, Path]],
-    files: Mapping[str, Path], clean: Dataset, others: Mapping[str, Dataset], n_classes: int,
+    files: Mapping[str, Path], sizes: Mapping[str, int], n_classes: int,
     target: int | None, parameters: dict[str, Any], clean_set: str, bd_set: str | None,
     data_source: str | None, command: str | None,
 ) -> dict[str, Any]:
-    sizes = {"valid": len(clean), **{k: len(v) for k, v in others.items()}}
     inputs = {role: {"path": str(p), "sha256": sha256_file(p), "images": sizes.get(role)}
               for role, p in files.items()}
     return {
@@ -225,12 +366,7 @@ def _results_dict(
         "mean_activation": [float(v) for v in sweep.ranking.mean_activation],
         "base": dict(sweep.steps[0].metrics),
         "kinds": dict(sweep.kinds),
-        "selections": [
-            {"threshold": x, "channels_pruned": None} if s is None else
-            {"threshold": x, "channels_pruned": s.channels_pruned, "channels": list(s.channels),
-             "valid_accuracy": s.valid_accuracy, "accuracy_drop": s.accuracy_drop}
-            for x, s in sweep.selections.items()
-        ],
+        "selections": selections_of(sweep),
         "evaluation_sets": {"clean": clean_set, "poisoned": bd_set},
         "evaluations": [e.as_dict() for e in evaluations],
         "models": {_tag(x): {k: str(v) for k, v in m.items()} for x, m in models.items()},

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..defenses import Repair
 from ..defenses.tuning import FinePruneResult
-from ..detectors.goodnet import build_goodnet
+from ..detectors.goodnet import build_goodnet, build_portable_goodnet
 from ..formats.data import Dataset, Layout, poisoned_labels
 from ..formats.files import atomic_path
 from ..nets.models import load_data_for, load_model, save_model
@@ -54,18 +54,27 @@ def open_badnet(model: str | os.PathLike[str], valid: str | os.PathLike[str], *,
 
 def save_repair(badnet: Any, repaired: Any, out_dir: str | os.PathLike[str], stem: str, *,
                 formats: Sequence[str] = ("h5", "weights", "keras"), goodnet: str | os.PathLike[str] | None = None,
-                overwrite: bool = False) -> dict[str, Path]:
+                goodnet_h5: str | os.PathLike[str] | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Save a repaired model as ``<stem>.h5``, ``<stem>_weights.h5``, ``<stem>.keras`` (those in
-    ``formats``) and, if ``goodnet`` is a path, the lab's GoodNet of B and it there.
+    ``formats``) and the lab's GoodNet of B and it: as ``.keras`` at ``goodnet`` (its own layer;
+    Keras 3) and as a full ``.h5`` of standard layers at ``goodnet_h5`` (Keras 2 and 3;
+    :func:`~badnet_repair.detectors.goodnet.build_portable_goodnet`), for those given.
 
     Returns:
-        format (and ``"goodnet"``) -> path written.
+        format (and ``"goodnet"``, ``"goodnet_h5"``) -> path written.
     """
     saved = dict(save_model(repaired, out_dir, stem, formats=tuple(formats), overwrite=overwrite))
     if goodnet is not None:
         with atomic_path(goodnet, overwrite=overwrite) as tmp:
             build_goodnet(badnet, repaired).save(tmp)
         saved["goodnet"] = Path(goodnet)
+    if goodnet_h5 is not None:
+        target = Path(goodnet_h5)
+        if target.suffix != ".h5":
+            raise ValueError(f"{target}: the portable GoodNet is written as .h5")
+        portable = build_portable_goodnet(badnet, repaired, name=target.stem)
+        saved["goodnet_h5"] = save_model(portable, target.parent, target.stem, formats=("h5",),
+                                         overwrite=overwrite)["h5"]
     return saved
 
 
