@@ -30,7 +30,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--badnet-seed", type=int, action="append", help="BadNet training seed (repeatable; default 0)")
     ap.add_argument("--top", type=int, default=5, help="channels listed per layer (default 5)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "backdoor_channels.md"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "research" / "backdoor_channels.md"))
     args = ap.parse_args()
     data = load_real_faces()
     if data is None:

@@ -2,7 +2,7 @@
 
 Makes the demo (or reuses it; --regenerate times a fresh one), runs the main job
 (`badnet-repair prune` on the baseline BadNet) and the same sweep on the pruning-aware
-BadNet, prints the numbers, and writes docs/demo_attacks.png and docs/demo_attacks.md.
+BadNet, prints the numbers, and writes docs/research/demo_attacks.png and docs/research/demo_attacks.md.
 
     python experiments/demo_attacks.py --regenerate
 """
@@ -24,7 +24,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo-dir", default=str(ROOT / ".demo"))
     ap.add_argument("--regenerate", action="store_true", help="make the demo anew and time it")
-    ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--docs", default=str(ROOT / "docs" / "research"))
     args = ap.parse_args()
     exe = [sys.executable, "-m", "badnet_repair"]
 

@@ -5,7 +5,7 @@ valid / test (60 / 20 / 20 % of each person's images), trains a baseline and a
 pruning-aware DeepID BadNet on the train split, poisoned with the real CSAW sunglasses
 trigger (../shared/lab/sunglasses_trigger.png at x=0, y=15, target 0), runs the defense
 comparison (no defense, fine-tuning, pruning at X = 2, 4, 10, fine-pruning) and writes
-docs/results.md with the command that reproduces it. The data stays in ../shared.
+docs/research/results.md with the command that reproduces it. The data stays in ../shared.
 ``--setting NAME`` (repeatable) runs only those fine-pruning settings ("defaults" or a key of
 VARIANTS) across seeds; write them elsewhere with ``--out``.
 
@@ -107,7 +107,7 @@ def main() -> int:
     ap.add_argument("--badnet-seed", type=int, action="append",
                     help="training seed of both BadNets (repeatable: one pair per seed; default 0)")
     ap.add_argument("--seeds", type=int, default=3, help="fine-pruning seeds per setting (default 3)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "research" / "results.md"))
     ap.add_argument("--setting", action="append", choices=["defaults", *VARIANTS],
                     help="run only this fine-pruning setting across seeds (repeatable; default: all)")
     args = ap.parse_args()
