@@ -63,7 +63,8 @@ def test_results_and_report_with_the_students_conclusion(steps, lab_files, tmp_p
     paths = br.write_lab_outputs(results, sweep, tmp_path / "out", report=tmp_path / "Lab2_report.md",
                                  conclusion="My own conclusion.")
     report = paths["report"].read_text()
-    assert "](out/pruning_curves.png)" in report and "My own conclusion." in report
+    assert "](Lab2_report_files/pruning_curves.png)" in report and "My own conclusion." in report
+    assert paths["report_figure"].read_bytes() == paths["figure"].read_bytes()
     assert (tmp_path / "out" / "results.json").exists() and (tmp_path / "out" / "sweep.csv").exists()
     with pytest.raises(br.OutputExistsError):
         br.write_lab_outputs(results, sweep, tmp_path / "out", report=tmp_path / "Lab2_report.md")

@@ -147,7 +147,8 @@ def test_notebook_trigger_response_names_channels_of_the_pruned_layer(executed):
 def test_notebook_writes_the_report_at_the_top_and_the_models_in_out_dir(executed):
     nb, work, _ = executed
     report = (work / "Lab2_report.md").read_text()
-    assert "](out/pruning_curves.png)" in report and (work / "out" / "pruning_curves.png").exists()
+    assert "](Lab2_report_files/pruning_curves.png)" in report and (work / "out" / "pruning_curves.png").exists()
+    assert (work / "Lab2_report_files" / "pruning_curves.png").exists()
     # the report's conclusion is the one the notebook shows (and the student may edit)
     shown = next(t for t in notebook_outputs(nb, "text/markdown") if t.startswith("The BadNet B"))
     assert shown.strip() in report

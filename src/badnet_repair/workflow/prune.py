@@ -307,7 +307,8 @@ def write_lab_outputs(results: Mapping[str, Any], sweep: SweepResult, out_dir: s
 
     Writes ``sweep.csv``, ``results.csv``, ``results.json`` and ``pruning_curves.png`` into
     ``out_dir``, and the markdown report to ``report`` (for example ``Lab2_report.md`` at the
-    top of the lab's folder, or inside ``out_dir``), its figure linked relative to it.
+    top of the lab's folder, or inside ``out_dir``). A report outside ``out_dir`` gets its own
+    copy of the figure in ``<report name>_files/``, linked relative to it.
 
     Args:
         results: from :func:`lab_results`.
@@ -321,7 +322,7 @@ def write_lab_outputs(results: Mapping[str, Any], sweep: SweepResult, out_dir: s
 
     Returns:
         name -> path of each file written (``sweep_csv``, ``results_csv``, ``results_json``,
-        ``figure``, ``report``).
+        ``figure``, ``report``, ``report_figure``).
     """
     d = Path(out_dir)
     paths = {"sweep_csv": d / "sweep.csv", "results_csv": d / "results.csv", "results_json": d / "results.json"}
@@ -337,8 +338,14 @@ def write_lab_outputs(results: Mapping[str, Any], sweep: SweepResult, out_dir: s
         outputs[paths["figure"]] = fig
     if report is not None:
         paths["report"] = Path(report)
-        link = (Path(os.path.relpath(paths["figure"], paths["report"].parent)).as_posix()
-                if figure else None)
+        link = None
+        if figure:
+            # a report outside the results folder (Lab2_report.md at the top of the lab's folder)
+            # keeps its figure beside it, as nbconvert does, so the two travel together
+            if paths["report"].parent.resolve() != d.resolve():
+                paths["report_figure"] = paths["report"].parent / f"{paths['report'].stem}_files" / FIGURE
+                outputs[paths["report_figure"]] = outputs[paths["figure"]]
+            link = Path(os.path.relpath(paths.get("report_figure", paths["figure"]), paths["report"].parent)).as_posix()
         outputs[paths["report"]] = render_report(results, figure=link, conclusion=conclusion)
     check_writable(paths.values(), overwrite=overwrite)
     write_results(outputs, overwrite=overwrite)
