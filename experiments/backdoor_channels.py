@@ -1,7 +1,9 @@
 """Where the backdoor lives, relative to the pruning defense's ranking (an analysis, not a defense).
 
-Trains the real-face BadNets of experiments/real_faces.py (same split, trigger and
-settings) for each ``--badnet-seed`` and, for conv_3 and conv_4, lists the channels whose
+Makes the real-face BadNets of benchmarks/real_faces*.toml (the ``faces`` recipe of
+``badnet_repair.workflow.recipes``: Extended Yale B split 60/20/20 % per person, the real
+sunglasses trigger, target 0; cached in ``--cache``) for each ``--badnet-seed`` and, for conv_3
+and conv_4, lists the channels whose
 mean activation rises most when the trigger is pasted on the clean test images
 (:func:`badnet_repair.trigger_response`), with each channel's place in the pruning order
 (0 = pruned first: the lowest mean activation on the held-out clean images), and whether
@@ -9,7 +11,7 @@ fine-pruning's prune step (to a 10-point held-out accuracy drop, seed 0's split)
 The poisoned images are used here only to explain the defense's results; the defenses never
 see them.
 
-    python experiments/backdoor_channels.py [--badnet-seed N ...] [--out FILE]
+    python experiments/backdoor_channels.py [--badnet-seed N ...] [--out FILE] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from real_faces import BADNET_KINDS, load_real_faces, train_real_badnet
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FACES = SHARED / "faces" / "yaleb_55x47.npz"
+TRIGGER = SHARED / "lab" / "sunglasses_trigger.png"
 DROP = 10.0
 
 
@@ -31,17 +35,18 @@ def main() -> int:
     ap.add_argument("--badnet-seed", type=int, action="append", help="BadNet training seed (repeatable; default 0)")
     ap.add_argument("--top", type=int, default=5, help="channels listed per layer (default 5)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "research" / "backdoor_channels.md"))
+    ap.add_argument("--cache", default=str(ROOT / "bench" / "badnets"), help="where the made BadNets are kept")
     args = ap.parse_args()
-    data = load_real_faces()
-    if data is None:
+    if not FACES.exists() or not TRIGGER.exists():
+        print(f"skipped: needs {FACES} and {TRIGGER}")
         return 0
     from matplotlib.figure import Figure
 
     import badnet_repair as br
     from badnet_repair.defenses.sweep import prune_sweep, rank_channels
     from badnet_repair.defenses.tuning import split_clean
+    from badnet_repair.workflow.recipes import make_recipe
 
-    valid, test, bd_test = data["valid"], data["test"], data["bd_test"]
     cmd = shlex.join(["python", "experiments/backdoor_channels.py", *sys.argv[1:]])
     lines = ["# Where the backdoor lives in the real-face BadNets", "", f"Reproduce: `{cmd}` (needs ../shared).", "",
              "For each BadNet: the channels whose mean activation over the poisoned test images exceeds "
@@ -56,14 +61,18 @@ def main() -> int:
     fig = Figure(figsize=(12, 3.6 * len(seeds)), layout="constrained")
     panels = iter(np.ravel(fig.subplots(len(seeds), 2, squeeze=False)))
     for seed in seeds:
-        for kind in BADNET_KINDS:
-            model = train_real_badnet(kind, data, seed=seed)
+        for kind in ("baseline", "pruning-aware"):
+            files = make_recipe("faces", kind, {"faces": str(FACES), "trigger": str(TRIGGER), "training_seed": seed},
+                                Path(args.cache) / f"faces_{kind}_s{seed}")
+            model = br.load_model(files["model"])
+            valid, test = br.load_h5(files["valid"]), br.load_h5(files["test"])
+            bd_test = br.load_h5(files["bd_test"])
             holdout = split_clean(valid, seed=0)[1]
             sweep = prune_sweep(model, holdout, thresholds=[DROP], progress=False)
             sel = sweep.selections[DROP]
             rankings = {"conv_3": sweep.ranking, "conv_4": rank_channels(model, holdout, layer="conv_4", at="conv")}
             pruned = {int(c) for c in (sel.channels if sel is not None else sweep.ranking.order)}
-            name = f"{kind.split()[0]}, seed {seed} ({len(pruned)} of conv_3's channels pruned)"
+            name = f"{kind}, seed {seed} ({len(pruned)} of conv_3's channels pruned)"
             print(name, flush=True)
             for layer in ("conv_3", "conv_4"):
                 # the poisoned set leaves out the target's own images; compare with the same clean ones

@@ -207,6 +207,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="write the executed notebook over the notebook itself, outputs included (to commit them)")
     rp.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default 1800)")
 
+    bn = sub.add_parser(
+        "bench", parents=[common],
+        help="run a benchmark matrix (BadNets x defenses x seeds, from a TOML file) on Dask; write its leaderboard",
+        description="Run every cell of the matrix a TOML file declares (see benchmarks/*.toml) as tasks on a Dask "
+        "LocalCluster started here (one worker process per core, on 127.0.0.1) or on an existing cluster "
+        "(--scheduler). Rows go to OUT/store.jsonl as cells finish; a rerun skips finished cells. Then "
+        "OUT/leaderboard.md and .png are written. --report STORE rebuilds the leaderboard without running.",
+    )
+    bn.add_argument("config", nargs="?", help="the benchmark's TOML file")
+    bn.add_argument("--out", help="output folder (default bench/<config name>/; with --report, the store's folder)")
+    bn.add_argument("--scheduler", metavar="ADDRESS",
+                    help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
+    bn.add_argument("--workers", type=int, help="worker processes of the local cluster (default one per core)")
+    bn.add_argument("--serial", action="store_true", help="run the cells here, one after another, without Dask")
+    bn.add_argument("--cells", metavar="REGEX", help="only the cells whose 'badnet / defense / seed N' matches")
+    bn.add_argument("--report", metavar="STORE", help="rebuild the leaderboard from a store (or its folder)")
+    bn.add_argument("--title", help="the leaderboard's title (default the config's name)")
+
     ev = sub.add_parser("eval", parents=[common], help="clean accuracy and attack success rate of a model",
                         description="Evaluate a model as the lab's eval script does; for a GoodNet "
                         "also its detection and false-alarm rates.")
@@ -454,6 +472,47 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .errors import DataError
+
+    if bool(args.config) == bool(args.report):
+        raise DataError("give a benchmark configuration (CONFIG) or --report STORE, not both or neither")
+    from .reporting.leaderboard import write_leaderboard
+    from .workflow.bench import STORE, load_config, read_store, run_bench
+
+    if args.report:
+        store = Path(args.report)
+        if store.is_dir():
+            store = store / STORE
+        if not store.is_file():
+            raise DataError(f"{store}: no such store")
+        rows = read_store(store)
+        meta = json.loads((store.parent / "bench.json").read_text()) if (store.parent / "bench.json").exists() else {}
+        paths = write_leaderboard(rows, Path(args.out) if args.out else store.parent,
+                                  attack_success=float(meta.get("attack_success", 5.0)),
+                                  accuracy_drop=float(meta.get("accuracy_drop", 3.0)),
+                                  title=args.title or f"Leaderboard: {store.parent.name}")
+        print(paths["md"].read_text())
+        return 0
+    config = load_config(args.config)
+    out = Path(args.out) if args.out else Path("bench") / config.path.stem
+    cells = config.cells()
+    print(f"{config.path}: {len(config.badnets)} BadNets x {len(config.defenses)} defense settings: "
+          f"{len(cells)} cells; output in {out}/", flush=True)
+    result = run_bench(config, out, scheduler=args.scheduler, workers=args.workers, serial=args.serial,
+                       cells=args.cells, progress=not args.quiet)
+    failed = [r for r in result.rows if r["cell"] in set(result.ran) and r["status"] != "ok"]
+    print(f"ran {len(result.ran)} cells ({len(failed)} failed) in {result.seconds:.0f} s on "
+          f"{result.workers or 'no'} Dask worker(s); {len(result.skipped)} already in {result.store}")
+    paths = write_leaderboard(result.rows, out, attack_success=config.attack_success,
+                              accuracy_drop=config.accuracy_drop,
+                              title=args.title or f"Leaderboard: {config.path.stem}")
+    print(paths["md"].read_text())
+    for p in (result.store, *paths.values()):
+        print(p)
+    return 1 if failed else 0
+
+
 def _literal(text: str) -> Any:
     import ast
 
@@ -546,6 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compare(args)
         if args.command == "trigger-response":
             return _cmd_trigger_response(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
     except BadNetRepairError as exc:
         print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
         return 1

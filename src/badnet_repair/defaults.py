@@ -15,7 +15,7 @@ ENSEMBLE_MEANS = ("geometric", "arithmetic")
 #: demo BadNets (docs/demo_comparison.md): Adam at a constant 1e-3 for 10 epochs without
 #: augmentation leaves a pruning-aware backdoor at 64 % attack success; these settings
 #: remove it at about 2 points of clean accuracy. ``members`` > 1 averages several networks
-#: tuned on different splits (more clean accuracy on real faces, K times the time; docs/results.md),
+#: tuned on different splits (more clean accuracy on real faces, K times the time; docs/research/real_faces_history.md),
 #: by the geometric mean of their probabilities unless ``ensemble_mean`` says "arithmetic".
 #: What ``layer`` means wherever a defense takes one.
 LAYER_HELP = ("conv layer to prune (default: found from the graph, the last conv layer followed by pooling; "

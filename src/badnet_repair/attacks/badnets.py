@@ -95,7 +95,7 @@ def train_model(
 
     With ``shift`` or ``flip`` each epoch trains on freshly augmented copies
     (:func:`~badnet_repair.nets.augment.augment_images`), which lifts clean accuracy on small
-    face sets (measured on Yale B in docs/results.md)."""
+    face sets (measured on Yale B in docs/research/real_faces_history.md)."""
     from ..nets.augment import augment_images
 
     with deterministic_ops():

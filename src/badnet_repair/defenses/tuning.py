@@ -196,7 +196,7 @@ def fine_tune(
             the ones they do not, which is where a backdoor that survived pruning lives
             (pruning-aware real-face BadNet, distill 0.3, the three networks of the seed-2 run
             scored alone: 0.0/7.1/8.6 % attack success without decay, 0.0/0.0/0.0 % at 1.0;
-            docs/results.md).
+            docs/research/real_faces_history.md).
         teacher: the network whose predictions are distilled, default ``model``
             (:func:`fine_prune` passes the unpruned BadNet).
         frozen_channels: ``(layer, channels)`` held at zero throughout.
@@ -303,7 +303,7 @@ def fine_prune(
     averages the members' probabilities (by default their geometric mean). Each member is
     tuned on a different part of the clean data, so together they learn from all of it, and
     their errors partly cancel: on real faces with ~10 tuning images per person this
-    recovers the clean accuracy a single fine-pruned network loses (docs/results.md), at
+    recovers the clean accuracy a single fine-pruned network loses (docs/research/real_faces_history.md), at
     ``members`` times the time and size.
 
     Args:
@@ -323,7 +323,7 @@ def fine_prune(
             those that did not) or ``"arithmetic"`` (:func:`~badnet_repair.nets.models.average_models`).
             On the real-face pruning-aware BadNet, 3 members: 1.7-2.3 % attack success
             geometric vs 2.7-4.8 % arithmetic at the same clean accuracy; not lower on every
-            run (docs/results.md).
+            run (docs/research/real_faces_history.md).
         seed: member ``i`` is tuned with seed ``seed + 1000 i``, default 0.
         progress: progress bars.
         **tuning: the other fine-tuning settings, fields of

@@ -1,0 +1,196 @@
+"""The benchmark's leaderboard: mean and spread over seeds per BadNet and defense, per split.
+
+Reads the rows of a benchmark store (``workflow.bench``): one per cell, each with B's numbers
+and, under ``results``, every repaired model's and GoodNet's. A "defense" in the leaderboard
+is one repaired model of one setting: ``pruning X=4`` of the ``pruning`` setting, say.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..formats.files import write_results
+
+__all__ = ["Entry", "entries", "leaderboard_markdown", "plot_leaderboard", "write_leaderboard"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One BadNet x defense, over its seeds (percentages; ``*_sd`` the sample standard deviation,
+    0 for one seed).
+
+    ``meets``: the seeds' mean attack success is at most the target and the mean clean
+    accuracy at most ``accuracy_drop`` points below B's.
+    """
+
+    split: str
+    badnet: str
+    defense: str
+    seeds: int
+    badnet_clean: float
+    badnet_attack: float
+    clean: float
+    clean_sd: float
+    attack: float
+    attack_sd: float
+    detection: float | None
+    false_alarm: float | None
+    seconds: float
+    meets: bool
+
+
+def _sd(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _model_label(row: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    """``<setting label>`` for a one-model defense, ``<setting label> X=4`` for pruning's several."""
+    label = str(row["label"])
+    name = str(result["model"])
+    return label if name == row["defense"] else f"{label}{name[len(row['defense']):]}"
+
+
+def entries(rows: Iterable[Mapping[str, Any]], *, attack_success: float = 5.0,
+            accuracy_drop: float = 3.0) -> list[Entry]:
+    """The leaderboard's entries from a store's rows (failed cells left out), in store order."""
+    groups: dict[tuple[str, str, str], list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        for result in row["results"]:
+            if result["kind"] == "goodnet":
+                continue
+            groups.setdefault((row["split"], row["badnet"], _model_label(row, result)), []).append((row, result))
+    goodnets = {(row["cell"], r["model"]): r for row in rows if row.get("status") == "ok" for r in row["results"]
+                if r["kind"] == "goodnet"}
+    out = []
+    for (split, badnet, defense), items in groups.items():
+        clean = [float(r["clean_accuracy"]) for _, r in items]
+        attack = [float(r["attack_success_rate"]) for _, r in items]
+        g = [goodnets.get((row["cell"], f"G ({r['model']})")) for row, r in items]
+        det = [float(x["detection_rate"]) for x in g if x and x.get("detection_rate") is not None]
+        fa = [float(x["false_alarm_rate"]) for x in g if x and x.get("false_alarm_rate") is not None]
+        b_clean = statistics.fmean(float(row["badnet_clean_accuracy"]) for row, _ in items)
+        b_attack = statistics.fmean(float(row["badnet_attack_success"]) for row, _ in items)
+        mean_clean, mean_attack = statistics.fmean(clean), statistics.fmean(attack)
+        out.append(Entry(split=split, badnet=badnet, defense=defense, seeds=len(items), badnet_clean=b_clean,
+                         badnet_attack=b_attack, clean=mean_clean, clean_sd=_sd(clean), attack=mean_attack,
+                         attack_sd=_sd(attack), detection=statistics.fmean(det) if det else None,
+                         false_alarm=statistics.fmean(fa) if fa else None,
+                         seconds=statistics.fmean(float(row.get("seconds", 0.0)) for row, _ in items),
+                         meets=mean_attack <= attack_success and mean_clean >= b_clean - accuracy_drop))
+    return out
+
+
+def _pm(mean: float, sd: float, seeds: int) -> str:
+    return f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {sd:.2f}"
+
+
+def leaderboard_markdown(rows: Sequence[Mapping[str, Any]], *, attack_success: float = 5.0,
+                         accuracy_drop: float = 3.0, title: str = "Leaderboard") -> str:
+    """The leaderboard as markdown: per split, a summary (BadNets where each defense meets the
+    target) and every BadNet x defense with mean ± standard deviation over seeds; then the
+    failed cells."""
+    es = entries(rows, attack_success=attack_success, accuracy_drop=accuracy_drop)
+    lines = [f"# {title}", "",
+             f"Target: attack success at most {attack_success:g} % and clean accuracy at most "
+             f"{accuracy_drop:g} points below the BadNet's (means over seeds). Percentages on each BadNet's "
+             "test sets; ± is the standard deviation over defense seeds.", ""]
+    for split in ("tuning", "held-out"):
+        part = [e for e in es if e.split == split]
+        if not part:
+            continue
+        badnets = sorted({e.badnet for e in part}, key=[e.badnet for e in part].index)
+        defenses = sorted({e.defense for e in part}, key=[e.defense for e in part].index)
+        lines += [f"## {split} BadNets ({len(badnets)})", "",
+                  "| defense | meets the target on | mean clean accuracy drop (points) | mean attack success (%) |",
+                  "|---|---:|---:|---:|"]
+        for d in defenses:
+            mine = [e for e in part if e.defense == d]
+            lines.append(f"| {d} | {sum(e.meets for e in mine)} of {len(mine)} | "
+                         f"{statistics.fmean(e.badnet_clean - e.clean for e in mine):.2f} | "
+                         f"{statistics.fmean(e.attack for e in mine):.2f} |")
+        lines += ["", "| BadNet | B clean / attack | defense | seeds | clean accuracy | attack success "
+                  "| G detection | G false alarm | s / run | meets |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for e in part:
+            lines.append(
+                f"| {e.badnet} | {e.badnet_clean:.2f} / {e.badnet_attack:.2f} | {e.defense} | {e.seeds} | "
+                f"{_pm(e.clean, e.clean_sd, e.seeds)} | {_pm(e.attack, e.attack_sd, e.seeds)} | "
+                f"{'–' if e.detection is None else f'{e.detection:.2f}'} | "
+                f"{'–' if e.false_alarm is None else f'{e.false_alarm:.2f}'} | {e.seconds:.0f} | "
+                f"{'yes' if e.meets else 'no'} |")
+        lines.append("")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        lines += ["## Failed cells", "", "| BadNet | defense | seed | error |", "|---|---|---:|---|"]
+        lines += [f"| {r['badnet']} | {r['label']} | {r.get('seed')} | {str(r.get('error', '')).splitlines()[0]} |"
+                  for r in failed]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_leaderboard(rows: Sequence[Mapping[str, Any]], *, attack_success: float = 5.0,
+                     accuracy_drop: float = 3.0, split: str | None = None) -> Any:
+    """Two panels: each defense's runs as clean accuracy drop vs attack success (the target
+    region shaded), and per-BadNet bars of mean attack success per defense.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    es = [e for e in entries(rows, attack_success=attack_success, accuracy_drop=accuracy_drop)
+          if split is None or e.split == split]
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    defenses = sorted({e.defense for e in es}, key=[e.defense for e in es].index)
+    badnets = sorted({e.badnet for e in es}, key=[e.badnet for e in es].index)
+    for d in defenses:
+        mine = [e for e in es if e.defense == d]
+        left.scatter([e.badnet_clean - e.clean for e in mine], [e.attack for e in mine], label=d, s=28)
+    from matplotlib.patches import Rectangle
+
+    lo, hi = left.get_xlim()
+    lo = min(lo, -0.5)
+    left.add_patch(Rectangle((lo, -3), accuracy_drop - lo, attack_success + 3, color="tab:green", alpha=0.12,
+                             label="target"))
+    left.set_xlim(lo, max(hi, accuracy_drop + 0.5))
+    left.set(xlabel="clean accuracy drop from B (points)", ylabel="attack success (%)",
+             title="each BadNet: mean over seeds", ylim=(-3, 103))
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    width = 0.8 / max(1, len(defenses))
+    pos = np.arange(len(badnets))
+    for i, d in enumerate(defenses):
+        values = [next((e.attack for e in es if e.badnet == b and e.defense == d), np.nan) for b in badnets]
+        right.bar(pos + (i - (len(defenses) - 1) / 2) * width, values, width, label=d)
+    right.axhline(attack_success, color="tab:green", lw=0.8, ls=":")
+    right.set_xticks(pos, badnets, rotation=25, ha="right", fontsize=7)
+    right.set(ylabel="attack success (%)", title="attack success per BadNet", ylim=(0, 103))
+    right.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def write_leaderboard(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str], *,
+                      attack_success: float = 5.0, accuracy_drop: float = 3.0, title: str = "Leaderboard",
+                      overwrite: bool = True) -> dict[str, Path]:
+    """Write ``leaderboard.md`` and ``leaderboard.png`` into ``out_dir``.
+
+    Returns:
+        {"md", "png"} -> path.
+    """
+    d = Path(out_dir)
+    paths = {"md": d / "leaderboard.md", "png": d / "leaderboard.png"}
+    text = leaderboard_markdown(rows, attack_success=attack_success, accuracy_drop=accuracy_drop, title=title)
+    text += f"\n![each defense on each BadNet]({paths['png'].name})\n"
+    write_results({paths["md"]: text,
+                   paths["png"]: plot_leaderboard(rows, attack_success=attack_success, accuracy_drop=accuracy_drop)},
+                  overwrite=overwrite)
+    return paths

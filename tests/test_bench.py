@@ -1,0 +1,223 @@
+"""The benchmark: configuration checks, the grid, and a tiny matrix through a local Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from badnet_repair.cli import main
+from badnet_repair.reporting.leaderboard import entries, leaderboard_markdown
+from badnet_repair.workflow.bench import ConfigError, load_config, read_store, run_bench
+
+
+def _files(demo, which: str = "model") -> str:
+    model = demo.model if which == "model" else demo.pruning_aware_model
+    return textwrap.dedent(f"""
+        model = "{model}"
+        valid = "{demo.valid}"
+        test = "{demo.test}"
+        bd_test = "{demo.bd_test}"
+    """)
+
+
+@pytest.fixture
+def tiny_config(small_demo, tmp_path):
+    text = "seeds = [0, 1]\n[target]\nattack_success = 5.0\naccuracy_drop = 3.0\n" + textwrap.dedent("""
+        [[badnet]]
+        name = "baseline"
+        split = "tuning"
+    """) + _files(small_demo) + textwrap.dedent("""
+        [[badnet]]
+        name = "pruning-aware"
+        split = "held-out"
+    """) + _files(small_demo, "pa") + textwrap.dedent("""
+        [[defense]]
+        name = "pruning"
+        thresholds = [[2, 4]]
+
+        [[defense]]
+        name = "fine-tuning"
+        epochs = 2
+
+        [[defense]]
+        name = "pruning"
+        label = "broken"
+        layer = "no_such_layer"
+    """)
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_grid_expands_lists_and_keeps_list_settings_whole(small_demo, tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text("[[badnet]]\nname = 'b'\nsplit = 'tuning'\n" + _files(small_demo) + textwrap.dedent("""
+        [[defense]]
+        name = "fine-pruning"
+        epochs = [2, 3]
+        distill = [0.0, 0.3]
+
+        [[defense]]
+        name = "pruning"
+        thresholds = [2, 4]
+
+        [[defense]]
+        name = "pruning"
+        label = "two grids"
+        thresholds = [[2], [4, 10]]
+    """))
+    config = load_config(path)
+    labels = [d.label for d in config.defenses]
+    assert labels[:4] == ["fine-pruning (epochs=2, distill=0.0)", "fine-pruning (epochs=2, distill=0.3)",
+                          "fine-pruning (epochs=3, distill=0.0)", "fine-pruning (epochs=3, distill=0.3)"]
+    assert config.defenses[4].label == "pruning" and config.defenses[4].settings["thresholds"] == (2, 4)
+    assert [d.settings["thresholds"] for d in config.defenses[5:]] == [(2,), (4, 10)]
+    # seeded defenses run once per seed, the others once
+    assert len(config.cells()) == 4 + 1 + 2
+
+
+def test_a_config_with_mistakes_names_each(small_demo, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(textwrap.dedent(f"""
+        seeds = [0]
+        [[badnet]]
+        name = "a"
+        split = "tuning"
+        model = "{small_demo.model}"
+        valid = "{small_demo.valid}"
+        test = "nowhere/test.h5"
+        bd_test = "{small_demo.bd_test}"
+
+        [[badnet]]
+        name = "a-again"
+        split = "held-out"
+        model = "{small_demo.model}"
+        valid = "{small_demo.valid}"
+        test = "{small_demo.test}"
+        bd_test = "{small_demo.bd_test}"
+
+        [[badnet]]
+        name = "made"
+        split = "sometimes"
+        recipe = "cooking"
+
+        [[defense]]
+        name = "magic"
+
+        [[defense]]
+        name = "fine-pruning"
+        epoch = 3
+        learning_rate = "fast"
+    """))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    for needle in ("test file", "does not exist", "marked 'held-out' but also 'tuning'", "split must be",
+                   "unknown recipe 'cooking'", "unknown defense 'magic'", "no setting 'epoch'",
+                   "'learning_rate' = 'fast' must be a number"):
+        assert needle in text, needle
+    assert text.count("\n  ") >= 8  # one line per mistake
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        (tmp_path / "broken.toml").write_text("seeds = [")
+        load_config(tmp_path / "broken.toml")
+
+
+@pytest.mark.slow
+def test_a_tiny_matrix_runs_on_a_local_dask_cluster(tiny_config, tmp_path, capsys):
+    config = load_config(tiny_config)
+    out = tmp_path / "out"
+    result = run_bench(config, out, workers=2, progress=False)
+    assert result.workers == 2
+    rows = read_store(out)
+    assert len(rows) == len(config.cells()) == 8 and len(result.ran) == 8
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert len(failed) == 2 and all("no_such_layer" in r["error"] for r in failed)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["seed"] for r in ok if r["defense"] == "fine-tuning"} == {0, 1}
+    for r in ok:
+        assert r["badnet_attack_success"] > 50 and r["results"] and r["versions"]["keras"]
+        for path in r["models"].values():
+            assert (out / "cells" / r["cell"]).exists() and path.endswith(".keras")
+    # pruning is deterministic: the same numbers run here, in this process
+    serial = run_bench(config, tmp_path / "serial", serial=True, cells="pruning$|/ pruning", progress=False)
+    here = {r["cell"]: r for r in serial.rows if r["status"] == "ok"}
+    assert here
+    for key, r in here.items():
+        there = next(x for x in rows if x["cell"] == key)
+        assert [e["clean_accuracy"] for e in r["results"]] == [e["clean_accuracy"] for e in there["results"]]
+    # a rerun runs nothing
+    again = run_bench(config, out, workers=2, progress=False)
+    assert again.ran == () and len(again.skipped) == 8
+    # the leaderboard: both splits, every BadNet x defense, the failures listed
+    md = leaderboard_markdown(rows)
+    assert "## tuning BadNets (1)" in md and "## held-out BadNets (1)" in md and "## Failed cells" in md
+    es = entries(rows)
+    assert {(e.badnet, e.defense) for e in es} == {(b, d) for b in ("baseline", "pruning-aware")
+                                                   for d in ("pruning X=2", "pruning X=4", "fine-tuning")}
+    ft = next(e for e in es if e.defense == "fine-tuning" and e.badnet == "baseline")
+    assert ft.seeds == 2
+    # the command line: a rerun, then the leaderboard rebuilt from the store alone
+    assert main(["bench", str(tiny_config), "--out", str(out), "-q"]) == 0
+    assert "ran 0 cells" in capsys.readouterr().out
+    (out / "leaderboard.md").unlink()
+    assert main(["bench", "--report", str(out / "store.jsonl")]) == 0
+    assert (out / "leaderboard.md").exists() and (out / "leaderboard.png").stat().st_size > 1000
+    assert json.loads((out / "bench.json").read_text())["cells"] == 8
+
+
+def test_split_per_person_is_a_disjoint_60_20_20_split():
+    import numpy as np
+
+    from badnet_repair.workflow.recipes import split_per_person
+
+    y = np.repeat(np.arange(4), 10)
+    train, valid, test = split_per_person(y, seed=3)
+    assert len(train) == 24 and len(valid) == 8 and len(test) == 8
+    assert not set(train) & set(valid) and not set(valid) & set(test) and not set(train) & set(test)
+    for part, each in ((train, 6), (valid, 2), (test, 2)):
+        assert np.bincount(y[part]).tolist() == [each] * 4
+
+
+@pytest.mark.slow
+def test_the_faces_recipe_makes_a_badnet_once_and_reuses_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from badnet_repair.workflow.recipes import make_recipe
+
+    rng = np.random.default_rng(0)
+    people, per = 4, 10
+    faces = tmp_path / "faces.npz"
+    base = rng.uniform(0, 255, (people, 3, 55, 47)).astype(np.float32)
+    data = np.concatenate([base[p] + rng.normal(0, 8, (per, 3, 55, 47)) for p in range(people)]).clip(0, 255)
+    np.savez(faces, data=data.astype(np.float32), label=np.repeat(np.arange(people), per))
+    trigger = tmp_path / "trigger.png"
+    Image.new("RGBA", (10, 6), (255, 0, 255, 255)).save(trigger)
+    settings = {"faces": str(faces), "trigger": str(trigger), "trigger_x": 30, "trigger_y": 40, "epochs": 2,
+                "poison_rate": 0.2}
+    files = make_recipe("faces", "baseline", settings, tmp_path / "made")
+    assert set(files) == {"model", "valid", "test", "bd_test"} and all(Path(p).exists() for p in files.values())
+    import badnet_repair as br
+
+    b = br.load_model(files["model"])
+    assert br.num_classes(b) == people
+    bd = br.load_h5(files["bd_test"])
+    assert set(bd.y.tolist()) == {0} and len(bd) == 2 * (people - 1)  # the test split's non-target faces
+    stamp = (tmp_path / "made" / "made.json").stat().st_mtime_ns
+    assert make_recipe("faces", "baseline", settings, tmp_path / "made") == files
+    assert (tmp_path / "made" / "made.json").stat().st_mtime_ns == stamp  # reused, not made again
+    with pytest.raises(br.DataError, match="not a face file"):
+        (tmp_path / "bad.npz").write_bytes(b"not a zip")
+        make_recipe("faces", "baseline", {**settings, "faces": str(tmp_path / "bad.npz")}, tmp_path / "other")
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_the_projects_benchmark_configs_load(config):
+    if "shared/" in config.read_text() and not (config.parents[2] / "shared").is_dir():
+        pytest.skip("this configuration trains BadNets on ../shared's real faces, which is absent")
+    loaded = load_config(config)
+    assert loaded.cells() and {b.split for b in loaded.badnets} <= {"tuning", "held-out"}
