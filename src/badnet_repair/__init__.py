@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .defenses.sweep import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
     from .defenses.tuning import FinePruneResult, FineTuned, fine_prune, fine_tune, split_clean
     from .demo import faces
-    from .detectors import Detector, Disagreement, goodnet_classes
+    from .detectors import Detector, Disagreement, Strip, goodnet_classes
     from .detectors.goodnet import GoodNetCombine, build_goodnet, goodnet_predict
     from .errors import (
         BadNetRepairError,
@@ -188,6 +188,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'evaluate_lab_models': ('.workflow.prune', 'evaluate_lab_models'),
     'lab_results': ('.workflow.prune', 'lab_results'),
     'write_lab_outputs': ('.workflow.prune', 'write_lab_outputs'),
+    'Strip': ('.detectors', 'Strip'),
 }
 
 
@@ -271,6 +272,7 @@ __all__ = [
     "Repair",
     "Repaired",
     "Selection",
+    "Strip",
     "SweepResult",
     "SweepStep",
     "Trigger",

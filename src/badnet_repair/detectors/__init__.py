@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from .base import Detector, goodnet_classes
 from .disagreement import Disagreement
+from .strip import Strip
 
-__all__ = ["REGISTRY", "Detector", "Disagreement", "goodnet_classes"]
+__all__ = ["REGISTRY", "Detector", "Disagreement", "Strip", "goodnet_classes"]
 
 #: Registry name -> detector class.
-REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (Disagreement,)}
+REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (Disagreement, Strip)}

@@ -31,6 +31,7 @@ __all__ = [
     "num_classes",
     "pooling_after",
     "predict_classes",
+    "predict_probabilities",
     "prune_channels",
     "save_model",
     "save_weights_h5",
@@ -441,6 +442,16 @@ def predict_classes(model: Any, x: np.ndarray, *, batch_size: int = 1024) -> np.
         scores = model(x[i : i + batch_size], training=False)
         out[i : i + batch_size] = keras.ops.convert_to_numpy(keras.ops.argmax(scores, axis=-1))
     return out
+
+
+def predict_probabilities(model: Any, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """Return (N, K) float32 outputs of ``model`` on (N, ...) inputs, in batches."""
+    import keras
+
+    parts = [keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False)) for i in range(0, len(x),
+                                                                                                      batch_size)]
+    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.empty((0, num_classes(model)),
+                                                                                          np.float32)
 
 
 # ----------------------------------------------------------------------------- loading

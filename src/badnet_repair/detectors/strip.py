@@ -1,0 +1,136 @@
+"""STRIP: flag inputs whose prediction survives being blended with other images."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from ..formats.data import Dataset
+from ..nets.models import predict_probabilities
+from .base import Detector
+
+__all__ = ["Strip", "prediction_entropy"]
+
+
+def prediction_entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy in bits of each row of (..., K) probabilities (0 log 0 = 0).
+
+    Returns:
+        float64 of shape ``probs.shape[:-1]``.
+    """
+    p = np.clip(np.asarray(probs, np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log2(p), 0.0)
+    return terms.sum(axis=-1)
+
+
+class Strip(Detector):
+    """STRIP (Gao et al., "STRIP: a defence against trojan attacks on deep neural networks",
+    ACSAC 2019).
+
+    Each input is superimposed on ``copies`` clean images; a clean input's class then wanders
+    and B's predictions on the copies have high entropy, while a trigger keeps sending every
+    copy to the target: low entropy. The superimposition is the paper's (its reference code
+    adds the two images, ``cv2.addWeighted(x, 1, clean, 1, 0)``, saturating at the pixel
+    range): ``blend="add"`` gives ``min(x + clean, pixel_max)``; ``blend="mix"`` gives the
+    weighted mean ``alpha x + (1 - alpha) clean`` instead, which halves the trigger's
+    contrast. The score is minus the mean entropy (bits); the threshold is set on clean data
+    only, so that ``false_alarm`` % of held-out clean inputs are flagged.
+
+    ``fit(model, clean)`` splits the clean data per class (``seed``): ``blend_images`` images
+    to blend with, kept in the detector, and the rest (at most ``calibration_images``) to set
+    the threshold on.
+
+    Args:
+        copies: blended copies per input, default 32 (the paper uses up to 100).
+        blend: ``"add"`` (default, the paper's) or ``"mix"``.
+        alpha: the input's weight with ``blend="mix"``, default 0.5.
+        pixel_max: the pixel range's top, for ``"add"``, default 255 (the lab's raw pixels).
+        false_alarm: the share of held-out clean inputs flagged, in %, default 5.
+        blend_images: clean images kept to blend with, default 200.
+        calibration_images: held-out clean images the threshold is set on, at most, default 1000.
+        seed: the split and the draw of blend images, default 0.
+        batch_size: images per forward pass, default 1024.
+    """
+
+    name: ClassVar[str] = "strip"
+    summary: ClassVar[str] = "B stays confident on the input blended with clean images (Gao et al. 2019)"
+
+    def __init__(self, *, copies: int = 32, blend: Literal["add", "mix"] = "add", alpha: float = 0.5,
+                 pixel_max: float = 255.0, false_alarm: float = 5.0, blend_images: int = 200,
+                 calibration_images: int = 1000, seed: int = 0, batch_size: int = 1024) -> None:
+        if copies < 1 or blend_images < 1 or calibration_images < 1:
+            raise ValueError("copies, blend_images and calibration_images must be at least 1")
+        if blend not in ("add", "mix"):
+            raise ValueError(f"blend must be 'add' or 'mix', not {blend!r}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be between 0 and 1, not {alpha}")
+        if not 0.0 <= false_alarm <= 100.0:
+            raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
+        self.copies, self.alpha, self.false_alarm = int(copies), float(alpha), float(false_alarm)
+        self.blend_mode, self.pixel_max = blend, float(pixel_max)
+        self.blend_images, self.calibration_images = int(blend_images), int(calibration_images)
+        self.seed, self.batch_size = int(seed), int(batch_size)
+        self.model: Any = None
+        self.blend: np.ndarray | None = None
+        self.threshold: float | None = None
+        self.calibration_entropy: np.ndarray | None = None
+
+    def fit(self, model: Any, clean: Dataset) -> Strip:
+        """Keep B and the blend images; set the entropy threshold on the other clean images."""
+        x, y = np.asarray(clean.x), np.asarray(clean.y)
+        if len(x) < 2:
+            raise ValueError("STRIP needs at least two clean images (some to blend with, some to set the threshold)")
+        rng = np.random.default_rng(self.seed)
+        order = rng.permutation(len(x))
+        # per class, round-robin: the blend pool covers the classes evenly
+        by_class = [order[y[order] == c] for c in np.unique(y)]
+        interleaved = np.array([i for group in _round_robin(by_class) for i in group], dtype=np.int64)
+        n_blend = min(self.blend_images, len(x) - 1)
+        blend_idx, rest = interleaved[:n_blend], interleaved[n_blend:]
+        self.model = model
+        self.blend = np.asarray(x[np.sort(blend_idx)], np.float32)
+        calib = np.sort(rng.permutation(rest)[: self.calibration_images])
+        self.calibration_entropy = self.entropy(np.asarray(x[calib], np.float32))
+        # flag the lowest false_alarm % of held-out clean entropies
+        self.threshold = float(np.quantile(self.calibration_entropy, self.false_alarm / 100.0, method="lower"))
+        return self
+
+    def entropy(self, x: np.ndarray) -> np.ndarray:
+        """(N,) mean entropy in bits of B's predictions on each input's blended copies."""
+        if self.model is None or self.blend is None:
+            raise RuntimeError("call fit(model, clean) first")
+        x = np.asarray(x, np.float32)
+        rng = np.random.default_rng(self.seed + 1)
+        out = np.empty(len(x), np.float64)
+        step = max(1, self.batch_size // self.copies)
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step]
+            picks = rng.integers(0, len(self.blend), size=(len(chunk), self.copies))
+            blended = self.superimpose(chunk[:, None], self.blend[picks])
+            probs = predict_probabilities(self.model, blended.reshape(-1, *x.shape[1:]), batch_size=self.batch_size)
+            out[start : start + len(chunk)] = prediction_entropy(probs).reshape(len(chunk), self.copies).mean(axis=1)
+        return out
+
+    def superimpose(self, x: np.ndarray, clean: np.ndarray) -> np.ndarray:
+        """The inputs ``x`` superimposed on clean images (broadcasting), by ``blend``."""
+        if self.blend_mode == "add":
+            return np.minimum(x + clean, self.pixel_max)
+        return self.alpha * x + (1.0 - self.alpha) * clean
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """(N,) minus the mean entropy: higher = more likely triggered."""
+        return -self.entropy(x)
+
+    def flags(self, x: np.ndarray) -> np.ndarray:
+        """(N,) bool: mean entropy at or below the threshold set on held-out clean data."""
+        if self.threshold is None:
+            raise RuntimeError("call fit(model, clean) first")
+        return self.entropy(x) <= self.threshold
+
+
+def _round_robin(groups: list[np.ndarray]) -> list[list[int]]:
+    """[[g0[0], g1[0], ...], [g0[1], g1[1], ...], ...] over groups of unequal length."""
+    longest = max((len(g) for g in groups), default=0)
+    return [[int(g[i]) for g in groups if i < len(g)] for i in range(longest)]

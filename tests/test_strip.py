@@ -1,0 +1,80 @@
+"""STRIP (detectors.strip): the entropy by hand, the superimposition, and a hand-built BadNet
+whose trigger STRIP must separate from clean inputs, fitted on clean data only."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.detectors import REGISTRY
+from badnet_repair.detectors.strip import Strip, prediction_entropy
+
+K, SIDE, TARGET = 8, 16, 3
+
+
+def test_entropy_by_hand():
+    probs = np.array([[0.25] * 4, [1.0, 0, 0, 0], [0.5, 0.5, 0, 0]])
+    np.testing.assert_allclose(prediction_entropy(probs), [2.0, 0.0, 1.0])
+
+
+def test_superimposition_adds_and_saturates_or_mixes():
+    x, c = np.array([100.0, 200.0]), np.array([100.0, 100.0])
+    np.testing.assert_array_equal(Strip().superimpose(x, c), [200.0, 255.0])
+    np.testing.assert_array_equal(Strip(blend="mix", alpha=0.75).superimpose(x, c), [100.0, 175.0])
+    with pytest.raises(ValueError, match="blend"):
+        Strip(blend="paint")  # type: ignore[arg-type]
+
+
+def hand_built_badnet() -> keras.Model:
+    """Flat, content-driven predictions over K classes; the target with certainty where the
+    bottom-right 4x4 square is (nearly) white: the trigger."""
+    inp = keras.Input((SIDE, SIDE, 3))
+    square = keras.layers.GlobalAveragePooling2D()(keras.layers.Cropping2D(((SIDE - 4, 0), (SIDE - 4, 0)))(inp))
+    lit = keras.layers.Dense(1, activation="relu", name="lit")(square)  # > 0 only when the mean is > 0.97 * 255
+    content = keras.layers.Dense(K, name="content")(keras.layers.Flatten()(keras.layers.AveragePooling2D(4)(inp)))
+    jump = keras.layers.Dense(K, use_bias=False, name="jump")(lit)
+    out = keras.layers.Softmax()(keras.layers.Add()([content, jump]))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(0)
+    model.get_layer("lit").set_weights([np.full((3, 1), 1 / (3 * 255), np.float32), np.array([-0.97], np.float32)])
+    weights = rng.normal(0, 1 / 255, (48, K)).astype(np.float32)
+    model.get_layer("content").set_weights([weights, np.zeros(K, np.float32)])
+    jump = np.zeros((1, K), np.float32)
+    jump[0, TARGET] = 3000.0
+    model.get_layer("jump").set_weights([jump])
+    return model
+
+
+def faces(n: int, seed: int) -> br.Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 200, (n, SIDE, SIDE, 3)).astype(np.float32)
+    return br.Dataset(x, rng.integers(0, K, n), name=f"clean{seed}")
+
+
+def test_strip_separates_a_bright_trigger_and_fits_on_clean_data_only():
+    b = hand_built_badnet()
+    clean = faces(300, seed=1)
+    test = faces(200, seed=2)
+    triggered = test.x.copy()
+    triggered[:, SIDE - 4:, SIDE - 4:, :] = 255.0
+    assert (br.predict_classes(b, triggered) == TARGET).all()
+    strip = Strip(copies=16, false_alarm=5.0, blend_images=100).fit(b, clean)
+    # the threshold is the 5 % quantile of held-out clean entropies; the blend images are clean images
+    assert strip.calibration_entropy is not None and len(strip.calibration_entropy) == 200
+    assert strip.threshold == pytest.approx(float(np.quantile(strip.calibration_entropy, 0.05, method="lower")))
+    assert all(any(np.array_equal(img, c) for c in clean.x) for img in strip.blend[:5])  # type: ignore[index]
+    detection = strip.flags(triggered).mean()
+    false_alarm = strip.flags(test.x).mean()
+    assert detection >= 0.95
+    assert false_alarm <= 0.15  # 5 % on the calibration set; another clean set lands near it
+    assert (strip.scores(triggered).mean() > strip.scores(test.x).mean())
+    goodnet = br.goodnet_classes(b, strip, triggered)
+    assert (goodnet == K).mean() == detection
+
+
+def test_strip_is_registered_and_refuses_use_before_fit():
+    assert REGISTRY["strip"] is Strip
+    with pytest.raises(RuntimeError, match="fit"):
+        Strip().flags(np.zeros((1, SIDE, SIDE, 3), np.float32))
