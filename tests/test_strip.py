@@ -60,11 +60,12 @@ def test_strip_separates_a_bright_trigger_and_fits_on_clean_data_only():
     triggered = test.x.copy()
     triggered[:, SIDE - 4:, SIDE - 4:, :] = 255.0
     assert (br.predict_classes(b, triggered) == TARGET).all()
-    strip = Strip(copies=16, false_alarm=5.0, blend_images=100).fit(b, clean)
+    strip = Strip(copies=16, false_alarm=5.0).fit(b, clean)
     # the threshold is the 5 % quantile of held-out clean entropies; the blend images are clean images
-    assert strip.calibration_entropy is not None and len(strip.calibration_entropy) == 200
+    assert strip.calibration_entropy is not None and len(strip.calibration_entropy) == 300 - 16
     assert strip.threshold == pytest.approx(float(np.quantile(strip.calibration_entropy, 0.05, method="lower")))
-    assert all(any(np.array_equal(img, c) for c in clean.x) for img in strip.blend[:5])  # type: ignore[index]
+    assert strip.overlays is not None and len(strip.overlays) == 16
+    assert all(any(np.array_equal(img, c) for c in clean.x) for img in strip.overlays[:5])
     detection = strip.flags(triggered).mean()
     false_alarm = strip.flags(test.x).mean()
     assert detection >= 0.95
@@ -78,3 +79,35 @@ def test_strip_is_registered_and_refuses_use_before_fit():
     assert REGISTRY["strip"] is Strip
     with pytest.raises(RuntimeError, match="fit"):
         Strip().flags(np.zeros((1, SIDE, SIDE, 3), np.float32))
+
+
+def test_strips_goodnet_is_one_keras_model_that_reloads_and_equals_the_detector(tmp_path, capsys):
+    from badnet_repair.detectors.goodnet import build_detector_goodnet
+
+    b = hand_built_badnet()
+    strip = Strip(copies=16).fit(b, faces(300, seed=1))
+    x = faces(60, seed=2).x.copy()
+    x[:30, SIDE - 4:, SIDE - 4:, :] = 255.0  # half triggered
+    want = br.goodnet_classes(b, strip, x)
+    assert 0 < (want == K).sum() < len(x)
+    g = build_detector_goodnet(b, strip)
+    np.testing.assert_array_equal(br.predict_classes(g, x), want)
+    path = tmp_path / "goodnet_strip.keras"
+    g.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(br.predict_classes(loaded, x), want)
+    # and the command line scores it as a GoodNet: detection and false alarm
+    clean, poisoned = tmp_path / "clean.h5", tmp_path / "bd.h5"
+    from badnet_repair.cli import main
+
+    br.save_h5(clean, x[30:], br.predict_classes(b, x[30:]))
+    br.save_h5(poisoned, x[:30], np.full(30, TARGET))
+    assert main(["eval", "--json", str(clean), str(poisoned), str(path)]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "goodnet"
+    assert out["detection_rate"] == pytest.approx(100 * (want[:30] == K).mean())
+    assert out["false_alarm_rate"] == pytest.approx(100 * (want[30:] == K).mean())
+    with pytest.raises(TypeError, match="no Keras form"):
+        build_detector_goodnet(b, object())

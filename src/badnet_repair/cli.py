@@ -312,9 +312,9 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _is_goodnet(model: Any) -> bool:
-    from .detectors.goodnet import GoodNetCombine
+    from .nets.layers import AlarmCombine, GoodNetCombine
 
-    return any(isinstance(lyr, GoodNetCombine) for lyr in model.layers)
+    return any(isinstance(lyr, GoodNetCombine | AlarmCombine) for lyr in model.layers)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -12,11 +12,11 @@ from typing import Any
 
 from .. import _backend  # noqa: F401
 from ..metrics import goodnet_predict
-from ..nets.layers import GoodNetCombine
+from ..nets.layers import AlarmCombine, EntropyAlarm, GoodNetCombine, Superimpose
 from ..nets.models import inline_copy, renamed_copy
 from ..nets.models import num_classes as _num_classes
 
-__all__ = ["GoodNetCombine", "build_goodnet", "build_portable_goodnet", "goodnet_predict"]
+__all__ = ["GoodNetCombine", "build_detector_goodnet", "build_goodnet", "build_portable_goodnet", "goodnet_predict"]
 
 import keras
 
@@ -112,3 +112,43 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
     spread.set_weights([np.ones((1, k), np.float32)])
     alarm.set_weights([np.full((1, 1), -1.0, np.float32), np.ones(1, np.float32)])
     return model
+
+
+def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") -> Any:
+    """A GoodNet from a fitted detector, as one Keras model: the model's class, or the alarm
+    class N where the detector flags the input (:func:`~badnet_repair.detectors.goodnet_classes`).
+
+    Detectors with a Keras form: :class:`~badnet_repair.detectors.Disagreement` (the lab's G,
+    :func:`build_goodnet`) and :class:`~badnet_repair.detectors.Strip` (its overlays stored in
+    the model, its threshold in the config). G saves as ``.keras`` and loads with
+    ``keras.models.load_model`` after ``import badnet_repair``.
+
+    Args:
+        model: the model whose classes G outputs (B, or a repaired model), (N, H, W, C) -> (N, K).
+        detector: a fitted detector.
+        name: the model name.
+
+    Returns:
+        A ``keras.Model`` (N, H, W, C) -> (N, K+1) probabilities.
+
+    Raises:
+        TypeError: for a detector without a Keras form; ValueError: if it is not fitted.
+    """
+    from .disagreement import Disagreement
+    from .strip import Strip
+
+    if isinstance(detector, Disagreement):
+        return build_goodnet(model, detector.repaired, name=name)
+    if not isinstance(detector, Strip):
+        raise TypeError(f"no Keras form for the {type(detector).__name__} detector")
+    if detector.model is None or detector.overlays is None or detector.threshold is None:
+        raise ValueError("fit the detector before building its GoodNet")
+    inner = renamed_copy(model, "model")
+    strip_b = renamed_copy(detector.model, "strip_badnet")
+    x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
+    blend = Superimpose(detector.overlays.shape, mode=detector.blend_mode, alpha=detector.alpha,
+                        pixel_max=detector.pixel_max, name="strip_superimpose")
+    flags = EntropyAlarm(len(detector.overlays), detector.threshold, name="strip_alarm")(strip_b(blend(x)))
+    g = keras.Model(x, AlarmCombine(name="alarm_combine")([inner(x), flags]), name=name)
+    blend.overlays.assign(detector.overlays)
+    return g

@@ -38,19 +38,19 @@ class Strip(Detector):
     contrast. The score is minus the mean entropy (bits); the threshold is set on clean data
     only, so that ``false_alarm`` % of held-out clean inputs are flagged.
 
-    ``fit(model, clean)`` splits the clean data per class (``seed``): ``blend_images`` images
-    to blend with, kept in the detector, and the rest (at most ``calibration_images``) to set
-    the threshold on.
+    ``fit(model, clean)`` splits the clean data per class (``seed``): ``copies`` images to
+    superimpose on every input, kept in the detector (``overlays``; the same for every input,
+    so an input's score does not depend on what it is scored with), and the rest (at most
+    ``calibration_images``) to set the threshold on.
 
     Args:
-        copies: blended copies per input, default 32 (the paper uses up to 100).
+        copies: clean images superimposed on each input, default 32 (the paper uses up to 100).
         blend: ``"add"`` (default, the paper's) or ``"mix"``.
         alpha: the input's weight with ``blend="mix"``, default 0.5.
         pixel_max: the pixel range's top, for ``"add"``, default 255 (the lab's raw pixels).
         false_alarm: the share of held-out clean inputs flagged, in %, default 5.
-        blend_images: clean images kept to blend with, default 200.
         calibration_images: held-out clean images the threshold is set on, at most, default 1000.
-        seed: the split and the draw of blend images, default 0.
+        seed: the split and the draw of the overlays, default 0.
         batch_size: images per forward pass, default 1024.
     """
 
@@ -58,10 +58,10 @@ class Strip(Detector):
     summary: ClassVar[str] = "B stays confident on the input blended with clean images (Gao et al. 2019)"
 
     def __init__(self, *, copies: int = 32, blend: Literal["add", "mix"] = "add", alpha: float = 0.5,
-                 pixel_max: float = 255.0, false_alarm: float = 5.0, blend_images: int = 200,
-                 calibration_images: int = 1000, seed: int = 0, batch_size: int = 1024) -> None:
-        if copies < 1 or blend_images < 1 or calibration_images < 1:
-            raise ValueError("copies, blend_images and calibration_images must be at least 1")
+                 pixel_max: float = 255.0, false_alarm: float = 5.0, calibration_images: int = 1000,
+                 seed: int = 0, batch_size: int = 1024) -> None:
+        if copies < 1 or calibration_images < 1:
+            raise ValueError("copies and calibration_images must be at least 1")
         if blend not in ("add", "mix"):
             raise ValueError(f"blend must be 'add' or 'mix', not {blend!r}")
         if not 0.0 < alpha < 1.0:
@@ -70,27 +70,27 @@ class Strip(Detector):
             raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
         self.copies, self.alpha, self.false_alarm = int(copies), float(alpha), float(false_alarm)
         self.blend_mode, self.pixel_max = blend, float(pixel_max)
-        self.blend_images, self.calibration_images = int(blend_images), int(calibration_images)
+        self.calibration_images = int(calibration_images)
         self.seed, self.batch_size = int(seed), int(batch_size)
         self.model: Any = None
-        self.blend: np.ndarray | None = None
+        self.overlays: np.ndarray | None = None
         self.threshold: float | None = None
         self.calibration_entropy: np.ndarray | None = None
 
     def fit(self, model: Any, clean: Dataset) -> Strip:
-        """Keep B and the blend images; set the entropy threshold on the other clean images."""
+        """Keep B and the overlays; set the entropy threshold on the other clean images."""
         x, y = np.asarray(clean.x), np.asarray(clean.y)
         if len(x) < 2:
-            raise ValueError("STRIP needs at least two clean images (some to blend with, some to set the threshold)")
+            raise ValueError("STRIP needs at least two clean images (overlays, and some to set the threshold)")
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(x))
-        # per class, round-robin: the blend pool covers the classes evenly
+        # per class, round-robin: the overlays cover the classes evenly
         by_class = [order[y[order] == c] for c in np.unique(y)]
         interleaved = np.array([i for group in _round_robin(by_class) for i in group], dtype=np.int64)
-        n_blend = min(self.blend_images, len(x) - 1)
-        blend_idx, rest = interleaved[:n_blend], interleaved[n_blend:]
+        n_overlays = min(self.copies, len(x) - 1)
+        overlay_idx, rest = interleaved[:n_overlays], interleaved[n_overlays:]
         self.model = model
-        self.blend = np.asarray(x[np.sort(blend_idx)], np.float32)
+        self.overlays = np.asarray(x[np.sort(overlay_idx)], np.float32)
         calib = np.sort(rng.permutation(rest)[: self.calibration_images])
         self.calibration_entropy = self.entropy(np.asarray(x[calib], np.float32))
         # flag the lowest false_alarm % of held-out clean entropies
@@ -99,18 +99,17 @@ class Strip(Detector):
 
     def entropy(self, x: np.ndarray) -> np.ndarray:
         """(N,) mean entropy in bits of B's predictions on each input's blended copies."""
-        if self.model is None or self.blend is None:
+        if self.model is None or self.overlays is None:
             raise RuntimeError("call fit(model, clean) first")
         x = np.asarray(x, np.float32)
-        rng = np.random.default_rng(self.seed + 1)
         out = np.empty(len(x), np.float64)
-        step = max(1, self.batch_size // self.copies)
+        step = max(1, self.batch_size // len(self.overlays))
         for start in range(0, len(x), step):
             chunk = x[start : start + step]
-            picks = rng.integers(0, len(self.blend), size=(len(chunk), self.copies))
-            blended = self.superimpose(chunk[:, None], self.blend[picks])
+            blended = self.superimpose(chunk[:, None], self.overlays[None])
             probs = predict_probabilities(self.model, blended.reshape(-1, *x.shape[1:]), batch_size=self.batch_size)
-            out[start : start + len(chunk)] = prediction_entropy(probs).reshape(len(chunk), self.copies).mean(axis=1)
+            per_copy = prediction_entropy(probs).reshape(len(chunk), len(self.overlays))
+            out[start : start + len(chunk)] = per_copy.mean(axis=1)
         return out
 
     def superimpose(self, x: np.ndarray, clean: np.ndarray) -> np.ndarray:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .. import _backend  # noqa: F401
 
-__all__ = ["GeometricMean", "GoodNetCombine"]
+__all__ = ["AlarmCombine", "EntropyAlarm", "GeometricMean", "GoodNetCombine", "Superimpose"]
 
 import keras
 from keras import ops
@@ -59,6 +61,77 @@ class GoodNetCombine(keras.layers.Layer):
         padded = ops.pad(p_bad, [[0, 0], [0, 1]])
         alarm = ops.one_hot(ops.full(ops.shape(p_bad)[:1], n, dtype="int32"), n + 1, dtype=p_bad.dtype)
         return ops.where(ops.expand_dims(agree, -1), padded, alarm)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        shape = tuple(input_shape[0])
+        return (*shape[:-1], None if shape[-1] is None else shape[-1] + 1)
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class Superimpose(keras.layers.Layer):
+    """STRIP's superimposition inside a model: each of the (N, H, W, C) inputs on each of the
+    stored (M, H, W, C) overlays, as (N * M, H, W, C), input-major.
+
+    ``mode="add"``: ``min(x + overlay, pixel_max)`` (Gao et al. 2019's reference code);
+    ``mode="mix"``: ``alpha x + (1 - alpha) overlay``. The overlays are a non-trainable weight,
+    saved with the model.
+    """
+
+    def __init__(self, overlays_shape: tuple[int, ...], mode: str = "add", alpha: float = 0.5,
+                 pixel_max: float = 255.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.overlays_shape = tuple(int(d) for d in overlays_shape)
+        self.mode, self.alpha, self.pixel_max = str(mode), float(alpha), float(pixel_max)
+        self.overlays = self.add_weight(shape=self.overlays_shape, initializer="zeros", trainable=False,
+                                        name="overlays")
+
+    def call(self, inputs: Any) -> Any:
+        x = ops.expand_dims(inputs, 1)
+        o = ops.expand_dims(ops.convert_to_tensor(self.overlays, dtype=inputs.dtype), 0)
+        mixed = ops.minimum(x + o, self.pixel_max) if self.mode == "add" else self.alpha * x + (1.0 - self.alpha) * o
+        return ops.reshape(mixed, (-1, *self.overlays_shape[1:]))
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (None, *self.overlays_shape[1:])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "overlays_shape": list(self.overlays_shape), "mode": self.mode,
+                "alpha": self.alpha, "pixel_max": self.pixel_max}
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class EntropyAlarm(keras.layers.Layer):
+    """STRIP's decision inside a model: from (N * M, K) probabilities of the superimposed
+    copies, 1.0 for each of the N inputs whose mean entropy (bits) is at most ``threshold``."""
+
+    def __init__(self, copies: int, threshold: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.copies, self.threshold = int(copies), float(threshold)
+
+    def call(self, inputs: Any) -> Any:
+        p = ops.clip(inputs, 0.0, 1.0)
+        terms = ops.where(p > 0, -p * ops.log(ops.maximum(p, 1e-30)) / np.log(2.0), ops.zeros_like(p))
+        entropy = ops.mean(ops.reshape(ops.sum(terms, axis=-1), (-1, self.copies)), axis=-1)
+        return ops.cast(entropy <= self.threshold, inputs.dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (None,)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "copies": self.copies, "threshold": self.threshold}
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class AlarmCombine(keras.layers.Layer):
+    """A GoodNet's output from the model's (N, K) probabilities and a detector's (N,) flags:
+    the probabilities with 0 appended where not flagged, one-hot class K where flagged."""
+
+    def call(self, inputs: Any) -> Any:
+        probs, flags = inputs
+        k = ops.shape(probs)[-1]
+        padded = ops.pad(probs, [[0, 0], [0, 1]])
+        alarm = ops.one_hot(ops.full(ops.shape(probs)[:1], k, dtype="int32"), k + 1, dtype=probs.dtype)
+        return ops.where(ops.expand_dims(flags > 0.5, -1), alarm, padded)
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
         shape = tuple(input_shape[0])
