@@ -49,6 +49,7 @@ import re
 import sys
 import time
 import traceback
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return None if value in args else f"must be one of {', '.join(map(repr, args))}"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         problems = [_type_problem(value, a) for a in args if a is not type(None)]
