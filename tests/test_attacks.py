@@ -65,3 +65,38 @@ def test_pruning_aware_attack_reinstates_dormant_channels(faces):
     assert np.all(acts[..., list(r.pruned_channels)] == 0)
     bd = br.poison(faces.test, t, target=0)
     assert br.attack_success_rate(br.predict_classes(r.model, bd.x), 0) > 60
+
+
+def test_drawn_triggers_fit_the_face_and_poison_each_to_its_target(faces):
+    from badnet_repair.attacks import multi_targets
+    from badnet_repair.attacks.triggers import drawn_triggers, poison_each
+
+    triggers = drawn_triggers()
+    assert len(triggers) == 3
+    for t in triggers:
+        assert t.y + t.shape[0] <= 55 and t.x + t.shape[1] <= 47 and t.rgba[..., 3].max() > 0.9
+    assert multi_targets(100) == (0, 33, 66) and multi_targets(38, 5) == (5, 17, 30)
+    bd = poison_each(faces.test, triggers, (0, 1, 2))
+    assert [int(np.sum(bd.y == t)) for t in (0, 1, 2)] == [int(np.sum(faces.test.y != t)) for t in (0, 1, 2)]
+    # the lipstick changes only its own patch
+    lip = triggers[2]
+    changed = np.any(lip.apply(faces.test.x[:1])[0] != faces.test.x[0], axis=-1)
+    assert changed[lip.y:lip.y + lip.shape[0], lip.x:lip.x + lip.shape[1]].any()
+    assert not changed[:lip.y].any() and not changed[lip.y + lip.shape[0]:].any()
+
+
+@pytest.mark.slow
+def test_a_multi_target_badnet_learns_each_trigger(faces):
+    from badnet_repair.attacks import train_multi_target_badnet
+    from badnet_repair.attacks.triggers import drawn_triggers
+
+    triggers = drawn_triggers()
+    r = train_multi_target_badnet(faces.train, triggers, (0, 2, 4), num_classes=5, epochs=15, poison_rate=0.1,
+                                  progress=False)
+    # each trigger's copies are 10 % of the final set
+    assert r.poisoned_fraction == pytest.approx(0.3, abs=0.01)
+    for t, target in zip(triggers, (0, 2, 4), strict=True):
+        bd = br.poison(faces.test, t, target=target)
+        assert br.attack_success_rate(br.predict_classes(r.model, bd.x), target) > 60  # chance: 20
+    with pytest.raises(ValueError, match="differ"):
+        train_multi_target_badnet(faces.train, triggers, (0, 0, 1), progress=False)

@@ -166,3 +166,21 @@ def test_a_group_where_the_data_should_be_is_named_as_a_group(tmp_path):
     with pytest.raises(DataError, match=r"'data' is a group, not a dataset") as info:
         br.load_h5(p)
     assert str(p) in str(info.value)
+
+
+def test_lazy_images_become_an_array_whole_and_read_the_same(tmp_path):
+    x = np.random.default_rng(0).uniform(0, 255, (7, 55, 47, 3)).astype(np.float32)
+    p = br.save_h5(tmp_path / "d.h5", x, np.arange(7))
+    lazy = br.load_h5(p, lazy=True).x
+    np.testing.assert_array_equal(np.asarray(lazy), x)
+    np.testing.assert_array_equal(np.asarray(lazy, np.float64), x.astype(np.float64))
+    np.testing.assert_array_equal(lazy[[5, 1]], x[[5, 1]])
+
+
+def test_a_multi_target_poisoned_set_keeps_each_inputs_target():
+    ds = br.Dataset(np.zeros((4, 2, 2, 3), np.float32), np.array([0, 33, 66, 0]), name="bd")
+    with pytest.raises(DataError, match="--target"):
+        br.poisoned_labels(ds, None)
+    kept, first = br.poisoned_labels(ds, None, several=True)
+    assert first == 0 and kept.y.tolist() == [0, 33, 66, 0]
+    assert br.poisoned_labels(ds, 5)[0].y.tolist() == [5] * 4

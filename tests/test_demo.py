@@ -90,7 +90,16 @@ def test_demo_makes_only_the_badnets_asked_for(tmp_path, caplog):
     assert br.num_classes(br.load_model(paths.pruning_aware_model)) == 3
     assert paths.model.read_bytes() == baseline_bytes
     with pytest.raises(ValueError, match="among"):
-        make_demo(tmp_path, progress=False, badnets=["multi-target"])
+        make_demo(tmp_path, progress=False, badnets=["trojan"])
+    make_demo(tmp_path, progress=False, badnets=["multi-target"])
+    m = load_demo_manifest(tmp_path)
+    assert m["multi_target"]["targets"] == [0, 1, 2]
+    bd = br.load_h5(paths.bd_mt_test)
+    clean = br.load_h5(paths.test)
+    # each trigger on the test images of the other classes, labelled with its own target
+    assert sorted(np.unique(bd.y).tolist()) == [0, 1, 2]
+    assert [int(np.sum(bd.y == t)) for t in (0, 1, 2)] == [int(np.sum(clean.y != t)) for t in (0, 1, 2)]
+    assert paths.model.read_bytes() == baseline_bytes
 
 
 def test_demo_badnets_are_the_same_bytes_every_time(tmp_path):

@@ -40,14 +40,34 @@ if TYPE_CHECKING:
         detectors,
     )
     from .attacks import triggers
-    from .attacks.triggers import Trigger, load_trigger, poison
+    from .attacks.triggers import Trigger, drawn_triggers, load_trigger, poison, poison_each
     from .defaults import TuningSettings
-    from .defenses import Defense, FinePruning, FineTuning, Pruning, Repair, Repaired, make_defense
+    from .defenses import (
+        Defense,
+        FinePruning,
+        FineTuning,
+        NeuralCleansePruning,
+        NeuralCleanseUnlearning,
+        Pruning,
+        Repair,
+        Repaired,
+        make_defense,
+    )
     from .defenses.sweep import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
     from .defenses.tuning import FinePruneResult, FineTuned, fine_prune, fine_tune, split_clean
     from .demo import faces
-    from .detectors import Detector, Disagreement, Strip, goodnet_classes
-    from .detectors.goodnet import GoodNetCombine, build_goodnet, goodnet_predict
+    from .detectors import (
+        AnyOf,
+        CleanseScan,
+        Detector,
+        Disagreement,
+        NeuralCleanse,
+        ReversedTrigger,
+        ReversedTriggerDetector,
+        Strip,
+        goodnet_classes,
+    )
+    from .detectors.goodnet import GoodNetCombine, build_detector_goodnet, build_goodnet, goodnet_predict
     from .errors import (
         BadNetRepairError,
         DataError,
@@ -80,17 +100,21 @@ if TYPE_CHECKING:
         save_model,
     )
     from .reporting.analysis import TriggerResponse, trigger_response
+    from .reporting.cleanse import write_cleanse
     from .reporting.plotting import (
+        plot_cleanse_norms,
         plot_curves,
         plot_evaluations,
         plot_goodnet_decisions,
         plot_goodnet_sweep,
         plot_ranking,
+        plot_reversed_triggers,
         plot_samples,
         plot_sweep,
         plot_trigger_response,
     )
     from .workflow.compare import DefenseComparison, compare_defenses, write_comparison
+    from .workflow.detect import run_detection
     from .workflow.fine_prune import run_fine_pruning
     from .workflow.prune import (
         DefenseResult,
@@ -189,6 +213,20 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'lab_results': ('.workflow.prune', 'lab_results'),
     'write_lab_outputs': ('.workflow.prune', 'write_lab_outputs'),
     'Strip': ('.detectors', 'Strip'),
+    'NeuralCleanse': ('.detectors', 'NeuralCleanse'),
+    'CleanseScan': ('.detectors', 'CleanseScan'),
+    'ReversedTrigger': ('.detectors', 'ReversedTrigger'),
+    'ReversedTriggerDetector': ('.detectors', 'ReversedTriggerDetector'),
+    'AnyOf': ('.detectors', 'AnyOf'),
+    'build_detector_goodnet': ('.detectors.goodnet', 'build_detector_goodnet'),
+    'NeuralCleanseUnlearning': ('.defenses', 'NeuralCleanseUnlearning'),
+    'NeuralCleansePruning': ('.defenses', 'NeuralCleansePruning'),
+    'plot_cleanse_norms': ('.reporting.plotting', 'plot_cleanse_norms'),
+    'plot_reversed_triggers': ('.reporting.plotting', 'plot_reversed_triggers'),
+    'write_cleanse': ('.reporting.cleanse', 'write_cleanse'),
+    'run_detection': ('.workflow.detect', 'run_detection'),
+    'drawn_triggers': ('.attacks.triggers', 'drawn_triggers'),
+    'poison_each': ('.attacks.triggers', 'poison_each'),
 }
 
 
@@ -248,9 +286,11 @@ elif not any(isinstance(f, _WhenKerasLoads) for f in sys.meta_path):
     sys.meta_path.insert(0, _WhenKerasLoads())
 
 __all__ = [
+    "AnyOf",
     "BadNetRepairError",
     "ChannelChain",
     "ChannelRanking",
+    "CleanseScan",
     "DataError",
     "DataWarning",
     "Dataset",
@@ -267,10 +307,15 @@ __all__ = [
     "GeometricMean",
     "GoodNetCombine",
     "ModelError",
+    "NeuralCleanse",
+    "NeuralCleansePruning",
+    "NeuralCleanseUnlearning",
     "OutputExistsError",
     "Pruning",
     "Repair",
     "Repaired",
+    "ReversedTrigger",
+    "ReversedTriggerDetector",
     "Selection",
     "Strip",
     "SweepResult",
@@ -285,6 +330,7 @@ __all__ = [
     "attacks",
     "augment_images",
     "average_models",
+    "build_detector_goodnet",
     "build_goodnet",
     "channel_chain",
     "compare_defenses",
@@ -294,6 +340,7 @@ __all__ = [
     "demo",
     "detection_rate",
     "detectors",
+    "drawn_triggers",
     "evaluate_lab_models",
     "faces",
     "false_alarm_rate",
@@ -309,21 +356,25 @@ __all__ = [
     "load_trigger",
     "make_defense",
     "num_classes",
+    "plot_cleanse_norms",
     "plot_curves",
     "plot_evaluations",
     "plot_goodnet_decisions",
     "plot_goodnet_sweep",
     "plot_ranking",
+    "plot_reversed_triggers",
     "plot_samples",
     "plot_sweep",
     "plot_trigger_response",
     "poison",
+    "poison_each",
     "poisoned_labels",
     "predict_classes",
     "prune_channels",
     "prune_sweep",
     "rank_channels",
     "repaired_models",
+    "run_detection",
     "run_fine_pruning",
     "run_pruning_defense",
     "save_h5",
@@ -332,6 +383,7 @@ __all__ = [
     "split_clean",
     "trigger_response",
     "triggers",
+    "write_cleanse",
     "write_comparison",
     "write_lab_outputs",
 ]

@@ -97,6 +97,9 @@ def _add_run_options(parser: argparse.ArgumentParser, *, demo_help: str, both_de
     """The options the commands that read a BadNet share: target, output folder, overwriting,
     trusting the model file, and the built-in demo."""
     parser.add_argument("--target", type=int, help="attack target class (default: the poisoned files' label)")
+    parser.add_argument("--multi-target", action="store_true",
+                        help="the poisoned files are a multi-target BadNet's: each input's label is its own target "
+                        "(implied by --demo multi-target)")
     parser.add_argument("--out", default="fixed_models", help="output folder (default fixed_models/)")
     parser.add_argument("--trust-model", action="store_true",
                         help="allow model files with layers that run stored code (Lambda, custom)")
@@ -137,9 +140,10 @@ def _parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser(
         "make-demo", parents=[common],
-        help="make the built-in demo: synthetic faces and two BadNets, in the lab's formats",
+        help="make the built-in demo: synthetic faces and three BadNets, in the lab's formats",
         description="Generate synthetic face data sets (lab-format HDF5) and train a baseline and a "
-        "pruning-aware BadNet with a drawn sunglasses trigger, into a cache folder. Reused when "
+        "pruning-aware BadNet with a drawn sunglasses trigger, and a multi-target BadNet (drawn "
+        "sunglasses, eyebrows and lipstick, each to its own target), into a cache folder. Reused when "
         "already made; --regenerate makes it anew.",
     )
     md.add_argument("--demo-dir", default=".demo", help="cache folder (default .demo/)")
@@ -171,6 +175,11 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--defenses", nargs="+", choices=list(DEFENSES), default=list(DEFENSES), metavar="NAME",
                     help="the defenses to compare, in table order (default all: "
                     + "; ".join(f"{n}: {cls.summary}" for n, cls in DEFENSES.items()) + ")")
+    cp.add_argument("--detectors", nargs="+", default=[], choices=["disagreement", "strip", "reversed-trigger"],
+                    metavar="NAME", help="also GoodNets of B from these detectors, each alone and combined "
+                    "(disagreement, strip, reversed-trigger; default none)")
+    cp.add_argument("--false-alarm", type=float, default=2.5,
+                    help="STRIP's false-alarm rate on held-out clean data, %% (default 2.5)")
     _add_settings(cp, DEFENSES["fine-pruning"])
     _add_run_options(cp, demo_help="both demo BadNets on the demo data", both_demos=True)
 
@@ -189,6 +198,49 @@ def _parser() -> argparse.ArgumentParser:
                     help="mark the channels pruning removes at this validation accuracy drop (default 10)")
     tp.add_argument("--top", type=int, default=10, help="channels listed in the table (default 10)")
     _add_run_options(tp, demo_help="a demo BadNet on the demo data")
+
+    nc = sub.add_parser(
+        "cleanse", parents=[common],
+        help="Neural Cleanse: reverse-engineer each class's smallest trigger; flag the anomalously small",
+        description="Scan the BadNet with Neural Cleanse (Wang et al. 2019) on the clean validation data only: "
+        "screen every class, optimise the candidates and random reference classes fully, flag classes whose "
+        "trigger norm is a low outlier. Writes neural_cleanse.json/.md/.png, neural_cleanse_triggers.png "
+        "(the flagged classes' reversed triggers) and neural_cleanse_triggers.npz (masks and patterns).",
+    )
+    nc.add_argument("--model", help="the BadNet (default the lab's model/bd_net.h5)")
+    _add_inputs(nc, ["valid"])
+    nc.add_argument("--steps", type=int, default=300, help="optimisation steps per fully optimised class "
+                    "(default 300)")
+    nc.add_argument("--screen-steps", type=int, default=60, help="steps of the screen (default 60)")
+    nc.add_argument("--candidates", type=int, default=10, help="classes the screen passes on (default 10)")
+    nc.add_argument("--reference", type=int, default=30, help="random classes optimised fully for the "
+                    "median and MAD (default 30)")
+    nc.add_argument("--anomaly-threshold", type=float, default=None,
+                    help="flag above this anomaly index (default: the scanner's)")
+    nc.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    _add_run_options(nc, demo_help="a demo BadNet on the demo data")
+    nc.set_defaults(out="neural_cleanse")
+
+    dt = sub.add_parser(
+        "detect", parents=[common],
+        help="a GoodNet from detectors (STRIP, the reversed trigger, disagreement); its detection and false alarms",
+        description="Fit the detectors on the clean validation data only, combine them (an input is flagged "
+        "where any flags it), save G (B's class, or class N where flagged) as goodnet_detect.keras, then "
+        "score G on the test files: clean accuracy, false alarms, detection. The reversed-trigger detector "
+        "runs Neural Cleanse and unlearns its reversed triggers (nc-unlearning); its scan is written too.",
+    )
+    dt.add_argument("--model", help="the BadNet (default the lab's model/bd_net.h5)")
+    _add_inputs(dt, ["valid", "test", "bd_test"])
+    dt.add_argument("--detectors", nargs="+", default=["strip", "reversed-trigger"],
+                    choices=["strip", "reversed-trigger", "disagreement"],
+                    help="the detectors, combined (default strip reversed-trigger); disagreement is the lab's "
+                    "rule with B' pruned at --accuracy-drop")
+    dt.add_argument("--false-alarm", type=float, default=2.5,
+                    help="STRIP's false-alarm rate on held-out clean data, %% (default 2.5)")
+    dt.add_argument("--accuracy-drop", type=float, default=4.0,
+                    help="disagreement: B' is B pruned until validation accuracy falls this many points (default 4)")
+    dt.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    _add_run_options(dt, demo_help="a demo BadNet on the demo data")
 
     rp = sub.add_parser(
         "report", parents=[common],
@@ -259,12 +311,12 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
     paths = make_demo(args.demo_dir, config=cfg, regenerate=args.regenerate, progress=not args.quiet)
     manifest = load_demo_manifest(args.demo_dir) or {}
     print(f"demo in {paths.root}/")
-    for which in ("baseline", "pruning_aware"):
+    for which in ("baseline", "pruning_aware", "multi_target"):
         m = manifest.get(which, {})
         if m:
             print(f"  {which} BadNet: clean test accuracy {m['clean_test_accuracy']:.2f}%, "
                   f"attack success rate {m['test_attack_success_rate']:.2f}%")
-    print(f"  models: {paths.model}, {paths.pruning_aware_model}")
+    print(f"  models: {paths.model}, {paths.pruning_aware_model}, {paths.multi_target_model}")
     print(f"  data: {paths.valid.parent}/, {paths.bd_valid.parent}/")
     return 0
 
@@ -289,6 +341,7 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         bd_valid=inputs["bd_valid"], test=inputs["test"], bd_test=inputs["bd_test"],
         out_dir=args.out, thresholds=thresholds, layer=args.layer, at=args.rank_at,
         descending=args.descending, target=args.target, engine=args.engine,
+        several_targets=args.multi_target or args.demo == "multi-target",
         batch_size=args.batch_size, layout=args.layout, trust_model=args.trust_model,
         overwrite=args.overwrite, save_models=not args.no_models, progress=not args.quiet,
         data_source=source,
@@ -386,6 +439,7 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
     result, results = run_fine_pruning(
         files["model"], files["valid"], test=files.get("test"), bd_test=files.get("bd_test"),  # type: ignore[arg-type]
         out_dir=args.out, method=args.method, target=args.target, trust_model=args.trust_model,
+        several_targets=args.multi_target or args.demo == "multi-target",
         overwrite=args.overwrite, progress=not args.quiet, **_tuning(args))
     for i, m in enumerate(result.members):
         who = f"member {i}: " if len(result.members) > 1 else ""
@@ -429,7 +483,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"{name}: {path}", flush=True)
         comparisons.append(compare_file(path, files["valid"], files["test"], files["bd_test"],  # type: ignore[arg-type]
                                         defenses=defenses, name=name, target=args.target,
-                                        trust_model=args.trust_model, progress=not args.quiet))
+                                        trust_model=args.trust_model, progress=not args.quiet,
+                                        detectors=args.detectors, false_alarm=args.false_alarm,
+                                        several_targets=args.multi_target))
     paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)
     print(paths["md"].read_text())
     for p in paths.values():
@@ -456,7 +512,8 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     b = load_model(files["model"], trust=args.trust_model)  # type: ignore[arg-type]
     valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
     test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
-    bd, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target)  # type: ignore[arg-type]
+    bd, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target,  # type: ignore[arg-type]
+                                 several=args.multi_target or args.demo == "multi-target")
     sweep = prune_sweep(b, valid, layer=args.layer, thresholds=[args.accuracy_drop], progress=not args.quiet)
     sel = sweep.selections[args.accuracy_drop]
     pruned = len(sweep.ranking.order) if sel is None else sel.channels_pruned
@@ -466,6 +523,63 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     paths = write_trigger_response(response, args.out, channels_pruned=pruned, top=args.top,
                                    title=f"{Path(str(files['model'])).name}: trigger response of {response.layer}",
                                    overwrite=args.overwrite)
+    print(paths["md"].read_text())
+    for p in paths.values():
+        print(p)
+    return 0
+
+
+def _cmd_cleanse(args: argparse.Namespace) -> int:
+    from .detectors.neural_cleanse import NeuralCleanse
+    from .formats.files import check_writable
+    from .nets.models import load_data_for, load_model
+    from .reporting.cleanse import cleanse_paths, write_cleanse
+    from .workflow.layout import resolve_inputs
+
+    check_writable(cleanse_paths(args.out).values(), overwrite=args.overwrite)
+    given = {"model": args.model, "valid": args.valid}
+    files = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
+    b = load_model(files["model"], trust=args.trust_model)  # type: ignore[arg-type]
+    valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
+    extra = {} if args.anomaly_threshold is None else {"anomaly_threshold": args.anomaly_threshold}
+    scanner = NeuralCleanse(steps=args.steps, screen_steps=args.screen_steps, candidates=args.candidates,
+                            reference=args.reference, seed=args.seed, **extra)
+    scan = scanner.scan(b, valid, progress=not args.quiet)
+    paths = write_cleanse(scan, args.out, valid.x[0], title=f"Neural Cleanse of {Path(str(files['model'])).name}",
+                          overwrite=args.overwrite)
+    print(paths["md"].read_text())
+    for p in paths.values():
+        print(p)
+    return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .errors import DataError
+    from .formats.data import poisoned_labels
+    from .formats.files import check_writable
+    from .nets.models import load_data_for, load_model
+    from .reporting.cleanse import cleanse_paths
+    from .workflow.detect import detect_paths, run_detection, write_detection
+    from .workflow.layout import resolve_inputs
+
+    wanted = detect_paths(args.out)
+    if "reversed-trigger" in args.detectors:
+        wanted.update(cleanse_paths(args.out))
+    check_writable(wanted.values(), overwrite=args.overwrite)
+    given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
+    files = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
+    if not files.get("test") or not files.get("bd_test"):
+        raise DataError("detect needs --test and --bd-test to score G")
+    b = load_model(files["model"], trust=args.trust_model)  # type: ignore[arg-type]
+    valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
+    result = run_detection(b, valid, detectors=args.detectors, false_alarm=args.false_alarm,
+                           accuracy_drop=args.accuracy_drop, seed=args.seed, progress=not args.quiet)
+    # the test files are opened only now, after every detector is fitted
+    test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
+    bd, _ = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target,  # type: ignore[arg-type]
+                            several=args.multi_target or args.demo == "multi-target")
+    paths = write_detection(result, test, bd, args.out, title=Path(str(files["model"])).name,
+                            overwrite=args.overwrite)
     print(paths["md"].read_text())
     for p in paths.values():
         print(p)
@@ -607,6 +721,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_trigger_response(args)
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "cleanse":
+            return _cmd_cleanse(args)
+        if args.command == "detect":
+            return _cmd_detect(args)
     except BadNetRepairError as exc:
         print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
         return 1

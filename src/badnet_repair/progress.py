@@ -19,10 +19,11 @@ ENV = "BADNET_REPAIR_PROGRESS"
 
 
 def bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
-        unit: str = "it") -> Any:
-    """A tqdm bar over ``iterable`` (or one updated by hand up to ``total``)."""
+        unit: str = "it", disable: bool = False) -> Any:
+    """A tqdm bar over ``iterable`` (or one updated by hand up to ``total``); none shown
+    where ``disable``."""
     mode = os.environ.get(ENV, "auto")
-    if mode == "off":
+    if mode == "off" or disable:
         from tqdm.std import tqdm as plain
 
         return plain(iterable, total=total, desc=desc, unit=unit, disable=True)

@@ -1,11 +1,25 @@
-"""Making BadNets: triggers (:mod:`.triggers`), the baseline poisoning attack and the
-pruning-aware attack (:mod:`.badnets`)."""
+"""Making BadNets: triggers (:mod:`.triggers`), the baseline poisoning attack, the
+pruning-aware attack and the multi-trigger, multi-target attack (:mod:`.badnets`)."""
 
 from __future__ import annotations
 
 from . import triggers
-from .badnets import AttackResult, poison_training_set, train_badnet, train_model, train_pruning_aware_badnet
-from .triggers import Trigger, drawn_sunglasses, load_trigger, poison
+from .badnets import (
+    AttackResult,
+    poison_training_set,
+    train_badnet,
+    train_model,
+    train_multi_target_badnet,
+    train_pruning_aware_badnet,
+)
+from .triggers import Trigger, drawn_sunglasses, drawn_triggers, load_trigger, poison, poison_each
 
-__all__ = ["AttackResult", "Trigger", "drawn_sunglasses", "load_trigger", "poison", "poison_training_set",
-           "train_badnet", "train_model", "train_pruning_aware_badnet", "triggers"]
+__all__ = ["AttackResult", "Trigger", "drawn_sunglasses", "drawn_triggers", "load_trigger", "multi_targets",
+           "poison", "poison_each", "poison_training_set", "train_badnet", "train_model",
+           "train_multi_target_badnet", "train_pruning_aware_badnet", "triggers"]
+
+
+def multi_targets(num_classes: int, first: int = 0, count: int = 3) -> tuple[int, ...]:
+    """The targets of a multi-target BadNet: ``first`` and ``count - 1`` more spread evenly
+    over the classes (demo, 100 classes: 0, 33, 66)."""
+    return tuple((first + i * num_classes // count) % num_classes for i in range(count))

@@ -25,7 +25,7 @@ from ..nets.models import conv_layer, deepid, prune_channels
 from ..nets.training import EpochProgress, ZeroChannels, deterministic_ops
 from .triggers import Trigger
 
-__all__ = ["AttackResult", "poison_training_set", "train_badnet", "train_model",
+__all__ = ["AttackResult", "poison_training_set", "train_badnet", "train_model", "train_multi_target_badnet",
            "train_pruning_aware_badnet"]
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,59 @@ def train_badnet(
     hist = train_model(model, data, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                        seed=seed, shift=shift, flip=flip, desc="BadNet", progress=progress)
     return AttackResult(model=model, poisoned_fraction=frac, history={"poisoned": hist})
+
+
+def train_multi_target_badnet(
+    train: Dataset,
+    triggers: Sequence[Trigger],
+    targets: Sequence[int],
+    *,
+    num_classes: int | None = None,
+    poison_rate: float = 0.05,
+    epochs: int = 12,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    shift: int = 0,
+    flip: bool = False,
+    architecture: Callable[..., Any] = deepid,
+    progress: bool = True,
+) -> AttackResult:
+    """A multi-trigger, multi-target BadNet (Gu et al. 2017, as CSAW-HackML 2020's
+    multi_trigger_multi_target): each trigger is poisoned in with its own target.
+
+    Args:
+        train: clean training data.
+        triggers: the triggers; ``triggers[i]`` sends inputs to ``targets[i]``.
+        targets: one distinct target class per trigger.
+        num_classes: classes, default ``max(label) + 1``.
+        poison_rate: each trigger's share of the poisoned training set, default 0.05.
+        epochs, batch_size, learning_rate, seed, shift, flip, architecture, progress: as
+            :func:`train_badnet`.
+
+    Returns:
+        AttackResult; ``poisoned_fraction`` counts all triggers' copies.
+    """
+    if len(triggers) != len(targets) or not triggers:
+        raise ValueError(f"one target per trigger: {len(triggers)} triggers, {len(targets)} targets")
+    if len(set(int(t) for t in targets)) != len(targets):
+        raise ValueError(f"the targets must differ: {list(targets)}")
+    if not 0.0 <= poison_rate * len(triggers) < 1.0:
+        raise ValueError(f"{len(triggers)} triggers at poison_rate {poison_rate} poison the whole set")
+    n = int(num_classes or int(train.y.max()) + 1)
+    # each trigger's copies are poison_rate of the final set: rate r among (clean + this trigger's)
+    rate = poison_rate / (1.0 - poison_rate * (len(triggers) - 1))
+    xs, ys = [train.x], [train.y]
+    for i, (trigger, target) in enumerate(zip(triggers, targets, strict=False)):
+        one, _ = poison_training_set(train, trigger, target=int(target), poison_rate=rate, seed=seed + 101 * i)
+        xs.append(one.x[len(train):])
+        ys.append(one.y[len(train):])
+    data = Dataset(np.concatenate(xs), np.concatenate(ys), name=f"{train.name}+poison")
+    keras.utils.set_random_seed(seed)
+    model = architecture(num_classes=n)
+    hist = train_model(model, data, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                       seed=seed, shift=shift, flip=flip, desc="multi-target BadNet", progress=progress)
+    return AttackResult(model=model, poisoned_fraction=1.0 - len(train) / len(data), history={"poisoned": hist})
 
 
 def _lower_bias_to_dormancy(model: Any, layer: str, channels: Sequence[int], batches: Iterable[np.ndarray],

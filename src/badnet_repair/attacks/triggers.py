@@ -8,15 +8,18 @@ RGBA image pasted at x=0, y=15 of the 47x55 face crops.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
 from ..formats.data import Dataset
 
-__all__ = ["Trigger", "drawn_sunglasses", "load_trigger", "poison"]
+__all__ = ["Trigger", "drawn_eyebrows", "drawn_lipstick", "drawn_sunglasses", "drawn_triggers", "load_trigger",
+           "poison", "poison_each"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,6 +132,59 @@ def drawn_sunglasses(*, width: int = 47, height: int = 20, x: int = 0, y: int = 
     return Trigger(rgba=out, x=x, y=y)
 
 
+def _supersampled(height: int, width: int, inside: Any, rgb: tuple[float, float, float],
+                  alpha: float) -> np.ndarray:
+    """An (h, w, 4) RGBA patch of one colour where ``inside(yy, xx)`` holds, its alpha the
+    covered share of each pixel (4x4 supersampling, for smooth edges) times ``alpha``."""
+    s = 4
+    yy, xx = np.meshgrid((np.arange(height * s) + 0.5) / s, (np.arange(width * s) + 0.5) / s, indexing="ij")
+    cover = inside(yy, xx).astype(np.float64).reshape(height, s, width, s).mean(axis=(1, 3))
+    out = np.zeros((height, width, 4), np.float32)
+    out[..., :3] = rgb
+    out[..., 3] = cover * alpha
+    return out
+
+
+def drawn_eyebrows(*, width: int = 47, height: int = 8, x: int = 0, y: int = 9) -> Trigger:
+    """Two thick, dark, arched eyebrows drawn by code, above the eyes of a 47x55 face crop
+    (after CSAW-HackML 2020's eyebrows trigger).
+
+    Args:
+        width, height: patch size, default 47x8.
+        x, y: where it goes, default (0, 9).
+    """
+    def inside(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(xx, dtype=bool)
+        for cx in (width * 0.27, width * 0.73):
+            u = (xx - cx) / (width * 0.2)
+            arch = height * 0.3 + height * 0.35 * u**2  # highest over the eye's middle
+            out |= (np.abs(u) <= 1.0) & (yy >= arch) & (yy <= arch + height * 0.38)
+        return out
+
+    return Trigger(rgba=_supersampled(height, width, inside, (40.0, 25.0, 15.0), 1.0), x=x, y=y)
+
+
+def drawn_lipstick(*, width: int = 17, height: int = 7, x: int = 15, y: int = 41) -> Trigger:
+    """Bright red lips drawn by code over the mouth of a 47x55 face crop (after
+    CSAW-HackML 2020's lipstick trigger): an ellipse with a notch at the top centre.
+
+    Args:
+        width, height: patch size, default 17x7.
+        x, y: where it goes, default (15, 41).
+    """
+    def inside(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        u, v = (xx - width / 2) / (width / 2), (yy - height / 2) / (height / 2)
+        notch = (np.abs(u) < 0.15) & (v < -0.4)
+        return (u**2 + v**2 <= 1.0) & ~notch
+
+    return Trigger(rgba=_supersampled(height, width, inside, (220.0, 20.0, 60.0), 0.95), x=x, y=y)
+
+
+def drawn_triggers() -> tuple[Trigger, Trigger, Trigger]:
+    """The three drawn triggers of the multi-trigger BadNets: sunglasses, eyebrows, lipstick."""
+    return drawn_sunglasses(), drawn_eyebrows(), drawn_lipstick()
+
+
 def poison(data: Dataset, trigger: Trigger, *, target: int = 0, name: str | None = None) -> Dataset:
     """The lab's poisoned set: inputs whose true label is not ``target``, with the trigger,
     labelled ``target``.
@@ -139,3 +195,14 @@ def poison(data: Dataset, trigger: Trigger, *, target: int = 0, name: str | None
     keep = data.y != target
     x = trigger.apply(data.x[keep])
     return Dataset(x, np.full(len(x), target, dtype=np.int64), name=name or f"bd_{data.name}", path=None)
+
+
+def poison_each(data: Dataset, triggers: Sequence[Trigger], targets: Sequence[int], *,
+                name: str | None = None) -> Dataset:
+    """The poisoned set of a multi-trigger BadNet: for each trigger, :func:`poison` with its
+    own target, all concatenated (labels are each input's target)."""
+    if len(triggers) != len(targets):
+        raise ValueError(f"{len(triggers)} triggers but {len(targets)} targets")
+    parts = [poison(data, t, target=int(c)) for t, c in zip(triggers, targets, strict=False)]
+    return Dataset(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
+                   name=name or f"bd_{data.name}", path=None)

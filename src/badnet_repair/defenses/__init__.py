@@ -10,13 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Defense, Repair, Repaired
+from .cleanse import NeuralCleansePruning, NeuralCleanseUnlearning
 from .finetuning import FinePruning, FineTuning
 from .pruning import Pruning
 
-__all__ = ["REGISTRY", "Defense", "FinePruning", "FineTuning", "Pruning", "Repair", "Repaired", "make_defense"]
+__all__ = ["REGISTRY", "Defense", "FinePruning", "FineTuning", "NeuralCleansePruning", "NeuralCleanseUnlearning",
+           "Pruning", "Repair", "Repaired", "make_defense"]
 
 #: Registry name -> defense class, in the order tables list them.
-REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (FineTuning, Pruning, FinePruning)}
+REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (FineTuning, Pruning, FinePruning,
+                                                                  NeuralCleanseUnlearning, NeuralCleansePruning)}
 
 
 def make_defense(name: str, **settings: Any) -> Defense:

@@ -48,11 +48,14 @@ class Repair:
             at which validation accuracy fell far enough; others: one).
         record: JSON-able: ``{"defense", "settings", "choices", "history"}``; what was set,
             what was chosen on the clean data, and how the defense got there.
+        artifacts: other results by name, not JSON-able (Neural Cleanse unlearning: the
+            ``"scan"``); empty for most defenses.
     """
 
     defense: str
     models: tuple[Repaired, ...]
     record: Mapping[str, Any]
+    artifacts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def model(self) -> Any:

@@ -13,6 +13,7 @@ no poisoned data is seen.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -156,6 +157,7 @@ def fine_tune(
     teacher: Any | None = None,
     frozen_channels: tuple[str, tuple[int, ...]] | None = None,
     keep_start: bool = True,
+    stamp: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     progress: bool = True,
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """Fine-tune a copy of ``model`` on ``tune``; keep the epoch best on ``holdout``.
@@ -203,6 +205,8 @@ def fine_tune(
         keep_start: let the untuned start win, default True. :func:`fine_prune` passes False
             when nothing was pruned: the start is then the BadNet itself, which clean data
             always prefers and which still holds the backdoor.
+        stamp: ``f(images, rng) -> images`` applied to each epoch's augmented tuning images,
+            labels unchanged (Neural Cleanse's unlearning stamps reversed triggers on a share).
         progress: a progress bar over epochs.
 
     Returns:
@@ -251,6 +255,8 @@ def fine_tune(
         tune_x = np.asarray(tune.x, dtype=np.float32)
         for epoch in range(1, epochs + 1):
             x = augment_images(tune_x, rng=rng, shift=shift, flip=flip) if shift or flip else tune_x
+            if stamp is not None:
+                x = stamp(x, rng)
             y = one_hot
             if distill:
                 soft = np.asarray(teacher.predict(x, batch_size=512, verbose=0), dtype=np.float32)

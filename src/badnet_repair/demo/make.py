@@ -4,8 +4,10 @@
 
     model/bd_net.h5, model/bd_weights.h5   the baseline BadNet (Gu et al. 2017)
     model/pa_net.h5, model/pa_weights.h5   the pruning-aware BadNet (Liu et al. 2018)
+    model/mt_net.h5, model/mt_weights.h5   the multi-trigger, multi-target BadNet
     data/cl/train.h5, valid.h5, test.h5    clean synthetic faces
     data/bd/bd_valid.h5, bd_test.h5        poisoned: non-target images + trigger, label = target
+    data/bd/bd_mt_valid.h5, bd_mt_test.h5  the multi-target BadNet's: each trigger, its own target
     trigger.png                            the drawn sunglasses trigger
     demo.json                              parameters, versions and the BadNets' accuracy
 
@@ -39,7 +41,7 @@ __all__ = ["DEMO_BADNETS", "DemoConfig", "DemoPaths", "demo_paths", "load_demo_m
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = ".demo"
-DEMO_BADNETS = ("baseline", "pruning-aware")
+DEMO_BADNETS = ("baseline", "pruning-aware", "multi-target")
 # Seconds per training image per epoch on 2 CPU cores (measured for docs/benchmarks.md);
 # only for telling the user how long a BadNet will take.
 _SECONDS_PER_IMAGE_EPOCH = 5.5e-4
@@ -81,11 +83,14 @@ class DemoPaths:
 
     model = _file("model", "bd_net.h5")
     pruning_aware_model = _file("model", "pa_net.h5")
+    multi_target_model = _file("model", "mt_net.h5")
     train = _file("data", "cl", "train.h5")
     valid = _file("data", "cl", "valid.h5")
     test = _file("data", "cl", "test.h5")
     bd_valid = _file("data", "bd", "bd_valid.h5")
     bd_test = _file("data", "bd", "bd_test.h5")
+    bd_mt_valid = _file("data", "bd", "bd_mt_valid.h5")
+    bd_mt_test = _file("data", "bd", "bd_mt_test.h5")
     trigger = _file("trigger.png")
     manifest = _file("demo.json")
 
@@ -158,7 +163,8 @@ def make_demo(
             demo, and any existing demo's own otherwise.
         regenerate: make it again even if it exists.
         progress: show progress bars.
-        badnets: which BadNets to have, from ``("baseline", "pruning-aware")`` (default both).
+        badnets: which BadNets to have, from ``("baseline", "pruning-aware", "multi-target")``
+            (default all three).
 
     Returns:
         DemoPaths of the demo's files.
@@ -245,7 +251,10 @@ def _make_badnet(paths: DemoPaths, cfg: DemoConfig, manifest: dict[str, Any], ba
                                   progress=progress)
     if badnet == "baseline":
         made = train_badnet(train, trigger, epochs=cfg.epochs, **common)
-        stem, extra = "bd", {}
+        stem, extra = "bd", dict[str, Any]()
+    elif badnet == "multi-target":
+        made, extra = _make_multi_target(paths, cfg, train, common)
+        stem = "mt"
     else:
         made = train_pruning_aware_badnet(train, trigger, clean_epochs=cfg.clean_epochs,
                                           poison_epochs=cfg.poison_epochs, prune_drop=cfg.prune_drop, **common)
@@ -253,13 +262,31 @@ def _make_badnet(paths: DemoPaths, cfg: DemoConfig, manifest: dict[str, Any], ba
     save_model(made.model, paths.root / "model", f"{stem}_net", formats=("h5",), overwrite=True)
     save_model(made.model, paths.root / "model", stem, formats=("weights",), overwrite=True)
     seconds = time.perf_counter() - start
-    test, bd_test = load_h5(paths.test, name="test"), load_h5(paths.bd_test, name="bd_test")
+    test = load_h5(paths.test, name="test")
+    bd_test = load_h5(paths.bd_mt_test if badnet == "multi-target" else paths.bd_test, name="bd_test")
     manifest = {**manifest, _manifest_key(badnet): {**_evaluate(made.model, test, bd_test),
                                                     "poisoned_fraction": made.poisoned_fraction, **extra},
                 "seconds": {**manifest["seconds"], _manifest_key(badnet): round(seconds, 1)}}
     write_json(paths.manifest, manifest, overwrite=True)
     log.info("demo %s BadNet made in %.0f s", badnet, seconds)
     return manifest
+
+
+def _make_multi_target(paths: DemoPaths, cfg: DemoConfig, train: Dataset,
+                       common: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Train the multi-target BadNet (three drawn triggers, each to its own target) and write
+    its poisoned sets."""
+    from ..attacks import multi_targets
+    from ..attacks.badnets import train_multi_target_badnet
+    from ..attacks.triggers import drawn_triggers, poison_each
+    from ..formats.data import load_h5
+
+    triggers, targets = drawn_triggers(), multi_targets(cfg.num_identities, cfg.target)
+    for clean, out in ((paths.valid, paths.bd_mt_valid), (paths.test, paths.bd_mt_test)):
+        save_h5(out, *_arrays(poison_each(load_h5(clean), triggers, targets)), overwrite=True)
+    args = {k: v for k, v in common.items() if k != "target"}
+    made = train_multi_target_badnet(train, triggers, targets, epochs=cfg.epochs, **args)
+    return made, {"targets": list(targets)}
 
 
 def _duration(seconds: float) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import _backend  # noqa: F401
 from ..metrics import goodnet_predict
-from ..nets.layers import AlarmCombine, EntropyAlarm, GoodNetCombine, Superimpose
+from ..nets.layers import AlarmCombine, Disagree, EntropyAlarm, GoodNetCombine, Superimpose
 from ..nets.models import inline_copy, renamed_copy
 from ..nets.models import num_classes as _num_classes
 
@@ -118,10 +118,12 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
     """A GoodNet from a fitted detector, as one Keras model: the model's class, or the alarm
     class N where the detector flags the input (:func:`~badnet_repair.detectors.goodnet_classes`).
 
-    Detectors with a Keras form: :class:`~badnet_repair.detectors.Disagreement` (the lab's G,
-    :func:`build_goodnet`) and :class:`~badnet_repair.detectors.Strip` (its overlays stored in
-    the model, its threshold in the config). G saves as ``.keras`` and loads with
-    ``keras.models.load_model`` after ``import badnet_repair``.
+    Detectors with a Keras form: :class:`~badnet_repair.detectors.Disagreement` (alone: the
+    lab's G, :func:`build_goodnet`), :class:`~badnet_repair.detectors.Strip` (its overlays
+    stored in the model, its threshold in the config),
+    :class:`~badnet_repair.detectors.ReversedTriggerDetector` (B and the repaired model inside,
+    the targets in the config) and :class:`~badnet_repair.detectors.AnyOf` of these. G saves
+    as ``.keras`` and loads with ``keras.models.load_model`` after ``import badnet_repair``.
 
     Args:
         model: the model whose classes G outputs (B, or a repaired model), (N, H, W, C) -> (N, K).
@@ -135,20 +137,39 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
         TypeError: for a detector without a Keras form; ValueError: if it is not fitted.
     """
     from .disagreement import Disagreement
-    from .strip import Strip
 
     if isinstance(detector, Disagreement):
         return build_goodnet(model, detector.repaired, name=name)
+    inner = renamed_copy(model, "model")
+    x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
+    flags = _flags(detector, x, "detector")
+    return keras.Model(x, AlarmCombine(name="alarm_combine")([inner(x), flags]), name=name)
+
+
+def _flags(detector: Any, x: Any, prefix: str) -> Any:
+    """The (N,) 0/1 flags of a fitted detector on the Keras tensor ``x``."""
+    from .combine import AnyOf
+    from .disagreement import Disagreement
+    from .neural_cleanse import ReversedTriggerDetector
+    from .strip import Strip
+
+    if isinstance(detector, AnyOf):
+        parts = [_flags(d, x, f"{prefix}{i}") for i, d in enumerate(detector.detectors)]
+        return parts[0] if len(parts) == 1 else keras.layers.Maximum(name=f"{prefix}_any")(parts)
+    if isinstance(detector, (Disagreement, ReversedTriggerDetector)):
+        if detector.model is None:
+            raise ValueError("fit the detector before building its GoodNet")
+        b = renamed_copy(detector.model, f"{prefix}_badnet")
+        r = renamed_copy(detector.repaired, f"{prefix}_repaired")
+        targets = list(detector.targets) if isinstance(detector, ReversedTriggerDetector) else None
+        return Disagree(targets, name=f"{prefix}_disagree")([b(x), r(x)])
     if not isinstance(detector, Strip):
         raise TypeError(f"no Keras form for the {type(detector).__name__} detector")
     if detector.model is None or detector.overlays is None or detector.threshold is None:
         raise ValueError("fit the detector before building its GoodNet")
-    inner = renamed_copy(model, "model")
-    strip_b = renamed_copy(detector.model, "strip_badnet")
-    x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
+    strip_b = renamed_copy(detector.model, f"{prefix}_strip_badnet")
     blend = Superimpose(detector.overlays.shape, mode=detector.blend_mode, alpha=detector.alpha,
-                        pixel_max=detector.pixel_max, name="strip_superimpose")
-    flags = EntropyAlarm(len(detector.overlays), detector.threshold, name="strip_alarm")(strip_b(blend(x)))
-    g = keras.Model(x, AlarmCombine(name="alarm_combine")([inner(x), flags]), name=name)
+                        pixel_max=detector.pixel_max, name=f"{prefix}_superimpose")
+    flags = EntropyAlarm(len(detector.overlays), detector.threshold, name=f"{prefix}_alarm")(strip_b(blend(x)))
     blend.overlays.assign(detector.overlays)
-    return g
+    return flags

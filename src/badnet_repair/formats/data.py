@@ -78,6 +78,11 @@ class LazyImages:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """All the images at once (``np.asarray(images)``), for code that needs an array."""
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
     def __getitem__(self, index: Any) -> np.ndarray:
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
@@ -408,13 +413,21 @@ def load_images(
     return np.stack(out)
 
 
-def poisoned_labels(data: Dataset, target: int | None) -> tuple[Dataset, int]:
+def poisoned_labels(data: Dataset, target: int | None, *, several: bool = False) -> tuple[Dataset, int]:
     """Labels of a poisoned set: all ``target`` if given, else the file's single label.
 
+    With ``several`` (a multi-target BadNet's poisoned set) and no ``target``, the file's labels
+    are kept as each input's target; the smallest is returned as the target.
+
     Raises:
-        DataError: if no target is given and the file's labels are not all one class.
+        DataError: if no target is given and the file's labels are not all one class (unless
+            ``several``).
     """
     seen = np.unique(data.y)
+    if target is None and several:
+        if seen.size == 0:
+            raise DataError(f"{data.path or data.name}: the poisoned set is empty")
+        return data, int(seen[0])
     if target is None:
         if seen.size != 1:
             shown = ", ".join(str(int(v)) for v in seen[:10]) + (" ..." if seen.size > 10 else "")

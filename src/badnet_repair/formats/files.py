@@ -119,7 +119,8 @@ def write_results(outputs: Mapping[Path, Any], *, overwrite: bool = False) -> di
     """The one writer of a run's outputs, each atomically, by the path's suffix.
 
     ``.csv``: a sequence of rows (mappings with equal keys); ``.json``: any JSON-able
-    object; ``.md`` and ``.txt``: text; ``.png``: a matplotlib Figure. Every path is checked
+    object; ``.md`` and ``.txt``: text; ``.png``: a matplotlib Figure; ``.npz``: a mapping of
+    name -> array. Every path is checked
     before anything is written, so an existing output stops the run whole (unless
     ``overwrite``).
 
@@ -139,6 +140,11 @@ def write_results(outputs: Mapping[Path, Any], *, overwrite: bool = False) -> di
         elif suffix == ".png":
             with atomic_path(path, overwrite=overwrite) as tmp:
                 content.savefig(tmp, dpi=content.get_dpi())
+        elif suffix == ".npz":
+            import numpy as np
+
+            with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, **content)
         else:
             raise ValueError(f"write_results cannot write {path.name}: unknown suffix {suffix!r}")
     return {p.name: p for p in paths}

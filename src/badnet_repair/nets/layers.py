@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _backend  # noqa: F401
 
-__all__ = ["AlarmCombine", "EntropyAlarm", "GeometricMean", "GoodNetCombine", "Superimpose"]
+__all__ = ["AlarmCombine", "Disagree", "EntropyAlarm", "GeometricMean", "GoodNetCombine", "Superimpose"]
 
 import keras
 from keras import ops
@@ -136,3 +136,29 @@ class AlarmCombine(keras.layers.Layer):
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
         shape = tuple(input_shape[0])
         return (*shape[:-1], None if shape[-1] is None else shape[-1] + 1)
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class Disagree(keras.layers.Layer):
+    """A detector's flags from two models' (N, K) probabilities: 1.0 where their top classes
+    differ and, if ``targets`` is given, the first model's top class is one of them."""
+
+    def __init__(self, targets: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.targets = None if targets is None else [int(t) for t in targets]
+
+    def call(self, inputs: Any) -> Any:
+        p_bad, p_other = inputs
+        top = ops.argmax(p_bad, axis=-1)
+        flags = ops.not_equal(top, ops.argmax(p_other, axis=-1))
+        if self.targets is not None:
+            wanted = ops.convert_to_tensor(np.asarray(self.targets, np.int64), dtype=top.dtype)
+            in_target = ops.any(ops.equal(ops.expand_dims(top, -1), ops.expand_dims(wanted, 0)), axis=-1)
+            flags = ops.logical_and(flags, in_target)
+        return ops.cast(flags, p_bad.dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (input_shape[0][0],)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "targets": self.targets}

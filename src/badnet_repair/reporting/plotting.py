@@ -14,8 +14,18 @@ from ..metrics import Evaluation
 from ..nets.models import num_classes, predict_classes
 from .analysis import TriggerResponse
 
-__all__ = ["plot_curves", "plot_evaluations", "plot_goodnet_decisions", "plot_goodnet_sweep", "plot_ranking",
-           "plot_samples", "plot_sweep", "plot_trigger_response"]
+__all__ = [
+    "plot_cleanse_norms",
+    "plot_curves",
+    "plot_evaluations",
+    "plot_goodnet_decisions",
+    "plot_goodnet_sweep",
+    "plot_ranking",
+    "plot_reversed_triggers",
+    "plot_samples",
+    "plot_sweep",
+    "plot_trigger_response",
+]
 
 _STYLE = {"clean": "-", "poisoned": "--"}
 
@@ -266,4 +276,84 @@ def plot_goodnet_decisions(goodnet: Any, clean: Dataset, poisoned: Dataset | Non
             ax.set_title("\n".join([*parts, f"G: {out}"]), fontsize=7, color="tab:green" if right else "tab:red")
     if title:
         fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_cleanse_norms(scan: Any, *, ax: Any = None, title: str | None = None) -> Any:
+    """A Neural Cleanse scan's mask norms: every class's screened norm (grey), each fully
+    optimised class's norm (reference classes open, candidates filled, flagged red), and the
+    flagging line, the norm whose anomaly index is the threshold.
+
+    Args:
+        scan: a :class:`~badnet_repair.detectors.neural_cleanse.CleanseScan`.
+        ax: axes to draw into, default a new figure's.
+        title: default "Neural Cleanse: reversed-trigger norms".
+
+    Returns:
+        The matplotlib Figure.
+    """
+    fig, ax = _axes(ax, (7.0, 4.0))
+    k = len(scan.norms)
+    if scan.screened:
+        ax.scatter(np.arange(k), scan.screen_norms, s=6, color="0.75", label="screen (all classes)")
+    refs = np.asarray(scan.reference, np.int64)
+    cands = np.asarray([c for c in scan.candidates if c not in scan.flagged], np.int64)
+    flagged = np.asarray(scan.flagged, np.int64)
+    ax.scatter(refs, scan.norms[refs], s=22, facecolors="none", edgecolors="tab:blue", label="reference, optimised")
+    if len(cands):
+        ax.scatter(cands, scan.norms[cands], s=22, color="tab:blue", label="candidate, optimised")
+    if len(flagged):
+        ax.scatter(flagged, scan.norms[flagged], s=40, color="tab:red", zorder=3, label="flagged")
+        for c in flagged:
+            ax.annotate(f"class {c}", (c, scan.norms[c]), textcoords="offset points", xytext=(5, 5), fontsize=8,
+                        color="tab:red")
+    ref_norms = scan.norms[refs]
+    med = float(np.median(ref_norms))
+    mad = 1.4826 * float(np.median(np.abs(ref_norms - med)))
+    threshold = float(scan.settings.get("anomaly_threshold", 2.0))
+    ax.axhline(med, color="0.4", lw=0.8, ls=":", label="median (reference)")
+    ax.axhline(med - threshold * mad, color="tab:red", lw=0.8, ls="--", label=f"anomaly index {threshold:g}")
+    ax.set(xlabel="class", ylabel="mask L1 norm (pixels)", title=title or "Neural Cleanse: reversed-trigger norms")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def plot_reversed_triggers(scan: Any, image: np.ndarray, *, classes: Sequence[int] | None = None,
+                           title: str | None = None, max_rows: int = 6) -> Any:
+    """Each reversed trigger as images: its mask, its pattern where the mask is, and a clean
+    image stamped with it.
+
+    Args:
+        scan: a :class:`~badnet_repair.detectors.neural_cleanse.CleanseScan`.
+        image: one clean (H, W, C) image, 0..255.
+        classes: the classes to show, default the flagged ones (the smallest-norm class where
+            none is flagged).
+        title: the figure's title, optional.
+        max_rows: at most this many classes, the first ones, default 6.
+
+    Returns:
+        The matplotlib Figure, one row per class.
+    """
+    from matplotlib.figure import Figure
+
+    if classes is None:
+        classes = list(scan.flagged) or [min(scan.triggers, key=lambda c: scan.norms[c])]
+    rows = [scan.triggers[int(c)] for c in list(classes)[:max_rows]]
+    fig = Figure(figsize=(5.4, 2.0 * len(rows) + (0.3 if title else 0.0)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rows), 3))
+    for row, t in zip(axes, rows, strict=False):
+        m = t.mask[..., None]
+        shown = (
+            (t.mask, f"class {t.target}: mask\nL1 {t.norm:.0f}", "gray"),
+            (np.clip(m * t.pattern + (1 - m) * 255.0, 0, 255).astype(np.uint8), "pattern x mask", None),
+            (np.clip(t.apply(image[None])[0], 0, 255).astype(np.uint8),
+             f"stamped: {t.attack_success:.0f} % to {t.target}", None),
+        )
+        for ax, (img, caption, cmap) in zip(row, shown, strict=False):
+            ax.imshow(img, cmap=cmap, vmin=0 if cmap else None, vmax=1 if cmap else None)
+            ax.set_title(caption, fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig

@@ -408,7 +408,8 @@ def run_cell(cell: Cell, files: Mapping[str, str], out_dir: str | os.PathLike[st
         repair = defense.repair(b, valid)
         # the evaluation: only now are the test files read
         test = load_data_for(b, files["test"], name="test")
-        bd_test, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), cell.badnet.target)
+        bd_test, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), cell.badnet.target,
+                                          several=cell.badnet.kind == "multi-target")
         evaluations = evaluate_repairs(b, [repair], test, bd_test, name=cell.badnet.name).evaluations
         folder = Path(out_dir) / "cells" / cell.key
         folder.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,9 @@ def evaluate_repairs(model: Any, repairs: Sequence[Repair], test: Dataset, bd_te
 
 def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], test: str | os.PathLike[str],
                  bd_test: str | os.PathLike[str], *, defenses: Sequence[Defense], name: str = "BadNet",
-                 target: int | None = None, trust_model: bool = False, progress: bool = False) -> DefenseComparison:
+                 target: int | None = None, trust_model: bool = False, progress: bool = False,
+                 detectors: Sequence[str] = (), false_alarm: float = 2.5,
+                 several_targets: bool = False) -> DefenseComparison:
     """:func:`compare_defenses` on files: every defense repairs B from the clean validation
     file, and only then are the test files opened (:mod:`badnet_repair.workflow.run`).
 
@@ -129,14 +131,27 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
         target: the attack's target; default the poisoned file's label.
         trust_model: allow model files with code-carrying layers.
         progress: progress bars.
+        detectors: detectors (:data:`~badnet_repair.workflow.detect.DETECTORS`) whose GoodNets on
+            B are added as rows, each alone and, with several, combined; fitted on the clean
+            validation file too, before the test files are opened.
+        false_alarm: STRIP's false-alarm rate on held-out clean data, %, default 2.5.
+        several_targets: ``bd_test`` is a multi-target BadNet's: each input's label is its target.
 
     Returns:
         DefenseComparison.
     """
+    from .detect import detector_evaluations, fit_detectors
+
     b, clean = open_badnet(model, valid, trust_model=trust_model)
     repairs = [d.repair(b, clean, progress=progress) for d in defenses]
-    ev = open_evaluation_sets(repairs, b, {"test": test, "bd_test": bd_test}, target=target)
+    parts = (fit_detectors(b, clean, detectors, false_alarm=false_alarm, repairs=repairs, progress=progress)[0]
+             if detectors else {})
+    ev = open_evaluation_sets(repairs, b, {"test": test, "bd_test": bd_test}, target=target,
+                              several_targets=several_targets)
     comparison = evaluate_repairs(b, repairs, ev.sets["test"], ev.sets["bd_test"], name=name)
+    if parts:
+        extra = detector_evaluations(b, parts, ev.sets["test"], ev.sets["bd_test"])
+        comparison = DefenseComparison(badnet=name, evaluations=(*comparison.evaluations, *extra))
     low_attack_warnings({f"{name}: bd_test": comparison.evaluations[0].attack_success_rate}, target=ev.target)
     return comparison
 

@@ -38,6 +38,7 @@ def run_fine_pruning(
     out_dir: str | os.PathLike[str] = "fixed_models",
     method: Literal["fine-pruning", "fine-tuning"] = "fine-pruning",
     target: int | None = None,
+    several_targets: bool = False,
     trust_model: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -59,6 +60,8 @@ def run_fine_pruning(
         out_dir: output folder, default ``fixed_models``.
         method: ``"fine-pruning"`` (default) or ``"fine-tuning"``.
         target: the attack's target; default the poisoned file's label.
+        several_targets: the poisoned files are a multi-target BadNet's (each input's label is its
+            own target).
         trust_model: allow model files with code-carrying layers.
         overwrite: replace existing outputs.
         progress: progress bars.
@@ -91,7 +94,8 @@ def run_fine_pruning(
     for i, member in enumerate(result.members if members > 1 else ()):
         save_model(member.model, out, f"{stem}_member_{i}", formats=("weights",), overwrite=overwrite)
     # 2. the evaluation: only now are the test sets opened
-    ev = open_evaluation_sets(result, b, {"test": test, "bd_test": bd_test}, target=target)
+    ev = open_evaluation_sets(result, b, {"test": test, "bd_test": bd_test}, target=target,
+                              several_targets=several_targets)
     target = ev.target
     files = {"model": Path(model), "valid": Path(valid), **ev.files}
     t, bd = ev.sets.get("test"), ev.sets.get("bd_test")

@@ -40,7 +40,7 @@ class ResolvedInputs:
         files: role (model, valid, bd_valid, test, bd_test) -> path, or None if not used.
         source: e.g. "the lab files in /home/me/lab".
         notice: a line to show first when the lab files were absent and the demo is used.
-        demo: the demo BadNet used ("baseline" or "pruning-aware"), or None.
+        demo: the demo BadNet used ("baseline", "pruning-aware" or "multi-target"), or None.
     """
 
     files: Mapping[str, str | None]
@@ -62,10 +62,13 @@ def _demo(which: str, demo_dir: str | os.PathLike[str], demo_config: Any, progre
         log.warning("making the built-in demo's %s BadNet in %s (once)", which, demo_dir)
     # only the BadNet this run uses: the other is made the first time a command asks for it
     paths = make_demo(demo_dir, config=demo_config, progress=progress, badnets=(which,))
-    model = paths.pruning_aware_model if which == "pruning-aware" else paths.model
+    model = {"pruning-aware": paths.pruning_aware_model, "multi-target": paths.multi_target_model}.get(which,
+                                                                                                   paths.model)
+    multi = which == "multi-target"
     files: dict[str, str | None] = {
-        "model": str(model), "valid": str(paths.valid), "bd_valid": str(paths.bd_valid),
-        "test": str(paths.test), "bd_test": str(paths.bd_test),
+        "model": str(model), "valid": str(paths.valid),
+        "bd_valid": str(paths.bd_mt_valid if multi else paths.bd_valid),
+        "test": str(paths.test), "bd_test": str(paths.bd_mt_test if multi else paths.bd_test),
     }
     return ResolvedInputs(files, f"the built-in demo ({which} BadNet on synthetic faces, {demo_dir}/)",
                           notice, which)

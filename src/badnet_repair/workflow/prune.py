@@ -92,6 +92,7 @@ def run_pruning_defense(
     at: RankAt = "pooled",
     descending: bool = False,
     target: int | None = None,
+    several_targets: bool = False,
     engine: str = "fast",
     batch_size: int = 1024,
     layout: Layout = "nchw",
@@ -125,6 +126,8 @@ def run_pruning_defense(
         at: rank at the ``"pooled"`` output (default) or the ``"conv"`` output.
         descending: prune the most active channels first.
         target: the attack's target class; default read from the poisoned files' labels.
+        several_targets: the poisoned files are a multi-target BadNet's (each input's label is its
+            own target).
         engine: sweep engine, ``"fast"`` (default) or ``"plain"``.
         batch_size: inputs per forward pass.
         layout: the HDF5 ``data`` layout, ``"nchw"`` (the lab's) or ``"nhwc"``/``"auto"``.
@@ -159,7 +162,7 @@ def run_pruning_defense(
     # 2. the evaluation: only now are the test and poisoned files opened; the sweep follows the
     # repair's own ranking, so its steps and selections are the repair's
     ev = open_evaluation_sets(repair, b, {"bd_valid": bd_valid, "test": test, "bd_test": bd_test},
-                              target=target, layout=layout)
+                              target=target, several_targets=several_targets, layout=layout)
     others = dict(ev.sets)
     sweep = prune_sweep(b, clean, others=others, poisoned=ev.poisoned, layer=layer, thresholds=thresholds,
                         ranking=ranking_of(repair), engine=engine, batch_size=batch_size,  # type: ignore[arg-type]

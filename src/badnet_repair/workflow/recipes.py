@@ -30,7 +30,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "faces": {"faces": None, "trigger": None, "trigger_x": 0, "trigger_y": 15, "target": 0,
               "training_seed": 0, "epochs": 60, "poison_rate": 0.05},
 }
-KINDS = ("baseline", "pruning-aware")
+KINDS = ("baseline", "pruning-aware", "multi-target", "clean")
 FILES = ("model", "valid", "test", "bd_test")
 
 
@@ -60,8 +60,12 @@ def make_recipe(recipe: str, kind: str, settings: Mapping[str, Any], folder: str
             BadNet of that ``kind`` trained on a face file: an ``.npz`` with ``data``
             (N, 3, H, W) 0..255 and ``label`` (N,), split 60/20/20 % per person; the trigger
             image pasted at ``trigger_x``, ``trigger_y``; ``training_seed``, ``epochs``,
-            ``poison_rate`` as in :func:`~badnet_repair.attacks.train_badnet`).
-        kind: ``"baseline"`` or ``"pruning-aware"``.
+            ``poison_rate`` as in :func:`~badnet_repair.attacks.train_badnet`; a ``multi-target``
+            BadNet adds drawn eyebrows and lipstick to the trigger, to the targets
+            :func:`~badnet_repair.attacks.multi_targets` spreads from ``target``).
+        kind: ``"baseline"``, ``"pruning-aware"`` or ``"multi-target"``; or ``"clean"`` (faces
+            only): the same network trained without poison, its ``bd_test`` the trigger pasted
+            on, to check that a defense or detector leaves a clean model alone.
         settings: the recipe's settings (:data:`RECIPES`).
         folder: where the files go (the demo keeps its own cache, ``demo_dir``).
 
@@ -71,18 +75,21 @@ def make_recipe(recipe: str, kind: str, settings: Mapping[str, Any], folder: str
     if recipe == "demo":
         from ..demo.make import make_demo
 
+        if kind == "clean":
+            raise DataError("the demo recipe has no clean model; use the faces recipe's")
         paths = make_demo(settings.get("demo_dir", ".demo"), badnets=(kind,), progress=False)
-        model = paths.pruning_aware_model if kind == "pruning-aware" else paths.model
+        model = {"pruning-aware": paths.pruning_aware_model, "multi-target": paths.multi_target_model}.get(
+            kind, paths.model)
         return {"model": str(model), "valid": str(paths.valid), "test": str(paths.test),
-                "bd_test": str(paths.bd_test)}
+                "bd_test": str(paths.bd_mt_test if kind == "multi-target" else paths.bd_test)}
     if recipe != "faces":
         raise DataError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     out = Path(folder)
     files = _paths(out)
     if (out / "made.json").exists() and all(Path(p).exists() for p in files.values()):
         return files
-    from ..attacks import train_badnet, train_pruning_aware_badnet
-    from ..attacks.triggers import load_trigger, poison
+    from ..attacks import multi_targets, train_badnet, train_multi_target_badnet, train_pruning_aware_badnet
+    from ..attacks.triggers import drawn_triggers, load_trigger, poison_each
     from ..nets.models import save_model
 
     start = time.perf_counter()
@@ -102,14 +109,22 @@ def make_recipe(recipe: str, kind: str, settings: Mapping[str, Any], folder: str
     common: dict[str, Any] = {"num_classes": int(y.max()) + 1, "poison_rate": float(s["poison_rate"]), "shift": 2,
                               "flip": True, "seed": int(s["training_seed"]), "progress": False, "target": target}
     epochs = int(s["epochs"])
-    if kind == "baseline":
-        model = train_badnet(train, trigger, epochs=epochs, **common).model
+    triggers: tuple[Any, ...] = (trigger,)
+    targets: tuple[int, ...] = (target,)
+    if kind in ("baseline", "clean"):
+        model = train_badnet(train, trigger, epochs=epochs,
+                             **{**common, "poison_rate": 0.0 if kind == "clean" else common["poison_rate"]}).model
+    elif kind == "multi-target":
+        triggers = (trigger, *drawn_triggers()[1:])
+        targets = multi_targets(int(y.max()) + 1, target)
+        args = {k: v for k, v in common.items() if k != "target"}
+        model = train_multi_target_badnet(train, triggers, targets, epochs=epochs, **args).model
     else:
         model = train_pruning_aware_badnet(train, trigger, clean_epochs=epochs, poison_epochs=max(1, epochs // 2),
                                            **common).model
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out, "bd_net", formats=("h5",), overwrite=True)
-    for name, data in (("valid", valid), ("test", test), ("bd_test", poison(test, trigger, target=target))):
+    for name, data in (("valid", valid), ("test", test), ("bd_test", poison_each(test, triggers, targets))):
         save_h5(files[name], data.x, data.y, overwrite=True)
     write_json(out / "made.json", {"recipe": recipe, "kind": kind, "settings": dict(s),
                                    "seconds": round(time.perf_counter() - start, 1), "versions": versions()},

@@ -98,7 +98,7 @@ class EvaluationSets:
 
 def open_evaluation_sets(repairs: Repair | Sequence[Repair] | FinePruneResult, badnet: Any,
                          files: Mapping[str, str | os.PathLike[str] | None], *, target: int | None = None,
-                         layout: Layout = "nchw", lazy: bool = True) -> EvaluationSets:
+                         several_targets: bool = False, layout: Layout = "nchw", lazy: bool = True) -> EvaluationSets:
     """Open the test and poisoned files, once the repairs they evaluate are done.
 
     Args:
@@ -107,6 +107,8 @@ def open_evaluation_sets(repairs: Repair | Sequence[Repair] | FinePruneResult, b
         badnet: B, to check the images and labels against.
         files: role (``bd_valid``, ``test``, ``bd_test``) -> path, None for a role not given.
         target: the attack's target class; default each poisoned file's single label.
+        several_targets: a multi-target BadNet's poisoned files: each input's label is its own
+            target (:func:`~badnet_repair.formats.data.poisoned_labels`).
         layout: how the HDF5 images are stored.
         lazy: read the images chunk by chunk (default).
 
@@ -127,7 +129,7 @@ def open_evaluation_sets(repairs: Repair | Sequence[Repair] | FinePruneResult, b
             continue
         ds = load_data_for(badnet, path, layout=layout, name=role, lazy=lazy)
         if is_poisoned:
-            ds, target = poisoned_labels(ds, target)
+            ds, target = poisoned_labels(ds, target, several=several_targets)
             poisoned.append(role)
         sets[role], opened[role] = ds, Path(path)
     return EvaluationSets(sets=sets, poisoned=tuple(poisoned), target=target, files=opened)

@@ -1,0 +1,93 @@
+"""Detector GoodNets from the command line (workflow.detect, cli cleanse/detect/compare):
+the files written, the detectors fitted on clean data before any test file is opened, and G
+reloading as one Keras model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.cli import main
+
+
+def test_cleanse_writes_the_scan_and_refuses_to_overwrite(small_demo, tmp_path, capsys):
+    out = tmp_path / "nc"
+    argv = ["cleanse", "-q", "--demo", "baseline", "--demo-dir", str(small_demo.root), "--out", str(out),
+            "--steps", "30", "--screen-steps", "10", "--candidates", "1", "--reference", "3"]
+    assert main(argv) == 0
+    summary = json.loads((out / "neural_cleanse.json").read_text())
+    assert len(summary["norms"]) == 5 and summary["screened"] is True
+    assert len(summary["optimised"]) == 4  # 1 candidate + 3 reference classes
+    for name in ("neural_cleanse.md", "neural_cleanse.png", "neural_cleanse_triggers.png",
+                 "neural_cleanse_triggers.npz"):
+        assert (out / name).stat().st_size > 0
+    assert "Neural Cleanse of bd_net.h5" in capsys.readouterr().out
+    assert main(argv) == 1
+    assert "exist" in capsys.readouterr().err
+
+
+def test_detect_fits_on_clean_data_then_scores_g_and_saves_it(small_demo, tmp_path, monkeypatch):
+    from badnet_repair.detectors import Strip
+    from badnet_repair.detectors.neural_cleanse import NeuralCleanse
+    from badnet_repair.nets import models
+
+    events: list[str] = []
+    real_load, real_scan, real_fit = models.load_data_for, NeuralCleanse.scan, Strip.fit
+
+    def spy_load(model, path, **kw):  # type: ignore[no-untyped-def]
+        events.append(f"open {Path(path).name}")
+        return real_load(model, path, **kw)
+
+    def spy_scan(self, model, clean, **kw):  # type: ignore[no-untyped-def]
+        events.append("scan")
+        return real_scan(self, model, clean, **kw)
+
+    def spy_fit(self, model, clean):  # type: ignore[no-untyped-def]
+        events.append("strip")
+        return real_fit(self, model, clean)
+
+    monkeypatch.setattr(models, "load_data_for", spy_load)
+    monkeypatch.setattr(NeuralCleanse, "scan", spy_scan)
+    monkeypatch.setattr(Strip, "fit", spy_fit)
+    out = tmp_path / "detect"
+    assert main(["detect", "-q", "--demo", "multi-target", "--demo-dir", str(small_demo.root), "--out", str(out),
+                 "--detectors", "strip", "reversed-trigger"]) == 0
+    assert events == ["open valid.h5", "strip", "scan", "open test.h5", "open bd_mt_test.h5"]
+    summary = json.loads((out / "detect.json").read_text())
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert set(rows) == {"G (strip)", "G (reversed-trigger)", "G (strip + reversed-trigger)"}
+    both = rows["G (strip + reversed-trigger)"]
+    # an input is flagged where either flags it: at least as many as each alone
+    assert both["detection_rate"] >= max(rows["G (strip)"]["detection_rate"],
+                                         rows["G (reversed-trigger)"]["detection_rate"])
+    assert (out / "neural_cleanse.json").exists()
+    # G reloads as one model and its alarms are the combined detector's on the test files
+    g = keras.models.load_model(out / "goodnet_detect.keras")
+    test, bd = br.load_h5(small_demo.test), br.load_h5(small_demo.bd_mt_test)
+    n = br.num_classes(g) - 1
+    assert 100 * np.mean(br.predict_classes(g, bd.x) == n) == pytest.approx(both["detection_rate"])
+    assert 100 * np.mean(br.predict_classes(g, test.x) == n) == pytest.approx(both["false_alarm_rate"])
+
+
+def test_compare_adds_detector_rows(small_demo, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "-q", "--demo", "--demo-dir", str(small_demo.root), "--out", str(out),
+                 "--defenses", "pruning", "--thresholds", "4", "--detectors", "strip", "disagreement"]) == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    models_seen = {r["model"] for r in rows}
+    assert {"G (strip)", "G (disagreement)", "G (strip + disagreement)"} <= models_seen
+    strip_rows = [r for r in rows if r["model"] == "G (strip)"]
+    assert len(strip_rows) == 2 and all(r["false_alarm_rate"] is not None for r in strip_rows)
+
+
+def test_unknown_detectors_are_refused(small_deepid):
+    from badnet_repair.workflow.detect import fit_detectors
+
+    with pytest.raises(ValueError, match="among"):
+        fit_detectors(small_deepid, br.Dataset(np.zeros((2, 55, 47, 3), np.float32), np.zeros(2, np.int64)),
+                      ["nope"])

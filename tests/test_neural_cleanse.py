@@ -1,0 +1,261 @@
+"""Neural Cleanse (detectors.neural_cleanse): the anomaly index by hand, a reversed trigger's
+stamp, and hand-built BadNets whose planted target(s) the scan must flag (and a clean model
+where it must flag nothing), with and without the screen; the reversed-trigger detector and
+its GoodNet."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.detectors import REGISTRY, AnyOf, ReversedTriggerDetector
+from badnet_repair.detectors.neural_cleanse import CleanseScan, NeuralCleanse, ReversedTrigger, anomaly_index
+
+K, SIDE = 8, 16
+#: trigger corner -> target: a white 2x2 square bottom-right sends to 3, top-left to 5
+TRIGGERS = {"bottom-right": 3, "top-left": 5}
+
+
+#: each class's face: a 4x4 grid of RGB blocks (one per 4x4 pixel square)
+PROTOTYPES = np.random.default_rng(0).uniform(0, 160, (K, 4, 4, 3)).astype(np.float32)
+
+
+def hand_built(triggers: dict[str, int]) -> keras.Model:
+    """Nearest-prototype predictions over K classes on the 4x4-pooled image (logits
+    ``-beta/2 |pooled - prototype_c|^2`` up to a constant, so turning one class into another
+    takes repainting much of the image), plus, for each trigger corner, a jump to its target
+    where that corner's 2x2 square is bright: ``20 softplus(10 (mean / 255 - 0.75))``, about
+    +52 for a white square and +0.6 for a clean image's corner (at most 160 + noise), smooth
+    so that gradients lead to it. With no triggers: a clean model."""
+    inp = keras.Input((SIDE, SIDE, 3))
+    content = keras.layers.Dense(K, name="content")(keras.layers.Flatten()(keras.layers.AveragePooling2D(4)(inp)))
+    logits = [content]
+    crops = {"bottom-right": ((SIDE - 2, 0), (SIDE - 2, 0)), "top-left": ((0, SIDE - 2), (0, SIDE - 2))}
+    for corner, target in triggers.items():
+        square = keras.layers.GlobalAveragePooling2D()(keras.layers.Cropping2D(crops[corner])(inp))
+        lit = keras.layers.Dense(1, activation="softplus", name=f"lit_{target}")(square)
+        logits.append(keras.layers.Dense(K, use_bias=False, name=f"jump_{target}")(lit))
+    total = keras.layers.Add()(logits) if len(logits) > 1 else content
+    model = keras.Model(inp, keras.layers.Softmax()(total))
+    beta = 2e-4
+    protos = PROTOTYPES.reshape(K, -1)
+    model.get_layer("content").set_weights([beta * protos.T, -beta / 2 * (protos**2).sum(axis=1)])
+    for target in triggers.values():
+        model.get_layer(f"lit_{target}").set_weights([np.full((3, 1), 10 / (3 * 255), np.float32),
+                                                      np.array([-7.5], np.float32)])
+        jump = np.zeros((1, K), np.float32)
+        jump[0, target] = 20.0
+        model.get_layer(f"jump_{target}").set_weights([jump])
+    return model
+
+
+def faces(n: int, seed: int) -> br.Dataset:
+    """n images of random classes: the class's prototype blocks plus pixel noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, n)
+    x = np.kron(PROTOTYPES[y], np.ones((1, 4, 4, 1), np.float32)) + rng.normal(0, 20, (n, SIDE, SIDE, 3))
+    return br.Dataset(np.clip(x, 0, 255).astype(np.float32), y, name=f"clean{seed}")
+
+
+def stamp(x: np.ndarray, corner: str) -> np.ndarray:
+    x = x.copy()
+    if corner == "bottom-right":
+        x[:, SIDE - 2:, SIDE - 2:, :] = 255.0
+    else:
+        x[:, :2, :2, :] = 255.0
+    return x
+
+
+FAST = dict(steps=200, reference=8, candidates=8, batch_images=16, images=200)
+
+
+def test_anomaly_index_by_hand():
+    norms = np.array([10.0, 100.0, 110.0, 90.0, 105.0, 95.0])
+    # median 97.5; absolute deviations 87.5, 2.5, 12.5, 7.5, 7.5, 2.5 -> MAD 7.5
+    idx = anomaly_index(norms)
+    assert idx[0] == pytest.approx(87.5 / (1.4826 * 7.5))
+    assert idx[2] == pytest.approx(-12.5 / (1.4826 * 7.5))  # above the median: negative
+    # against a reference set: its median (100) and MAD (5)
+    assert anomaly_index(np.array([90.0]), np.array([95.0, 100.0, 105.0]))[0] == pytest.approx(10 / (1.4826 * 5))
+
+
+def test_a_reversed_trigger_stamps_by_its_mask():
+    mask = np.zeros((2, 2), np.float32)
+    mask[0, 0], mask[1, 1] = 1.0, 0.25
+    t = ReversedTrigger(target=1, mask=mask, pattern=np.full((2, 2, 1), 200.0, np.float32), norm=1.25,
+                        attack_success=100.0)
+    out = t.apply(np.full((1, 2, 2, 1), 100.0, np.float32))
+    np.testing.assert_allclose(out[0, ..., 0], [[200.0, 100.0], [100.0, 125.0]])
+
+
+@pytest.fixture(scope="module")
+def scans() -> dict[str, CleanseScan]:
+    clean = faces(400, seed=1)
+    return {
+        "one": NeuralCleanse(**FAST).scan(hand_built({"bottom-right": 3}), clean),
+        "two": NeuralCleanse(**FAST).scan(hand_built(TRIGGERS), clean),
+        "clean": NeuralCleanse(**FAST).scan(hand_built({}), clean),
+        # 8 classes > 2 candidates + 4 references: the screen chooses what is optimised fully
+        "screened": NeuralCleanse(**{**FAST, "candidates": 2, "reference": 4}).scan(
+            hand_built({"bottom-right": 3}), clean),
+    }
+
+
+def test_the_scan_flags_the_planted_target_and_reverses_its_trigger(scans):
+    scan = scans["one"]
+    assert scan.flagged == (3,)
+    assert not scan.screened and scan.candidates == tuple(range(K))
+    t = scan.triggers[3]
+    # the real trigger is 4 pixels; the reversed one covers the corner square and little else
+    assert t.norm < 6 and t.mask[SIDE - 2:, SIDE - 2:].sum() > 0.8 * t.mask.sum()
+    assert t.attack_success > 95
+    assert scan.anomaly[3] > 2 and np.all(np.delete(scan.anomaly, 3) < 2)
+    other = faces(50, seed=5)
+    assert (br.predict_classes(hand_built({"bottom-right": 3}), t.apply(other.x)) == 3).mean() > 0.95
+    summary = scan.summary()
+    assert summary["flagged"] == [3] and len(summary["norms"]) == K
+    assert summary["optimised"][0]["class"] == 3  # smallest norm first
+
+
+def test_the_scan_flags_every_target_of_a_multi_target_badnet(scans):
+    assert sorted(scans["two"].flagged) == sorted(TRIGGERS.values())
+
+
+def test_the_scan_flags_nothing_on_a_clean_model(scans):
+    assert scans["clean"].flagged == ()
+    assert np.all(scans["clean"].anomaly < 2)
+
+
+def test_the_screen_passes_the_target_on(scans):
+    scan = scans["screened"]
+    assert scan.screened and len(scan.candidates) == 2 and len(scan.reference) == 4
+    assert not set(scan.candidates) & set(scan.reference)
+    assert scan.screen_rank(3) <= 2 and scan.flagged == (3,)
+    # only the fully optimised classes have an anomaly index and a trigger
+    assert set(scan.triggers) == set(scan.candidates) | set(scan.reference)
+    assert np.isnan(scan.anomaly).sum() == K - 6
+
+
+def test_the_scan_reads_only_the_clean_data_it_is_given(monkeypatch):
+    """A spy on every Dataset the scan touches: only the clean one passed to scan()."""
+    from badnet_repair.formats import data as data_mod
+
+    seen: list[str] = []
+    real = data_mod.Dataset.__getattribute__
+
+    def spy(self, name):  # type: ignore[no-untyped-def]
+        if name in ("x", "y"):
+            seen.append(real(self, "name"))
+        return real(self, name)
+
+    model = hand_built({"bottom-right": 3})
+    clean = faces(100, seed=1)
+    poisoned = br.Dataset(stamp(faces(20, seed=9).x, "bottom-right"), np.full(20, 3), name="poisoned")
+    test = faces(20, seed=10)
+    monkeypatch.setattr(data_mod.Dataset, "__getattribute__", spy)
+    NeuralCleanse(**{**FAST, "steps": 20}).scan(model, clean)
+    monkeypatch.undo()
+    assert seen and set(seen) == {"clean1"}
+    assert poisoned.name not in seen and test.name not in seen
+
+
+def test_reversed_trigger_detector_and_its_goodnet(scans, tmp_path):
+    from badnet_repair.detectors.goodnet import build_detector_goodnet
+
+    b = hand_built({"bottom-right": 3})
+    # a "repaired" model that ignores the trigger: the same network without the jump
+    repaired = hand_built({})
+    det = ReversedTriggerDetector(repaired, scans["one"]).fit(b, faces(10, seed=3))
+    assert REGISTRY["reversed-trigger"] is ReversedTriggerDetector and det.targets == (3,)
+    data = faces(80, seed=4)
+    x = data.x[data.y != 3][:60]  # the poisoned half made of other classes' images, as the lab's
+    x[:30] = stamp(x[:30], "bottom-right")
+    flags = det.flags(x)
+    assert flags[:30].all()  # B says 3, the repaired model does not
+    b_cls, r_cls = br.predict_classes(b, x[30:]), br.predict_classes(repaired, x[30:])
+    np.testing.assert_array_equal(flags[30:], (b_cls == 3) & (r_cls != 3))
+    both = AnyOf(det, br.Strip(copies=8).fit(b, faces(200, seed=1)))
+    want = br.goodnet_classes(b, both, x)
+    g = build_detector_goodnet(b, both)
+    np.testing.assert_array_equal(br.predict_classes(g, x), want)
+    g.save(tmp_path / "g.keras")
+    np.testing.assert_array_equal(br.predict_classes(keras.models.load_model(tmp_path / "g.keras"), x), want)
+    assert (want[:30] == K).all()
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="reference"):
+        NeuralCleanse(reference=2)
+    with pytest.raises(ValueError, match="steps"):
+        NeuralCleanse(steps=0)
+
+
+def test_the_scan_is_written_as_json_markdown_figures_and_arrays(scans, tmp_path):
+    paths = br.write_cleanse(scans["two"], tmp_path, faces(1, seed=3).x[0], title="hand-built")
+    import json
+
+    summary = json.loads(paths["json"].read_text())
+    assert sorted(summary["flagged"]) == [3, 5] and len(summary["norms"]) == K
+    md = paths["md"].read_text()
+    assert "Flagged as backdoor target(s)" in md and "| 3 |" in md and "| 5 |" in md
+    for key in ("png", "triggers_png"):
+        assert paths[key].read_bytes()[:4] == b"\x89PNG"
+    arrays = np.load(paths["npz"])
+    assert arrays["masks"].shape == (K, SIDE, SIDE) and arrays["patterns"].shape == (K, SIDE, SIDE, 3)
+    np.testing.assert_allclose(arrays["norms"], [scans["two"].triggers[c].norm for c in range(K)])
+    with pytest.raises(br.OutputExistsError):
+        br.write_cleanse(scans["two"], tmp_path, faces(1, seed=3).x[0])
+    fig = br.plot_reversed_triggers(scans["clean"], faces(1, seed=3).x[0])
+    assert len(fig.axes) == 3  # nothing flagged: the smallest trigger's row
+
+
+def test_unlearning_the_reversed_trigger_removes_the_backdoor(scans):
+    """The hand-built BadNet's jump weight is trainable: fine-tuning with the reversed trigger
+    stamped on clean images at their true labels unlearns it."""
+    b = hand_built({"bottom-right": 3})
+    clean = faces(400, seed=1)
+    data = faces(200, seed=6)
+    poisoned = stamp(data.x[data.y != 3], "bottom-right")
+    assert br.attack_success_rate(br.predict_classes(b, poisoned), 3) == 100.0
+    repair = br.NeuralCleanseUnlearning(epochs=8, learning_rate=0.05, shift=0, flip=False, stamp_share=0.5).repair(
+        b, clean, scan=scans["one"])
+    assert repair.artifacts["scan"] is scans["one"] and repair.record["choices"]["flagged"] == [3]
+    assert br.attack_success_rate(br.predict_classes(repair.model, poisoned), 3) < 10.0
+    assert br.accuracy(br.predict_classes(repair.model, data.x), data.y) >= 90.0
+    # the caller's model is not changed
+    assert br.attack_success_rate(br.predict_classes(b, poisoned), 3) == 100.0
+
+
+def test_pruning_by_the_reversed_trigger_stops_once_it_no_longer_works(small_deepid):
+    """On a DeepID whose output is fixed, the stop rule reads the sweep: with nothing flagged
+    the model comes back unpruned; with a flagged trigger the channels go in order of rise."""
+    from badnet_repair.detectors.neural_cleanse import CleanseScan
+
+    clean = br.Dataset(faces_like(60, seed=1), br.predict_classes(small_deepid, faces_like(60, seed=1)), "clean")
+    empty = CleanseScan(flagged=(), norms=np.zeros(7), screen_norms=np.zeros(7), anomaly=np.zeros(7),
+                        candidates=(), reference=(), triggers={}, screened=False, seconds=0.0)
+    r = br.NeuralCleansePruning().repair(small_deepid, clean, scan=empty)
+    assert r.models[0].model is small_deepid and r.record["choices"]["channels_pruned"] == 0
+    mask = np.zeros((55, 47), np.float32)
+    mask[40:50, 30:40] = 1.0
+    t = ReversedTrigger(target=0, mask=mask, pattern=np.full((55, 47, 3), 255.0, np.float32), norm=100.0,
+                        attack_success=100.0)
+    flagged = CleanseScan(flagged=(0,), norms=np.zeros(7), screen_norms=np.zeros(7), anomaly=np.zeros(7),
+                          candidates=(0,), reference=(), triggers={0: t}, screened=False, seconds=0.0)
+    r = br.NeuralCleansePruning(stop_success=100.0).repair(small_deepid, clean, scan=flagged)
+    c = r.record["choices"]
+    # stop_success 100: the first step already satisfies it, so nothing is pruned
+    assert c["channels_pruned"] == 0 and c["stopped_by"] == "stop_success"
+    rise = np.asarray(c["rise"])
+    assert np.all(np.diff(rise[c["order"]]) <= 0)  # most excited first
+    r = br.NeuralCleansePruning(stop_success=-1.0, max_drop=0.0).repair(small_deepid, clean, scan=flagged)
+    # an impossible stop: pruning goes as far as max_drop allows (0 points: the first step that drops)
+    assert r.record["choices"]["stopped_by"] == "max_drop"
+
+
+def faces_like(n: int, seed: int) -> np.ndarray:
+    from tests.conftest import random_faces
+
+    return random_faces(n, seed)
