@@ -104,6 +104,12 @@ def test_a_config_with_mistakes_names_each(small_demo, tmp_path):
         split = "sometimes"
         recipe = "cooking"
 
+        [[badnet]]
+        name = "no clean demo"
+        split = "held-out"
+        recipe = "demo"
+        kind = "clean"
+
         [[defense]]
         name = "magic"
 
@@ -117,9 +123,9 @@ def test_a_config_with_mistakes_names_each(small_demo, tmp_path):
     text = str(err.value)
     for needle in ("test file", "does not exist", "marked 'held-out' but also 'tuning'", "split must be",
                    "unknown recipe 'cooking'", "unknown defense 'magic'", "no setting 'epoch'",
-                   "'learning_rate' = 'fast' must be a number"):
+                   "'learning_rate' = 'fast' must be a number", "demo recipe has no clean model"):
         assert needle in text, needle
-    assert text.count("\n  ") >= 8  # one line per mistake
+    assert text.count("\n  ") >= 9  # one line per mistake
     with pytest.raises(ConfigError, match="not valid TOML"):
         (tmp_path / "broken.toml").write_text("seeds = [")
         load_config(tmp_path / "broken.toml")

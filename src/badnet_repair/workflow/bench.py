@@ -294,6 +294,8 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
                 errors.append(f"{where}: unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
             if kind not in KINDS:
                 errors.append(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+            elif recipe == "demo" and kind == "clean":
+                errors.append(f"{where}: the demo recipe has no clean model (the faces recipe has)")
             allowed = set(RECIPES.get(recipe, {}))
             extra = sorted(set(b) - {"name", "split", "recipe", "kind", "target"} - allowed)
             if extra:
