@@ -118,10 +118,28 @@ def evaluate(name: str, work: Path) -> dict[str, Any]:
             "summary": scan.summary()}
 
 
+def redo_pruning(record: dict[str, Any], work: Path) -> dict[str, Any]:
+    """nc-pruning again, with the scan read back from the model's saved scan files."""
+    import badnet_repair as br
+
+    b, valid, test, bd = load(record["name"], work)
+    scan = br.read_cleanse(work / record["name"])
+    t0 = time.perf_counter()
+    pruned = br.NeuralCleansePruning().repair(b, valid, scan=scan)
+    m = pruned.model
+    record["models"]["nc-pruning"] = {"clean_accuracy": br.accuracy(br.predict_classes(m, test.x), test.y),
+                                      "attack_success": br.attack_success_rate(br.predict_classes(m, bd.x), bd.y)}
+    record["channels_pruned"] = pruned.record["choices"]["channels_pruned"]
+    record["pruning_seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / ".experiments" / "nc")
     ap.add_argument("--only", nargs="+", choices=list(MODELS))
+    ap.add_argument("--redo-pruning", action="store_true",
+                    help="run nc-pruning again with each stored model's saved scan (after a fix to it)")
     args = ap.parse_args()
     if not FACES.exists():
         print(f"skipped: needs {FACES} and {TRIGGER}")
@@ -133,6 +151,8 @@ def main() -> int:
         out = args.work / f"{name}.json"
         if not out.exists():
             out.write_text(json.dumps(evaluate(name, args.work), indent=1))
+        elif args.redo_pruning:
+            out.write_text(json.dumps(redo_pruning(json.loads(out.read_text()), args.work), indent=1))
         rows.append(json.loads(out.read_text()))
     print("| model | split | true targets | flagged | screen rank of the targets | target norms (anomaly index) "
           "| scan (s) |\n|---|---|---|---|---|---|---:|")

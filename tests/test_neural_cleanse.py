@@ -250,12 +250,36 @@ def test_pruning_by_the_reversed_trigger_stops_once_it_no_longer_works(small_dee
     assert c["channels_pruned"] == 0 and c["stopped_by"] == "stop_success"
     rise = np.asarray(c["rise"])
     assert np.all(np.diff(rise[c["order"]]) <= 0)  # most excited first
-    r = br.NeuralCleansePruning(stop_success=-1.0, max_drop=0.0).repair(small_deepid, clean, scan=flagged)
-    # an impossible stop: pruning goes as far as max_drop allows (0 points: the first step that drops)
-    assert r.record["choices"]["stopped_by"] == "max_drop"
+    r = br.NeuralCleansePruning(stop_success=-1.0, max_drop=5.0).repair(small_deepid, clean, scan=flagged)
+    # an impossible stop: pruning goes to the last step before held-out accuracy has fallen 5 points
+    c = r.record["choices"]
+    history = r.record["history"]
+    drops = [history[0]["holdout_accuracy"] - h["holdout_accuracy"] for h in history]
+    first_too_far = next(i for i, d in enumerate(drops) if d >= 5.0)
+    assert c["stopped_by"] == "max_drop" and c["channels_pruned"] == first_too_far - 1
+    assert drops[c["channels_pruned"]] < 5.0
 
 
 def faces_like(n: int, seed: int) -> np.ndarray:
     from tests.conftest import random_faces
 
     return random_faces(n, seed)
+
+
+def test_a_written_scan_reads_back(scans, tmp_path):
+    from badnet_repair.reporting.cleanse import read_cleanse
+
+    scan = scans["screened"]
+    br.write_cleanse(scan, tmp_path, faces(1, seed=3).x[0])
+    back = read_cleanse(tmp_path)
+    assert back.flagged == scan.flagged and back.candidates == scan.candidates and back.reference == scan.reference
+    assert back.screened and back.settings == scan.settings
+    for c, t in scan.triggers.items():
+        np.testing.assert_array_equal(back.triggers[c].mask, t.mask)
+        np.testing.assert_array_equal(back.triggers[c].pattern, t.pattern)
+        assert back.norms[c] == pytest.approx(t.norm)
+    np.testing.assert_allclose(back.anomaly, scan.anomaly, atol=1e-3)
+    np.testing.assert_allclose(back.screen_norms, scan.screen_norms, atol=1e-3)
+    (tmp_path / "neural_cleanse_triggers.npz").unlink()
+    with pytest.raises(br.DataError, match="neural_cleanse_triggers.npz"):
+        read_cleanse(tmp_path)

@@ -100,7 +100,7 @@ if TYPE_CHECKING:
         save_model,
     )
     from .reporting.analysis import TriggerResponse, trigger_response
-    from .reporting.cleanse import write_cleanse
+    from .reporting.cleanse import read_cleanse, write_cleanse
     from .reporting.plotting import (
         plot_cleanse_norms,
         plot_curves,
@@ -224,6 +224,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'plot_cleanse_norms': ('.reporting.plotting', 'plot_cleanse_norms'),
     'plot_reversed_triggers': ('.reporting.plotting', 'plot_reversed_triggers'),
     'write_cleanse': ('.reporting.cleanse', 'write_cleanse'),
+    'read_cleanse': ('.reporting.cleanse', 'read_cleanse'),
     'run_detection': ('.workflow.detect', 'run_detection'),
     'drawn_triggers': ('.attacks.triggers', 'drawn_triggers'),
     'poison_each': ('.attacks.triggers', 'poison_each'),
@@ -373,6 +374,7 @@ __all__ = [
     "prune_channels",
     "prune_sweep",
     "rank_channels",
+    "read_cleanse",
     "repaired_models",
     "run_detection",
     "run_fine_pruning",

@@ -102,8 +102,8 @@ class NeuralCleansePruning(Defense):
     data, measure each channel of ``layer`` (after its pooling) on the clean images and on the
     same images stamped with the flagged classes' reversed triggers; prune the channels in
     descending order of that rise until the reversed triggers send at most ``stop_success`` %
-    of the stamped held-out images (of other classes) to their targets, but never past the
-    step where held-out clean accuracy falls ``max_drop`` points. Where the scan flags no
+    of the stamped held-out images (of other classes) to their targets, but never as far as
+    the step where held-out clean accuracy has fallen ``max_drop`` points. Where the scan flags no
     class, B is returned unchanged. The scan is in :attr:`Repair.artifacts` as ``"scan"``.
     """
 
@@ -156,8 +156,9 @@ class NeuralCleansePruning(Defense):
         sweep = prune_sweep(model, holdout, others={"stamped": stamped}, poisoned=["stamped"], ranking=ranking,
                             thresholds=[self.max_drop], progress=progress)
         accuracy, success = sweep.metric(sweep.valid_set), sweep.metric("stamped")
+        # the last step before held-out accuracy has fallen max_drop points
         too_far = np.flatnonzero(accuracy <= accuracy[0] - self.max_drop)
-        limit = int(too_far[0]) if len(too_far) else len(order)
+        limit = max(0, int(too_far[0]) - 1) if len(too_far) else len(order)
         done = np.flatnonzero(success[: limit + 1] <= self.stop_success)
         k = int(done[0]) if len(done) else limit
         repaired = prune_channels(model, base.layer, order[:k])

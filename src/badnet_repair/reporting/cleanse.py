@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cleanse_markdown", "cleanse_paths", "write_cleanse"]
+__all__ = ["cleanse_markdown", "cleanse_paths", "read_cleanse", "write_cleanse"]
 
 
 def cleanse_paths(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -84,3 +84,48 @@ def write_cleanse(scan: Any, out_dir: str | os.PathLike[str], image: np.ndarray,
                    paths["triggers_png"]: plot_reversed_triggers(scan, image, title=f"{title}: reversed triggers"),
                    paths["npz"]: arrays}, overwrite=overwrite)
     return paths
+
+
+def read_cleanse(out_dir: str | os.PathLike[str]) -> Any:
+    """A scan :func:`write_cleanse` wrote, back as a
+    :class:`~badnet_repair.detectors.neural_cleanse.CleanseScan` (to unlearn or prune with it
+    later without scanning again): the flagged classes, the settings, every class's norm, the
+    fully optimised classes' anomaly indices, roles and reversed triggers (masks and patterns
+    exactly as saved; norms shown in the JSON to 3 decimals).
+
+    Raises:
+        DataError: naming the file, where one is missing or not a scan's.
+    """
+    import json
+
+    from ..detectors.neural_cleanse import CleanseScan, ReversedTrigger
+    from ..errors import DataError
+
+    paths = cleanse_paths(out_dir)
+    try:
+        summary = json.loads(paths["json"].read_text())
+        with np.load(paths["npz"]) as arrays:
+            classes, masks, patterns = arrays["classes"], arrays["masks"], arrays["patterns"]
+            exact = arrays["norms"]
+        norms = np.asarray(summary["norms"], np.float64)
+        rows = {int(r["class"]): r for r in summary["optimised"]}
+        flagged = tuple(int(c) for c in summary["flagged"])
+    except FileNotFoundError as exc:
+        raise DataError(f"{exc.filename}: no such file (a Neural Cleanse scan's folder holds "
+                        "neural_cleanse.json and neural_cleanse_triggers.npz)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{out_dir}: not a Neural Cleanse scan's files: {exc}") from None
+    triggers = {int(c): ReversedTrigger(int(c), masks[i], patterns[i], float(exact[i]),
+                                        float(rows[int(c)]["attack_success"]))
+                for i, c in enumerate(classes)}
+    screen = norms.copy()
+    anomaly = np.full(len(norms), np.nan)
+    for c, r in rows.items():
+        norms[c] = triggers[c].norm
+        screen[c] = float(r["screen_norm"])
+        anomaly[c] = float(r["anomaly_index"])
+    return CleanseScan(flagged=flagged, norms=norms, screen_norms=screen, anomaly=anomaly,
+                       candidates=tuple(sorted(c for c, r in rows.items() if r["role"] == "candidate")),
+                       reference=tuple(sorted(c for c, r in rows.items() if r["role"] == "reference")),
+                       triggers=triggers, screened=bool(summary["screened"]), seconds=float(summary["seconds"]),
+                       settings=dict(summary["settings"]))
