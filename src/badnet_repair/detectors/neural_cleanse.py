@@ -98,7 +98,8 @@ class CleanseScan:
         norms: (K,) every class's mask norm: the full optimisation's where a class was
             optimised fully, else the screen's.
         screen_norms: (K,) the screen's norm of every class (equal to ``norms`` where there was
-            no screen).
+            no screen). A class whose trigger never reached the success share in the screen
+            ranks after all that did: its value is the largest norm + 1 + its final loss.
         anomaly: (K,) anomaly index of each fully optimised class against the reference
             classes' norms; NaN for classes only screened.
         candidates: classes optimised fully because the screen ranked them lowest (all
@@ -108,6 +109,8 @@ class CleanseScan:
         screened: whether there was a screen.
         seconds: wall time of the scan.
         settings: the scanner's settings.
+        screen_reached: (K,) bool, whether the screen found a trigger reaching the success
+            share for each class (all True where there was no screen).
     """
 
     flagged: tuple[int, ...]
@@ -120,6 +123,7 @@ class CleanseScan:
     screened: bool
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    screen_reached: np.ndarray | None = None
 
     def screen_rank(self, cls: int) -> int:
         """1-based rank of ``cls`` among the screen's norms (1 = smallest)."""
@@ -142,6 +146,7 @@ class CleanseScan:
                 for c, t in sorted(self.triggers.items(), key=lambda kv: self.norms[kv[0]])
             ],
             "norms": [round(float(v), 3) for v in self.norms],
+            "screen_reached": None if self.screen_reached is None else [bool(v) for v in self.screen_reached],
         }
 
     def to_json(self) -> str:
@@ -236,6 +241,7 @@ class NeuralCleanse:
             screen = opt.run(fit_x, np.arange(k), steps=self.screen_steps, batch_images=self.screen_images,
                              rng=rng, desc="Neural Cleanse screen", cost=self.screen_cost)
             screen_norms = screen.ranking_norms()
+            screen_reached = screen.reached.copy()
             ranked = np.argsort(screen_norms, kind="stable")
             cands = np.sort(ranked[: self.candidates])
             rest = np.setdiff1d(np.arange(k), cands)
@@ -255,6 +261,7 @@ class NeuralCleanse:
         full_norms = np.array([triggers[int(c)].norm for c in full_classes])
         if not screened:
             screen_norms = full_norms.copy()
+            screen_reached = np.ones(k, bool)
         norms = np.asarray(screen_norms, np.float64).copy()
         norms[full_classes] = full_norms
         anomaly = np.full(k, np.nan)
@@ -267,7 +274,7 @@ class NeuralCleanse:
         return CleanseScan(flagged=tuple(flagged), norms=norms, screen_norms=np.asarray(screen_norms, np.float64),
                            anomaly=anomaly, candidates=tuple(int(c) for c in cands),
                            reference=tuple(int(c) for c in refs), triggers=triggers, screened=screened,
-                           seconds=seconds, settings=self.get_params())
+                           seconds=seconds, settings=self.get_params(), screen_reached=screen_reached)
 
 
 def _stamp(x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:

@@ -128,4 +128,6 @@ def read_cleanse(out_dir: str | os.PathLike[str]) -> Any:
                        candidates=tuple(sorted(c for c, r in rows.items() if r["role"] == "candidate")),
                        reference=tuple(sorted(c for c, r in rows.items() if r["role"] == "reference")),
                        triggers=triggers, screened=bool(summary["screened"]), seconds=float(summary["seconds"]),
-                       settings=dict(summary["settings"]))
+                       settings=dict(summary["settings"]),
+                       screen_reached=None if summary.get("screen_reached") is None else
+                       np.asarray(summary["screen_reached"], bool))

@@ -295,7 +295,14 @@ def plot_cleanse_norms(scan: Any, *, ax: Any = None, title: str | None = None) -
     fig, ax = _axes(ax, (7.0, 4.0))
     k = len(scan.norms)
     if scan.screened:
-        ax.scatter(np.arange(k), scan.screen_norms, s=6, color="0.75", label="screen (all classes)")
+        reached = (np.ones(k, bool) if getattr(scan, "screen_reached", None) is None
+                   else np.asarray(scan.screen_reached, bool))
+        found = np.flatnonzero(reached)
+        ax.scatter(found, scan.screen_norms[found], s=6, color="0.75", label="screen (all classes)")
+        if (~reached).any():
+            top = float(np.max(scan.screen_norms[found])) if len(found) else float(np.max(scan.norms))
+            ax.scatter(np.flatnonzero(~reached), np.full(int((~reached).sum()), top * 1.05), s=6, marker="x",
+                       color="0.6", label="screen: no trigger reached success")
     refs = np.asarray(scan.reference, np.int64)
     cands = np.asarray([c for c in scan.candidates if c not in scan.flagged], np.int64)
     flagged = np.asarray(scan.flagged, np.int64)
