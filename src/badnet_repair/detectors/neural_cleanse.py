@@ -96,7 +96,8 @@ class CleanseScan:
     Attributes:
         flagged: the classes flagged as backdoor targets, most anomalous first.
         norms: (K,) every class's mask norm: the full optimisation's where a class was
-            optimised fully, else the screen's.
+            optimised fully (H x W, the whole image, where its trigger never reached the
+            success share), else the screen's.
         screen_norms: (K,) the screen's norm of every class (equal to ``norms`` where there was
             no screen). A class whose trigger never reached the success share in the screen
             ranks after all that did: its value is the largest norm + 1 + its final loss.
@@ -258,7 +259,11 @@ class NeuralCleanse:
             asr = (100.0 * float(np.mean(predict_classes(model, _stamp(held_x[others], mask, pattern)) == c))
                    if others.any() else float("nan"))
             triggers[int(c)] = ReversedTrigger(int(c), mask, pattern, norm, asr)
-        full_norms = np.array([triggers[int(c)].norm for c in full_classes])
+        # a class whose trigger never reached the success share has no small trigger: it counts
+        # as needing the whole image, not as the tiny mask the penalty left it with
+        whole = float(x.shape[1] * x.shape[2])
+        full_norms = np.array([triggers[int(c)].norm if full.reached[i] else whole
+                               for i, c in enumerate(full_classes)])
         if not screened:
             screen_norms = full_norms.copy()
             screen_reached = np.ones(k, bool)
@@ -266,7 +271,7 @@ class NeuralCleanse:
         norms[full_classes] = full_norms
         anomaly = np.full(k, np.nan)
         anomaly[full_classes] = anomaly_index(full_norms, norms[refs])
-        reached = {c for c, t in triggers.items() if full.reached[list(full_classes).index(c)]}
+        reached = {int(c) for i, c in enumerate(full_classes) if full.reached[i]}
         flagged = sorted((int(c) for c in cands if anomaly[c] > self.anomaly_threshold and int(c) in reached),
                          key=lambda c: -anomaly[c])
         seconds = time.perf_counter() - start
