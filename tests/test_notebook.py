@@ -125,7 +125,7 @@ def test_notebook_comparison_section_shows_the_written_comparison(executed):
     rows = json.loads((work / "out" / "comparison" / "comparison.json").read_text())
     names = [r["model"] for r in rows]
     assert names[0] == "no defense" and "fine-pruning" in names and "G (fine-tuning)" in names
-    table = [t for t in notebook_outputs(nb, "text/markdown") if "| model |" in t][-1]
+    table = [t for t in notebook_outputs(nb, "text/markdown") if "| model |" in t and "| no defense |" in t][-1]
     shown = {r[0]: r for r in markdown_rows(table[table.index("| model |"):])}
     assert list(shown) == names
     for r in rows:
@@ -187,3 +187,17 @@ def test_report_command_renders_the_executed_notebook(small_demo, tmp_path, monk
     assert main(["report", "--notebook", str(nb), "--executed", str(nb)]) == 1
     assert "--in-place" in capsys.readouterr().err
     assert not nbformat.read(nb, as_version=4).cells[3].get("outputs")
+
+
+@pytest.mark.slow
+def test_notebook_detection_section_shows_each_detector_and_both(executed):
+    nb, _, _ = executed
+    table = [t for t in notebook_outputs(nb, "text/markdown") if "| G (strip + reversed-trigger) |" in t]
+    assert len(table) == 1
+    rows = {r[0]: r for r in markdown_rows(table[0][table[0].index("| model |"):])}
+    assert list(rows) == ["G (strip)", "G (reversed-trigger)", "G (strip + reversed-trigger)"]
+    detection = {name: float(r[4]) for name, r in rows.items()}
+    # an input is flagged where either detector flags it
+    assert detection["G (strip + reversed-trigger)"] >= max(detection["G (strip)"], detection["G (reversed-trigger)"])
+    text = "".join("".join(o.get("text", "")) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "Neural Cleanse flagged:" in text
