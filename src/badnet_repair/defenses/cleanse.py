@@ -13,13 +13,31 @@ from ..defaults import LAYER_HELP, TuningSettings, setting
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 
-__all__ = ["NeuralCleansePruning", "NeuralCleanseUnlearning"]
+__all__ = ["NeuralCleansePruning", "NeuralCleanseUnlearning", "ScanSettings"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class NeuralCleanseUnlearning(TuningSettings, Defense):
+class ScanSettings:
+    """The Neural Cleanse scan's settings a defense that scans takes, and the scanner they make."""
+
+    scan_steps: int = setting(300, "Neural Cleanse: optimisation steps per fully optimised class")
+    screen_steps: int = setting(60, "Neural Cleanse: steps of the screen of all classes")
+    candidates: int = setting(10, "Neural Cleanse: classes the screen passes on to the full optimisation")
+    anomaly_threshold: float = setting(2.0, "Neural Cleanse: anomaly index above which a class is flagged")
+    seed: int = setting(0, "seed of the scan and of the repair after it (split, shuffling, stamping)")
+
+    def scanner(self) -> Any:
+        """The :class:`~badnet_repair.detectors.NeuralCleanse` this defense scans with."""
+        from ..detectors.neural_cleanse import NeuralCleanse
+
+        return NeuralCleanse(steps=self.scan_steps, screen_steps=self.screen_steps, candidates=self.candidates,
+                             anomaly_threshold=self.anomaly_threshold, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class NeuralCleanseUnlearning(TuningSettings, ScanSettings, Defense):
     """Neural Cleanse unlearning (Wang et al., IEEE S&P 2019, Section VI.C): scan B for
     backdoor targets (:class:`~badnet_repair.detectors.NeuralCleanse`), then fine-tune on the
     clean data with ``stamp_share`` of each epoch's images stamped with a flagged class's
@@ -30,7 +48,7 @@ class NeuralCleanseUnlearning(TuningSettings, Defense):
     says so). The scan is returned in :attr:`Repair.artifacts` as ``"scan"``.
 
     Settings: those of :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning rate,
-    augmentation...), plus the ones below.
+    augmentation...) and :class:`ScanSettings`, plus ``stamp_share``.
     """
 
     name: ClassVar[str] = "nc-unlearning"
@@ -39,18 +57,6 @@ class NeuralCleanseUnlearning(TuningSettings, Defense):
 
     stamp_share: float = setting(0.2, "share of each epoch's tuning images stamped with a reversed trigger "
                                       "(the paper's 20 %)")
-    scan_steps: int = setting(300, "Neural Cleanse: optimisation steps per fully optimised class")
-    screen_steps: int = setting(60, "Neural Cleanse: steps of the screen of all classes")
-    candidates: int = setting(10, "Neural Cleanse: classes the screen passes on to the full optimisation")
-    anomaly_threshold: float = setting(2.0, "Neural Cleanse: anomaly index above which a class is flagged")
-    seed: int = setting(0, "scan, split, shuffling, stamping and augmentation seed")
-
-    def scanner(self) -> Any:
-        """The :class:`~badnet_repair.detectors.NeuralCleanse` this defense scans with."""
-        from ..detectors.neural_cleanse import NeuralCleanse
-
-        return NeuralCleanse(steps=self.scan_steps, screen_steps=self.screen_steps, candidates=self.candidates,
-                             anomaly_threshold=self.anomaly_threshold, seed=self.seed)
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False, scan: Any = None) -> Repair:
         """Scan (unless a finished ``scan`` of ``model`` is given), then unlearn.
@@ -94,7 +100,7 @@ class NeuralCleanseUnlearning(TuningSettings, Defense):
 
 
 @dataclass(frozen=True)
-class NeuralCleansePruning(Defense):
+class NeuralCleansePruning(ScanSettings, Defense):
     """Neural Cleanse's other mitigation (Wang et al., IEEE S&P 2019, Section VI.B): prune the
     channels the reversed trigger excites most.
 
@@ -116,11 +122,6 @@ class NeuralCleansePruning(Defense):
     max_drop: float = setting(10.0, "never prune past a held-out clean accuracy drop of this many points")
     layer: str | None = setting(None, LAYER_HELP)
     holdout_fraction: float = setting(0.2, "validation share held out to measure the channels and stop")
-    scan_steps: int = setting(300, "Neural Cleanse: optimisation steps per fully optimised class")
-    screen_steps: int = setting(60, "Neural Cleanse: steps of the screen of all classes")
-    candidates: int = setting(10, "Neural Cleanse: classes the screen passes on to the full optimisation")
-    anomaly_threshold: float = setting(2.0, "Neural Cleanse: anomaly index above which a class is flagged")
-    seed: int = setting(0, "scan and split seed")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False, scan: Any = None) -> Repair:
         """Scan (unless ``scan`` is given), then prune by the reversed triggers' rise.
@@ -128,14 +129,11 @@ class NeuralCleansePruning(Defense):
         Returns:
             Repair with the pruned model; ``artifacts["scan"]`` the scan.
         """
-        from ..detectors.neural_cleanse import NeuralCleanse
         from ..nets.models import prune_channels
         from .sweep import ChannelRanking, prune_sweep, rank_channels
         from .tuning import split_clean
 
-        scan = scan if scan is not None else NeuralCleanse(
-            steps=self.scan_steps, screen_steps=self.screen_steps, candidates=self.candidates,
-            anomaly_threshold=self.anomaly_threshold, seed=self.seed).scan(model, clean, progress=progress)
+        scan = scan if scan is not None else self.scanner().scan(model, clean, progress=progress)
         _, holdout, _, _ = split_clean(clean, holdout_fraction=self.holdout_fraction, seed=self.seed)
         triggers = [scan.triggers[c] for c in scan.flagged]
         if not triggers:

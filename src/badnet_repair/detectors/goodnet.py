@@ -138,7 +138,7 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
     """
     from .disagreement import Disagreement
 
-    if isinstance(detector, Disagreement):
+    if type(detector) is Disagreement:  # the lab's G (a subclass restricts the rule: its own form)
         return build_goodnet(model, detector.repaired, name=name)
     inner = renamed_copy(model, "model")
     x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
@@ -156,7 +156,7 @@ def _flags(detector: Any, x: Any, prefix: str) -> Any:
     if isinstance(detector, AnyOf):
         parts = [_flags(d, x, f"{prefix}{i}") for i, d in enumerate(detector.detectors)]
         return parts[0] if len(parts) == 1 else keras.layers.Maximum(name=f"{prefix}_any")(parts)
-    if isinstance(detector, (Disagreement, ReversedTriggerDetector)):
+    if isinstance(detector, Disagreement):
         if detector.model is None:
             raise ValueError("fit the detector before building its GoodNet")
         b = renamed_copy(detector.model, f"{prefix}_badnet")

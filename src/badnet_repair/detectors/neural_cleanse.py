@@ -34,7 +34,7 @@ import numpy as np
 
 from ..formats.data import Dataset
 from ..nets.models import num_classes, predict_classes
-from .base import Detector
+from .disagreement import Disagreement
 
 __all__ = ["CleanseScan", "NeuralCleanse", "ReversedTrigger", "ReversedTriggerDetector", "anomaly_index"]
 
@@ -424,15 +424,16 @@ class _Optimiser:
             out.best_pattern[never] = pattern[local]
 
 
-class ReversedTriggerDetector(Detector):
+class ReversedTriggerDetector(Disagreement):
     """Flag an input that B sends to a flagged target class and a repaired model does not.
 
     The reversed-trigger detector of this toolkit, after Neural Cleanse (Wang et al., IEEE
     S&P 2019): the scan names the target classes; a repaired model (by default B fine-tuned
     to unlearn the reversed triggers, :class:`~badnet_repair.defenses.NeuralCleanseUnlearning`)
     no longer follows the trigger, so a triggered input is one B puts in a flagged target and
-    the repaired model puts elsewhere. Clean inputs B puts in a target class are flagged only
-    where the repaired model disagrees with B on them.
+    the repaired model puts elsewhere. It is the lab's disagreement rule restricted to the
+    flagged classes: clean inputs B puts in a target class are flagged only where the
+    repaired model disagrees with B on them.
 
     Args:
         repaired: the repaired model, with B's input and output shapes.
@@ -444,23 +445,12 @@ class ReversedTriggerDetector(Detector):
                               "does not (Wang et al. 2019)")
 
     def __init__(self, repaired: Any, scan: CleanseScan) -> None:
-        self.repaired, self.scan = repaired, scan
-        self.model: Any = None
+        super().__init__(repaired)
+        self.scan = scan
 
     @property
     def targets(self) -> tuple[int, ...]:
         return self.scan.flagged
-
-    def fit(self, model: Any, clean: Dataset) -> ReversedTriggerDetector:
-        """Keep B; the scan and the repaired model already carry what was learnt."""
-        if num_classes(model) != num_classes(self.repaired):
-            raise ValueError(f"B has {num_classes(model)} classes but the repaired model has "
-                             f"{num_classes(self.repaired)}")
-        self.model = model
-        return self
-
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        return self.flags(x).astype(np.float64)
 
     def flags(self, x: np.ndarray) -> np.ndarray:
         if self.model is None:
