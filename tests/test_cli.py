@@ -148,3 +148,15 @@ def test_prune_warns_when_the_badnet_ignores_the_poisoned_files(lab_files, tmp_p
     assert [w.split(":")[0] for w in results["warnings"]] == low
     assert "may carry another BadNet's trigger" in caplog.text
     assert (out / "Lab2_report.md").read_text().count("> **Warning:**") == len(low)
+
+
+def test_compare_passes_a_defense_only_its_own_settings_and_keeps_its_own_defaults():
+    from badnet_repair.cli import DEFENSES, _own_settings
+
+    given = {"learning_rate": 2e-3, "batch_size": 64, "seed": 3, "epochs": 50, "accuracy_drop": 4.0}
+    # fine-tuning's defaults do not override I-BAU's own learning rate and batch size
+    assert _own_settings(DEFENSES["i-bau"], given) == {"seed": 3}
+    # a value the user changed does
+    assert _own_settings(DEFENSES["i-bau"], {**given, "learning_rate": 0.01})["learning_rate"] == 0.01
+    assert _own_settings(DEFENSES["ft-sam"], given) == {"learning_rate": 2e-3, "batch_size": 64, "seed": 3,
+                                                         "epochs": 50}

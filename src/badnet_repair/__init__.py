@@ -43,9 +43,11 @@ if TYPE_CHECKING:
     from .attacks.triggers import Trigger, drawn_triggers, load_trigger, poison, poison_each
     from .defaults import TuningSettings
     from .defenses import (
+        IBAU,
         Defense,
         FinePruning,
         FineTuning,
+        FineTuningSAM,
         NeuralCleansePruning,
         NeuralCleanseUnlearning,
         Pruning,
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
         Repaired,
         make_defense,
     )
+    from .defenses.ibau import ibau_unlearn
     from .defenses.sweep import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
     from .defenses.tuning import FinePruneResult, FineTuned, fine_prune, fine_tune, split_clean
     from .demo import faces
@@ -221,6 +224,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'build_detector_goodnet': ('.detectors.goodnet', 'build_detector_goodnet'),
     'NeuralCleanseUnlearning': ('.defenses', 'NeuralCleanseUnlearning'),
     'NeuralCleansePruning': ('.defenses', 'NeuralCleansePruning'),
+    'IBAU': ('.defenses', 'IBAU'),
+    'FineTuningSAM': ('.defenses', 'FineTuningSAM'),
+    'ibau_unlearn': ('.defenses.ibau', 'ibau_unlearn'),
     'plot_cleanse_norms': ('.reporting.plotting', 'plot_cleanse_norms'),
     'plot_reversed_triggers': ('.reporting.plotting', 'plot_reversed_triggers'),
     'write_cleanse': ('.reporting.cleanse', 'write_cleanse'),
@@ -287,6 +293,7 @@ elif not any(isinstance(f, _WhenKerasLoads) for f in sys.meta_path):
     sys.meta_path.insert(0, _WhenKerasLoads())
 
 __all__ = [
+    "IBAU",
     "AnyOf",
     "BadNetRepairError",
     "ChannelChain",
@@ -305,6 +312,7 @@ __all__ = [
     "FinePruning",
     "FineTuned",
     "FineTuning",
+    "FineTuningSAM",
     "GeometricMean",
     "GoodNetCombine",
     "ModelError",
@@ -349,6 +357,7 @@ __all__ = [
     "fine_tune",
     "goodnet_classes",
     "goodnet_predict",
+    "ibau_unlearn",
     "lab_results",
     "load_data_for",
     "load_h5",

@@ -93,6 +93,22 @@ def _tuning(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+def _own_settings(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The command-line settings a defense class takes. A flag left at fine-pruning's default
+    does not override a different default of the class's own (I-BAU's learning rate and batch
+    size are not fine-tuning's)."""
+    shared = DEFENSES["fine-pruning"].settings()
+    own = cls.settings()
+    out = {}
+    for k, v in given.items():
+        if k not in own:
+            continue
+        if k in shared and v == shared[k].default and own[k].default != shared[k].default:
+            continue
+        out[k] = v
+    return out
+
+
 def _add_run_options(parser: argparse.ArgumentParser, *, demo_help: str, both_demos: bool = False) -> None:
     """The options the commands that read a BadNet share: target, output folder, overwriting,
     trusting the model file, and the built-in demo."""
@@ -463,8 +479,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     # flags (its batch_size is the sweep's, not fine-tuning's --batch-size), and the layer
     tuning = _tuning(args)
     options = {"pruning": {"thresholds": _thresholds(args.thresholds), "layer": tuning["layer"]}}
-    defenses = [make_defense(n, **{k: v for k, v in options.get(n, tuning).items() if k in DEFENSES[n].settings()})
-                for n in args.defenses]
+    defenses = [make_defense(n, **_own_settings(DEFENSES[n], options.get(n, tuning))) for n in args.defenses]
     if args.demo:
         base = resolve_inputs(demo="baseline", demo_dir=args.demo_dir, progress=not args.quiet)
         aware = resolve_inputs(demo="pruning-aware", demo_dir=args.demo_dir, progress=not args.quiet)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 # Fine-tuning (TensorFlow) is imported when a repair runs, so the command line can list these
 # classes' settings without loading TensorFlow.
 
-__all__ = ["FinePruning", "FineTuning"]
+__all__ = ["FinePruning", "FineTuning", "FineTuningSAM"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,27 @@ class FinePruning(FineTuning):
     accuracy_drop: float | None = setting(FINE_TUNING["accuracy_drop"],
                                           "prune until held-out accuracy falls this many points")
     prune_fraction: float | None = setting(None, "prune this fraction of the channels instead")
+
+
+@dataclass(frozen=True)
+class FineTuningSAM(FineTuning):
+    """FT-SAM (Zhu, Wei, Shen, Fan and Wu, ICCV 2023): fine-tuning on clean data with
+    sharpness-aware steps (:class:`~badnet_repair.nets.training.SharpnessAware`), the epoch
+    kept chosen on a held-out part of it.
+
+    Each step first moves the weights to the worst point within ``sam_rho`` (relative to each
+    weight's size when ``sam_adaptive``, as the paper's adaptive form) and takes the gradient
+    there. The paper's observation: the weights a backdoor uses are large, so the adaptive
+    perturbation moves them most, and minimising the worst nearby loss on clean data pushes
+    them out of the backdoor's narrow minimum, which plain fine-tuning with few clean images
+    stays in. It needs no BatchNorm and no trigger.
+
+    Settings: those of :class:`FineTuning`, plus ``sam_rho`` (default 1.0) and ``sam_adaptive``
+    (default True).
+    """
+
+    name: ClassVar[str] = "ft-sam"
+    summary: ClassVar[str] = "fine-tune with sharpness-aware steps, epoch chosen on a held-out part (Zhu et al. 2023)"
+
+    sam_rho: float = setting(1.0, "radius of the sharpness-aware weight perturbation")
+    sam_adaptive: bool = setting(True, "radius relative to each weight's size (adaptive SAM)")

@@ -158,6 +158,8 @@ def fine_tune(
     frozen_channels: tuple[str, tuple[int, ...]] | None = None,
     keep_start: bool = True,
     stamp: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    sam_rho: float = 0.0,
+    sam_adaptive: bool = True,
     progress: bool = True,
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """Fine-tune a copy of ``model`` on ``tune``; keep the epoch best on ``holdout``.
@@ -207,6 +209,9 @@ def fine_tune(
             always prefers and which still holds the backdoor.
         stamp: ``f(images, rng) -> images`` applied to each epoch's augmented tuning images,
             labels unchanged (Neural Cleanse's unlearning stamps reversed triggers on a share).
+        sam_rho: above 0, every step is sharpness-aware with this radius
+            (:class:`~badnet_repair.nets.training.SharpnessAware`; FT-SAM), default 0 (plain steps).
+        sam_adaptive: the adaptive (ASAM) radius, relative to each weight, default True.
         progress: a progress bar over epochs.
 
     Returns:
@@ -216,7 +221,7 @@ def fine_tune(
     import keras
 
     from ..nets.augment import augment_images
-    from ..nets.training import EpochProgress, ZeroChannels, deterministic_ops
+    from ..nets.training import EpochProgress, SharpnessAware, ZeroChannels, deterministic_ops
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
@@ -231,6 +236,9 @@ def fine_tune(
         rng = np.random.default_rng([seed, 11])
         work = keras.models.clone_model(model)
         work.set_weights(model.get_weights())
+        network = work
+        if sam_rho:
+            work = SharpnessAware(network, sam_rho, sam_adaptive)
         callbacks: list[Any] = []
         if frozen_channels is not None and frozen_channels[1]:
             zero = ZeroChannels(*frozen_channels)
@@ -247,8 +255,8 @@ def fine_tune(
                      else keras.optimizers.Adam(rate, clipnorm=clipnorm))
         work.compile(optimizer=optimizer,
                      loss="categorical_crossentropy", metrics=["categorical_accuracy"])
-        one_hot = np.eye(int(work.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
-        history: list[dict[str, float]] = [{"epoch": 0.0, "holdout_accuracy": _accuracy(work, holdout)}]
+        one_hot = np.eye(int(network.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
+        history: list[dict[str, float]] = [{"epoch": 0.0, "holdout_accuracy": _accuracy(network, holdout)}]
         best_acc = history[0]["holdout_accuracy"] if keep_start else -1.0
         best_epoch, best_weights = 0, work.get_weights()
         bar = EpochProgress(epochs, "fine-tuning", progress)
@@ -263,7 +271,7 @@ def fine_tune(
                 agree = soft.argmax(axis=1) == tune.y
                 y = np.where(agree[:, None], (1.0 - distill) * one_hot + distill * soft, one_hot)
             h = work.fit(x, y, epochs=1, batch_size=batch_size, shuffle=True, verbose=0, callbacks=callbacks)
-            acc = _accuracy(work, holdout)
+            acc = _accuracy(network, holdout)
             # "accuracy" on the tuning part: agreement with the (soft) targets' top class
             row = {"epoch": float(epoch), "loss": float(h.history["loss"][-1]),
                    "accuracy": float(100 * h.history["categorical_accuracy"][-1]), "holdout_accuracy": acc}
@@ -278,7 +286,7 @@ def fine_tune(
             log.warning("no fine-tuned epoch matched the untuned start's held-out accuracy (%.2f%%); "
                         "keeping the start", best_acc)
         work.set_weights(best_weights)
-        return work, best_epoch, history
+        return network, best_epoch, history
 
 
 def fine_prune(
@@ -290,6 +298,8 @@ def fine_prune(
     accuracy_drop: float | None = DEFAULTS["accuracy_drop"],
     prune_fraction: float | None = None,
     seed: int = 0,
+    sam_rho: float = 0.0,
+    sam_adaptive: bool = True,
     progress: bool = True,
     **tuning: Any,
 ) -> FinePruneResult:
@@ -331,6 +341,7 @@ def fine_prune(
             geometric vs 2.7-4.8 % arithmetic at the same clean accuracy; not lower on every
             run (docs/research/real_faces_history.md).
         seed: member ``i`` is tuned with seed ``seed + 1000 i``, default 0.
+        sam_rho, sam_adaptive: sharpness-aware tuning (FT-SAM; see :func:`fine_tune`), default off.
         progress: progress bars.
         **tuning: the other fine-tuning settings, fields of
             :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning_rate, batch_size,
@@ -384,7 +395,8 @@ def fine_prune(
                  members, len(pruned), layer, base_acc, pruned_acc)
         net, epoch, history = fine_tune(start, tune, holdout, seed=member_seed, teacher=model,
                                         frozen_channels=(layer, pruned) if pruned else None,
-                                        keep_start=bool(pruned), progress=progress, **per_network)
+                                        keep_start=bool(pruned), sam_rho=sam_rho, sam_adaptive=sam_adaptive,
+                                        progress=progress, **per_network)
         tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
                                pruned_holdout_accuracy=pruned_acc, history=tuple(history), tune_index=tune_idx,

@@ -1,0 +1,171 @@
+"""The purification defenses without BatchNorm: I-BAU (defenses/ibau.py) and FT-SAM
+(defenses/finetuning.py, nets/training.SharpnessAware)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import badnet_repair as br
+from badnet_repair.defenses import IBAU, FineTuningSAM, Repair
+from badnet_repair.defenses.ibau import implicit_hypergradient
+from badnet_repair.nets.training import SharpnessAware
+from badnet_repair.workflow.compare import compare_defenses
+
+from .conftest import random_faces
+
+
+def _linear(seed: int = 0) -> keras.Model:
+    """(2, 2, 1) images -> flatten -> softmax over 3 classes: 15 weights, small enough for
+    explicit Jacobians."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((2, 2, 1))
+    out = keras.layers.Dense(3, activation="softmax", name="output")(keras.layers.Flatten()(x))
+    return keras.Model(x, out)
+
+
+def test_implicit_hypergradient_matches_the_explicit_jacobians():
+    """The fixed-point hypergradient equals dL/dtheta + M^T sum_k (J^T)^k g computed from the
+    explicit Jacobians J = dPhi/ddelta (4 x 4) and M = dPhi/dtheta (4 x 15)."""
+    model = _linear()
+    rng = np.random.default_rng(0)
+    x_in, y_in = tf.constant(rng.normal(size=(6, 2, 2, 1)), tf.float32), tf.constant([0, 1, 2, 0, 1, 2])
+    x_out, y_out = tf.constant(rng.normal(size=(5, 2, 2, 1)), tf.float32), tf.constant([2, 2, 1, 0, 0])
+    delta = tf.constant(rng.normal(size=(1, 2, 2, 1)) * 0.3, tf.float32)
+    scale, reg, a, steps = 2.0, 0.05, 0.3, 7
+    theta = model.trainable_variables
+
+    def outer_loss(d: Any) -> Any:
+        p = model(x_out + scale * d)
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y_out, p))
+
+    got = implicit_hypergradient(model, delta, outer_loss, x_in, y_in, scale=scale, regularization=reg,
+                                 fixed_point_lr=a, fixed_point_steps=steps)
+
+    def phi(d: Any) -> Any:
+        with tf.GradientTape() as t:
+            t.watch(d)
+            p = model(x_in + scale * d)
+            inner = -tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y_in, p)) + reg * tf.reduce_sum(d * d)
+        return d - a * t.gradient(inner, d)
+
+    with tf.GradientTape(persistent=True) as t:
+        t.watch(delta)
+        mapped = tf.reshape(phi(delta), [-1])
+    jac = t.jacobian(mapped, delta).numpy().reshape(4, 4)  # J[i, j] = dPhi_i / ddelta_j
+    mixed = [t.jacobian(mapped, w).numpy().reshape(4, -1) for w in theta]
+    with tf.GradientTape(persistent=True) as t:
+        t.watch(delta)
+        loss = outer_loss(delta)
+    g = t.gradient(loss, delta).numpy().reshape(4)
+    v = np.zeros(4)
+    for _ in range(steps):
+        v = jac.T @ v + g
+    for w, m, mine in zip(theta, mixed, got, strict=True):
+        want = t.gradient(loss, w).numpy().reshape(-1) + m.T @ v
+        np.testing.assert_allclose(np.asarray(mine).reshape(-1), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_sharpness_aware_step_by_hand():
+    """One SGD step of the wrapper = the plain gradient taken at w + rho T^2 g / |T g|."""
+    for adaptive in (False, True):
+        net = _linear(seed=1)
+        x = np.random.default_rng(2).normal(size=(8, 2, 2, 1)).astype(np.float32)
+        y = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2, 0, 1]]
+        w0 = [w.numpy() for w in net.trainable_variables]
+        loss_fn = keras.losses.CategoricalCrossentropy()
+
+        def grads_at(weights: list[np.ndarray], net: keras.Model, x: np.ndarray, y: np.ndarray,
+                     loss_fn: Any) -> list[np.ndarray]:
+            for v, w in zip(net.trainable_variables, weights, strict=True):
+                v.assign(w)
+            with tf.GradientTape() as t:
+                loss = loss_fn(y, net(x))
+            return [g.numpy() for g in t.gradient(loss, net.trainable_variables)]
+
+        g = grads_at(w0, net, x, y, loss_fn)
+        scale = [np.abs(w) if adaptive else np.ones_like(w) for w in w0]
+        norm = np.sqrt(sum(float(np.sum((s * gi) ** 2)) for s, gi in zip(scale, g, strict=True)))
+        worst = [w + 0.5 * s * s * gi / norm for w, s, gi in zip(w0, scale, g, strict=True)]
+        want = [w - 0.1 * gi for w, gi in zip(w0, grads_at(worst, net, x, y, loss_fn), strict=True)]
+        for v, w in zip(net.trainable_variables, w0, strict=True):
+            v.assign(w)
+        sam = SharpnessAware(net, rho=0.5, adaptive=adaptive)
+        sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy",
+                    metrics=["categorical_accuracy"])
+        h = sam.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        assert "categorical_accuracy" in h.history and "loss" in h.history
+        for v, w in zip(net.trainable_variables, want, strict=True):
+            np.testing.assert_allclose(v.numpy(), w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="rho"):
+        SharpnessAware(net, rho=0.0)
+
+
+def test_settings_are_checked(small_deepid):
+    clean = br.Dataset(random_faces(10, seed=1), np.arange(10) % 7, "clean")
+    for bad, match in (({"rounds": 0}, "rounds"), ({"portion": 2.0}, "portion"),
+                       ({"fixed_point_steps": 0}, "fixed_point_steps")):
+        with pytest.raises(ValueError, match=match):
+            br.ibau_unlearn(small_deepid, clean, **bad)
+
+
+@pytest.mark.slow
+def test_each_purification_defense_lowers_attack_success(small_demo):
+    b = br.load_model(small_demo.model)
+    valid = br.load_h5(small_demo.valid)
+    bd = br.load_h5(small_demo.bd_test)
+    before = br.attack_success_rate(br.predict_classes(b, bd.x), bd.y)
+    assert before > 50.0
+    weights = [w.copy() for w in b.get_weights()]
+    for d in (IBAU(rounds=3, holdout_fraction=0.34), FineTuningSAM(epochs=8, holdout_fraction=0.34)):
+        r = d.repair(b, valid)
+        after = br.attack_success_rate(br.predict_classes(r.model, bd.x), bd.y)
+        assert after < before, d.name
+        assert r.model is not b and r.defense == d.name
+        assert r.record["choices"]["holdout_accuracy"] if d.name == "i-bau" else r.record["choices"]["members"]
+    for w, w0 in zip(b.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(w, w0)  # the caller's BadNet is untouched
+
+
+class _SpyArray(np.ndarray):
+    log: ClassVar[list[str]] = []
+
+    def __getitem__(self, index: Any) -> Any:
+        _SpyArray.log.append("read")
+        return np.asarray(self).__getitem__(index)
+
+
+@dataclass(frozen=True)
+class _LoggedIBAU(IBAU):
+    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
+        _SpyArray.log.append("start")
+        out = super().repair(model, clean, progress=progress)
+        _SpyArray.log.append("end")
+        return out
+
+
+@dataclass(frozen=True)
+class _LoggedSAM(FineTuningSAM):
+    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
+        _SpyArray.log.append("start")
+        out = super().repair(model, clean, progress=progress)
+        _SpyArray.log.append("end")
+        return out
+
+
+def test_no_test_or_poisoned_image_is_read_while_a_purification_defense_repairs(small_deepid):
+    x = random_faces(28, seed=3)
+    valid = br.Dataset(x, np.arange(28) % 7, "valid")
+    spy_x = random_faces(12, seed=4).view(_SpyArray)
+    test = br.Dataset(spy_x, np.arange(12) % 7, "test")
+    bd = br.Dataset(spy_x, np.zeros(12, np.int64), "bd_test")
+    _SpyArray.log.clear()
+    compare_defenses(small_deepid, valid, test, bd,
+                     defenses=[_LoggedIBAU(rounds=1, fixed_point_steps=1), _LoggedSAM(epochs=1, shift=0)])
+    log = _SpyArray.log
+    assert log[:4] == ["start", "end", "start", "end"] and "read" in log[4:]
