@@ -84,12 +84,13 @@ class FineTuningSAM(FineTuning):
     them out of the backdoor's narrow minimum, which plain fine-tuning with few clean images
     stays in. It needs no BatchNorm and no trigger.
 
-    Settings: those of :class:`FineTuning`, plus ``sam_rho`` (default 1.0) and ``sam_adaptive``
+    Settings: those of :class:`FineTuning`, plus ``sam_rho`` (default 0.2, chosen on the tuning
+    BadNets of benchmarks/removal_tuning.toml; docs/research/removal.md) and ``sam_adaptive``
     (default True).
     """
 
     name: ClassVar[str] = "ft-sam"
     summary: ClassVar[str] = "fine-tune with sharpness-aware steps, epoch chosen on a held-out part (Zhu et al. 2023)"
 
-    sam_rho: float = setting(1.0, "radius of the sharpness-aware weight perturbation")
+    sam_rho: float = setting(0.2, "radius of the sharpness-aware weight perturbation")
     sam_adaptive: bool = setting(True, "radius relative to each weight's size (adaptive SAM)")
