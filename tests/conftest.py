@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -102,3 +103,14 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
 
     root = tmp_path_factory.mktemp("demo") / ".demo"
     return make_demo(root, config=DemoConfig(**SMALL_DEMO), progress=False)
+
+
+class SpyArray(np.ndarray):
+    """An image array that logs every read of its rows (in ``SpyArray.log``): a spy for
+    "no test or poisoned image is read while a defense repairs"."""
+
+    log: ClassVar[list[str]] = []
+
+    def __getitem__(self, index: Any) -> Any:
+        SpyArray.log.append("read")
+        return np.asarray(self).__getitem__(index)

@@ -14,7 +14,7 @@ from badnet_repair.defenses import REGISTRY, Defense, FinePruning, FineTuning, P
 from badnet_repair.detectors import Disagreement, goodnet_classes
 from badnet_repair.workflow.compare import compare_defenses
 
-from .conftest import random_faces, tiny_conv_model
+from .conftest import SpyArray, random_faces, tiny_conv_model
 
 
 def test_registry_names_and_settings():
@@ -100,23 +100,13 @@ def test_disagreement_detector_by_hand():
         br.predict_classes(b_flip, x), br.predict_classes(r, x), 2))
 
 
-class _SpyArray(np.ndarray):
-    """An image array that logs every read of its rows."""
-
-    log: ClassVar[list[str]] = []
-
-    def __getitem__(self, index: Any) -> Any:
-        _SpyArray.log.append("read")
-        return np.asarray(self).__getitem__(index)
-
-
 @dataclass(frozen=True)
 class _SpyDefense(Defense):
     name: ClassVar[str] = "spy"
     summary: ClassVar[str] = "returns B unchanged"
 
     def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
-        _SpyArray.log.append(f"repair {self.name}")
+        SpyArray.log.append(f"repair {self.name}")
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=model),), record={})
 
 
@@ -124,12 +114,12 @@ def test_compare_repairs_everything_before_reading_test_or_poisoned_data(small_d
     x = random_faces(30, seed=7)
     y = br.predict_classes(small_deepid, x)
     valid = br.Dataset(x, y, "valid")
-    spy_x = random_faces(20, seed=8).view(_SpyArray)
+    spy_x = random_faces(20, seed=8).view(SpyArray)
     test = br.Dataset(spy_x, br.predict_classes(small_deepid, np.asarray(spy_x)), "test")
     bd = br.Dataset(spy_x, np.zeros(20, np.int64), "bd_test")
-    _SpyArray.log.clear()
+    SpyArray.log.clear()
     comp = compare_defenses(small_deepid, valid, test, bd, defenses=[_SpyDefense(), Pruning(thresholds=(5.0,))])
-    log = _SpyArray.log
+    log = SpyArray.log
     assert log[0] == "repair spy" and "read" in log
     assert "repair spy" not in log[log.index("read"):]
     rows = [e.model for e in comp.evaluations]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import keras
 import numpy as np
@@ -17,7 +17,7 @@ from badnet_repair.defenses.ibau import implicit_hypergradient
 from badnet_repair.nets.training import SharpnessAware
 from badnet_repair.workflow.compare import compare_defenses
 
-from .conftest import random_faces
+from .conftest import SpyArray, random_faces
 
 
 def _linear(seed: int = 0) -> keras.Model:
@@ -132,40 +132,34 @@ def test_each_purification_defense_lowers_attack_success(small_demo):
         np.testing.assert_array_equal(w, w0)  # the caller's BadNet is untouched
 
 
-class _SpyArray(np.ndarray):
-    log: ClassVar[list[str]] = []
+class _Logged:
+    """Logs the start and end of ``repair`` in the spy's log."""
 
-    def __getitem__(self, index: Any) -> Any:
-        _SpyArray.log.append("read")
-        return np.asarray(self).__getitem__(index)
+    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
+        SpyArray.log.append("start")
+        out = super().repair(model, clean, progress=progress)  # type: ignore[misc]
+        SpyArray.log.append("end")
+        return out  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
-class _LoggedIBAU(IBAU):
-    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
-        _SpyArray.log.append("start")
-        out = super().repair(model, clean, progress=progress)
-        _SpyArray.log.append("end")
-        return out
+class _LoggedIBAU(_Logged, IBAU):
+    pass
 
 
 @dataclass(frozen=True)
-class _LoggedSAM(FineTuningSAM):
-    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
-        _SpyArray.log.append("start")
-        out = super().repair(model, clean, progress=progress)
-        _SpyArray.log.append("end")
-        return out
+class _LoggedSAM(_Logged, FineTuningSAM):
+    pass
 
 
 def test_no_test_or_poisoned_image_is_read_while_a_purification_defense_repairs(small_deepid):
     x = random_faces(28, seed=3)
     valid = br.Dataset(x, np.arange(28) % 7, "valid")
-    spy_x = random_faces(12, seed=4).view(_SpyArray)
+    spy_x = random_faces(12, seed=4).view(SpyArray)
     test = br.Dataset(spy_x, np.arange(12) % 7, "test")
     bd = br.Dataset(spy_x, np.zeros(12, np.int64), "bd_test")
-    _SpyArray.log.clear()
+    SpyArray.log.clear()
     compare_defenses(small_deepid, valid, test, bd,
                      defenses=[_LoggedIBAU(rounds=1, fixed_point_steps=1), _LoggedSAM(epochs=1, shift=0)])
-    log = _SpyArray.log
+    log = SpyArray.log
     assert log[:4] == ["start", "end", "start", "end"] and "read" in log[4:]
