@@ -93,6 +93,14 @@ def _tuning(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+def _show_written(paths: Any) -> int:
+    """Print a command's markdown result, then every file it wrote; the command's exit status 0."""
+    print(paths["md"].read_text())
+    for p in paths.values():
+        print(p)
+    return 0
+
+
 def _own_settings(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
     """The command-line settings a defense class takes. A flag left at fine-pruning's default
     does not override a different default of the class's own (I-BAU's learning rate and batch
@@ -502,10 +510,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                                         detectors=args.detectors, false_alarm=args.false_alarm,
                                         several_targets=args.multi_target))
     paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)
-    print(paths["md"].read_text())
-    for p in paths.values():
-        print(p)
-    return 0
+    return _show_written(paths)
 
 
 def _cmd_trigger_response(args: argparse.Namespace) -> int:
@@ -538,10 +543,7 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     paths = write_trigger_response(response, args.out, channels_pruned=pruned, top=args.top,
                                    title=f"{Path(str(files['model'])).name}: trigger response of {response.layer}",
                                    overwrite=args.overwrite)
-    print(paths["md"].read_text())
-    for p in paths.values():
-        print(p)
-    return 0
+    return _show_written(paths)
 
 
 def _cmd_cleanse(args: argparse.Namespace) -> int:
@@ -562,10 +564,7 @@ def _cmd_cleanse(args: argparse.Namespace) -> int:
     scan = scanner.scan(b, valid, progress=not args.quiet)
     paths = write_cleanse(scan, args.out, valid.x[0], title=f"Neural Cleanse of {Path(str(files['model'])).name}",
                           overwrite=args.overwrite)
-    print(paths["md"].read_text())
-    for p in paths.values():
-        print(p)
-    return 0
+    return _show_written(paths)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -595,10 +594,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                             several=args.multi_target or args.demo == "multi-target")
     paths = write_detection(result, test, bd, args.out, title=Path(str(files["model"])).name,
                             overwrite=args.overwrite)
-    print(paths["md"].read_text())
-    for p in paths.values():
-        print(p)
-    return 0
+    return _show_written(paths)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
