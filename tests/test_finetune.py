@@ -122,6 +122,29 @@ def test_fine_tune_returns_the_start_when_tuning_only_hurts(small_deepid, caplog
     assert "keeping the start" in caplog.text
 
 
+@pytest.mark.parametrize(("method", "keep", "expected"), [("fine-pruning", True, True),
+                                                         ("fine-pruning", False, False),
+                                                         ("fine-tuning", True, False)])
+def test_fine_prune_lets_the_pruned_start_win_only_when_asked(small_deepid, monkeypatch, method, keep, expected):
+    """The untuned start is a candidate only for a pruned network and only with keep_pruned_start."""
+    from .conftest import random_faces
+
+    seen: list[bool] = []
+    real = finetune.fine_tune
+
+    def spy(*args, **kw):
+        seen.append(kw["keep_start"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(finetune, "fine_tune", spy)
+    x = random_faces(42, seed=5)
+    valid = br.Dataset(x, np.arange(42) % 7, "valid")
+    r = fine_prune(small_deepid, valid, method=method, prune_fraction=0.5, keep_pruned_start=keep, epochs=1,
+                   shift=0, flip=False, holdout_fraction=0.34, progress=False)
+    assert seen == [expected]
+    assert r.members[0].kept_epoch >= (0 if expected else 1)
+
+
 def test_split_says_what_it_held_out_when_classes_are_too_small(caplog):
     y = np.array([0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3])  # three classes of 2, one of 10
     ds = br.Dataset(np.zeros((16, 2, 2, 3), np.float32), y, "valid")

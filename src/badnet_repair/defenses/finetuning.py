@@ -58,8 +58,8 @@ class FinePruning(FineTuning):
     ``accuracy_drop`` points (or prune ``prune_fraction`` of the channels), then fine-tune
     with the pruned channels held at zero (:func:`~badnet_repair.defenses.tuning.fine_prune`).
 
-    Settings: those of :class:`FineTuning`, plus ``accuracy_drop`` (default 4 points) and
-    ``prune_fraction`` (default None: use the drop).
+    Settings: those of :class:`FineTuning`, plus ``accuracy_drop`` (default 4 points),
+    ``prune_fraction`` (default None: use the drop) and ``keep_pruned_start`` (default True).
     """
 
     name: ClassVar[str] = "fine-pruning"
@@ -69,6 +69,8 @@ class FinePruning(FineTuning):
     accuracy_drop: float | None = setting(FINE_TUNING["accuracy_drop"],
                                           "prune until held-out accuracy falls this many points")
     prune_fraction: float | None = setting(None, "prune this fraction of the channels instead")
+    keep_pruned_start: bool = setting(True, "keep the pruned, untuned network where no tuned epoch matches its "
+                                            "held-out accuracy (False: always a tuned epoch)")
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,7 @@ def fine_prune(
     accuracy_drop: float | None = DEFAULTS["accuracy_drop"],
     prune_fraction: float | None = None,
     seed: int = 0,
+    keep_pruned_start: bool = True,
     sam_rho: float = 0.0,
     sam_adaptive: bool = True,
     progress: bool = True,
@@ -312,7 +313,8 @@ def fine_prune(
        ascending order, to ``prune_fraction`` of the channels if given, else to the first
        step whose held-out accuracy is ``accuracy_drop`` points below the BadNet's.
     3. Fine-tune on augmented copies of the tuning part with the pruned channels held at
-       zero, keeping the epoch with the best held-out accuracy.
+       zero, keeping the epoch with the best held-out accuracy (the pruned, untuned start
+       among the candidates when ``keep_pruned_start``).
 
     With ``method="fine-tuning"`` step 2 is skipped (the paper's other baseline). With one
     member the result is the paper's single network; with several, the repaired model
@@ -341,6 +343,11 @@ def fine_prune(
             geometric vs 2.7-4.8 % arithmetic at the same clean accuracy; not lower on every
             run (docs/research/real_faces_history.md).
         seed: member ``i`` is tuned with seed ``seed + 1000 i``, default 0.
+        keep_pruned_start: the pruned network before any tuning may be kept where no tuned
+            epoch matches its held-out accuracy, default True (the paper's procedure keeps the
+            best network seen). With False a tuned epoch is always kept: the pruned start
+            still holds a backdoor pruning missed, and its held-out accuracy, measured on the
+            same images that chose the prune amount, flatters it.
         sam_rho, sam_adaptive: sharpness-aware tuning (FT-SAM; see :func:`fine_tune`), default off.
         progress: progress bars.
         **tuning: the other fine-tuning settings, fields of
@@ -395,7 +402,7 @@ def fine_prune(
                  members, len(pruned), layer, base_acc, pruned_acc)
         net, epoch, history = fine_tune(start, tune, holdout, seed=member_seed, teacher=model,
                                         frozen_channels=(layer, pruned) if pruned else None,
-                                        keep_start=bool(pruned), sam_rho=sam_rho, sam_adaptive=sam_adaptive,
+                                        keep_start=bool(pruned) and keep_pruned_start, sam_rho=sam_rho, sam_adaptive=sam_adaptive,
                                         progress=progress, **per_network)
         tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
