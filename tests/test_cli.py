@@ -150,6 +150,43 @@ def test_prune_warns_when_the_badnet_ignores_the_poisoned_files(lab_files, tmp_p
     assert (out / "Lab2_report.md").read_text().count("> **Warning:**") == len(low)
 
 
+def test_compare_set_gives_one_defense_a_typed_setting_over_the_shared_flags(lab_files, tmp_path, monkeypatch,
+                                                                            capsys):
+    from badnet_repair.workflow import compare
+
+    seen: list = []
+
+    def fake_compare_file(path, valid, test, bd_test, *, defenses, **kw):
+        seen.extend(defenses)
+        return "comparison"
+
+    def fake_write(comparisons, out, *, overwrite):
+        md = tmp_path / "comparison.md"
+        md.write_text("table")
+        return {"md": md}
+
+    monkeypatch.setattr(compare, "compare_file", fake_compare_file)
+    monkeypatch.setattr(compare, "write_comparison", fake_write)
+    files = [f"--{k.replace('_', '-')}={lab_files[k]}" for k in ("model", "valid", "test", "bd_test")]
+    assert main(["compare", "-q", *files, "--defenses", "fine-pruning", "ft-sam", "i-bau", "--epochs", "7",
+                 "--set", "ft-sam.sam_rho=0.5", "--set", "i-bau.max_norm=10", "--set", "i-bau.rounds=2",
+                 "--set", "fine-pruning.keep-pruned-start=false"]) == 0
+    fp, sam, ibau = seen
+    assert (fp.keep_pruned_start, fp.epochs) == (False, 7)
+    assert (sam.sam_rho, sam.epochs, sam.sam_adaptive) == (0.5, 7, True)
+    assert (ibau.max_norm, ibau.rounds) == (10, 2)
+    assert isinstance(ibau.max_norm, int | float) and isinstance(ibau.rounds, int)
+    # a misspelt or mistyped setting is refused before anything runs, naming what it takes
+    for wrong, says in (("ft-sam.rho=1", "its settings: "), ("ft-sam.sam_rho=big", "must be a number"),
+                        ("i-bau.rounds=2.5", "must be a whole number"), ("nope.x=1", "no defense 'nope'"),
+                        ("sam_rho=1", "DEFENSE.SETTING=VALUE")):
+        with pytest.raises(SystemExit):
+            main(["compare", *files, "--set", wrong])
+        assert says in capsys.readouterr().err
+    assert main(["compare", *files, "--defenses", "pruning", "--set", "ft-sam.sam_rho=0.5"]) == 1
+    assert "--defenses leaves out" in capsys.readouterr().err
+
+
 def test_compare_passes_a_defense_only_its_own_settings_and_keeps_its_own_defaults():
     from badnet_repair.cli import DEFENSES, _own_settings
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .defaults import LAYER_HELP
+from .defaults import LAYER_HELP, setting_problem
 from .defenses import REGISTRY as DEFENSES
 from .demo.make import DEMO_BADNETS
 from .workflow.layout import LAB_FILES
@@ -99,6 +99,47 @@ def _show_written(paths: Any) -> int:
     for p in paths.values():
         print(p)
     return 0
+
+
+def _set_value(text: str) -> Any:
+    """A ``--set`` value as TOML reads it (``0.5``, ``true``, ``[2, 4]``, ``"geometric"``),
+    ``none`` as None, and anything else as the plain string."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _defense_setting(text: str) -> tuple[str, str, Any]:
+    """The argparse type of ``--set DEFENSE.SETTING=VALUE``: (defense, setting, typed value),
+    checked against the setting the defense class declares."""
+    import typing
+
+    where, sep, raw = text.partition("=")
+    defense, dot, key = where.strip().rpartition(".")
+    if not sep or not dot or not defense or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DEFENSE.SETTING=VALUE, e.g. ft-sam.sam_rho=0.5")
+    if defense not in DEFENSES:
+        raise argparse.ArgumentTypeError(f"{text!r}: no defense {defense!r}; defenses: {', '.join(DEFENSES)}")
+    cls = DEFENSES[defense]
+    key = key.replace("-", "_")
+    if key not in cls.settings():
+        raise argparse.ArgumentTypeError(f"{text!r}: {defense} has no setting {key!r}; its settings: "
+                                         f"{', '.join(cls.settings())}")
+    value = _set_value(raw)
+    problem = setting_problem(value, typing.get_type_hints(cls)[key])
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {defense}'s setting {key} {problem}")
+    return defense, key, tuple(value) if isinstance(value, list) else value
 
 
 def _own_settings(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +246,10 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--false-alarm", type=float, default=2.5,
                     help="STRIP's false-alarm rate on held-out clean data, %% (default 2.5)")
     _add_settings(cp, DEFENSES["fine-pruning"])
+    cp.add_argument("--set", action="append", type=_defense_setting, default=[], metavar="DEFENSE.SETTING=VALUE",
+                    help="one defense's setting, over the flags above (repeatable; e.g. ft-sam.sam_rho=0.5, "
+                    "i-bau.max_norm=10, fine-pruning.keep_pruned_start=false); a name the defense does not take "
+                    "is refused with the list of those it does")
     _add_run_options(cp, demo_help="both demo BadNets on the demo data", both_demos=True)
 
     tp = sub.add_parser(
@@ -479,7 +524,7 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .defenses import make_defense
-    from .errors import DataError
+    from .errors import BadNetRepairError, DataError
     from .workflow.compare import compare_file, write_comparison
     from .workflow.layout import resolve_inputs
 
@@ -487,7 +532,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     # flags (its batch_size is the sweep's, not fine-tuning's --batch-size), and the layer
     tuning = _tuning(args)
     options = {"pruning": {"thresholds": _thresholds(args.thresholds), "layer": tuning["layer"]}}
-    defenses = [make_defense(n, **_own_settings(DEFENSES[n], options.get(n, tuning))) for n in args.defenses]
+    chosen: dict[str, dict[str, Any]] = {}
+    for name, key, value in args.set:
+        chosen.setdefault(name, {})[key] = value
+    unused = sorted(set(chosen) - set(args.defenses))
+    if unused:
+        raise BadNetRepairError(f"--set names {', '.join(unused)}, which --defenses leaves out")
+    defenses = [make_defense(n, **{**_own_settings(DEFENSES[n], options.get(n, tuning)), **chosen.get(n, {})})
+                for n in args.defenses]
     if args.demo:
         base = resolve_inputs(demo="baseline", demo_dir=args.demo_dir, progress=not args.quiet)
         aware = resolve_inputs(demo="pruning-aware", demo_dir=args.demo_dir, progress=not args.quiet)

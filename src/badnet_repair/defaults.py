@@ -3,10 +3,12 @@ so that ``badnet-repair --help`` stays fast)."""
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "LAYER_HELP", "TuningSettings", "setting"]
+__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "LAYER_HELP", "TuningSettings", "setting", "setting_problem"]
 
 #: How several fine-pruned members' probabilities can be combined (the first is the default).
 ENSEMBLE_MEANS = ("geometric", "arithmetic")
@@ -26,6 +28,41 @@ def setting(default: Any, help: str) -> Any:
     """A defense setting: a dataclass field with its default and the one-line help the CLI
     shows for it (``--name``, generated from the field)."""
     return field(default=default, metadata={"help": help})
+
+
+def setting_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the type ``hint`` of a defense setting, or None.
+
+    Args:
+        value: a setting's value as TOML or the command line's ``--set`` parses it (a list
+            for a tuple setting).
+        hint: the setting's type annotation (``typing.get_type_hints`` of the defense class).
+
+    Returns:
+        A phrase such as ``"must be a number"``, or None where the value fits.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return None if value in args else f"must be one of {', '.join(map(repr, args))}"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [setting_problem(value, a) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                           for v in value):
+            return "must be a list of numbers"
+        return None
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number"
+    if hint is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "must be a number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None
 
 
 @dataclass(frozen=True)

@@ -402,8 +402,8 @@ def fine_prune(
                  members, len(pruned), layer, base_acc, pruned_acc)
         net, epoch, history = fine_tune(start, tune, holdout, seed=member_seed, teacher=model,
                                         frozen_channels=(layer, pruned) if pruned else None,
-                                        keep_start=bool(pruned) and keep_pruned_start, sam_rho=sam_rho, sam_adaptive=sam_adaptive,
-                                        progress=progress, **per_network)
+                                        keep_start=bool(pruned) and keep_pruned_start, sam_rho=sam_rho,
+                                        sam_adaptive=sam_adaptive, progress=progress, **per_network)
         tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
                                pruned_holdout_accuracy=pruned_acc, history=tuple(history), tune_index=tune_idx,

@@ -49,13 +49,13 @@ import re
 import sys
 import time
 import traceback
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..defaults import setting_problem
 from ..defenses import REGISTRY, make_defense
 from ..errors import BadNetRepairError
 from ..formats.files import atomic_path, versions, write_json
@@ -165,32 +165,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _type_problem(value: Any, hint: Any) -> str | None:
-    """Why ``value`` does not fit the type ``hint`` of a defense setting, or None."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return None if value in args else f"must be one of {', '.join(map(repr, args))}"
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        problems = [_type_problem(value, a) for a in args if a is not type(None)]
-        return None if any(p is None for p in problems) else problems[0]
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                                                           for v in value):
-            return "must be a list of numbers"
-        return None
-    if hint is bool:
-        return None if isinstance(value, bool) else "must be true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number"
-    if hint is float:
-        return None if isinstance(value, int | float) and not isinstance(value, bool) else "must be a number"
-    if hint is str:
-        return None if isinstance(value, str) else "must be a string"
-    return None
-
-
 def _grid(name: str, entry: Mapping[str, Any], errors: list[str], where: str) -> list[DefenseSpec]:
     """The settings grid of one ``[[defense]]`` entry: every list value is a choice (for a
     setting that is itself a list, such as ``thresholds``, a list of lists is)."""
@@ -212,7 +186,7 @@ def _grid(name: str, entry: Mapping[str, Any], errors: list[str], where: str) ->
             errors.append(f"{where}: setting {key!r} has an empty list of choices")
             continue
         for v in choices:
-            problem = _type_problem(v, hints[key])
+            problem = setting_problem(v, hints[key])
             if problem:
                 errors.append(f"{where}: setting {key!r} = {v!r} {problem}")
         axes.append((key, choices))
