@@ -67,7 +67,7 @@ def run_fine_pruning(
         progress: progress bars.
         **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
             holdout_fraction, members, ensemble_mean, epochs, learning_rate, batch_size, seed,
-            schedule, shift, flip, clipnorm, distill, weight_decay).
+            schedule, shift, flip, clipnorm, distill, weight_decay, keep_pruned_start).
 
     Returns:
         (the FinePruneResult, the results dict written to JSON).
