@@ -59,7 +59,8 @@ class FinePruning(FineTuning):
     with the pruned channels held at zero (:func:`~badnet_repair.defenses.tuning.fine_prune`).
 
     Settings: those of :class:`FineTuning`, plus ``accuracy_drop`` (default 4 points),
-    ``prune_fraction`` (default None: use the drop) and ``keep_pruned_start`` (default True).
+    ``prune_fraction`` (default None: use the drop) and ``keep_pruned_start`` (default False,
+    chosen on the tuning BadNets of benchmarks/removal_tuning.toml; docs/research/removal.md).
     """
 
     name: ClassVar[str] = "fine-pruning"
@@ -69,8 +70,8 @@ class FinePruning(FineTuning):
     accuracy_drop: float | None = setting(FINE_TUNING["accuracy_drop"],
                                           "prune until held-out accuracy falls this many points")
     prune_fraction: float | None = setting(None, "prune this fraction of the channels instead")
-    keep_pruned_start: bool = setting(True, "keep the pruned, untuned network where no tuned epoch matches its "
-                                            "held-out accuracy (False: always a tuned epoch)")
+    keep_pruned_start: bool = setting(False, "keep the pruned, untuned network where no tuned epoch matches its "
+                                             "held-out accuracy (default: always a tuned epoch)")
 
 
 @dataclass(frozen=True)

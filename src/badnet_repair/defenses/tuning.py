@@ -298,7 +298,7 @@ def fine_prune(
     accuracy_drop: float | None = DEFAULTS["accuracy_drop"],
     prune_fraction: float | None = None,
     seed: int = 0,
-    keep_pruned_start: bool = True,
+    keep_pruned_start: bool = False,
     sam_rho: float = 0.0,
     sam_adaptive: bool = True,
     progress: bool = True,
@@ -343,11 +343,11 @@ def fine_prune(
             geometric vs 2.7-4.8 % arithmetic at the same clean accuracy; not lower on every
             run (docs/research/real_faces_history.md).
         seed: member ``i`` is tuned with seed ``seed + 1000 i``, default 0.
-        keep_pruned_start: the pruned network before any tuning may be kept where no tuned
-            epoch matches its held-out accuracy, default True (the paper's procedure keeps the
-            best network seen). With False a tuned epoch is always kept: the pruned start
-            still holds a backdoor pruning missed, and its held-out accuracy, measured on the
-            same images that chose the prune amount, flatters it.
+        keep_pruned_start: let the pruned network before any tuning win where no tuned epoch
+            matches its held-out accuracy, default False: a tuned epoch is always kept. The
+            pruned start still holds whatever backdoor pruning missed, and its held-out
+            accuracy, measured on the images that chose the prune amount, flatters it
+            (docs/research/removal.md).
         sam_rho, sam_adaptive: sharpness-aware tuning (FT-SAM; see :func:`fine_tune`), default off.
         progress: progress bars.
         **tuning: the other fine-tuning settings, fields of
