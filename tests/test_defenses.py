@@ -22,7 +22,9 @@ def test_registry_names_and_settings():
                               "i-bau"]
     assert {"epochs", "learning_rate", "distill", "weight_decay", "members", "seed", "layer"} <= set(
         FineTuning.settings())
-    assert set(FinePruning.settings()) == set(FineTuning.settings()) | {"accuracy_drop", "prune_fraction"}
+    assert set(FinePruning.settings()) == set(FineTuning.settings()) | {"accuracy_drop", "prune_fraction",
+                                                                       "keep_pruned_start"}
+    assert FinePruning().keep_pruned_start is False
     assert set(Pruning.settings()) == {"thresholds", "layer", "rank_at", "descending", "engine", "batch_size"}
     for cls in REGISTRY.values():
         assert cls.summary and cls.__doc__
