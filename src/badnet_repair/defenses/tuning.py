@@ -39,8 +39,9 @@ class FineTuned:
         model: the tuned network (a new model; the BadNet is not changed).
         seed: its seed (split, ranking, shuffling, augmentation).
         pruned_channels: channels kept at zero (empty for fine-tuning).
-        kept_epoch: the epoch whose weights were kept (1..epochs), or 0 where no tuned
-            epoch did as well on the held-out part as the pruned, untuned start.
+        kept_epoch: the epoch whose weights were kept (1..epochs), or 0 where, with
+            ``keep_pruned_start``, no tuned epoch did as well on the held-out part as the
+            pruned, untuned start.
         holdout_accuracy: held-out clean accuracy (%) of the kept network.
         base_holdout_accuracy: held-out clean accuracy (%) of the BadNet.
         pruned_holdout_accuracy: held-out accuracy (%) after pruning, before tuning.
@@ -204,9 +205,10 @@ def fine_tune(
         teacher: the network whose predictions are distilled, default ``model``
             (:func:`fine_prune` passes the unpruned BadNet).
         frozen_channels: ``(layer, channels)`` held at zero throughout.
-        keep_start: let the untuned start win, default True. :func:`fine_prune` passes False
-            when nothing was pruned: the start is then the BadNet itself, which clean data
-            always prefers and which still holds the backdoor.
+        keep_start: let the untuned start win, default True. :func:`fine_prune` passes True
+            only for a pruned start and only with its ``keep_pruned_start``: an unpruned start
+            is the BadNet itself, which clean data always prefers and which still holds the
+            backdoor.
         stamp: ``f(images, rng) -> images`` applied to each epoch's augmented tuning images,
             labels unchanged (Neural Cleanse's unlearning stamps reversed triggers on a share).
         sam_rho: above 0, every step is sharpness-aware with this radius
