@@ -170,10 +170,10 @@ def test_compare_set_gives_one_defense_a_typed_setting_over_the_shared_flags(lab
     files = [f"--{k.replace('_', '-')}={lab_files[k]}" for k in ("model", "valid", "test", "bd_test")]
     assert main(["compare", "-q", *files, "--defenses", "fine-pruning", "ft-sam", "i-bau", "--epochs", "7",
                  "--set", "ft-sam.sam_rho=0.5", "--set", "i-bau.max_norm=10", "--set", "i-bau.rounds=2",
-                 "--set", "fine-pruning.keep-pruned-start=false"]) == 0
+                 "--set", "fine-pruning.keep-pruned-start=false", "--set", "ft-sam.clipnorm=0"]) == 0
     fp, sam, ibau = seen
     assert (fp.keep_pruned_start, fp.epochs) == (False, 7)
-    assert (sam.sam_rho, sam.epochs, sam.sam_adaptive) == (0.5, 7, True)
+    assert (sam.sam_rho, sam.epochs, sam.sam_adaptive, sam.clipnorm) == (0.5, 7, True, None)
     assert (ibau.max_norm, ibau.rounds) == (10, 2)
     assert isinstance(ibau.max_norm, int | float) and isinstance(ibau.rounds, int)
     # a misspelt or mistyped setting is refused before anything runs, naming what it takes

@@ -136,6 +136,8 @@ def _defense_setting(text: str) -> tuple[str, str, Any]:
         raise argparse.ArgumentTypeError(f"{text!r}: {defense} has no setting {key!r}; its settings: "
                                          f"{', '.join(cls.settings())}")
     value = _set_value(raw)
+    if key == "clipnorm" and value == 0:
+        value = None  # the --clipnorm flag's convention: 0 = no clipping
     problem = setting_problem(value, typing.get_type_hints(cls)[key])
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r}: {defense}'s setting {key} {problem}")
