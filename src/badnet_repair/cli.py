@@ -84,13 +84,15 @@ def _add_settings(parser: argparse.ArgumentParser, cls: type[Any], *, only: Sequ
         parser.add_argument(f"--{flag}", **options)
 
 
+def _flag_value(name: str, value: Any) -> Any:
+    """A setting's value as the command line means it: ``clipnorm`` 0 is no clipping (None)."""
+    return None if name == "clipnorm" and value == 0 else value
+
+
 def _tuning(args: argparse.Namespace) -> dict[str, Any]:
     """The fine-pruning settings given on the command line."""
     settings = DEFENSES["fine-pruning"].settings()
-    given = {name: getattr(args, name) for name in settings if hasattr(args, name)}
-    if "clipnorm" in given:
-        given["clipnorm"] = given["clipnorm"] or None  # 0 = no clipping
-    return given
+    return {name: _flag_value(name, getattr(args, name)) for name in settings if hasattr(args, name)}
 
 
 def _show_written(paths: Any) -> int:
@@ -135,9 +137,7 @@ def _defense_setting(text: str) -> tuple[str, str, Any]:
     if key not in cls.settings():
         raise argparse.ArgumentTypeError(f"{text!r}: {defense} has no setting {key!r}; its settings: "
                                          f"{', '.join(cls.settings())}")
-    value = _set_value(raw)
-    if key == "clipnorm" and value == 0:
-        value = None  # the --clipnorm flag's convention: 0 = no clipping
+    value = _flag_value(key, _set_value(raw))
     problem = setting_problem(value, typing.get_type_hints(cls)[key])
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r}: {defense}'s setting {key} {problem}")

@@ -106,5 +106,6 @@ class TuningSettings:
                                        "clean data does not use (0 = plain Adam)")
 
 
-#: The defaults as a dict, with fine-pruning's accuracy drop (points) in front.
-FINE_TUNING: dict[str, Any] = {"accuracy_drop": 4.0, **asdict(TuningSettings())}
+#: The defaults as a dict, with fine-pruning's own two (accuracy drop in points, whether the pruned
+#: start may be kept) in front.
+FINE_TUNING: dict[str, Any] = {"accuracy_drop": 4.0, "keep_pruned_start": False, **asdict(TuningSettings())}

@@ -70,8 +70,9 @@ class FinePruning(FineTuning):
     accuracy_drop: float | None = setting(FINE_TUNING["accuracy_drop"],
                                           "prune until held-out accuracy falls this many points")
     prune_fraction: float | None = setting(None, "prune this fraction of the channels instead")
-    keep_pruned_start: bool = setting(False, "keep the pruned, untuned network where no tuned epoch matches its "
-                                             "held-out accuracy (default: always a tuned epoch)")
+    keep_pruned_start: bool = setting(FINE_TUNING["keep_pruned_start"],
+                                      "keep the pruned, untuned network where no tuned epoch matches its "
+                                      "held-out accuracy (default: always a tuned epoch)")
 
 
 @dataclass(frozen=True)

@@ -300,7 +300,7 @@ def fine_prune(
     accuracy_drop: float | None = DEFAULTS["accuracy_drop"],
     prune_fraction: float | None = None,
     seed: int = 0,
-    keep_pruned_start: bool = False,
+    keep_pruned_start: bool = DEFAULTS["keep_pruned_start"],
     sam_rho: float = 0.0,
     sam_adaptive: bool = True,
     progress: bool = True,
