@@ -1,5 +1,5 @@
-"""The purification defenses without BatchNorm: I-BAU (defenses/ibau.py) and FT-SAM
-(defenses/finetuning.py, nets/training.SharpnessAware)."""
+"""The purification defenses without BatchNorm: I-BAU (defenses/ibau.py), FT-SAM and FST
+(defenses/finetuning.py, nets/training.SharpnessAware and FeatureShift)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import tensorflow as tf
 
 import badnet_repair as br
-from badnet_repair.defenses import IBAU, FineTuningSAM, Repair
+from badnet_repair.defenses import IBAU, FeatureShiftTuning, FineTuningSAM, Repair
 from badnet_repair.defenses.ibau import implicit_hypergradient
-from badnet_repair.nets.training import SharpnessAware
+from badnet_repair.nets.training import FeatureShift, SharpnessAware
 from badnet_repair.workflow.compare import compare_defenses
 
 from .conftest import SpyArray, random_faces
@@ -106,6 +106,31 @@ def test_a_sharpness_aware_step_by_hand():
         SharpnessAware(net, rho=0.0)
 
 
+def test_a_feature_shift_step_by_hand():
+    """One SGD step: K <- K - lr (dCE/dK + alpha / C K0) with C = 3 classes, then K rescaled to
+    |K0|; the bias takes a plain step (the penalty is on the kernel only)."""
+    net = _linear(seed=4)
+    x = np.random.default_rng(5).normal(size=(8, 2, 2, 1)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2, 0, 1]]
+    k0 = np.random.default_rng(6).normal(size=(4, 3)).astype(np.float32)
+    kernel, bias = (v.numpy() for v in net.trainable_variables)
+    with tf.GradientTape() as t:
+        loss = keras.losses.CategoricalCrossentropy()(y, net(x))
+    gk, gb = (g.numpy() for g in t.gradient(loss, net.trainable_variables))
+    lr, alpha = 0.1, 0.7
+    stepped = kernel - lr * (gk + alpha / 3 * k0)
+    want_kernel = stepped * np.linalg.norm(k0) / np.linalg.norm(stepped)
+    want_bias = bias - lr * gb
+    fst = FeatureShift(net, "output", k0, alpha)
+    fst.compile(optimizer=keras.optimizers.SGD(lr), loss="categorical_crossentropy", metrics=["categorical_accuracy"])
+    h = fst.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(net.get_layer("output").kernel.numpy(), want_kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.get_layer("output").bias.numpy(), want_bias, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.history["loss"][0], float(loss), rtol=1e-5)  # the task's loss, as fine-tuning's
+    with pytest.raises(ValueError, match="does not match"):
+        FeatureShift(net, "output", k0[:2], alpha)
+
+
 def test_settings_are_checked(small_deepid):
     clean = br.Dataset(random_faces(10, seed=1), np.arange(10) % 7, "clean")
     for bad, match in (({"rounds": 0}, "rounds"), ({"portion": 2.0}, "portion"),
@@ -122,7 +147,8 @@ def test_each_purification_defense_lowers_attack_success(small_demo):
     before = br.attack_success_rate(br.predict_classes(b, bd.x), bd.y)
     assert before > 50.0
     weights = [w.copy() for w in b.get_weights()]
-    for d in (IBAU(rounds=3, holdout_fraction=0.34), FineTuningSAM(epochs=8, holdout_fraction=0.34)):
+    for d in (IBAU(rounds=3, holdout_fraction=0.34), FineTuningSAM(epochs=8, holdout_fraction=0.34),
+              FeatureShiftTuning(epochs=8, holdout_fraction=0.34)):
         r = d.repair(b, valid)
         after = br.attack_success_rate(br.predict_classes(r.model, bd.x), bd.y)
         assert after < before, d.name
@@ -152,6 +178,11 @@ class _LoggedSAM(_Logged, FineTuningSAM):
     pass
 
 
+@dataclass(frozen=True)
+class _LoggedFST(_Logged, FeatureShiftTuning):
+    pass
+
+
 def test_no_test_or_poisoned_image_is_read_while_a_purification_defense_repairs(small_deepid):
     x = random_faces(28, seed=3)
     valid = br.Dataset(x, np.arange(28) % 7, "valid")
@@ -160,6 +191,7 @@ def test_no_test_or_poisoned_image_is_read_while_a_purification_defense_repairs(
     bd = br.Dataset(spy_x, np.zeros(12, np.int64), "bd_test")
     SpyArray.log.clear()
     compare_defenses(small_deepid, valid, test, bd,
-                     defenses=[_LoggedIBAU(rounds=1, fixed_point_steps=1), _LoggedSAM(epochs=1, shift=0)])
+                     defenses=[_LoggedIBAU(rounds=1, fixed_point_steps=1), _LoggedSAM(epochs=1, shift=0),
+                               _LoggedFST(epochs=1, shift=0)])
     log = SpyArray.log
-    assert log[:4] == ["start", "end", "start", "end"] and "read" in log[4:]
+    assert log[:6] == ["start", "end"] * 3 and "read" in log[6:]

@@ -8,7 +8,13 @@ import pytest
 from keras import layers
 
 import badnet_repair as br
-from badnet_repair.nets.models import channel_chain, crossing_tensors, default_conv_layer
+from badnet_repair.nets.models import (
+    channel_chain,
+    classifier_head,
+    crossing_tensors,
+    default_conv_layer,
+    reinitialize_head,
+)
 
 
 def _bn_net(*, separate_activation: bool = False, scale: bool = True, center: bool = True) -> keras.Model:
@@ -196,3 +202,41 @@ def test_keras_applications_mobilenetv2_and_resnet50():
     assert _sampled_steps_equal(mobile, x) == "Conv_1"  # Conv_1 -> BN -> ReLU6 -> global pooling
     resnet = keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=3)
     assert _sampled_steps_equal(resnet, x) == "conv5_block3_3_conv"  # its BN output meets the skip in an Add
+
+
+def test_the_classifier_head_is_found_from_the_graph(small_deepid):
+    assert classifier_head(small_deepid).name == "output"
+    # a separate softmax and dropout after the Dense layer, which is not the last layer made
+    x = keras.Input((6, 6, 2))
+    h = layers.Flatten()(layers.Conv2D(3, 3, name="c")(x))
+    scores = layers.Dense(4, name="scores")(h)
+    other = layers.Dense(4, name="unused_later")(h)
+    out = layers.Softmax(name="soft")(layers.Dropout(0.1)(scores))
+    net = keras.Model(x, [out])
+    del other
+    assert classifier_head(net).name == "scores"
+    assert classifier_head(net, "scores").name == "scores"
+    with pytest.raises(br.ModelError, match="'c' .* Conv2D, not the Dense layer"):
+        classifier_head(net, "c")
+    with pytest.raises(br.ModelError, match="no layer named 'nope'"):
+        classifier_head(net, "nope")
+    # a model whose output is made by a conv layer has no head to find
+    conv_out = keras.Model(x, layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3)(x)))
+    with pytest.raises(br.ModelError, match="no Dense layer makes its output"):
+        classifier_head(conv_out)
+
+
+def test_reinitialize_head_draws_within_the_fan_in_bound(small_deepid):
+    net = keras.models.clone_model(small_deepid)
+    net.set_weights(small_deepid.get_weights())
+    before = [w.copy() for w in net.get_layer("output").get_weights()]
+    name, old = reinitialize_head(net, seed=3)
+    assert name == "output"
+    np.testing.assert_array_equal(old, before[0])
+    kernel, bias = net.get_layer("output").get_weights()
+    bound = 1 / np.sqrt(before[0].shape[0])
+    assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+    assert not np.allclose(kernel, before[0]) and np.abs(kernel).max() > 0.9 * bound
+    _, again = reinitialize_head(keras.models.clone_model(small_deepid), seed=3)
+    np.testing.assert_array_equal(small_deepid.get_layer("output").get_weights()[0], before[0])  # caller's untouched
+    del again

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .defenses import (
         IBAU,
         Defense,
+        FeatureShiftTuning,
         FinePruning,
         FineTuning,
         FineTuningSAM,
@@ -226,6 +227,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'NeuralCleansePruning': ('.defenses', 'NeuralCleansePruning'),
     'IBAU': ('.defenses', 'IBAU'),
     'FineTuningSAM': ('.defenses', 'FineTuningSAM'),
+    'FeatureShiftTuning': ('.defenses', 'FeatureShiftTuning'),
     'ibau_unlearn': ('.defenses.ibau', 'ibau_unlearn'),
     'plot_cleanse_norms': ('.reporting.plotting', 'plot_cleanse_norms'),
     'plot_reversed_triggers': ('.reporting.plotting', 'plot_reversed_triggers'),
@@ -308,6 +310,7 @@ __all__ = [
     "Detector",
     "Disagreement",
     "Evaluation",
+    "FeatureShiftTuning",
     "FinePruneResult",
     "FinePruning",
     "FineTuned",

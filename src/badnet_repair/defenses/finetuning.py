@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 # Fine-tuning (TensorFlow) is imported when a repair runs, so the command line can list these
 # classes' settings without loading TensorFlow.
 
-__all__ = ["FinePruning", "FineTuning", "FineTuningSAM"]
+__all__ = ["FeatureShiftTuning", "FinePruning", "FineTuning", "FineTuningSAM"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,37 @@ class FineTuningSAM(FineTuning):
 
     sam_rho: float = setting(0.2, "radius of the sharpness-aware weight perturbation")
     sam_adaptive: bool = setting(True, "radius relative to each weight's size (adaptive SAM)")
+
+
+@dataclass(frozen=True)
+class FeatureShiftTuning(FineTuning):
+    """FST, Feature Shift Tuning (Min, Qin, Shen and Cheng, NeurIPS 2023): fine-tuning on clean
+    data with the classifier head drawn anew and pushed away from the BadNet's, the epoch
+    kept chosen on a held-out part (:class:`~badnet_repair.nets.training.FeatureShift`).
+
+    The paper's observation: where few poisoned images made the backdoor, its features are
+    entangled with clean ones, and fine-tuning that leaves the features where they are (as a
+    low rate and few clean images do) leaves the backdoor. Re-initialising the head and
+    penalising its inner product with the BadNet's head at a fixed norm forces the features
+    to shift. It needs no BatchNorm, no trigger and no more time than fine-tuning.
+
+    Settings: those of :class:`FineTuning`, plus ``alpha`` (the penalty's weight per class,
+    default 2.0: the authors' 0.2 on CIFAR-10's 10 classes; 0 = the head re-initialised only,
+    BackdoorBench's FT-init) and ``head`` (the classifier's Dense layer, default found from
+    the graph).
+    """
+
+    name: ClassVar[str] = "fst"
+    summary: ClassVar[str] = "fine-tune with the head drawn anew and pushed from the BadNet's (Min et al. 2023)"
+
+    alpha: float = setting(2.0, "weight of the penalty on the new head's inner product with the BadNet's, "
+                                "per class")
+    head: str | None = setting(None, "the classifier's Dense layer (default: found from the graph)")
+
+    def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
+        """The fine-tuned model (or the average of ``members`` of them)."""
+        from .tuning import fine_prune
+
+        params = self.get_params()
+        params["feature_shift"] = params.pop("alpha")
+        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **params))

@@ -161,6 +161,8 @@ def fine_tune(
     stamp: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     sam_rho: float = 0.0,
     sam_adaptive: bool = True,
+    feature_shift: float | None = None,
+    head: str | None = None,
     progress: bool = True,
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """Fine-tune a copy of ``model`` on ``tune``; keep the epoch best on ``holdout``.
@@ -214,16 +216,24 @@ def fine_tune(
         sam_rho: above 0, every step is sharpness-aware with this radius
             (:class:`~badnet_repair.nets.training.SharpnessAware`; FT-SAM), default 0 (plain steps).
         sam_adaptive: the adaptive (ASAM) radius, relative to each weight, default True.
+        feature_shift: not None, Feature Shift Tuning (FST;
+            :class:`~badnet_repair.nets.training.FeatureShift`): the classifier head is drawn
+            anew and every step's loss adds ``feature_shift / C * <K, K0>`` (the head's kernel with
+            the BadNet's, C classes), ``K`` kept at ``K0``'s norm; 0 = re-initialised head only.
+            Default None (off).
+        head: the classifier's Dense layer for ``feature_shift``, default found from the graph
+            (:func:`~badnet_repair.nets.models.classifier_head`).
         progress: a progress bar over epochs.
 
     Returns:
         (the kept model, its epoch (0 = the untuned start, else 1..epochs), per-epoch
-        history with epoch 0 = the start).
+        history with epoch 0 = the start: for ``feature_shift``, the re-initialised head).
     """
     import keras
 
     from ..nets.augment import augment_images
-    from ..nets.training import EpochProgress, SharpnessAware, ZeroChannels, deterministic_ops
+    from ..nets.models import reinitialize_head
+    from ..nets.training import EpochProgress, FeatureShift, SharpnessAware, ZeroChannels, deterministic_ops
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
@@ -231,6 +241,8 @@ def fine_tune(
         raise ValueError(f"distill must be in [0, 1], not {distill}")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, not {weight_decay}")
+    if feature_shift is not None and sam_rho:
+        raise ValueError("feature_shift and sam_rho cannot be combined (each takes over the training step)")
     # same seed, same weights: the selection of members and epochs is then repeatable
     with deterministic_ops():
         teacher = model if teacher is None else teacher
@@ -241,6 +253,12 @@ def fine_tune(
         network = work
         if sam_rho:
             work = SharpnessAware(network, sam_rho, sam_adaptive)
+        elif feature_shift is not None:
+            head_name, original = reinitialize_head(network, head, seed=seed)
+            work = FeatureShift(network, head_name, original, feature_shift)
+            # the penalty's range is alpha |K0|^2 / C (times the cosine): say it, as it sets alpha's meaning
+            log.info("feature shift: head %s re-initialised; penalty %g x |K0|^2 / C = %.3g", head_name,
+                     feature_shift, feature_shift * float(np.mean(np.sum(original.astype(np.float64) ** 2, axis=0))))
         callbacks: list[Any] = []
         if frozen_channels is not None and frozen_channels[1]:
             zero = ZeroChannels(*frozen_channels)
@@ -303,6 +321,8 @@ def fine_prune(
     keep_pruned_start: bool = DEFAULTS["keep_pruned_start"],
     sam_rho: float = 0.0,
     sam_adaptive: bool = True,
+    feature_shift: float | None = None,
+    head: str | None = None,
     progress: bool = True,
     **tuning: Any,
 ) -> FinePruneResult:
@@ -351,6 +371,7 @@ def fine_prune(
             accuracy, measured on the images that chose the prune amount, flatters it
             (docs/research/removal.md).
         sam_rho, sam_adaptive: sharpness-aware tuning (FT-SAM; see :func:`fine_tune`), default off.
+        feature_shift, head: Feature Shift Tuning (FST; see :func:`fine_tune`), default off.
         progress: progress bars.
         **tuning: the other fine-tuning settings, fields of
             :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning_rate, batch_size,
@@ -405,7 +426,8 @@ def fine_prune(
         net, epoch, history = fine_tune(start, tune, holdout, seed=member_seed, teacher=model,
                                         frozen_channels=(layer, pruned) if pruned else None,
                                         keep_start=bool(pruned) and keep_pruned_start, sam_rho=sam_rho,
-                                        sam_adaptive=sam_adaptive, progress=progress, **per_network)
+                                        sam_adaptive=sam_adaptive, feature_shift=feature_shift, head=head,
+                                        progress=progress, **per_network)
         tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
                                pruned_holdout_accuracy=pruned_acc, history=tuple(history), tune_index=tune_idx,

@@ -21,6 +21,7 @@ from ..formats.files import atomic_path, check_writable
 __all__ = [
     "ChannelChain",
     "channel_chain",
+    "classifier_head",
     "conv_layer",
     "crossing_tensors",
     "deepid",
@@ -33,6 +34,7 @@ __all__ = [
     "predict_classes",
     "predict_probabilities",
     "prune_channels",
+    "reinitialize_head",
     "save_model",
     "save_weights_h5",
     "saved_model_paths",
@@ -289,6 +291,79 @@ def crossing_tensors(model: Any, cut: Any) -> list[Any]:
     if not any(id(t) in dependent for t in model.outputs):
         raise ModelError(f"model {model.name!r}: its output does not depend on the layer being pruned")
     return list(crossing.values())
+
+
+# Layers between the classifier's Dense layer and the model's output that change no weights'
+# meaning: the softmax may be a separate layer, as may a dropout or a reshape.
+_AFTER_HEAD = ("Activation", "Softmax", "Dropout", "Reshape", "Flatten", "InputLayer")
+
+
+def classifier_head(model: Any, layer: str | None = None) -> Any:
+    """The linear classifier (the Dense layer that makes the class scores), found from the graph.
+
+    From the model's single output back through layers that hold no weights (a separate
+    softmax, dropout) to the first Dense layer, as ``output`` in the lab's DeepID.
+
+    Args:
+        model: a Keras functional or sequential model with one output.
+        layer: the head's name instead (checked to be a Dense layer).
+
+    Returns:
+        The Dense layer.
+    """
+    from keras import layers
+
+    if layer is not None:
+        try:
+            found = model.get_layer(layer)
+        except ValueError:
+            names = ", ".join(lyr.name for lyr in model.layers)
+            raise ModelError(f"model {model.name!r} has no layer named {layer!r}; layers: {names}") from None
+        if not isinstance(found, layers.Dense):
+            raise ModelError(f"layer {layer!r} of model {model.name!r} is a {type(found).__name__}, not the "
+                             "Dense layer that makes the class scores")
+        return found
+    if len(model.outputs) != 1:
+        raise ModelError(f"model {model.name!r} has {len(model.outputs)} outputs; name its classifier layer")
+    current = model.outputs[0]
+    for _ in range(len(model.layers) + 1):
+        history = getattr(current, "_keras_history", None)
+        op = history.operation if history is not None else None
+        if op is None:
+            break
+        if isinstance(op, layers.Dense):
+            return op
+        if type(op).__name__ not in _AFTER_HEAD or len(op._inbound_nodes) != 1:
+            break
+        inputs = op._inbound_nodes[0].input_tensors
+        if len(inputs) != 1:
+            break
+        current = inputs[0]
+    raise ModelError(f"model {model.name!r}: no Dense layer makes its output (through softmax or dropout "
+                     "layers only); name its classifier layer")
+
+
+def reinitialize_head(model: Any, layer: str | None = None, *, seed: int = 0) -> tuple[str, np.ndarray]:
+    """Draw new weights for ``model``'s classifier head in place; return its old kernel.
+
+    The initialisation of Min et al.'s FST code (PyTorch's for a linear layer): kernel and
+    bias uniform in ``(-1/sqrt(fan_in), 1/sqrt(fan_in))``. The one place where a head is
+    rewritten; callers pass a copy.
+
+    Args:
+        model: the network changed.
+        layer: the head, default :func:`classifier_head`.
+        seed: the draw's seed.
+
+    Returns:
+        (the head's name, its kernel before the draw: (features, classes)).
+    """
+    head = classifier_head(model, layer)
+    old = [np.array(w) for w in head.get_weights()]
+    bound = 1.0 / np.sqrt(old[0].shape[0])
+    rng = np.random.default_rng([seed, 23])
+    head.set_weights([rng.uniform(-bound, bound, w.shape).astype(w.dtype) for w in old])
+    return str(head.name), old[0]
 
 
 def zero_channels(model: Any, layer: str, channels: Iterable[int]) -> None:
