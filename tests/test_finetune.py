@@ -294,3 +294,42 @@ def test_fine_prune_command_saves_the_average_and_each_member(small_demo, tmp_pa
     for name in ("fp.h5", "fp.keras"):
         np.testing.assert_allclose(br.load_model(out / name).predict(x, verbose=0), mean, rtol=1e-5, atol=1e-6)
     assert br.load_model(out / "goodnet_fp.keras").outputs[0].shape[-1] == 6
+
+
+def test_feature_shift_tuning_draws_a_new_head_and_keeps_its_norm(small_deepid):
+    """FST (fine_tune's feature_shift): the kept network's head is neither the BadNet's nor a
+    scaled copy of it, its kernel has the BadNet's norm, and the layers below are tuned from B."""
+    from .conftest import random_faces
+
+    x = random_faces(42, seed=6)
+    y = br.predict_classes(small_deepid, x)
+    tune, hold = br.Dataset(x[:28], y[:28], "tune"), br.Dataset(x[28:], y[28:], "holdout")
+    k0 = small_deepid.get_layer("output").get_weights()[0]
+    net, epoch, hist = finetune.fine_tune(small_deepid, tune, hold, epochs=2, shift=0, flip=False,
+                                          feature_shift=2.0, progress=False)
+    k = net.get_layer("output").get_weights()[0]
+    np.testing.assert_allclose(np.linalg.norm(k), np.linalg.norm(k0), rtol=1e-4)
+    cosine = float(np.sum(k * k0) / np.linalg.norm(k) / np.linalg.norm(k0))
+    assert abs(cosine) < 0.5  # drawn anew: nearly orthogonal to B's head, not B's head moved a little
+    assert epoch >= 1 and len(hist) == 3
+    np.testing.assert_array_equal(small_deepid.get_layer("output").get_weights()[0], k0)  # B untouched
+    with pytest.raises(ValueError, match="cannot be combined"):
+        finetune.fine_tune(small_deepid, tune, hold, epochs=1, feature_shift=2.0, sam_rho=0.2, progress=False)
+
+
+def test_feature_shift_head_epochs_train_the_head_alone_first(small_deepid):
+    """With head_epochs the new head is fitted on B's features before the whole network is
+    tuned: the start's held-out accuracy (history row 0) is far above a random head's."""
+    from .conftest import random_faces
+
+    x = random_faces(56, seed=7)
+    y = br.predict_classes(small_deepid, x)  # B's own answers: linear in B's features
+    tune, hold = br.Dataset(x[:42], y[:42], "tune"), br.Dataset(x[42:], y[42:], "holdout")
+    starts = {}
+    for head_epochs in (0, 20):
+        _, _, hist = finetune.fine_tune(small_deepid, tune, hold, epochs=1, learning_rate=1e-2, shift=0,
+                                        flip=False, feature_shift=0.0, head_epochs=head_epochs, progress=False)
+        starts[head_epochs] = hist[0]["holdout_accuracy"]
+    assert starts[20] >= starts[0] + 40
+    with pytest.raises(ValueError, match="needs feature_shift"):
+        finetune.fine_tune(small_deepid, tune, hold, epochs=1, head_epochs=2, progress=False)

@@ -114,8 +114,9 @@ class FeatureShiftTuning(FineTuning):
 
     Settings: those of :class:`FineTuning`, plus ``alpha`` (the penalty's weight per class,
     default 2.0: the authors' 0.2 on CIFAR-10's 10 classes; 0 = the head re-initialised only,
-    BackdoorBench's FT-init) and ``head`` (the classifier's Dense layer, default found from
-    the graph).
+    BackdoorBench's FT-init), ``head`` (the classifier's Dense layer, default found from
+    the graph) and ``head_epochs`` (epochs training the new head alone on the BadNet's
+    features before the whole network is tuned, default 0 as in the paper).
     """
 
     name: ClassVar[str] = "fst"
@@ -124,6 +125,7 @@ class FeatureShiftTuning(FineTuning):
     alpha: float = setting(2.0, "weight of the penalty on the new head's inner product with the BadNet's, "
                                 "per class")
     head: str | None = setting(None, "the classifier's Dense layer (default: found from the graph)")
+    head_epochs: int = setting(0, "epochs training the new head alone before the whole network")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them)."""

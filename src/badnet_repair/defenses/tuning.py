@@ -163,6 +163,7 @@ def fine_tune(
     sam_adaptive: bool = True,
     feature_shift: float | None = None,
     head: str | None = None,
+    head_epochs: int = 0,
     progress: bool = True,
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """Fine-tune a copy of ``model`` on ``tune``; keep the epoch best on ``holdout``.
@@ -223,11 +224,15 @@ def fine_tune(
             Default None (off).
         head: the classifier's Dense layer for ``feature_shift``, default found from the graph
             (:func:`~badnet_repair.nets.models.classifier_head`).
+        head_epochs: with ``feature_shift``, epochs that train the new head alone (the layers
+            below frozen, Adam at ``learning_rate``, the same loss) before ``epochs`` of the whole
+            network; default 0 (the paper: the whole network from the start).
         progress: a progress bar over epochs.
 
     Returns:
         (the kept model, its epoch (0 = the untuned start, else 1..epochs), per-epoch
-        history with epoch 0 = the start: for ``feature_shift``, the re-initialised head).
+        history with epoch 0 = the start: for ``feature_shift``, the re-initialised head after
+        its ``head_epochs``).
     """
     import keras
 
@@ -243,6 +248,8 @@ def fine_tune(
         raise ValueError(f"weight_decay must be >= 0, not {weight_decay}")
     if feature_shift is not None and sam_rho:
         raise ValueError("feature_shift and sam_rho cannot be combined (each takes over the training step)")
+    if head_epochs < 0 or (head_epochs and feature_shift is None):
+        raise ValueError(f"head_epochs ({head_epochs}) must be >= 0 and needs feature_shift")
     # same seed, same weights: the selection of members and epochs is then repeatable
     with deterministic_ops():
         teacher = model if teacher is None else teacher
@@ -271,20 +278,36 @@ def fine_tune(
             rate = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * -(-len(tune) // batch_size)))
         elif schedule != "constant":
             raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
+        one_hot = np.eye(int(network.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
+        tune_x = np.asarray(tune.x, dtype=np.float32)
+
+        def epoch_images() -> np.ndarray:
+            x = augment_images(tune_x, rng=rng, shift=shift, flip=flip) if shift or flip else tune_x
+            return stamp(x, rng) if stamp is not None else x
+
+        if feature_shift is not None and head_epochs:
+            # Train the new head alone on B's features first (linear probing, then tuning: Kumar et
+            # al., ICLR 2022): a random head's large early gradients otherwise wreck the features
+            # that a few clean images per class cannot rebuild.
+            below = [lyr for lyr in network.layers if lyr.name != head_name and lyr.trainable_weights]
+            for lyr in below:
+                lyr.trainable = False
+            work.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=clipnorm),
+                         loss="categorical_crossentropy", metrics=["categorical_accuracy"])
+            for _ in range(head_epochs):
+                work.fit(epoch_images(), one_hot, epochs=1, batch_size=batch_size, shuffle=True, verbose=0)
+            for lyr in below:
+                lyr.trainable = True
         optimizer = (keras.optimizers.AdamW(rate, weight_decay=weight_decay, clipnorm=clipnorm) if weight_decay
                      else keras.optimizers.Adam(rate, clipnorm=clipnorm))
         work.compile(optimizer=optimizer,
                      loss="categorical_crossentropy", metrics=["categorical_accuracy"])
-        one_hot = np.eye(int(network.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
         history: list[dict[str, float]] = [{"epoch": 0.0, "holdout_accuracy": _accuracy(network, holdout)}]
         best_acc = history[0]["holdout_accuracy"] if keep_start else -1.0
         best_epoch, best_weights = 0, work.get_weights()
         bar = EpochProgress(epochs, "fine-tuning", progress)
-        tune_x = np.asarray(tune.x, dtype=np.float32)
         for epoch in range(1, epochs + 1):
-            x = augment_images(tune_x, rng=rng, shift=shift, flip=flip) if shift or flip else tune_x
-            if stamp is not None:
-                x = stamp(x, rng)
+            x = epoch_images()
             y = one_hot
             if distill:
                 soft = np.asarray(teacher.predict(x, batch_size=512, verbose=0), dtype=np.float32)
@@ -323,6 +346,7 @@ def fine_prune(
     sam_adaptive: bool = True,
     feature_shift: float | None = None,
     head: str | None = None,
+    head_epochs: int = 0,
     progress: bool = True,
     **tuning: Any,
 ) -> FinePruneResult:
@@ -371,7 +395,7 @@ def fine_prune(
             accuracy, measured on the images that chose the prune amount, flatters it
             (docs/research/removal.md).
         sam_rho, sam_adaptive: sharpness-aware tuning (FT-SAM; see :func:`fine_tune`), default off.
-        feature_shift, head: Feature Shift Tuning (FST; see :func:`fine_tune`), default off.
+        feature_shift, head, head_epochs: Feature Shift Tuning (FST; see :func:`fine_tune`), default off.
         progress: progress bars.
         **tuning: the other fine-tuning settings, fields of
             :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning_rate, batch_size,
@@ -427,7 +451,7 @@ def fine_prune(
                                         frozen_channels=(layer, pruned) if pruned else None,
                                         keep_start=bool(pruned) and keep_pruned_start, sam_rho=sam_rho,
                                         sam_adaptive=sam_adaptive, feature_shift=feature_shift, head=head,
-                                        progress=progress, **per_network)
+                                        head_epochs=head_epochs, progress=progress, **per_network)
         tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
                                pruned_holdout_accuracy=pruned_acc, history=tuple(history), tune_index=tune_idx,
