@@ -113,10 +113,13 @@ class FeatureShiftTuning(FineTuning):
     to shift. It needs no BatchNorm, no trigger and no more time than fine-tuning.
 
     Settings: those of :class:`FineTuning`, plus ``alpha`` (the penalty's weight per class,
-    default 2.0: the authors' 0.2 on CIFAR-10's 10 classes; 0 = the head re-initialised only,
+    default 2.0, the authors' 0.2 on CIFAR-10's 10 classes; 0 = the head re-initialised only,
     BackdoorBench's FT-init), ``head`` (the classifier's Dense layer, default found from
     the graph) and ``head_epochs`` (epochs training the new head alone on the BadNet's
-    features before the whole network is tuned, default 0 as in the paper).
+    features before the whole network is tuned, default 10; the paper has none: without them
+    the random head's first steps wreck the features that ~10 clean images per class cannot
+    rebuild). ``alpha`` and ``head_epochs`` were chosen on the tuning BadNets of
+    benchmarks/removal_tuning.toml (docs/research/removal.md).
     """
 
     name: ClassVar[str] = "fst"
@@ -125,7 +128,7 @@ class FeatureShiftTuning(FineTuning):
     alpha: float = setting(2.0, "weight of the penalty on the new head's inner product with the BadNet's, "
                                 "per class")
     head: str | None = setting(None, "the classifier's Dense layer (default: found from the graph)")
-    head_epochs: int = setting(0, "epochs training the new head alone before the whole network")
+    head_epochs: int = setting(10, "epochs training the new head alone before the whole network")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them)."""
