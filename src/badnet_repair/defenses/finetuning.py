@@ -110,7 +110,7 @@ class FeatureShiftTuning(FineTuning):
     entangled with clean ones, and fine-tuning that leaves the features where they are (as a
     low rate and few clean images do) leaves the backdoor. Re-initialising the head and
     penalising its inner product with the BadNet's head at a fixed norm forces the features
-    to shift. It needs no BatchNorm, no trigger and no more time than fine-tuning.
+    to shift. It needs no BatchNorm and no trigger, and takes about fine-tuning's time.
 
     Settings: those of :class:`FineTuning`, plus ``alpha`` (the penalty's weight per class,
     default 2.0, the authors' 0.2 on CIFAR-10's 10 classes; 0 = the head re-initialised only,
@@ -118,8 +118,9 @@ class FeatureShiftTuning(FineTuning):
     the graph) and ``head_epochs`` (epochs training the new head alone on the BadNet's
     features before the whole network is tuned, default 10; the paper has none: without them
     the random head's first steps wreck the features that ~10 clean images per class cannot
-    rebuild). ``alpha`` and ``head_epochs`` were chosen on the tuning BadNets of
-    benchmarks/removal_tuning.toml (docs/research/removal.md).
+    rebuild), and fine-tuning's ``distill`` (default here 0.3) and ``weight_decay`` (default
+    here 1.0). ``alpha``, ``head_epochs``, ``distill`` and ``weight_decay`` were chosen on the
+    tuning BadNets of benchmarks/removal_tuning.toml (docs/research/removal.md).
     """
 
     name: ClassVar[str] = "fst"
@@ -129,6 +130,11 @@ class FeatureShiftTuning(FineTuning):
                                 "per class")
     head: str | None = setting(None, "the classifier's Dense layer (default: found from the graph)")
     head_epochs: int = setting(10, "epochs training the new head alone before the whole network")
+    # fine-tuning's aids, on by default here (chosen on the tuning BadNets): B's correct answers on
+    # the clean images tell the new head what its one-hot labels cannot
+    distill: float = setting(0.3, "weight of the BadNet's own correct predictions on the clean tuning images "
+                                  "in the targets")
+    weight_decay: float = setting(1.0, "decoupled weight decay (AdamW) while tuning")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them)."""
