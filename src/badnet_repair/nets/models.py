@@ -295,7 +295,7 @@ def crossing_tensors(model: Any, cut: Any) -> list[Any]:
 
 # Layers between the classifier's Dense layer and the model's output that change no weights'
 # meaning: the softmax may be a separate layer, as may a dropout or a reshape.
-_AFTER_HEAD = ("Activation", "Softmax", "Dropout", "Reshape", "Flatten", "InputLayer")
+_AFTER_HEAD = ("Activation", "Softmax", "Dropout", "Reshape", "Flatten")
 
 
 def classifier_head(model: Any, layer: str | None = None) -> Any:
