@@ -181,6 +181,33 @@ def test_a_killed_run_leaves_earlier_results_intact_and_no_partial_files(lab_fil
     assert codes[0][1] == (130 if sig == signal.SIGINT else -signal.SIGKILL)
 
 
+def test_an_interrupt_that_a_library_turns_into_an_error_still_says_interrupted(monkeypatch, capsys):
+    """TensorFlow or h5py, interrupted inside C code, may raise their own error, which the loaders
+    turn into a ModelError; the command line knows Ctrl-C arrived and exits 130, not 1."""
+    from badnet_repair import cli
+    from badnet_repair.errors import ModelError
+
+    def interrupted_inside_a_library(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler raises here at the latest
+        except KeyboardInterrupt:
+            raise ModelError("model.h5: Keras could not load this model: cancelled") from None
+        return 0
+
+    def plain_error(args):
+        raise ModelError("model.h5: Keras could not load this model: bad config")
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "_cmd_eval", interrupted_inside_a_library)
+    assert cli.main(["eval", "t.h5", "bt.h5", "m.h5"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+    monkeypatch.setattr(cli, "_cmd_eval", plain_error)
+    assert cli.main(["eval", "t.h5", "bt.h5", "m.h5"]) == 1  # no interrupt: the error itself
+    assert "bad config" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- determinism
 
 

@@ -765,8 +765,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for module in ("keras", "tensorflow", "tf_keras"):
             warnings.filterwarnings("ignore", module=module)
+    with _SigintSeen() as sigint:
+        return _run(args, argv, parser, sigint)
+
+
+class _SigintSeen:
+    """Records whether Ctrl-C (SIGINT) arrived while a command ran, raising KeyboardInterrupt as
+    Python's own handler does. TensorFlow or h5py, interrupted inside their C code, can turn the
+    interrupt into an error of their own, which then reaches the user as a bad-input message;
+    knowing it arrived, the command line says "interrupted" instead (exit status 130)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _SigintSeen:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _run(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser, sigint: _SigintSeen) -> int:
+    """Run the parsed command; map errors and interrupts to exit statuses."""
     from .errors import BadNetRepairError
 
+    interrupted = f"badnet-repair {args.command}: interrupted; no partial output files were left"
     try:
         if args.command == "prune":
             return _cmd_prune(args, argv)
@@ -791,11 +827,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "detect":
             return _cmd_detect(args)
     except BadNetRepairError as exc:
+        if sigint.seen:
+            print(interrupted, file=sys.stderr)
+            return 130
         print(f"badnet-repair {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"badnet-repair {args.command}: interrupted; no partial output files were left",
-              file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command!r}")
     return 2
