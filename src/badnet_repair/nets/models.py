@@ -141,16 +141,21 @@ def _called_once(model: Any, layer: Any) -> bool:
     return sum(1 for n in getattr(layer, "_inbound_nodes", []) if id(n.operation) in ours) <= 1
 
 
+def _named_layer(model: Any, layer: str) -> Any:
+    """``model``'s layer called ``layer``, or an error that lists the names it has."""
+    try:
+        return model.get_layer(layer)
+    except ValueError:
+        names = ", ".join(lyr.name for lyr in model.layers)
+        raise ModelError(f"model {model.name!r} has no layer named {layer!r}; layers: {names}") from None
+
+
 def conv_layer(model: Any, layer: str | None = None) -> Any:
     """Return the convolution layer called ``layer`` (default: :func:`default_conv_layer`),
     with a clear error if it is not one."""
     if layer is None:
         return model.get_layer(default_conv_layer(model))
-    try:
-        found = model.get_layer(layer)
-    except ValueError:
-        names = ", ".join(lyr.name for lyr in model.layers)
-        raise ModelError(f"model {model.name!r} has no layer named {layer!r}; layers: {names}") from None
+    found = _named_layer(model, layer)
     if not _is_conv(found):
         raise ModelError(
             f"layer {layer!r} of model {model.name!r} is a {type(found).__name__}, not a "
@@ -314,11 +319,7 @@ def classifier_head(model: Any, layer: str | None = None) -> Any:
     from keras import layers
 
     if layer is not None:
-        try:
-            found = model.get_layer(layer)
-        except ValueError:
-            names = ", ".join(lyr.name for lyr in model.layers)
-            raise ModelError(f"model {model.name!r} has no layer named {layer!r}; layers: {names}") from None
+        found = _named_layer(model, layer)
         if not isinstance(found, layers.Dense):
             raise ModelError(f"layer {layer!r} of model {model.name!r} is a {type(found).__name__}, not the "
                              "Dense layer that makes the class scores")
