@@ -19,7 +19,7 @@ from .conftest import SpyArray, random_faces, tiny_conv_model
 
 def test_registry_names_and_settings():
     assert list(REGISTRY) == ["fine-tuning", "pruning", "fine-pruning", "nc-unlearning", "nc-pruning", "ft-sam",
-                              "i-bau", "fst"]
+                              "i-bau", "fst", "fst-fp"]
     assert {"epochs", "learning_rate", "distill", "weight_decay", "members", "seed", "layer"} <= set(
         FineTuning.settings())
     assert set(FinePruning.settings()) == set(FineTuning.settings()) | {"accuracy_drop", "prune_fraction",

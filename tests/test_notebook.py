@@ -125,7 +125,7 @@ def test_notebook_comparison_section_shows_the_written_comparison(executed):
     rows = json.loads((work / "out" / "comparison" / "comparison.json").read_text())
     names = [r["model"] for r in rows]
     assert names[0] == "no defense" and "fine-pruning" in names and "G (fine-tuning)" in names
-    assert {"ft-sam", "i-bau", "fst"} <= set(names)  # the PURIFY parameter's defaults
+    assert {"ft-sam", "i-bau", "fst", "fst-fp"} <= set(names)  # the PURIFY parameter's defaults
     table = [t for t in notebook_outputs(nb, "text/markdown") if "| model |" in t and "| no defense |" in t][-1]
     shown = {r[0]: r for r in markdown_rows(table[table.index("| model |"):])}
     assert list(shown) == names
@@ -202,3 +202,8 @@ def test_notebook_detection_section_shows_each_detector_and_both(executed):
     assert detection["G (strip + reversed-trigger)"] >= max(detection["G (strip)"], detection["G (reversed-trigger)"])
     text = "".join("".join(o.get("text", "")) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Neural Cleanse flagged:" in text
+    # Neural Cleanse's two mitigations, repaired from the same scan, each with its GoodNet
+    table = [t for t in notebook_outputs(nb, "text/markdown") if "| nc-unlearning |" in t]
+    assert len(table) == 1
+    rows = [r[0] for r in markdown_rows(table[0][table[0].index("| model |"):])]
+    assert rows == ["no defense", "nc-unlearning", "G (nc-unlearning)", "nc-pruning", "G (nc-pruning)"]

@@ -1,5 +1,5 @@
-"""The purification defenses without BatchNorm: I-BAU (defenses/ibau.py), FT-SAM and FST
-(defenses/finetuning.py, nets/training.SharpnessAware and FeatureShift)."""
+"""The purification defenses without BatchNorm: I-BAU (defenses/ibau.py), FT-SAM, FST and FST
+with fine-pruning (defenses/finetuning.py, nets/training.SharpnessAware and FeatureShift)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import pytest
 import tensorflow as tf
 
 import badnet_repair as br
-from badnet_repair.defenses import IBAU, FeatureShiftTuning, FineTuningSAM, Repair
+from badnet_repair.defenses import (
+    IBAU,
+    FeatureShiftFinePruning,
+    FeatureShiftTuning,
+    FinePruning,
+    FineTuningSAM,
+    Repair,
+)
 from badnet_repair.defenses.ibau import implicit_hypergradient
 from badnet_repair.nets.training import FeatureShift, SharpnessAware
 from badnet_repair.workflow.compare import compare_defenses
@@ -148,12 +155,14 @@ def test_each_purification_defense_lowers_attack_success(small_demo):
     assert before > 50.0
     weights = [w.copy() for w in b.get_weights()]
     for d in (IBAU(rounds=3, holdout_fraction=0.34), FineTuningSAM(epochs=8, holdout_fraction=0.34),
-              FeatureShiftTuning(epochs=8, holdout_fraction=0.34)):
+              FeatureShiftTuning(epochs=8, holdout_fraction=0.34),
+              FeatureShiftFinePruning(epochs=8, holdout_fraction=0.34, members=1)):
         r = d.repair(b, valid)
         after = br.attack_success_rate(br.predict_classes(r.model, bd.x), bd.y)
         assert after < before, d.name
         assert r.model is not b and r.defense == d.name
-        assert r.record["choices"]["holdout_accuracy"] if d.name == "i-bau" else r.record["choices"]["members"]
+        choices = r.record["choices"]
+        assert {"i-bau": "holdout_accuracy", "fst-fp": "fst"}.get(d.name, "members") in choices
     for w, w0 in zip(b.get_weights(), weights, strict=True):
         np.testing.assert_array_equal(w, w0)  # the caller's BadNet is untouched
 
@@ -183,6 +192,11 @@ class _LoggedFST(_Logged, FeatureShiftTuning):
     pass
 
 
+@dataclass(frozen=True)
+class _LoggedFSTFP(_Logged, FeatureShiftFinePruning):
+    pass
+
+
 def test_no_test_or_poisoned_image_is_read_while_a_purification_defense_repairs(small_deepid):
     x = random_faces(28, seed=3)
     valid = br.Dataset(x, np.arange(28) % 7, "valid")
@@ -192,6 +206,36 @@ def test_no_test_or_poisoned_image_is_read_while_a_purification_defense_repairs(
     SpyArray.log.clear()
     compare_defenses(small_deepid, valid, test, bd,
                      defenses=[_LoggedIBAU(rounds=1, fixed_point_steps=1), _LoggedSAM(epochs=1, shift=0),
-                               _LoggedFST(epochs=1, shift=0)])
+                               _LoggedFST(epochs=1, shift=0), _LoggedFSTFP(epochs=1, shift=0, members=1)])
     log = SpyArray.log
-    assert log[:6] == ["start", "end"] * 3 and "read" in log[6:]
+    assert log[:8] == ["start", "end"] * 4 and "read" in log[8:]
+
+
+@pytest.mark.slow
+def test_fst_with_fine_pruning_is_the_geometric_mean_of_the_two_defenses_networks(small_deepid):
+    """FST-FP's parts are exactly FST's and fine-pruning's networks with the same settings, and
+    its output is their normalised product, computed here in numpy."""
+    x = random_faces(42, seed=8)
+    clean = br.Dataset(x, np.arange(42) % 7, "valid")
+    common = {"epochs": 1, "shift": 0, "members": 2, "seed": 3, "holdout_fraction": 0.34}
+    weights = [w.copy() for w in small_deepid.get_weights()]
+    r = FeatureShiftFinePruning(head_epochs=1, **common).repair(small_deepid, clean)
+    shifted = FeatureShiftTuning(head_epochs=1, **common).repair(small_deepid, clean)
+    pruned = FinePruning(distill=0.3, weight_decay=1.0, **common).repair(small_deepid, clean)
+    assert r.record["choices"]["fst"] == shifted.record["choices"]["members"]
+    assert r.record["choices"]["fine-pruning"] == pruned.record["choices"]["members"]
+    probe = random_faces(9, seed=9)
+    parts = [m.model for part in ("fst", "fine-pruning") for m in r.artifacts[part].members]
+    assert len(parts) == 4
+    # floored as the layer floors them: a random DeepID on 0..255 pixels gives exact zeros
+    log_p = sum(np.log(np.maximum(np.asarray(m.predict(probe, verbose=0), np.float64), 1e-12)) for m in parts) / 4
+    expected = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(r.model.predict(probe, verbose=0), expected, rtol=1e-4, atol=1e-6)
+    # the separate defenses' ensembles are the same networks: the same answers
+    for part, alone in (("fst", shifted), ("fine-pruning", pruned)):
+        np.testing.assert_allclose(r.artifacts[part].model.predict(probe, verbose=0),
+                                   alone.model.predict(probe, verbose=0), rtol=1e-5, atol=1e-6)
+    assert r.models[0].channels_pruned == pruned.models[0].channels_pruned
+    for w, w0 in zip(small_deepid.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(w, w0)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .defenses import (
         IBAU,
         Defense,
+        FeatureShiftFinePruning,
         FeatureShiftTuning,
         FinePruning,
         FineTuning,
@@ -228,6 +229,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'IBAU': ('.defenses', 'IBAU'),
     'FineTuningSAM': ('.defenses', 'FineTuningSAM'),
     'FeatureShiftTuning': ('.defenses', 'FeatureShiftTuning'),
+    'FeatureShiftFinePruning': ('.defenses', 'FeatureShiftFinePruning'),
     'ibau_unlearn': ('.defenses.ibau', 'ibau_unlearn'),
     'plot_cleanse_norms': ('.reporting.plotting', 'plot_cleanse_norms'),
     'plot_reversed_triggers': ('.reporting.plotting', 'plot_reversed_triggers'),
@@ -310,6 +312,7 @@ __all__ = [
     "Detector",
     "Disagreement",
     "Evaluation",
+    "FeatureShiftFinePruning",
     "FeatureShiftTuning",
     "FinePruneResult",
     "FinePruning",

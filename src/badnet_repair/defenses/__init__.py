@@ -11,17 +11,18 @@ from typing import Any
 
 from .base import Defense, Repair, Repaired
 from .cleanse import NeuralCleansePruning, NeuralCleanseUnlearning
-from .finetuning import FeatureShiftTuning, FinePruning, FineTuning, FineTuningSAM
+from .finetuning import FeatureShiftFinePruning, FeatureShiftTuning, FinePruning, FineTuning, FineTuningSAM
 from .ibau import IBAU
 from .pruning import Pruning
 
-__all__ = ["IBAU", "REGISTRY", "Defense", "FeatureShiftTuning", "FinePruning", "FineTuning", "FineTuningSAM",
-           "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning", "Repair", "Repaired", "make_defense"]
+__all__ = ["IBAU", "REGISTRY", "Defense", "FeatureShiftFinePruning", "FeatureShiftTuning", "FinePruning",
+           "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning", "Repair",
+           "Repaired", "make_defense"]
 
 #: Registry name -> defense class, in the order tables list them.
 REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
-    FeatureShiftTuning)}
+    FeatureShiftTuning, FeatureShiftFinePruning)}
 
 
 def make_defense(name: str, **settings: Any) -> Defense:

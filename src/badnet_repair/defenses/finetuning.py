@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 # Fine-tuning (TensorFlow) is imported when a repair runs, so the command line can list these
 # classes' settings without loading TensorFlow.
 
-__all__ = ["FeatureShiftTuning", "FinePruning", "FineTuning", "FineTuningSAM"]
+__all__ = ["FeatureShiftFinePruning", "FeatureShiftTuning", "FinePruning", "FineTuning", "FineTuningSAM"]
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,17 @@ class FineTuning(TuningSettings, Defense):
         return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **self.get_params()))
 
     def _repair(self, result: FinePruneResult) -> Repair:
-        members = [{"seed": m.seed, "channels_pruned": len(m.pruned_channels), "kept_epoch": m.kept_epoch,
-                    "base_holdout_accuracy": m.base_holdout_accuracy,
-                    "pruned_holdout_accuracy": m.pruned_holdout_accuracy,
-                    "holdout_accuracy": m.holdout_accuracy} for m in result.members]
-        choices = {"layer": result.layer, "members": members}
+        choices = {"layer": result.layer, "members": _member_choices(result)}
         history = [[dict(h) for h in m.history] for m in result.members]
         repaired = Repaired(label=self.name, model=result.model, channels_pruned=result.channels_pruned)
         return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, history))
+
+
+def _member_choices(result: FinePruneResult) -> list[dict[str, Any]]:
+    """What was chosen for each member of a fine-tuning or fine-pruning result (the record's choices)."""
+    return [{"seed": m.seed, "channels_pruned": len(m.pruned_channels), "kept_epoch": m.kept_epoch,
+             "base_holdout_accuracy": m.base_holdout_accuracy, "pruned_holdout_accuracy": m.pruned_holdout_accuracy,
+             "holdout_accuracy": m.holdout_accuracy} for m in result.members]
 
 
 @dataclass(frozen=True)
@@ -143,3 +146,66 @@ class FeatureShiftTuning(FineTuning):
         params = self.get_params()
         params["feature_shift"] = params.pop("alpha")
         return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **params))
+
+
+#: The settings only feature shift tuning takes (the rest are fine-pruning's).
+_SHIFT_ONLY = ("alpha", "head", "head_epochs")
+#: The settings only pruning takes.
+_PRUNE_ONLY = ("accuracy_drop", "prune_fraction", "keep_pruned_start")
+
+
+@dataclass(frozen=True)
+class FeatureShiftFinePruning(FinePruning):
+    """FST's and fine-pruning's networks averaged together: ``members`` networks repaired by
+    feature shift tuning (:class:`FeatureShiftTuning`; Min et al., NeurIPS 2023) and ``members``
+    by fine-pruning (:class:`FinePruning`; Liu et al., RAID 2018), their probabilities combined
+    by ``ensemble_mean`` (default geometric: the normalised product).
+
+    The two fail in opposite ways when there are ~10 clean images per class: fine-pruning keeps
+    the BadNet's clean knowledge and can leave part of the backdoor; FST removes the backdoor
+    and loses clean accuracy the few images cannot rebuild. In a normalised product a class
+    that FST's networks give almost no probability (the target, on a triggered image) stays
+    low whatever the fine-pruned networks say, while on clean images the fine-pruned networks
+    add what FST's lost. Member ``i`` of each method uses seed ``seed + 1000 i`` and the same
+    split as the other method's member ``i``, so the parts are exactly what
+    :class:`FeatureShiftTuning` and :class:`FinePruning` with these settings return.
+
+    Settings: those of :class:`FinePruning` and of :class:`FeatureShiftTuning` (``alpha``,
+    ``head``, ``head_epochs``), each method's defaults: ``members`` 3 of each,
+    ``distill`` 0.3 and ``weight_decay`` 1.0 for both, a tuned epoch always kept. Chosen on the
+    tuning BadNets of benchmarks/removal_tuning.toml (fifth round; docs/research/removal.md).
+    Twice the three-member options' time: six networks.
+    """
+
+    name: ClassVar[str] = "fst-fp"
+    summary: ClassVar[str] = "FST's and fine-pruning's networks, probabilities averaged geometrically"
+
+    members: int = setting(3, "networks of each method (FST and fine-pruning)")
+    distill: float = setting(0.3, "weight of the BadNet's own correct predictions on the clean tuning images "
+                                  "in the targets")
+    weight_decay: float = setting(1.0, "decoupled weight decay (AdamW) while tuning")
+    alpha: float = setting(2.0, "FST: weight of the penalty on the new head's inner product with the "
+                                "BadNet's, per class")
+    head: str | None = setting(None, "FST: the classifier's Dense layer (default: found from the graph)")
+    head_epochs: int = setting(10, "FST: epochs training the new head alone before the whole network")
+
+    def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
+        """The average of the FST networks and the fine-pruned ones; the two ensembles in
+        :attr:`Repair.artifacts` (``"fst"``, ``"fine-pruning"``, each a FinePruneResult)."""
+        from ..nets.models import average_models
+        from .tuning import fine_prune
+
+        params = self.get_params()
+        shift = {k: v for k, v in params.items() if k not in _PRUNE_ONLY}
+        shift["feature_shift"] = shift.pop("alpha")
+        shifted = fine_prune(model, clean, method="fine-tuning", progress=progress, **shift)
+        pruned = fine_prune(model, clean, method="fine-pruning", progress=progress,
+                            **{k: v for k, v in params.items() if k not in _SHIFT_ONLY})
+        networks = [m.model for m in shifted.members + pruned.members]
+        combined = average_models(networks, name="fst_fp", mean=self.ensemble_mean)
+        choices = {"layer": pruned.layer, "fst": _member_choices(shifted), "fine-pruning": _member_choices(pruned)}
+        history = {"fst": [[dict(h) for h in m.history] for m in shifted.members],
+                   "fine-pruning": [[dict(h) for h in m.history] for m in pruned.members]}
+        repaired = Repaired(label=self.name, model=combined, channels_pruned=pruned.channels_pruned)
+        return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, [history]),
+                      artifacts={"fst": shifted, "fine-pruning": pruned})
