@@ -104,7 +104,23 @@ class FineTuningSAM(FineTuning):
 
 
 @dataclass(frozen=True)
-class FeatureShiftTuning(FineTuning):
+class _FeatureShiftSettings:
+    """FST's settings, shared by :class:`FeatureShiftTuning` and :class:`FeatureShiftFinePruning`
+    (listed before a fine-tuning class among the bases, so that its defaults win)."""
+
+    alpha: float = setting(2.0, "FST: weight of the penalty on the new head's inner product with the BadNet's, "
+                                "per class")
+    head: str | None = setting(None, "FST: the classifier's Dense layer (default: found from the graph)")
+    head_epochs: int = setting(10, "FST: epochs training the new head alone before the whole network")
+    # fine-tuning's aids, on by default here (chosen on the tuning BadNets): B's correct answers on
+    # the clean images tell the new head what its one-hot labels cannot
+    distill: float = setting(0.3, "weight of the BadNet's own correct predictions on the clean tuning images "
+                                  "in the targets")
+    weight_decay: float = setting(1.0, "decoupled weight decay (AdamW) while tuning")
+
+
+@dataclass(frozen=True)
+class FeatureShiftTuning(_FeatureShiftSettings, FineTuning):
     """FST, Feature Shift Tuning (Min, Qin, Shen and Cheng, NeurIPS 2023): fine-tuning on clean
     data with the classifier head drawn anew and pushed away from the BadNet's, the epoch
     kept chosen on a held-out part (:class:`~badnet_repair.nets.training.FeatureShift`).
@@ -129,16 +145,6 @@ class FeatureShiftTuning(FineTuning):
     name: ClassVar[str] = "fst"
     summary: ClassVar[str] = "fine-tune with the head drawn anew and pushed from the BadNet's (Min et al. 2023)"
 
-    alpha: float = setting(2.0, "weight of the penalty on the new head's inner product with the BadNet's, "
-                                "per class")
-    head: str | None = setting(None, "the classifier's Dense layer (default: found from the graph)")
-    head_epochs: int = setting(10, "epochs training the new head alone before the whole network")
-    # fine-tuning's aids, on by default here (chosen on the tuning BadNets): B's correct answers on
-    # the clean images tell the new head what its one-hot labels cannot
-    distill: float = setting(0.3, "weight of the BadNet's own correct predictions on the clean tuning images "
-                                  "in the targets")
-    weight_decay: float = setting(1.0, "decoupled weight decay (AdamW) while tuning")
-
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them)."""
         from .tuning import fine_prune
@@ -155,7 +161,7 @@ _PRUNE_ONLY = ("accuracy_drop", "prune_fraction", "keep_pruned_start")
 
 
 @dataclass(frozen=True)
-class FeatureShiftFinePruning(FinePruning):
+class FeatureShiftFinePruning(_FeatureShiftSettings, FinePruning):
     """FST's and fine-pruning's networks averaged together: ``members`` networks repaired by
     feature shift tuning (:class:`FeatureShiftTuning`; Min et al., NeurIPS 2023) and ``members``
     by fine-pruning (:class:`FinePruning`; Liu et al., RAID 2018), their probabilities combined
@@ -181,13 +187,6 @@ class FeatureShiftFinePruning(FinePruning):
     summary: ClassVar[str] = "FST's and fine-pruning's networks, probabilities averaged geometrically"
 
     members: int = setting(3, "networks of each method (FST and fine-pruning)")
-    distill: float = setting(0.3, "weight of the BadNet's own correct predictions on the clean tuning images "
-                                  "in the targets")
-    weight_decay: float = setting(1.0, "decoupled weight decay (AdamW) while tuning")
-    alpha: float = setting(2.0, "FST: weight of the penalty on the new head's inner product with the "
-                                "BadNet's, per class")
-    head: str | None = setting(None, "FST: the classifier's Dense layer (default: found from the graph)")
-    head_epochs: int = setting(10, "FST: epochs training the new head alone before the whole network")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The average of the FST networks and the fine-pruned ones; the two ensembles in
