@@ -126,8 +126,10 @@ def test_notebook_comparison_section_shows_the_written_comparison(executed):
     names = [r["model"] for r in rows]
     assert names[0] == "no defense" and "fine-pruning" in names and "G (fine-tuning)" in names
     assert {"ft-sam", "i-bau", "fst", "fst-fp"} <= set(names)  # the PURIFY parameter's defaults
-    table = [t for t in notebook_outputs(nb, "text/markdown") if "| model |" in t and "| no defense |" in t][-1]
-    shown = {r[0]: r for r in markdown_rows(table[table.index("| model |"):])}
+    # the comparison's table (the detection section's table of Neural Cleanse's mitigations comes later)
+    table = [t for t in notebook_outputs(nb, "text/markdown") if "| model |" in t and "| G (fine-tuning) |" in t]
+    assert len(table) == 1
+    shown = {r[0]: r for r in markdown_rows(table[0][table[0].index("| model |"):])}
     assert list(shown) == names
     for r in rows:
         assert float(shown[r["model"]][2]) == pytest.approx(r["clean_accuracy"], abs=0.005)
