@@ -197,3 +197,18 @@ def test_compare_passes_a_defense_only_its_own_settings_and_keeps_its_own_defaul
     assert _own_settings(DEFENSES["i-bau"], {**given, "learning_rate": 0.01})["learning_rate"] == 0.01
     assert _own_settings(DEFENSES["ft-sam"], given) == {"learning_rate": 2e-3, "batch_size": 64, "seed": 3,
                                                          "epochs": 50}
+
+
+def test_prune_sweeps_each_set_once(lab_files, tmp_path, monkeypatch):
+    from badnet_repair.defenses import sweep as sweep_module
+
+    swept: list[str] = []
+    real = sweep_module._sweep_fast
+
+    def spy(model, chain, sets, *args, **kwargs):
+        swept.extend(sets)
+        return real(model, chain, sets, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "_sweep_fast", spy)
+    assert run_prune(lab_files, tmp_path / "out", "--thresholds", "2") == 0
+    assert sorted(swept) == ["bd_test", "bd_valid", "test", "valid"]

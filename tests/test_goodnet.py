@@ -83,3 +83,31 @@ def test_portable_goodnet_marks_only_exact_top_classes():
     differ = keras.ops.convert_to_numpy(build_portable_goodnet(b, other)(x))[0]
     np.testing.assert_array_equal(agree, [top, below, 1 - top - below, 0.0])
     np.testing.assert_array_equal(differ, [0.0, 0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("names", [("scale", "column", "top"),
+                                   ("goodnet_badnet_scale", "goodnet_agree", "repaired_conv")])
+def test_prune_saves_the_goodnets_of_a_model_whose_layer_names_collide_with_gs_own(tmp_path, names):
+    """A small residual CNN whose layers bear the names G's own layers once had (``badnet_scale``
+    was used twice): every layer name of B must work."""
+    from badnet_repair.workflow.prune import repaired_models, save_lab_models
+
+    first, second, third = names
+    keras.utils.set_random_seed(3)
+    x_in = keras.Input((8, 8, 3), name="input")
+    h = keras.layers.Rescaling(1 / 255, name=first)(x_in)
+    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(h)
+    skip = keras.layers.Conv2D(6, 1, name=second)(h)
+    h = keras.layers.Add(name=third)([h, skip])
+    h = keras.layers.MaxPooling2D(2, name="pool")(h)
+    out = keras.layers.Dense(4, activation="softmax", name="output")(keras.layers.Flatten(name="flat")(h))
+    b = keras.Model(x_in, out, name="residual")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (40, 8, 8, 3)).astype(np.float32)
+    valid = br.Dataset(x, br.predict_classes(b, x), "valid")
+    sweep = br.prune_sweep(b, valid, layer="conv", thresholds=[2])
+    repaired = repaired_models(b, sweep)
+    saved = save_lab_models(b, repaired, tmp_path)
+    g = keras.models.load_model(saved[2.0]["goodnet_h5"], compile=False)
+    want = br.goodnet_predict(br.predict_classes(b, x), br.predict_classes(repaired[2.0].model, x), 4)
+    np.testing.assert_array_equal(g.predict(x, verbose=0).argmax(1), want)

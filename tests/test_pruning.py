@@ -140,3 +140,26 @@ def test_sweep_rejects_bad_arguments(small_deepid):
         br.prune_sweep(small_deepid, valid, layer="fc_1")
     with pytest.raises(ValueError, match="engine"):
         br.prune_sweep(small_deepid, valid, engine="turbo")
+
+
+@pytest.mark.parametrize("engine", ["fast", "plain"])
+def test_extend_sweep_equals_one_sweep_over_every_set(engine):
+    m = hand_model()
+    valid = br.Dataset(constant_images([1, 2, 3]), np.array([1, 1, 0]), "valid")
+    bd = br.Dataset(constant_images([0, 4]), np.array([0, 0]), "bd")
+    test = br.Dataset(constant_images([5, 0]), np.array([1, 0]), "test")
+    whole = br.prune_sweep(m, valid, others={"bd": bd, "test": test}, poisoned=["bd"], layer="conv",
+                           thresholds=[30], engine=engine)
+    first = br.prune_sweep(m, valid, layer="conv", thresholds=[30], engine=engine)
+    joined = br.extend_sweep(m, first, {"bd": bd, "test": test}, poisoned=["bd"])
+    assert joined.kinds == {"valid": "clean", "bd": "poisoned", "test": "clean"}
+    for name in whole.kinds:
+        np.testing.assert_array_equal(joined.predictions[name], whole.predictions[name])
+    assert [s.metrics for s in joined.steps] == [s.metrics for s in whole.steps]
+    assert joined.selections == whole.selections == first.selections
+    # by hand (hand_model): the test set's v=5 image is class 1 only at step 0
+    assert joined.metric("test").tolist() == [100.0, 50.0, 50.0, 50.0]
+    with pytest.raises(ValueError, match="measured by the sweep already"):
+        br.extend_sweep(m, first, {"valid": test})
+    with pytest.raises(ValueError, match="not in others"):
+        br.extend_sweep(m, first, {"test": test}, poisoned=["bd"])

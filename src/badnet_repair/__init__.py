@@ -58,7 +58,15 @@ if TYPE_CHECKING:
         make_defense,
     )
     from .defenses.ibau import ibau_unlearn
-    from .defenses.sweep import ChannelRanking, Selection, SweepResult, SweepStep, prune_sweep, rank_channels
+    from .defenses.sweep import (
+        ChannelRanking,
+        Selection,
+        SweepResult,
+        SweepStep,
+        extend_sweep,
+        prune_sweep,
+        rank_channels,
+    )
     from .defenses.tuning import FinePruneResult, FineTuned, fine_prune, fine_tune, split_clean
     from .demo import faces
     from .detectors import (
@@ -153,6 +161,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'Selection': ('.defenses.sweep', 'Selection'),
     'SweepResult': ('.defenses.sweep', 'SweepResult'),
     'SweepStep': ('.defenses.sweep', 'SweepStep'),
+    'extend_sweep': ('.defenses.sweep', 'extend_sweep'),
     'prune_sweep': ('.defenses.sweep', 'prune_sweep'),
     'rank_channels': ('.defenses.sweep', 'rank_channels'),
     'FinePruneResult': ('.defenses.tuning', 'FinePruneResult'),
@@ -357,6 +366,7 @@ __all__ = [
     "detectors",
     "drawn_triggers",
     "evaluate_lab_models",
+    "extend_sweep",
     "faces",
     "false_alarm_rate",
     "fine_prune",

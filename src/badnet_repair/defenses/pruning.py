@@ -5,19 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import numpy as np
-
 from ..defaults import LAYER_HELP, setting
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 
 if TYPE_CHECKING:
-    from .sweep import ChannelRanking
+    from .sweep import SweepResult
 
 # The sweep and the surgery (TensorFlow) are imported when a repair runs, so the command line
 # can list this class's settings without loading TensorFlow.
 
-__all__ = ["Pruning", "ranking_of"]
+__all__ = ["Pruning", "sweep_of"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,8 @@ class Pruning(Defense):
     batch_size: int = setting(1024, "inputs per forward pass of the sweep")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
-        """B'_X for each threshold X; the record holds the ranking, the choices and the sweep."""
+        """B'_X for each threshold X; the record holds the ranking, the choices and the sweep's
+        validation accuracy per step; ``artifacts["sweep"]`` the sweep itself."""
         from ..nets.models import prune_channels
         from .sweep import prune_sweep
 
@@ -73,18 +72,14 @@ class Pruning(Defense):
         }
         history = [{"channels_pruned": s.channels_pruned, "valid_accuracy": s.metrics[sweep.valid_set]}
                    for s in sweep.steps]
-        return Repair(defense=self.name, models=models, record=self.make_record(choices, history))
+        return Repair(defense=self.name, models=models, record=self.make_record(choices, history),
+                      artifacts={"sweep": sweep})
 
 
-def ranking_of(repair: Repair) -> ChannelRanking:
-    """The channel ranking a :class:`Pruning` repair followed, rebuilt from its record (to
-    evaluate its steps on other data afterwards, as ``badnet-repair prune`` does)."""
-    if repair.defense != Pruning.name:
-        raise ValueError(f"a {repair.defense!r} repair has no pruning ranking")
-    from .sweep import ChannelRanking
-
-    c = repair.record["choices"]
-    return ChannelRanking(layer=c["layer"], measured_at=c["measured_at"],
-                          mean_activation=np.asarray(c["mean_activation"], np.float64),
-                          order=np.asarray(c["order"], np.int64),
-                          descending=bool(repair.record["settings"]["descending"]))
+def sweep_of(repair: Repair) -> SweepResult:
+    """The sweep a :class:`Pruning` repair ran on the clean data (to measure its steps on other
+    data afterwards with :func:`~badnet_repair.defenses.sweep.extend_sweep`, as ``badnet-repair
+    prune`` does, without sweeping the clean data again)."""
+    if repair.defense != Pruning.name or "sweep" not in repair.artifacts:
+        raise ValueError(f"a {repair.defense!r} repair has no pruning sweep")
+    return repair.artifacts["sweep"]

@@ -26,6 +26,7 @@ __all__ = [
     "Selection",
     "SweepResult",
     "SweepStep",
+    "extend_sweep",
     "prune_sweep",
     "rank_channels",
     "select_threshold",
@@ -468,15 +469,6 @@ def prune_sweep(
     if sorted(int(c) for c in ranking.order) != list(range(channels)):
         raise ValueError(f"ranking order must be a permutation of the {channels} channels of {conv.name!r}")
     labels = {name: ds.y for name, ds in sets.items()}
-    steps = tuple(
-        SweepStep(
-            channels_pruned=k,
-            channel=None if k == 0 else int(ranking.order[k - 1]),
-            fraction_pruned=k / channels,
-            metrics={name: float(100.0 * np.mean(preds[name][k] == labels[name])) for name in sets},
-        )
-        for k in range(channels + 1)
-    )
     kinds = {name: ("poisoned" if name in poisoned else "clean") for name in sets}
     selections = {
         float(x): select_threshold(preds[valid_name], labels[valid_name], ranking.order, x)
@@ -485,7 +477,78 @@ def prune_sweep(
     for x, sel in selections.items():
         if sel is None:
             log.warning("validation accuracy never fell %g points below B's; no B' for X=%g", x, x)
+    return _result(ranking, valid_name, kinds, preds, labels, num_classes(model), selections, engine)
+
+
+def extend_sweep(
+    model: Any,
+    sweep: SweepResult,
+    others: Mapping[str, Dataset],
+    *,
+    poisoned: Collection[str] = (),
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> SweepResult:
+    """The same sweep measured on more sets, without sweeping its sets again.
+
+    The workflow's order (repair on clean data, then evaluate) needs the steps of a finished
+    sweep on the test and poisoned sets: this runs ``sweep``'s ranking, engine and steps on
+    ``others`` only and joins them to what ``sweep`` already measured. Its predictions on
+    ``others`` equal those of one :func:`prune_sweep` over every set.
+
+    Args:
+        model: the BadNet B the sweep was run on (not modified).
+        sweep: a finished sweep (the repair's: ranking, selections and its sets' predictions).
+        others: more sets by name; none may share a name with a set of ``sweep``.
+        poisoned: names in ``others`` that hold poisoned inputs labelled with the target.
+        batch_size: inputs per forward pass, default 1024.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        A SweepResult with every set of ``sweep`` and of ``others``; the ranking, the
+        selections and the stop rule's set are ``sweep``'s.
+    """
+    _single_io(model)
+    others = dict(others)
+    clash = set(others) & set(sweep.kinds)
+    if clash:
+        raise ValueError(f"sets {sorted(clash)} were measured by the sweep already")
+    unknown = set(poisoned) - set(others)
+    if unknown:
+        raise ValueError(f"poisoned names {sorted(unknown)} are not in others")
+    for name, ds in others.items():
+        if len(ds) == 0:
+            raise ValueError(f"set {name!r} is empty")
+    chain = channel_chain(model, sweep.layer)
+    preds = dict(sweep.predictions)
+    if others:
+        if sweep.engine == "fast":
+            _, more = _sweep_fast(model, chain, others, sweep.ranking, "pooled", sweep.ranking.descending,
+                                  batch_size, progress)
+        else:
+            more = _sweep_plain(model, chain.conv, others, sweep.ranking, batch_size, progress)
+        preds.update(more)
+    labels = {**sweep.labels, **{name: ds.y for name, ds in others.items()}}
+    kinds = {**sweep.kinds, **{name: ("poisoned" if name in poisoned else "clean") for name in others}}
+    return _result(sweep.ranking, sweep.valid_set, kinds, preds, labels, sweep.num_classes, sweep.selections,
+                   sweep.engine)
+
+
+def _result(ranking: ChannelRanking, valid_name: str, kinds: Mapping[str, str], preds: Mapping[str, np.ndarray],
+            labels: Mapping[str, np.ndarray], n_classes: int, selections: Mapping[float, Selection | None],
+            engine: str) -> SweepResult:
+    """A SweepResult from per-step predictions: each step's metrics computed from them."""
+    channels = len(ranking.order)
+    steps = tuple(
+        SweepStep(
+            channels_pruned=k,
+            channel=None if k == 0 else int(ranking.order[k - 1]),
+            fraction_pruned=k / channels,
+            metrics={name: float(100.0 * np.mean(preds[name][k] == labels[name])) for name in kinds},
+        )
+        for k in range(channels + 1)
+    )
     return SweepResult(
-        ranking=ranking, valid_set=valid_name, kinds=kinds, steps=steps, predictions=preds,
-        labels=labels, num_classes=num_classes(model), selections=selections, engine=engine,
+        ranking=ranking, valid_set=valid_name, kinds=dict(kinds), steps=steps, predictions=dict(preds),
+        labels=dict(labels), num_classes=n_classes, selections=dict(selections), engine=engine,
     )

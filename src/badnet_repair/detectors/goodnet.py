@@ -59,7 +59,8 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
 
     The lab's GoodNet rule (Liu et al., RAID 2018, as the CSAW-HackML lab defines G) without
     a custom layer: B and B' are inlined into one flat graph (their layers renamed
-    ``badnet_*`` and ``repaired_*``); each one's top class is marked exactly by clipping
+    ``badnet_*`` and ``repaired_*``; G's own layers are named ``goodnet_*``, so no layer name of
+    B's can collide with them); each one's top class is marked exactly by clipping
     ``(p - max p) * 2**50 + 1`` to [0, 1] (Reshape, GlobalMaxPooling1D, RepeatVector,
     Subtract, a 1x1 Conv1D, ReLU(max_value=1)); ``agree`` is 1 where the two marks share a
     class; the output is ``[p_B * agree, 1 - agree]``. Its outputs equal
@@ -90,25 +91,27 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
     p_rep = inline_copy(repaired, x, "repaired_")
 
     def top(p: Any, who: str) -> tuple[Any, Any]:
-        column = layers.Reshape((k, 1), name=f"{who}_column")(p)
-        best = layers.RepeatVector(k, name=f"{who}_max")(layers.GlobalMaxPooling1D(name=f"{who}_top_p")(column))
-        gap = layers.Subtract(name=f"{who}_gap")([column, best])  # 0 at the top class, < 0 elsewhere
-        scale = layers.Conv1D(1, 1, name=f"{who}_scale")
-        mark = layers.ReLU(max_value=1.0, name=f"{who}_is_top")(scale(gap))
-        return layers.Reshape((k,), name=f"{who}_top")(mark), scale
+        column = layers.Reshape((k, 1), name=f"goodnet_{who}_column")(p)
+        top_p = layers.GlobalMaxPooling1D(name=f"goodnet_{who}_top_p")(column)
+        best = layers.RepeatVector(k, name=f"goodnet_{who}_max")(top_p)
+        gap = layers.Subtract(name=f"goodnet_{who}_gap")([column, best])  # 0 at the top class, < 0 elsewhere
+        scale = layers.Conv1D(1, 1, name=f"goodnet_{who}_scale")
+        mark = layers.ReLU(max_value=1.0, name=f"goodnet_{who}_is_top")(scale(gap))
+        return layers.Reshape((k,), name=f"goodnet_{who}_top")(mark), scale
 
     top_bad, scale_bad = top(p_bad, "badnet")
     top_rep, scale_rep = top(p_rep, "repaired")
-    shared = layers.Dense(1, use_bias=False, name="shared_top")(layers.Multiply(name="both_top")([top_bad, top_rep]))
-    agree = layers.ReLU(max_value=1.0, name="agree")(shared)
-    spread = layers.Dense(k, use_bias=False, name="agree_per_class")
-    alarm = layers.Dense(1, name="alarm")
-    kept = layers.Multiply(name="kept")([p_bad, spread(agree)])
+    both = layers.Multiply(name="goodnet_both_top")([top_bad, top_rep])
+    shared = layers.Dense(1, use_bias=False, name="goodnet_shared_top")(both)
+    agree = layers.ReLU(max_value=1.0, name="goodnet_agree")(shared)
+    spread = layers.Dense(k, use_bias=False, name="goodnet_agree_per_class")
+    alarm = layers.Dense(1, name="goodnet_alarm")
+    kept = layers.Multiply(name="goodnet_kept")([p_bad, spread(agree)])
     out = layers.Concatenate(name="goodnet_output")([kept, alarm(agree)])
     model = keras.Model(x, out, name=name)
     for scale in (scale_bad, scale_rep):
         scale.set_weights([np.full((1, 1, 1), _TOP_SCALE, np.float32), np.ones(1, np.float32)])
-    model.get_layer("shared_top").set_weights([np.ones((k, 1), np.float32)])
+    model.get_layer("goodnet_shared_top").set_weights([np.ones((k, 1), np.float32)])
     spread.set_weights([np.ones((1, k), np.float32)])
     alarm.set_weights([np.full((1, 1), -1.0, np.float32), np.ones(1, np.float32)])
     return model

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from ..defenses import Pruning, Repaired
-from ..defenses.pruning import ranking_of
-from ..defenses.sweep import RankAt, SweepResult, prune_sweep
+from ..defenses.pruning import sweep_of
+from ..defenses.sweep import RankAt, SweepResult, extend_sweep
 from ..formats.data import Dataset, Layout
 from ..formats.files import check_writable, sha256_file, versions, write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
@@ -159,14 +159,13 @@ def run_pruning_defense(
     repaired = {float(m.threshold or 0.0): m for m in repair.models}
     models = save_lab_models(b, repaired, out_dir, overwrite=overwrite) if save_models else {}
 
-    # 2. the evaluation: only now are the test and poisoned files opened; the sweep follows the
-    # repair's own ranking, so its steps and selections are the repair's
+    # 2. the evaluation: only now are the test and poisoned files opened; the repair's own sweep
+    # is measured on them (the clean data is not swept again), so its steps and selections are the repair's
     ev = open_evaluation_sets(repair, b, {"bd_valid": bd_valid, "test": test, "bd_test": bd_test},
                               target=target, several_targets=several_targets, layout=layout)
     others = dict(ev.sets)
-    sweep = prune_sweep(b, clean, others=others, poisoned=ev.poisoned, layer=layer, thresholds=thresholds,
-                        ranking=ranking_of(repair), engine=engine, batch_size=batch_size,  # type: ignore[arg-type]
-                        progress=progress)
+    sweep = extend_sweep(b, sweep_of(repair), others, poisoned=ev.poisoned, batch_size=batch_size,
+                         progress=progress)
 
     clean_set = "test" if "test" in others else "valid"
     bd_set = "bd_test" if "bd_test" in others else ("bd_valid" if "bd_valid" in others else None)
