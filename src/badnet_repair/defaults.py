@@ -8,7 +8,8 @@ import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "LAYER_HELP", "TuningSettings", "setting", "setting_problem"]
+__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "INPUT_SCALE_HELP", "LAYER_HELP", "TuningSettings", "parse_input_scale",
+           "setting", "setting_problem"]
 
 #: How several fine-pruned members' probabilities can be combined (the first is the default).
 ENSEMBLE_MEANS = ("geometric", "arithmetic")
@@ -22,6 +23,45 @@ ENSEMBLE_MEANS = ("geometric", "arithmetic")
 #: What ``layer`` means wherever a defense takes one.
 LAYER_HELP = ("conv layer to prune (default: found from the graph, the last conv layer followed by pooling; "
               "conv_3 in DeepID)")
+
+
+#: What ``input_scale`` means wherever a model is opened (the command line's ``--input-scale``).
+INPUT_SCALE_HELP = ("the model takes file pixels times this (1/255 for models trained on 0..1 pixels, as the "
+                    "CSAW-HackML 2020 competition's); data files stay 0..255 (default 1)")
+
+
+def parse_input_scale(value: Any) -> float:
+    """The input scale a model takes: file pixels (0..255) times this are its input.
+
+    Args:
+        value: a number > 0, or text: ``"1"``, ``"1/255"`` (a fraction) or ``"0.00392"``.
+
+    Returns:
+        The scale as a float, finite and > 0.
+
+    Raises:
+        ValueError: with a one-line message, for anything else.
+    """
+    import math
+
+    def fail() -> ValueError:
+        return ValueError(f"input scale {value!r} is not a number > 0 (give 1, 1/255 or a number such as 0.5)")
+
+    if isinstance(value, bool):
+        raise fail()
+    if isinstance(value, int | float):
+        scale = float(value)
+    elif isinstance(value, str):
+        top, slash, bottom = value.strip().partition("/")
+        try:
+            scale = float(top) / float(bottom) if slash else float(top)
+        except (ValueError, ZeroDivisionError):
+            raise fail() from None
+    else:
+        raise fail()
+    if not (math.isfinite(scale) and scale > 0):
+        raise fail()
+    return scale
 
 
 def setting(default: Any, help: str) -> Any:

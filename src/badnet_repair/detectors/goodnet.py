@@ -11,9 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _backend  # noqa: F401
+from ..errors import ModelError
 from ..metrics import goodnet_predict
 from ..nets.layers import AlarmCombine, Disagree, EntropyAlarm, GoodNetCombine, Superimpose
-from ..nets.models import inline_copy, renamed_copy
+from ..nets.models import (
+    common_input_scale,
+    inline_copy,
+    input_scale_of,
+    renamed_copy,
+    with_input_scale,
+    without_input_scale,
+)
 from ..nets.models import num_classes as _num_classes
 
 __all__ = ["GoodNetCombine", "build_detector_goodnet", "build_goodnet", "build_portable_goodnet", "goodnet_predict"]
@@ -25,7 +33,8 @@ def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
     """Build G from B and B' as one Keras model.
 
     Both models are copied (the callers' models are not changed or shared) and nested as
-    ``badnet`` and ``repaired``. G saves as ``.keras`` and loads with
+    ``badnet`` and ``repaired``; their input scale (:func:`~badnet_repair.nets.models.with_input_scale`,
+    the same for both) is G's, in front of them. G saves as ``.keras`` and loads with
     ``keras.models.load_model`` once :mod:`badnet_repair` is imported.
 
     Args:
@@ -41,11 +50,13 @@ def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
         raise ValueError(
             f"B has {_num_classes(badnet)} classes but B' has {_num_classes(repaired)}"
         )
-    b = renamed_copy(badnet, "badnet")
-    r = renamed_copy(repaired, "repaired")
+    # one input scale in front of G, none inside: saving G without it is then one step
+    scale = common_input_scale((badnet, repaired))
+    b = renamed_copy(without_input_scale(badnet), "badnet")
+    r = renamed_copy(without_input_scale(repaired), "repaired")
     x = keras.Input(shape=tuple(badnet.inputs[0].shape[1:]), name="input")
     out = GoodNetCombine(name="goodnet_combine")([b(x), r(x)])
-    return keras.Model(x, out, name=name)
+    return with_input_scale(keras.Model(x, out, name=name), scale)
 
 
 #: The top-class test's scale: 2**50 times any gap between two distinct float32 probabilities
@@ -74,7 +85,8 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
         name: the model name.
 
     Returns:
-        A flat ``keras.Model`` (N, H, W, C) -> (N, K+1) made of standard layers.
+        A flat ``keras.Model`` (N, H, W, C) -> (N, K+1) made of standard layers, with B's and B''s
+        input scale (:func:`~badnet_repair.nets.models.with_input_scale`) in front.
 
     Raises:
         ValueError: if B and B' have different class counts.
@@ -86,6 +98,8 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
     k = _num_classes(badnet)
     if _num_classes(repaired) != k:
         raise ValueError(f"B has {k} classes but B' has {_num_classes(repaired)}")
+    input_scale = common_input_scale((badnet, repaired))
+    badnet, repaired = without_input_scale(badnet), without_input_scale(repaired)
     x = keras.Input(shape=tuple(badnet.inputs[0].shape[1:]), name="input")
     p_bad = inline_copy(badnet, x, "badnet_")
     p_rep = inline_copy(repaired, x, "repaired_")
@@ -114,7 +128,7 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
     model.get_layer("goodnet_shared_top").set_weights([np.ones((k, 1), np.float32)])
     spread.set_weights([np.ones((1, k), np.float32)])
     alarm.set_weights([np.full((1, 1), -1.0, np.float32), np.ones(1, np.float32)])
-    return model
+    return with_input_scale(model, input_scale)
 
 
 def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") -> Any:
@@ -134,45 +148,60 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
         name: the model name.
 
     Returns:
-        A ``keras.Model`` (N, H, W, C) -> (N, K+1) probabilities.
+        A ``keras.Model`` (N, H, W, C) -> (N, K+1) probabilities. Where ``model`` has an input
+        scale (:func:`~badnet_repair.nets.models.with_input_scale`), G has it in front and none
+        inside: G without it (what :func:`~badnet_repair.nets.models.save_model` writes) takes
+        pixels times the scale, STRIP's overlays and pixel range scaled alike.
 
     Raises:
-        TypeError: for a detector without a Keras form; ValueError: if it is not fitted.
+        TypeError: for a detector without a Keras form; ValueError: if it is not fitted;
+        ModelError: if the detector's models take another input scale than ``model``.
     """
     from .disagreement import Disagreement
 
     if type(detector) is Disagreement:  # the lab's G (a subclass restricts the rule: its own form)
         return build_goodnet(model, detector.repaired, name=name)
-    inner = renamed_copy(model, "model")
+    scale = input_scale_of(model)
+    inner = renamed_copy(without_input_scale(model), "model")
     x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
-    flags = _flags(detector, x, "detector")
-    return keras.Model(x, AlarmCombine(name="alarm_combine")([inner(x), flags]), name=name)
+    flags = _flags(detector, x, "detector", scale)
+    return with_input_scale(keras.Model(x, AlarmCombine(name="alarm_combine")([inner(x), flags]), name=name), scale)
 
 
-def _flags(detector: Any, x: Any, prefix: str) -> Any:
-    """The (N,) 0/1 flags of a fitted detector on the Keras tensor ``x``."""
+def _unscaled(model: Any, scale: float) -> Any:
+    """A detector's ``model`` without its input scale, checked to be G's ``scale``."""
+    if input_scale_of(model) != scale:
+        raise ModelError(f"the detector's model {model.name!r} takes input scale {input_scale_of(model):g}, "
+                         f"but G's model takes {scale:g}; load them with the same input_scale")
+    return without_input_scale(model)
+
+
+def _flags(detector: Any, x: Any, prefix: str, scale: float = 1.0) -> Any:
+    """The (N,) 0/1 flags of a fitted detector on the Keras tensor ``x``, which holds file pixels
+    times ``scale`` (the detector's models' input scale)."""
     from .combine import AnyOf
     from .disagreement import Disagreement
     from .neural_cleanse import ReversedTriggerDetector
     from .strip import Strip
 
     if isinstance(detector, AnyOf):
-        parts = [_flags(d, x, f"{prefix}{i}") for i, d in enumerate(detector.detectors)]
+        parts = [_flags(d, x, f"{prefix}{i}", scale) for i, d in enumerate(detector.detectors)]
         return parts[0] if len(parts) == 1 else keras.layers.Maximum(name=f"{prefix}_any")(parts)
     if isinstance(detector, Disagreement):
         if detector.model is None:
             raise ValueError("fit the detector before building its GoodNet")
-        b = renamed_copy(detector.model, f"{prefix}_badnet")
-        r = renamed_copy(detector.repaired, f"{prefix}_repaired")
+        b = renamed_copy(_unscaled(detector.model, scale), f"{prefix}_badnet")
+        r = renamed_copy(_unscaled(detector.repaired, scale), f"{prefix}_repaired")
         targets = list(detector.targets) if isinstance(detector, ReversedTriggerDetector) else None
         return Disagree(targets, name=f"{prefix}_disagree")([b(x), r(x)])
     if not isinstance(detector, Strip):
         raise TypeError(f"no Keras form for the {type(detector).__name__} detector")
     if detector.model is None or detector.overlays is None or detector.threshold is None:
         raise ValueError("fit the detector before building its GoodNet")
-    strip_b = renamed_copy(detector.model, f"{prefix}_strip_badnet")
+    strip_b = renamed_copy(_unscaled(detector.model, scale), f"{prefix}_strip_badnet")
+    # STRIP fitted on file pixels: its clean overlays and pixel range go into x's range
     blend = Superimpose(detector.overlays.shape, mode=detector.blend_mode, alpha=detector.alpha,
-                        pixel_max=detector.pixel_max, name=f"{prefix}_superimpose")
+                        pixel_max=detector.pixel_max * scale, name=f"{prefix}_superimpose")
     flags = EntropyAlarm(len(detector.overlays), detector.threshold, name=f"{prefix}_alarm")(strip_b(blend(x)))
-    blend.overlays.assign(detector.overlays)
+    blend.overlays.assign((detector.overlays * scale).astype("float32"))
     return flags

@@ -207,8 +207,9 @@ def _labels_to_int(path: Path, raw: np.ndarray, num_classes: int | None) -> np.n
 def _warn_if_scaled(path: str, x: np.ndarray) -> None:
     if x.size and float(x.max()) <= 1.0:
         warnings.warn(
-            f"{path}: every pixel is in 0..1, but the lab's models expect raw 0..255 values; "
-            "the data may have been scaled (multiply by 255 if so)",
+            f"{path}: every pixel is in 0..1, but data files should hold raw 0..255 pixels; the data may "
+            "have been scaled (multiply it by 255 if so). A model trained on 0..1 pixels takes the 0..255 "
+            "files as they are with --input-scale 1/255 (input_scale=1/255)",
             DataWarning,
             stacklevel=3,
         )

@@ -14,19 +14,22 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import _backend  # noqa: F401  (quiet TensorFlow before Keras loads it)
-from ..defaults import ENSEMBLE_MEANS
+from ..defaults import ENSEMBLE_MEANS, parse_input_scale
 from ..errors import ModelError, UnsafeModelError
 from ..formats.files import atomic_path, check_writable
 
 __all__ = [
+    "INPUT_SCALE_LAYER",
     "ChannelChain",
     "channel_chain",
     "classifier_head",
+    "common_input_scale",
     "conv_layer",
     "crossing_tensors",
     "deepid",
     "default_conv_layer",
     "inline_copy",
+    "input_scale_of",
     "keras2_config",
     "load_model",
     "num_classes",
@@ -38,6 +41,8 @@ __all__ = [
     "save_model",
     "save_weights_h5",
     "saved_model_paths",
+    "with_input_scale",
+    "without_input_scale",
     "zero_channels",
 ]
 
@@ -465,6 +470,152 @@ def inline_copy(model: Any, inputs: Any, prefix: str) -> Any:
     return clone.outputs[0]
 
 
+# ----------------------------------------------------------------------------- input scale
+
+#: The name of the ``Rescaling`` layer :func:`with_input_scale` puts right after a model's input.
+#: A model whose own layer has this name without being that scaling is refused
+#: (:func:`input_scale_of`), so the name cannot be mistaken for one of the model's layers.
+INPUT_SCALE_LAYER = "badnet_repair_input_scale"
+
+
+def _scale_layer(model: Any) -> Any | None:
+    """``model``'s :data:`INPUT_SCALE_LAYER`, checked to scale its one input and nothing else; None without one."""
+    from keras import layers
+
+    try:
+        layer = model.get_layer(INPUT_SCALE_LAYER)
+    except ValueError:
+        return None
+    inputs = getattr(model, "inputs", None) or []
+    fed = [n.input_tensors for n in getattr(layer, "_inbound_nodes", [])]
+    if not (isinstance(layer, layers.Rescaling) and isinstance(layer.scale, int | float) and layer.offset == 0
+            and len(inputs) == 1 and len(fed) == 1 and len(fed[0]) == 1 and fed[0][0] is inputs[0]):
+        raise ModelError(f"model {model.name!r} has a layer named {INPUT_SCALE_LAYER!r} that is not badnet_repair's "
+                         "scaling of its input (a Rescaling of the input alone); rename that layer")
+    return layer
+
+
+def input_scale_of(model: Any) -> float:
+    """The scale ``model`` multiplies its input by before its own layers (:func:`with_input_scale`).
+
+    Returns:
+        The scale of its :data:`INPUT_SCALE_LAYER`; 1.0 where it has none (it takes file pixels as they are).
+
+    Raises:
+        ModelError: where a layer has that name but is not the scaling of the model's input.
+    """
+    layer = _scale_layer(model)
+    return 1.0 if layer is None else float(layer.scale)
+
+
+def common_input_scale(models: Iterable[Any]) -> float:
+    """The input scale (:func:`input_scale_of`) that all ``models`` share, for a model built of them.
+
+    Raises:
+        ModelError: where they take different scales.
+    """
+    scales = [(m.name, input_scale_of(m)) for m in models]
+    if len({scale for _, scale in scales}) > 1:
+        shown = ", ".join(f"{name!r} {scale:g}" for name, scale in scales)
+        raise ModelError(f"the models take different input scales ({shown}); load them with the same input_scale")
+    return scales[0][1] if scales else 1.0
+
+
+def _input_name(model: Any) -> str:
+    history = getattr(model.inputs[0], "_keras_history", None)
+    return str(history.operation.name) if history is not None else "input"
+
+
+def _rebuilt(model: Any, x: Any, call: Any) -> Any:
+    """A copy of ``model`` on the new input ``x``, each layer applied through ``call``: the same
+    layer names and weights, one flat graph (nested models stay nested)."""
+    import keras
+
+    if isinstance(model, keras.Sequential):  # call_function needs a functional graph
+        model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
+
+    def same(layer: Any) -> Any:
+        return layer.__class__.from_config(layer.get_config())
+
+    clone = keras.models.clone_model(model, input_tensors=x, clone_function=same, call_function=call)
+    for layer in clone.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return keras.Model(x, clone.outputs[0], name=model.name)
+
+
+def _new_input(model: Any) -> Any:
+    import keras
+
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelError(f"model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+                         "an input scale needs one of each")
+    return keras.Input(shape=tuple(model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype, name=_input_name(model))
+
+
+def with_input_scale(model: Any, scale: float | str) -> Any:
+    """``model`` for file pixels: a copy that multiplies its input by ``scale`` before its own layers.
+
+    For a model trained on pixels times ``scale`` (1/255 for 0..1 pixels, as the CSAW-HackML 2020
+    competition's BadNets) while the data files hold 0..255 pixels: the copy takes the files'
+    pixels, so data, triggers, detectors' pixel ranges, augmentation and training all stay in
+    0..255 and the model scales every input itself. Its first layer after the input is a
+    ``Rescaling(scale)`` named :data:`INPUT_SCALE_LAYER`; then come copies of ``model``'s layers
+    with their own names and weights, in one flat graph (layers stay addressable by name, for
+    pruning). :func:`without_input_scale` is the inverse; :func:`save_model` saves through it, so
+    files keep the input the model was trained on.
+
+    Args:
+        model: a Keras model with one input and one output.
+        scale: > 0, a number or text :func:`~badnet_repair.defaults.parse_input_scale` reads (``"1/255"``).
+
+    Returns:
+        The new model; ``model`` itself where ``scale`` is 1 and it has no scale. A model that
+        has a scale already gets the product of the two.
+
+    Raises:
+        ValueError: for a scale that is not a number > 0.
+        ModelError: for a model with several inputs or outputs.
+    """
+    import math
+
+    import keras
+
+    scale = parse_input_scale(scale)
+    old = input_scale_of(model)
+    if old != 1.0:
+        model, scale = without_input_scale(model), old * scale
+    if math.isclose(scale, 1.0, rel_tol=1e-12):
+        return model
+    x = _new_input(model)
+    scaled = keras.layers.Rescaling(scale, name=INPUT_SCALE_LAYER)(x)
+
+    def call(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        def swap(t: Any) -> Any:
+            return scaled if t is x else t
+
+        return layer(*keras.tree.map_structure(swap, args), **keras.tree.map_structure(swap, kwargs))
+
+    return _rebuilt(model, x, call)
+
+
+def without_input_scale(model: Any) -> Any:
+    """The model a grader loads: ``model`` without its input scale (:func:`with_input_scale`'s
+    inverse), taking pixels times :func:`input_scale_of` (0..1 for 1/255).
+
+    Returns:
+        A copy with the same layers, names and weights but the scaling; ``model`` itself where it has none.
+    """
+    if _scale_layer(model) is None:
+        return model
+    x = _new_input(model)
+
+    def call(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        return args[0] if layer.name == INPUT_SCALE_LAYER else layer(*args, **kwargs)
+
+    return _rebuilt(model, x, call)
+
+
 def average_models(models: Sequence[Any], *, name: str = "ensemble",
                    mean: Literal["arithmetic", "geometric"] = "arithmetic") -> Any:
     """One Keras model whose output is the mean of the given models' output probabilities.
@@ -474,6 +625,8 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble",
     clean accuracy that each loses alone (an ensemble; Hansen and Salamon, 1990). The
     members are copied (nested as ``member_0``, ``member_1``, ...), so the callers' models
     are not shared or changed; the result saves as ``.keras`` and as a full legacy ``.h5``.
+    Members with an input scale (:func:`with_input_scale`; the same for all) are nested without
+    it, and the result takes it in front.
 
     Args:
         models: one or more models with the same input shape and (N, K) outputs.
@@ -494,6 +647,9 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble",
     models = list(models)
     if not models:
         raise ValueError("average_models needs at least one model")
+    # one scaling in front of the whole, none inside: save_model then strips it in one place
+    scale = common_input_scale(models)
+    models = [without_input_scale(m) for m in models]
     shape = tuple(models[0].inputs[0].shape[1:])
     outs = {tuple(m.outputs[0].shape[1:]) for m in models}
     if {tuple(m.inputs[0].shape[1:]) for m in models} != {shape} or len(outs) != 1:
@@ -506,7 +662,7 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble",
         out = GeometricMean(name="geometric_mean")(ys)
     else:
         out = keras.layers.Average(name="average")(ys)
-    return keras.Model(x, out, name=name)
+    return with_input_scale(keras.Model(x, out, name=name), scale)
 
 
 def predict_classes(model: Any, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
@@ -633,6 +789,7 @@ def load_model(
     num_classes: int | None = None,
     trust: bool = False,
     architecture: Any = deepid,
+    input_scale: float | str = 1.0,
 ) -> Any:
     """Load a model from a ``.keras`` file, a full legacy ``.h5``, or a weights-only ``.h5``.
 
@@ -647,14 +804,25 @@ def load_model(
         num_classes: class count for a weights-only file, default read from the file.
         trust: allow layers that run code stored in the file (Keras ``safe_mode=False``).
         architecture: builder ``f(num_classes=...)`` for weights-only files.
+        input_scale: the model takes file pixels (0..255) times this, default 1; ``1/255`` (or
+            ``"1/255"``) for a model trained on 0..1 pixels, as the CSAW-HackML 2020 competition's.
+            Other than 1, the model is returned wrapped (:func:`with_input_scale`): it takes the
+            files' 0..255 pixels and scales them itself; :func:`save_model` saves it without.
 
     Returns:
         An uncompiled ``keras.Model``.
 
     Raises:
+        ValueError: for an input scale that is not a number > 0.
         ModelError: naming the file, when it is missing, not a model, or does not fit.
         UnsafeModelError: when it would run code and ``trust`` is not set.
     """
+    scale = parse_input_scale(input_scale)  # a bad value fails before the file is read
+    return with_input_scale(_open_model(path, num_classes=num_classes, trust=trust, architecture=architecture), scale)
+
+
+def _open_model(path: str | os.PathLike[str], *, num_classes: int | None, trust: bool, architecture: Any) -> Any:
+    """:func:`load_model` without the input scale."""
     import h5py
 
     p = Path(path)
@@ -714,10 +882,13 @@ def save_weights_h5(model: Any, path: str | os.PathLike[str], *, overwrite: bool
     """Write the model's weights in Keras's legacy HDF5 weights layout, atomically.
 
     The layout is the one Keras 2 wrote for the lab's ``bd_weights.h5`` (a group per layer,
-    ``layer/layer/kernel:0``), so ``model.load_weights`` reads it under Keras 2 and 3.
+    ``layer/layer/kernel:0``), so ``model.load_weights`` reads it under Keras 2 and 3. A model with
+    an input scale is written without it (:func:`without_input_scale`).
     """
     import h5py
     import keras
+
+    model = without_input_scale(model)
 
     with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         names = [lyr.name for lyr in model.layers]
@@ -753,6 +924,10 @@ def save_model(
 ) -> dict[str, Path]:
     """Save a model in standard Keras formats, atomically, never clobbering by default.
 
+    A model with an input scale (:func:`with_input_scale`) is saved without it
+    (:func:`without_input_scale`): the files take the input it was trained on (0..1 pixels for
+    1/255), as its grader feeds it.
+
     Args:
         model: the Keras model.
         out_dir: output folder (created if needed).
@@ -769,6 +944,7 @@ def save_model(
 
     paths = {k: v for k, v in saved_model_paths(out_dir, stem).items() if k in formats}
     check_writable(paths.values(), overwrite=overwrite)
+    model = without_input_scale(model)
     for fmt, path in paths.items():
         if fmt == "weights":
             save_weights_h5(model, path, overwrite=overwrite)

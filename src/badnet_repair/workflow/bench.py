@@ -15,6 +15,7 @@ A TOML file declares the matrix (see ``benchmarks/demo.toml``)::
     valid = "data/cl/valid.h5"              # the only data a defense sees
     test = "data/cl/test.h5"
     bd_test = "data/bd/bd_test.h5"
+    input_scale = "1/255"                   # optional: the model takes file pixels times this (default 1)
 
     [[badnet]]                              # ... or made by a recipe (workflow.recipes)
     name = "demo-pruning-aware"
@@ -55,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..defaults import setting_problem
+from ..defaults import parse_input_scale, setting_problem
 from ..defenses import REGISTRY, make_defense
 from ..errors import BadNetRepairError
 from ..formats.files import atomic_path, versions, write_json
@@ -86,7 +87,8 @@ class ConfigError(BadNetRepairError):
 
 @dataclass(frozen=True)
 class BadNetSpec:
-    """One BadNet of the matrix: its files, or the recipe that makes them."""
+    """One BadNet of the matrix: its files, or the recipe that makes them; ``input_scale``: its
+    model takes file pixels times this (:func:`~badnet_repair.nets.models.load_model`)."""
 
     name: str
     split: str
@@ -95,6 +97,7 @@ class BadNetSpec:
     kind: str | None = None
     recipe_settings: Mapping[str, Any] = field(default_factory=dict)
     target: int | None = None
+    input_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,10 @@ class Cell:
     @property
     def key(self) -> str:
         """A stable id: the same cell in a rerun (or another configuration) has the same key."""
-        text = json.dumps([self.badnet.name, self.defense.name, dict(self.defense.settings), self.seed],
-                          sort_keys=True, default=str)
+        parts: list[Any] = [self.badnet.name, self.defense.name, dict(self.defense.settings), self.seed]
+        if self.badnet.input_scale != 1.0:  # another model altogether; unscaled cells keep their keys
+            parts.append(self.badnet.input_scale)
+        text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     @property
@@ -248,11 +253,17 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
         files: dict[str, str] = {}
         settings: dict[str, Any] = {}
         kind = b.get("kind")
+        input_scale = 1.0
         if recipe is None:
-            extra = sorted(set(b) - {"name", "split", "model", "valid", "test", "bd_test", "target"})
+            extra = sorted(set(b) - {"name", "split", "model", "valid", "test", "bd_test", "target", "input_scale"})
             if extra:
                 errors.append(f"{where}: unknown key(s) {', '.join(extra)} (a BadNet by files takes model, valid, "
-                              "test, bd_test, target; or give a recipe)")
+                              "test, bd_test, target, input_scale; or give a recipe)")
+            if "input_scale" in b:
+                try:
+                    input_scale = parse_input_scale(b["input_scale"])
+                except ValueError as exc:
+                    errors.append(f"{where}: {exc}")
             for role in ("model", "valid", "test", "bd_test"):
                 if role not in b:
                     errors.append(f"{where}: missing {role!r} (or give a recipe)")
@@ -296,7 +307,7 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
                 errors.append(f"{where}: the name {name!r} is used twice")
             identities.setdefault(key, (name, str(split)))
         badnets.append(BadNetSpec(name=name, split=str(split), files=files, recipe=recipe, kind=kind,
-                                  recipe_settings=settings, target=b.get("target")))
+                                  recipe_settings=settings, target=b.get("target"), input_scale=input_scale))
     if not raw.get("badnet"):
         errors.append("no [[badnet]] entries")
 
@@ -372,10 +383,11 @@ def run_cell(cell: Cell, files: Mapping[str, str], out_dir: str | os.PathLike[st
         # what TensorFlow really uses (0: its default, every core)
         row["tf_threads"] = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
         from ..formats.data import poisoned_labels
-        from ..nets.models import load_data_for, load_model
+        from ..nets.models import load_data_for, load_model, without_input_scale
         from .compare import evaluate_repairs
 
-        b = load_model(files["model"])
+        row["input_scale"] = cell.badnet.input_scale
+        b = load_model(files["model"], input_scale=cell.badnet.input_scale)
         valid = load_data_for(b, files["valid"], name="valid")
         settings = dict(cell.defense.settings)
         if cell.seed is not None:
@@ -393,7 +405,7 @@ def run_cell(cell: Cell, files: Mapping[str, str], out_dir: str | os.PathLike[st
         for m in repair.models:
             path = folder / f"{_slug(m.label)}.keras"
             with atomic_path(path, overwrite=True) as tmp:
-                m.model.save(tmp)
+                without_input_scale(m.model).save(tmp)  # the input B's file takes
             saved[m.label] = str(path)
         write_json(folder / "record.json", repair.record, overwrite=True)
         base = evaluations[0]

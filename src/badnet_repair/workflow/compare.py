@@ -118,7 +118,7 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
                  bd_test: str | os.PathLike[str], *, defenses: Sequence[Defense], name: str = "BadNet",
                  target: int | None = None, trust_model: bool = False, progress: bool = False,
                  detectors: Sequence[str] = (), false_alarm: float = 2.5,
-                 several_targets: bool = False) -> DefenseComparison:
+                 several_targets: bool = False, input_scale: float | str = 1.0) -> DefenseComparison:
     """:func:`compare_defenses` on files: every defense repairs B from the clean validation
     file, and only then are the test files opened (:mod:`badnet_repair.workflow.run`).
 
@@ -136,13 +136,15 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
             validation file too, before the test files are opened.
         false_alarm: STRIP's false-alarm rate on held-out clean data, %, default 2.5.
         several_targets: ``bd_test`` is a multi-target BadNet's: each input's label is its target.
+        input_scale: B takes file pixels times this, default 1 (``1/255`` for a model trained on 0..1
+            pixels; :func:`~badnet_repair.workflow.run.open_badnet`).
 
     Returns:
         DefenseComparison.
     """
     from .detect import detector_evaluations, fit_detectors
 
-    b, clean = open_badnet(model, valid, trust_model=trust_model)
+    b, clean = open_badnet(model, valid, trust_model=trust_model, input_scale=input_scale)
     repairs = [d.repair(b, clean, progress=progress) for d in defenses]
     parts = (fit_detectors(b, clean, detectors, false_alarm=false_alarm, repairs=repairs, progress=progress)[0]
              if detectors else {})

@@ -40,6 +40,7 @@ def run_fine_pruning(
     target: int | None = None,
     several_targets: bool = False,
     trust_model: bool = False,
+    input_scale: float | str = 1.0,
     overwrite: bool = False,
     progress: bool = True,
     **options: Any,
@@ -63,6 +64,8 @@ def run_fine_pruning(
         several_targets: the poisoned files are a multi-target BadNet's (each input's label is its
             own target).
         trust_model: allow model files with code-carrying layers.
+        input_scale: B takes file pixels times this, default 1 (``1/255`` for a model trained on 0..1
+            pixels; :func:`~badnet_repair.workflow.run.open_badnet`); the saved models take the same.
         overwrite: replace existing outputs.
         progress: progress bars.
         **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
@@ -74,7 +77,7 @@ def run_fine_pruning(
     """
     from ..formats.files import check_writable, sha256_file, versions
     from ..metrics import evaluate_predictions, evaluate_repair
-    from ..nets.models import num_classes, save_model, saved_model_paths
+    from ..nets.models import input_scale_of, num_classes, save_model, saved_model_paths
 
     stem = "fp" if method == "fine-pruning" else "ft"
     out = Path(out_dir)
@@ -87,7 +90,7 @@ def run_fine_pruning(
              "results": out / f"{stem}_results.json"}
     check_writable(paths.values(), overwrite=overwrite)
     # 1. the repair: B and the clean validation data only
-    b, clean = open_badnet(model, valid, trust_model=trust_model)
+    b, clean = open_badnet(model, valid, trust_model=trust_model, input_scale=input_scale)
     n = num_classes(b)
     result = fine_prune(b, clean, method=method, progress=progress, **options)
     save_repair(b, result.model, out, stem, formats=tuple(model_paths), goodnet=paths["goodnet"], overwrite=overwrite)
@@ -118,7 +121,7 @@ def run_fine_pruning(
         "method": method,
         "provenance": {"versions": versions(),
                        "inputs": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in files.items()}},
-        "parameters": {"method": method, **_effective(options)},
+        "parameters": {"method": method, "input_scale": input_scale_of(b), **_effective(options)},
         "layer": result.layer,
         "channels_pruned": result.channels_pruned,
         "holdout_images": len(result.members[0].holdout_index),

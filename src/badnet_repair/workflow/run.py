@@ -24,7 +24,7 @@ from ..defenses.tuning import FinePruneResult
 from ..detectors.goodnet import build_goodnet, build_portable_goodnet
 from ..formats.data import Dataset, Layout, poisoned_labels
 from ..formats.files import atomic_path
-from ..nets.models import load_data_for, load_model, save_model
+from ..nets.models import load_data_for, load_model, save_model, without_input_scale
 
 __all__ = ["EvaluationSets", "low_attack_warnings", "open_badnet", "open_evaluation_sets", "save_repair"]
 
@@ -35,7 +35,7 @@ EVALUATION_ROLES = {"bd_valid": True, "test": False, "bd_test": True}
 
 
 def open_badnet(model: str | os.PathLike[str], valid: str | os.PathLike[str], *, trust_model: bool = False,
-                layout: Layout = "nchw", lazy: bool = False) -> tuple[Any, Dataset]:
+                layout: Layout = "nchw", lazy: bool = False, input_scale: float | str = 1.0) -> tuple[Any, Dataset]:
     """Load the BadNet B and the clean validation data, checked against B.
 
     Args:
@@ -44,11 +44,14 @@ def open_badnet(model: str | os.PathLike[str], valid: str | os.PathLike[str], *,
         trust_model: allow model files with code-carrying layers.
         layout: how the HDF5 images are stored, default ``"nchw"`` (the lab's).
         lazy: read the images chunk by chunk when used instead of now.
+        input_scale: B takes file pixels times this, default 1 (``1/255``: a model trained on 0..1
+            pixels); B is then wrapped to take the files' 0..255 pixels
+            (:func:`~badnet_repair.nets.models.load_model`).
 
     Returns:
         (B, the clean Dataset named ``"valid"``).
     """
-    b = load_model(model, trust=trust_model)
+    b = load_model(model, trust=trust_model, input_scale=input_scale)
     return b, load_data_for(b, valid, layout=layout, name="valid", lazy=lazy)
 
 
@@ -58,11 +61,14 @@ def save_repair(badnet: Any, repaired: Any, out_dir: str | os.PathLike[str], ste
     """Save a repaired model as ``<stem>.h5``, ``<stem>_weights.h5``, ``<stem>.keras`` (those in
     ``formats``) and the lab's GoodNet of B and it: as ``.keras`` at ``goodnet`` (its own layer;
     Keras 3) and as a full ``.h5`` of standard layers at ``goodnet_h5`` (Keras 2 and 3;
-    :func:`~badnet_repair.detectors.goodnet.build_portable_goodnet`), for those given.
+    :func:`~badnet_repair.detectors.goodnet.build_portable_goodnet`), for those given. Every file
+    takes the input B was trained on: a model with an input scale is saved without it.
 
     Returns:
         format (and ``"goodnet"``, ``"goodnet_h5"``) -> path written.
     """
+    # the files, G's too, take the input B and B' were trained on: built from the unscaled models
+    badnet, repaired = without_input_scale(badnet), without_input_scale(repaired)
     saved = dict(save_model(repaired, out_dir, stem, formats=tuple(formats), overwrite=overwrite))
     if goodnet is not None:
         with atomic_path(goodnet, overwrite=overwrite) as tmp:
