@@ -63,6 +63,8 @@ def test_plot_trigger_response_draws_bars_in_pruning_order():
     np.testing.assert_allclose([b.get_height() for b in bars], [0, 62.5, 0], atol=1e-5)
     assert bars[0].get_facecolor() != bars[1].get_facecolor()  # the pruned bar is greyed out
     assert "conv" in fig.axes[0].get_xlabel()
+    legend = fig.axes[0].get_legend()  # the legend says which colour is which
+    assert [t.get_text() for t in legend.get_texts()] == ["pruned by the defense (1)", "kept (2)"]
 
 
 @pytest.mark.slow
