@@ -212,3 +212,19 @@ def test_prune_sweeps_each_set_once(lab_files, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "_sweep_fast", spy)
     assert run_prune(lab_files, tmp_path / "out", "--thresholds", "2") == 0
     assert sorted(swept) == ["bd_test", "bd_valid", "test", "valid"]
+
+
+def test_held_out_drop_warnings_by_hand(caplog):
+    from badnet_repair.workflow.run import held_out_drop_warnings
+
+    def repair(*pairs):
+        members = [{"base_holdout_accuracy": b, "holdout_accuracy": a} for b, a in pairs]
+        return br.Repair(defense="fine-pruning", models=(), record={"choices": {"members": members}})
+
+    assert held_out_drop_warnings(repair((90.0, 87.5))) == []  # 2.5 points: within the budget
+    lines = held_out_drop_warnings(repair((100.0, 34.96)))
+    assert len(lines) == 1 and "fine-pruning is 65.0 points below the BadNet" in lines[0] and "34.96%" in lines[0]
+    assert "65.0 points" in caplog.text
+    two = held_out_drop_warnings(repair((90.0, 89.0), (90.0, 80.0)), budget=5)
+    assert len(two) == 1 and "member 2" in two[0]
+    assert held_out_drop_warnings(br.Repair(defense="pruning", models=(), record={"choices": {}})) == []

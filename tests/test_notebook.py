@@ -21,13 +21,20 @@ from badnet_repair.reporting.notebook import (
 )
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "Homework-2.ipynb"
+STUDENT_CONCLUSION = "Pruning to X=4 left the backdoor in place; my GoodNet flags it."
 
 
 @pytest.fixture(scope="module")
 def executed(small_demo, tmp_path_factory):
     work = tmp_path_factory.mktemp("nb")  # no lab files here: the notebook must fall back to the demo
+    # the student's saved notebook, with a conclusion written in its conclusion cell
+    student = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in student.cells if "conclusion" in c.get("metadata", {}).get("tags", []))
+    cell.source = cell.source + "\n\n" + STUDENT_CONCLUSION
+    nbformat.write(student, work / "saved.ipynb")
+    # every section on, the long ones with few epochs
     params = {"DEMO_DIR": str(small_demo.root), "OUT_DIR": "out", "THRESHOLDS": [2, 4, 10],
-              "FINE_TUNING": {"epochs": 2}}
+              "FINE_TUNING": {"epochs": 2}, "NOTEBOOK": "saved.ipynb", "COMPARE_DEFENSES": True, "DETECT": True}
     nb = execute_notebook(NOTEBOOK, parameters=params, cwd=work, html=work / "nb.html", timeout=600)
     return nb, work, small_demo
 
@@ -63,7 +70,8 @@ def test_the_committed_notebook_shows_each_lab_step_and_finished_progress_bars()
                  "report", "every defense"):
         assert any(step.lower() in h.lower() for h in headings), step
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.get("outputs") for c in code[2:]), "the committed notebook is committed with its outputs"
+    ran = [c for c in code[2:] if not c.source.startswith(("if COMPARE_DEFENSES:", "if DETECT:"))]
+    assert all(c.get("outputs") for c in ran), "the committed notebook is committed with its outputs"
     bars = [line for c in code for o in c.get("outputs", []) if o.get("name") == "stderr"
             for line in o["text"].splitlines() if "|" in line and "%" in line]
     assert bars and all("100%" in b for b in bars) and not any("\r" in b for b in bars), bars
@@ -152,9 +160,11 @@ def test_notebook_writes_the_report_at_the_top_and_the_models_in_out_dir(execute
     report = (work / "Lab2_report.md").read_text()
     assert "](Lab2_report_files/pruning_curves.png)" in report and (work / "out" / "pruning_curves.png").exists()
     assert (work / "Lab2_report_files" / "pruning_curves.png").exists()
-    # the report's conclusion is the one the notebook shows (and the student may edit)
-    shown = next(t for t in notebook_outputs(nb, "text/markdown") if t.startswith("The BadNet B"))
-    assert shown.strip() in report
+    # the report's conclusion is the student's, from the saved notebook's conclusion cell; the
+    # generated summary is only shown as a starting point
+    assert STUDENT_CONCLUSION in report and "Replace this line" not in report
+    shown = next(t for t in notebook_outputs(nb, "text/markdown") if t.startswith("**Generated summary**"))
+    assert "The BadNet B" in shown and "The BadNet B classifies" not in report
     html = (work / "Lab2_report.html").read_text()
     assert "data:image/png;base64" in html and "<table>" in html
     for x in ("2", "4", "10"):
@@ -180,12 +190,25 @@ def test_report_command_renders_the_executed_notebook(small_demo, tmp_path, monk
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "notebook HTML" in out and f"report: {tmp_path / 'Lab2_report.md'}" in out
-    assert (tmp_path / "fixed_models" / "Homework-2.html").exists()
+    handin = tmp_path / "handin"
+    for name in ("Homework-2.ipynb", "Homework-2.html", "Lab2_report.md", "Lab2_report.html",
+                 "Lab2_report_files/pruning_curves.png", "fixed_models/bd_4.h5", "fixed_models/goodnet_4.h5",
+                 "fixed_models/results.json", "README.md"):
+        assert (handin / name).is_file(), name
+    assert "fixed_models/goodnet_4.h5" in (handin / "README.md").read_text()
+    assert nbformat.read(handin / "Homework-2.ipynb", as_version=4).cells[4].get("outputs")
+    # the demo run says so in the report's first lines, and the report falls back to the summary
+    first = (tmp_path / "Lab2_report.md").read_text().splitlines()[:4]
+    assert any("demo run" in line for line in first)
+    assert "student's own conclusion was not written" in (tmp_path / "Lab2_report.md").read_text()
     results = json.loads((tmp_path / "fixed_models" / "results.json").read_text())
     assert [s["threshold"] for s in results["selections"]] == [4.0]
     assert results["provenance"]["inputs"]["model"]["path"].endswith("pa_net.h5")
     assert main(["report", "--notebook", str(nb), "-p", "NOPE", "1"]) == 1
     assert "no parameter named NOPE" in capsys.readouterr().err
+    # an existing hand-in is replaced only when asked (checked before anything runs)
+    assert main(["report", "--notebook", str(nb)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
     # the notebook itself is replaced only when asked
     assert main(["report", "--notebook", str(nb), "--executed", str(nb)]) == 1
     assert "--in-place" in capsys.readouterr().err
@@ -209,3 +232,43 @@ def test_notebook_detection_section_shows_each_detector_and_both(executed):
     assert len(table) == 1
     rows = [r[0] for r in markdown_rows(table[0][table[0].index("| model |"):])]
     assert rows == ["no defense", "nc-unlearning", "G (nc-unlearning)", "nc-pruning", "G (nc-pruning)"]
+
+
+@pytest.mark.slow
+def test_notebook_beyond_the_lab_section_estimates_then_shows_fine_pruning_and_strip(executed):
+    nb, _, _ = executed
+    text = _stream(nb, "stdout")
+    assert "Running fine-pruning: about" in text and "Running STRIP: about" in text
+    tables = notebook_outputs(nb, "text/markdown")
+    fp = [t for t in tables if "| fine-pruning |" in t and "| G (fine-pruning) |" in t and "| ft-sam |" not in t]
+    assert len(fp) == 1
+    assert [r[0] for r in markdown_rows(fp[0][fp[0].index("| model |"):])] == ["no defense", "fine-pruning",
+                                                                              "G (fine-pruning)"]
+    strip = [t for t in tables if t.startswith("| model |") and "| G (strip) |" in t and "reversed" not in t]
+    assert len(strip) == 1 and [r[0] for r in markdown_rows(strip[0])] == ["G (strip)"]
+
+
+@pytest.mark.slow
+def test_notebook_shows_the_labs_known_figures_for_orientation_on_the_demo(executed):
+    nb, work, _ = executed
+    table = next(t for t in notebook_outputs(nb, "text/markdown") if "| figure | published |" in t)
+    assert "not on the lab's BadNet" in table and "| B'_4: channels pruned | 48 |" in table
+    assert "**differs**" not in table  # nothing is compared off the lab's files
+    assert "## The lab's known figures" in (work / "Lab2_report.md").read_text()
+
+
+def test_the_committed_notebook_says_first_that_it_is_a_demo_run():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert "run on that demo" in nb.cells[0].source
+    first_output = notebook_outputs(nb, "text/markdown")[0]
+    assert "demo run" in first_output
+    report = (NOTEBOOK.parent / "Lab2_report.md").read_text().splitlines()
+    assert any("demo run" in line for line in report[:4])
+
+
+def test_the_default_parameters_leave_the_long_sections_off():
+    ns: dict[str, object] = {}
+    cell = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                if "parameters" in c.get("metadata", {}).get("tags", []))
+    exec(cell.source, ns)
+    assert ns["COMPARE_DEFENSES"] is False and ns["DETECT"] is False and ns["BEYOND"] is True

@@ -8,6 +8,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,7 +52,8 @@ def test_every_command_line_in_the_readme_parses():
 
     parser = _parser()
     lines = [ln.split("#")[0].strip() for block in _blocks("bash") for ln in block.replace("\\\n", " ").splitlines()]
-    commands = [ln for ln in lines if ln.startswith("badnet-repair ")]
+    commands = [ln.removeprefix(".venv/bin/") for ln in lines
+                if ln.removeprefix(".venv/bin/").startswith("badnet-repair ")]
     assert len(commands) >= 8
     for line in commands:
         argv = shlex.split(line)[1:]
@@ -59,3 +61,39 @@ def test_every_command_line_in_the_readme_parses():
             parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"README command does not parse: {line}")
+
+
+def _lab_commands() -> list[str]:
+    """The command lines of the README's section "The lab, step by step"."""
+    text = README.read_text()
+    section = text[text.index("## The lab, step by step"):text.index("## The notebook and the report")]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    return [ln.split("#")[0].strip() for ln in block.splitlines() if ln.split("#")[0].strip()]
+
+
+@pytest.mark.slow
+def test_the_lab_commands_run_as_written_in_a_fresh_shell(lab_folder):
+    """Each of the lab's command lines, exactly as the README prints it, in a shell whose PATH has no
+    virtual environment (the setup's ``.venv`` beside the lab's folders); ``report`` runs the notebook,
+    which tests/test_notebook.py covers, so it is only checked to start (``--help``)."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    (lab_folder / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    if not (lab_folder / ".venv" / "bin" / "badnet-repair").exists():
+        pytest.skip("the tests do not run from the project's virtual environment with badnet-repair installed")
+    commands = _lab_commands()
+    assert [c.split()[:2] for c in commands] == [[".venv/bin/badnet-repair", verb]
+                                                 for verb in ("prune", "eval", "predict", "report")]
+    Image.fromarray(np.zeros((55, 47, 3), np.uint8)).save(lab_folder / "face.png")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/bin:/bin"
+    for line in commands:
+        if " report" in line:
+            line += " --help"
+        run = subprocess.run(line, shell=True, cwd=lab_folder, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"{line}: {run.stderr[-2000:]}"
+    assert (lab_folder / "fixed_models" / "goodnet_4.keras").exists()

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .defaults import LAYER_HELP, setting_problem
+from .defaults import INPUT_SCALE_HELP, LAYER_HELP, parse_input_scale, setting_problem
 from .defenses import REGISTRY as DEFENSES
 from .demo.make import DEMO_BADNETS
-from .workflow.layout import LAB_FILES
+from .workflow.layout import LAB_FILES, ResolvedInputs
 
 __all__ = ["main"]
 
@@ -34,6 +34,18 @@ def _thresholds(values: Sequence[str]) -> list[float]:
             raise argparse.ArgumentTypeError(f"threshold {v!r} must be a finite number >= 0")
         out.append(x)
     return out
+
+
+def _input_scale(text: str) -> float:
+    """The argparse type of ``--input-scale``: ``1``, ``1/255`` or a number > 0."""
+    try:
+        return parse_input_scale(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_input_scale(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-scale", type=_input_scale, default=1.0, metavar="SCALE", help=INPUT_SCALE_HELP)
 
 
 _INPUT_HELP = {
@@ -93,6 +105,23 @@ def _tuning(args: argparse.Namespace) -> dict[str, Any]:
     """The fine-pruning settings given on the command line."""
     settings = DEFENSES["fine-pruning"].settings()
     return {name: _flag_value(name, getattr(args, name)) for name in settings if hasattr(args, name)}
+
+
+def _resolve(args: argparse.Namespace, given: Any, **options: Any) -> ResolvedInputs:
+    """The run's input files (:func:`~badnet_repair.workflow.layout.resolve_inputs`); an input
+    scale is refused for the built-in demo, whose BadNets take the files' 0..255 pixels."""
+    from .errors import DataError
+    from .workflow.layout import resolve_inputs
+
+    refused = DataError("the built-in demo's BadNets take the files' 0..255 pixels: --input-scale is for a model "
+                        "file of your own (--model)")
+    scaled = getattr(args, "input_scale", 1.0) != 1.0
+    if scaled and options.get("demo"):  # before the demo is made
+        raise refused
+    resolved = resolve_inputs(given, **options)
+    if scaled and resolved.demo is not None:  # no lab files: the demo stood in for them
+        raise refused
+    return resolved
 
 
 def _show_written(paths: Any) -> int:
@@ -162,7 +191,7 @@ def _own_settings(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
 
 def _add_run_options(parser: argparse.ArgumentParser, *, demo_help: str, both_demos: bool = False) -> None:
     """The options the commands that read a BadNet share: target, output folder, overwriting,
-    trusting the model file, and the built-in demo."""
+    trusting the model file, its input scale, and the built-in demo."""
     parser.add_argument("--target", type=int, help="attack target class (default: the poisoned files' label)")
     parser.add_argument("--multi-target", action="store_true",
                         help="the poisoned files are a multi-target BadNet's: each input's label is its own target "
@@ -170,6 +199,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, demo_help: str, both_de
     parser.add_argument("--out", default="fixed_models", help="output folder (default fixed_models/)")
     parser.add_argument("--trust-model", action="store_true",
                         help="allow model files with layers that run stored code (Lambda, custom)")
+    _add_input_scale(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     if both_demos:
         parser.add_argument("--demo", action="store_true", help=demo_help)
@@ -232,7 +262,8 @@ def _parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser(
         "compare", parents=[common],
-        help="compare no defense, fine-tuning, pruning at each X and fine-pruning, per BadNet",
+        help="compare no defense with every registered defense (or those of --defenses) and their GoodNets, "
+        "per BadNet",
         description="For each BadNet given (or both demo BadNets with --demo), evaluate every defense "
         "and its GoodNet on the test sets; write comparison.csv/.json/.md and comparison.png.",
     )
@@ -318,14 +349,18 @@ def _parser() -> argparse.ArgumentParser:
         help="run Homework-2.ipynb headless; write Lab2_report.md and the notebook as HTML",
         description="Execute the notebook top to bottom in a Jupyter kernel (its parameters cell "
         "overridden by -p), which saves the models and results into its OUT_DIR and writes its REPORT "
-        "(Lab2_report.md next to the notebook, with Lab2_report.html); then write the executed notebook "
-        "and a self-contained HTML of it (images embedded) into OUT_DIR.",
+        "(Lab2_report.md next to the notebook, with Lab2_report.html); then collect what a student hands in "
+        "into HANDIN (default handin/): the executed notebook and its HTML (images embedded), the report with "
+        "its figure and HTML, and the repaired models and results (fixed_models/), with a README.md listing them.",
     )
     rp.add_argument("--notebook", default="Homework-2.ipynb", help="the notebook (default Homework-2.ipynb)")
     rp.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override a parameter, e.g. -p DEMO pruning-aware -p THRESHOLDS '[2, 4]'")
-    rp.add_argument("--html", help="HTML of the executed notebook (default OUT_DIR/<notebook>.html)")
-    rp.add_argument("--executed", help="the executed notebook (default OUT_DIR/<notebook>.executed.ipynb)")
+    rp.add_argument("--handin", default="handin",
+                    help="the hand-in folder, next to the notebook unless absolute (default handin/)")
+    rp.add_argument("--overwrite", action="store_true", help="replace an existing hand-in folder")
+    rp.add_argument("--html", help="HTML of the executed notebook (default HANDIN/<notebook>.html)")
+    rp.add_argument("--executed", help="the executed notebook (default HANDIN/<notebook>.ipynb)")
     rp.add_argument("--in-place", action="store_true",
                     help="write the executed notebook over the notebook itself, outputs included (to commit them)")
     rp.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default 1800)")
@@ -355,15 +390,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("poisoned", nargs="?", help="poisoned data (lab HDF5)")
     ev.add_argument("model", help="model file (.h5 or .keras)")
     ev.add_argument("--target", type=int, help="attack target (default: the poisoned file's label)")
-    ev.add_argument("--layout", choices=["nchw", "nhwc", "auto"], default="nchw")
-    ev.add_argument("--trust-model", action="store_true")
+    ev.add_argument("--layout", choices=["nchw", "nhwc", "auto"], default="nchw",
+                    help="how the HDF5 'data' is stored (default nchw, the lab's)")
+    ev.add_argument("--trust-model", action="store_true",
+                    help="allow model files with layers that run stored code (Lambda, custom)")
+    _add_input_scale(ev)
     ev.add_argument("--json", action="store_true", help="print the numbers as JSON")
 
     pd = sub.add_parser("predict", parents=[common], help="classify images (PNG/JPEG); prints a class in [0, N]")
     pd.add_argument("model", help="model file (.h5 or .keras); a GoodNet outputs N for a detected trigger")
     pd.add_argument("images", nargs="+", help="image files or folders")
     pd.add_argument("--resize", action="store_true", help="resize images to the model's input size")
-    pd.add_argument("--trust-model", action="store_true")
+    pd.add_argument("--trust-model", action="store_true",
+                    help="allow model files with layers that run stored code (Lambda, custom)")
+    _add_input_scale(pd)
     return p
 
 
@@ -398,11 +438,10 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"badnet-repair prune: error: {exc}", file=sys.stderr)
         return 2
-    from .workflow.layout import resolve_inputs
     from .workflow.prune import run_pruning_defense
 
-    resolved = resolve_inputs({k: getattr(args, k) for k in LAB_FILES}, demo=args.demo,
-                              demo_dir=args.demo_dir, progress=not args.quiet)
+    resolved = _resolve(args, {k: getattr(args, k) for k in LAB_FILES}, demo=args.demo,
+                        demo_dir=args.demo_dir, progress=not args.quiet)
     if resolved.notice:
         print(resolved.notice, flush=True)
     inputs, source = resolved.files, resolved.source
@@ -414,8 +453,8 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         descending=args.descending, target=args.target, engine=args.engine,
         several_targets=args.multi_target or args.demo == "multi-target",
         batch_size=args.batch_size, layout=args.layout, trust_model=args.trust_model,
-        overwrite=args.overwrite, save_models=not args.no_models, progress=not args.quiet,
-        data_source=source,
+        input_scale=args.input_scale, overwrite=args.overwrite, save_models=not args.no_models,
+        progress=not args.quiet, data_source=source, demo=resolved.demo is not None,
         # Flags that do not change the numbers stay out, so reruns give identical results.
         command="badnet-repair " + shlex.join(a for a in argv if a not in _NEUTRAL_FLAGS),
     )
@@ -427,6 +466,10 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"X={x:g}: {s.channels_pruned} channels pruned, validation accuracy "
                   f"{s.valid_accuracy:.2f}% ({s.accuracy_drop:.2f} points below B)")
     print(evaluation_table([e.as_dict() for e in result.evaluations]))
+    reference = result.results.get("reference")
+    if reference and reference["lab_badnet"]:
+        # the lab's own B: say whether this run reproduces the lab's published figures
+        print(reference["message"], *(f"  {line}" for line in reference["differs"]), sep="\n")
     for name in ("report", "results_json", "sweep_csv", "figure"):
         if name in result.files:
             print(f"{name}: {result.files[name]}")
@@ -446,7 +489,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .metrics import evaluate_predictions
     from .nets.models import load_data_for, load_model, num_classes, predict_classes
 
-    model = load_model(args.model, trust=args.trust_model)
+    model = load_model(args.model, trust=args.trust_model, input_scale=args.input_scale)
     n = num_classes(model)
     goodnet = _is_goodnet(model)
     clean = load_data_for(model, args.clean, layout=args.layout, lazy=True)
@@ -477,7 +520,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .formats.data import load_images
     from .nets.models import load_model, predict_classes
 
-    model = load_model(args.model, trust=args.trust_model)
+    model = load_model(args.model, trust=args.trust_model, input_scale=args.input_scale)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     x = load_images(args.images, image_shape=shape, resize=args.resize)  # type: ignore[arg-type]
     pred = predict_classes(model, x)
@@ -499,10 +542,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_fine_prune(args: argparse.Namespace) -> int:
     from .reporting.report import evaluation_table
     from .workflow.fine_prune import run_fine_pruning
-    from .workflow.layout import resolve_inputs
 
     given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
-    resolved = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet)
+    resolved = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet)
     if resolved.notice:
         print(resolved.notice, flush=True)
     files = resolved.files
@@ -510,6 +552,7 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
     result, results = run_fine_pruning(
         files["model"], files["valid"], test=files.get("test"), bd_test=files.get("bd_test"),  # type: ignore[arg-type]
         out_dir=args.out, method=args.method, target=args.target, trust_model=args.trust_model,
+        input_scale=args.input_scale,
         several_targets=args.multi_target or args.demo == "multi-target",
         overwrite=args.overwrite, progress=not args.quiet, **_tuning(args))
     for i, m in enumerate(result.members):
@@ -543,7 +586,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     defenses = [make_defense(n, **{**_own_settings(DEFENSES[n], options.get(n, tuning)), **chosen.get(n, {})})
                 for n in args.defenses]
     if args.demo:
-        base = resolve_inputs(demo="baseline", demo_dir=args.demo_dir, progress=not args.quiet)
+        base = _resolve(args, None, demo="baseline", demo_dir=args.demo_dir, progress=not args.quiet)
         aware = resolve_inputs(demo="pruning-aware", demo_dir=args.demo_dir, progress=not args.quiet)
         models = [("baseline BadNet", base.files["model"]), ("pruning-aware BadNet", aware.files["model"])]
         files = base.files
@@ -562,7 +605,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                                         defenses=defenses, name=name, target=args.target,
                                         trust_model=args.trust_model, progress=not args.quiet,
                                         detectors=args.detectors, false_alarm=args.false_alarm,
-                                        several_targets=args.multi_target))
+                                        several_targets=args.multi_target, input_scale=args.input_scale))
     paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)
     return _show_written(paths)
 
@@ -575,15 +618,14 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     from .nets.models import load_data_for, load_model
     from .reporting.analysis import trigger_response
     from .reporting.report import trigger_response_paths, write_trigger_response
-    from .workflow.layout import resolve_inputs
 
     # refuse before loading and sweeping, not after
     check_writable(trigger_response_paths(args.out).values(), overwrite=args.overwrite)
     given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
-    files = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
+    files = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
     if not files.get("test") or not files.get("bd_test"):
         raise DataError("trigger-response needs --test and --bd-test")
-    b = load_model(files["model"], trust=args.trust_model)  # type: ignore[arg-type]
+    b = load_model(files["model"], trust=args.trust_model, input_scale=args.input_scale)  # type: ignore[arg-type]
     valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
     test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
     bd, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target,  # type: ignore[arg-type]
@@ -605,12 +647,11 @@ def _cmd_cleanse(args: argparse.Namespace) -> int:
     from .formats.files import check_writable
     from .nets.models import load_data_for, load_model
     from .reporting.cleanse import cleanse_paths, write_cleanse
-    from .workflow.layout import resolve_inputs
 
     check_writable(cleanse_paths(args.out).values(), overwrite=args.overwrite)
     given = {"model": args.model, "valid": args.valid}
-    files = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
-    b = load_model(files["model"], trust=args.trust_model)  # type: ignore[arg-type]
+    files = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
+    b = load_model(files["model"], trust=args.trust_model, input_scale=args.input_scale)  # type: ignore[arg-type]
     valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
     extra = {} if args.anomaly_threshold is None else {"anomaly_threshold": args.anomaly_threshold}
     scanner = NeuralCleanse(steps=args.steps, screen_steps=args.screen_steps, candidates=args.candidates,
@@ -628,17 +669,16 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from .nets.models import load_data_for, load_model
     from .reporting.cleanse import cleanse_paths
     from .workflow.detect import detect_paths, run_detection, write_detection
-    from .workflow.layout import resolve_inputs
 
     wanted = detect_paths(args.out)
     if "reversed-trigger" in args.detectors:
         wanted.update(cleanse_paths(args.out))
     check_writable(wanted.values(), overwrite=args.overwrite)
     given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
-    files = resolve_inputs(given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
+    files = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
     if not files.get("test") or not files.get("bd_test"):
         raise DataError("detect needs --test and --bd-test to score G")
-    b = load_model(files["model"], trust=args.trust_model)  # type: ignore[arg-type]
+    b = load_model(files["model"], trust=args.trust_model, input_scale=args.input_scale)  # type: ignore[arg-type]
     valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
     result = run_detection(b, valid, detectors=args.detectors, false_alarm=args.false_alarm,
                            accuracy_drop=args.accuracy_drop, seed=args.seed, progress=not args.quiet)
@@ -702,7 +742,7 @@ def _literal(text: str) -> Any:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .errors import DataError
+    from .errors import DataError, OutputExistsError
     from .reporting.notebook import execute_notebook, parameter_names
 
     nb = Path(args.notebook)
@@ -716,10 +756,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     out_dir = Path(str(params.get("OUT_DIR", "fixed_models")))
     if not out_dir.is_absolute():
         out_dir = nb.parent / out_dir
-    html = Path(args.html) if args.html else out_dir / f"{nb.stem}.html"
+    handin = Path(args.handin) if Path(args.handin).is_absolute() else nb.parent / args.handin
+    if handin.exists() and any(handin.iterdir()) and not args.overwrite:
+        raise OutputExistsError(f"{handin}: the hand-in folder exists; pass --overwrite to replace it")
+    html = Path(args.html) if args.html else handin / f"{nb.stem}.html"
     if args.in_place and args.executed:
         raise DataError("give --executed or --in-place, not both")
-    executed = nb if args.in_place else Path(args.executed) if args.executed else out_dir / f"{nb.stem}.executed.ipynb"
+    executed = nb if args.in_place else Path(args.executed) if args.executed else handin / f"{nb.stem}.ipynb"
     if executed.resolve() == nb.resolve() and not args.in_place:
         raise DataError(f"{executed}: that is the notebook itself; pass --in-place to replace it with its "
                         "executed copy")
@@ -739,6 +782,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for path in (report, report.with_suffix(".html")):
         if path.exists():
             print(f"report: {path}")
+    from .workflow.handin import collect_handin
+
+    listing = collect_handin(handin, notebook=executed, notebook_html=html, report=report, out_dir=out_dir)
+    print(f"hand-in: {handin}/ ({len(listing)} files; {handin / 'README.md'} lists them)")
     return 0
 
 

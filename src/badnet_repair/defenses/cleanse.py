@@ -91,7 +91,7 @@ class NeuralCleanseUnlearning(TuningSettings, ScanSettings, Defense):
         settings.pop("ensemble_mean")
         tune, holdout, _, _ = split_clean(clean, holdout_fraction=settings.pop("holdout_fraction"), seed=self.seed)
         net, epoch, history = fine_tune(model, tune, holdout, seed=self.seed, teacher=model, keep_start=False,
-                                        stamp=stamp, progress=progress, **settings)
+                                        stamp=stamp, progress=progress, desc=self.name, **settings)
         choices = {"flagged": list(scan.flagged), "kept_epoch": epoch,
                    "holdout_accuracy": history[epoch]["holdout_accuracy"], "scan": scan.summary()}
         repaired = Repaired(label=self.name, model=net)

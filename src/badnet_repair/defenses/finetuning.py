@@ -39,7 +39,8 @@ class FineTuning(TuningSettings, Defense):
         """The fine-tuned model (or the average of ``members`` of them)."""
         from .tuning import fine_prune
 
-        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **self.get_params()))
+        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, desc=self.name,
+                                       **self.get_params()))
 
     def _repair(self, result: FinePruneResult) -> Repair:
         choices = {"layer": result.layer, "members": _member_choices(result)}
@@ -151,7 +152,7 @@ class FeatureShiftTuning(_FeatureShiftSettings, FineTuning):
 
         params = self.get_params()
         params["feature_shift"] = params.pop("alpha")
-        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, **params))
+        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, desc=self.name, **params))
 
 
 #: The settings only feature shift tuning takes (the rest are fine-pruning's).
@@ -197,8 +198,8 @@ class FeatureShiftFinePruning(_FeatureShiftSettings, FinePruning):
         params = self.get_params()
         shift = {k: v for k, v in params.items() if k not in _PRUNE_ONLY}
         shift["feature_shift"] = shift.pop("alpha")
-        shifted = fine_prune(model, clean, method="fine-tuning", progress=progress, **shift)
-        pruned = fine_prune(model, clean, method="fine-pruning", progress=progress,
+        shifted = fine_prune(model, clean, method="fine-tuning", progress=progress, desc=f"{self.name} (fst)", **shift)
+        pruned = fine_prune(model, clean, method="fine-pruning", progress=progress, desc=f"{self.name} (fine-pruning)",
                             **{k: v for k, v in params.items() if k not in _SHIFT_ONLY})
         networks = [m.model for m in shifted.members + pruned.members]
         combined = average_models(networks, name="fst_fp", mean=self.ensemble_mean)

@@ -165,6 +165,7 @@ def fine_tune(
     head: str | None = None,
     head_epochs: int = 0,
     progress: bool = True,
+    desc: str = "fine-tuning",
 ) -> tuple[Any, int, list[dict[str, float]]]:
     """Fine-tune a copy of ``model`` on ``tune``; keep the epoch best on ``holdout``.
 
@@ -228,6 +229,7 @@ def fine_tune(
             below frozen, Adam at ``learning_rate``, the same loss) before ``epochs`` of the whole
             network; default 0 (the paper: the whole network from the start).
         progress: a progress bar over epochs.
+        desc: the progress bar's label (the defense's name), default ``"fine-tuning"``.
 
     Returns:
         (the kept model, its epoch (0 = the untuned start, else 1..epochs), per-epoch
@@ -305,7 +307,7 @@ def fine_tune(
         history: list[dict[str, float]] = [{"epoch": 0.0, "holdout_accuracy": _accuracy(network, holdout)}]
         best_acc = history[0]["holdout_accuracy"] if keep_start else -1.0
         best_epoch, best_weights = 0, work.get_weights()
-        bar = EpochProgress(epochs, "fine-tuning", progress)
+        bar = EpochProgress(epochs, desc, progress)
         for epoch in range(1, epochs + 1):
             x = epoch_images()
             y = one_hot
@@ -348,6 +350,7 @@ def fine_prune(
     head: str | None = None,
     head_epochs: int = 0,
     progress: bool = True,
+    desc: str | None = None,
     **tuning: Any,
 ) -> FinePruneResult:
     """Fine-pruning (Liu et al., RAID 2018): prune, then fine-tune on clean data.
@@ -397,6 +400,7 @@ def fine_prune(
         sam_rho, sam_adaptive: sharpness-aware tuning (FT-SAM; see :func:`fine_tune`), default off.
         feature_shift, head, head_epochs: Feature Shift Tuning (FST; see :func:`fine_tune`), default off.
         progress: progress bars.
+        desc: the progress bars' label, default ``method`` (a defense passes its name).
         **tuning: the other fine-tuning settings, fields of
             :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning_rate, batch_size,
             schedule, shift, flip, clipnorm, distill, weight_decay; see :func:`fine_tune`).
@@ -451,7 +455,9 @@ def fine_prune(
                                         frozen_channels=(layer, pruned) if pruned else None,
                                         keep_start=bool(pruned) and keep_pruned_start, sam_rho=sam_rho,
                                         sam_adaptive=sam_adaptive, feature_shift=feature_shift, head=head,
-                                        head_epochs=head_epochs, progress=progress, **per_network)
+                                        head_epochs=head_epochs, progress=progress,
+                                        desc=(desc or method) + (f" {i + 1}/{members}" if members > 1 else ""),
+                                        **per_network)
         tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                holdout_accuracy=history[epoch]["holdout_accuracy"], base_holdout_accuracy=base_acc,
                                pruned_holdout_accuracy=pruned_acc, history=tuple(history), tune_index=tune_idx,

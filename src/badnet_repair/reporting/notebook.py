@@ -29,6 +29,7 @@ __all__ = [
     "figure_png",
     "finish_streams",
     "markdown_to_html",
+    "read_conclusion",
     "sample_grid",
     "show",
     "write_html_report",
@@ -238,3 +239,39 @@ def parameter_names(notebook: str | os.PathLike[str]) -> Sequence[str]:
     cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
     return [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
             for t in node.targets if isinstance(t, ast.Name)]
+
+
+#: The tag of the notebook's markdown cell where the student writes the conclusion.
+CONCLUSION_TAG = "conclusion"
+
+#: A line of the conclusion cell that only asks for the student's text (not part of it).
+CONCLUSION_PROMPT = "*Replace this line with your conclusion"
+
+
+def read_conclusion(notebook: str | os.PathLike[str], *, tag: str = CONCLUSION_TAG) -> str | None:
+    """The student's conclusion: the text of the notebook's markdown cell tagged ``tag``, as saved.
+
+    The cell's headings and the line that asks for the text (:data:`CONCLUSION_PROMPT`) are
+    not part of the conclusion.
+
+    Args:
+        notebook: the ``.ipynb`` file, as last saved.
+        tag: the cell's tag, default ``"conclusion"``.
+
+    Returns:
+        The conclusion's markdown, or None where the notebook has no such cell, the file is
+        absent, or the student has not written anything yet.
+    """
+    import nbformat
+
+    path = Path(notebook)
+    if not path.is_file():
+        return None
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and tag in cell.get("metadata", {}).get("tags", []):
+            lines = [ln for ln in cell.source.splitlines()
+                     if not ln.lstrip().startswith("#") and not ln.strip().startswith(CONCLUSION_PROMPT)]
+            text = "\n".join(lines).strip()
+            return text or None
+    return None

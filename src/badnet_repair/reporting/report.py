@@ -11,6 +11,7 @@ from ..defenses.sweep import SweepResult
 from .analysis import TriggerResponse
 
 __all__ = [
+    "DEMO_NOTE",
     "base_table",
     "evaluation_table",
     "lab_conclusion",
@@ -202,6 +203,11 @@ def models_list(models: Mapping[Any, Mapping[str, Any]]) -> str:
                      + ", ".join(f"`{f}`" for f in files.values()) for x, files in models.items()) + "\n"
 
 
+#: The first line of a report or notebook run on the built-in demo.
+DEMO_NOTE = ("This is a demo run on the project's built-in synthetic faces, not on the lab's files. To make your "
+             "own: put the lab's model/ and data/ in place and run `badnet-repair report` (README: Handing in).")
+
+
 def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_curves.png",
                   title: str = "Lab 2 report: repairing a BadNet with the pruning defense",
                   conclusion: str | None = None) -> str:
@@ -221,6 +227,8 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
     p = results["parameters"]
     inputs = results["provenance"]["inputs"]
     lines = [f"# {title}", ""]
+    if results.get("demo"):
+        lines += [f"> **{DEMO_NOTE}**", ""]
     if results.get("data_source"):
         lines += [f"*Data: {results['data_source']}.*", ""]
     for warning in results.get("warnings", []):
@@ -266,6 +274,10 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
     ]
     if figure:
         lines += ["## Curves", "", f"![Accuracy and attack success rate versus channels pruned]({figure})", ""]
+    if results.get("reference"):
+        from .reference import reference_table
+
+        lines += ["## The lab's known figures", "", reference_table(results["reference"])]
     lines += ["## Conclusion", "", (lab_conclusion(results) if conclusion is None else conclusion).strip(), ""]
     if results.get("models"):
         lines += ["## Saved models", "", models_list(results["models"])]
@@ -322,7 +334,7 @@ def write_trigger_response(response: TriggerResponse, out_dir: str | os.PathLike
         md.append(f"| {c} | {response.rise[c]:+.3f} | {response.clean_mean[c]:.3f} | "
                   f"{response.poisoned_mean[c]:.3f} | {response.place[c]} |"
                   + ("" if k is None else " yes |" if response.place[c] < k else " no |"))
-    fig = Figure(figsize=(7.0, 4.2), layout="constrained", dpi=100)
+    fig = Figure(figsize=(8.4, 4.2), layout="constrained", dpi=100)  # the legend sits right of the bars
     plot_trigger_response(response, channels_pruned=channels_pruned, ax=fig.add_subplot(), title=title)
     write_results({paths["json"]: {**response.as_dict(), "channels_pruned": channels_pruned},
                    paths["md"]: "\n".join(md) + "\n", paths["png"]: fig}, overwrite=overwrite)

@@ -17,7 +17,7 @@ from ..defenses.sweep import RankAt, SweepResult, extend_sweep
 from ..formats.data import Dataset, Layout
 from ..formats.files import check_writable, sha256_file, versions, write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
-from ..nets.models import num_classes, predict_classes, prune_channels, saved_model_paths
+from ..nets.models import input_scale_of, num_classes, predict_classes, prune_channels, saved_model_paths
 from ..reporting.report import render_report, selections_of, sweep_rows
 from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
 
@@ -97,12 +97,14 @@ def run_pruning_defense(
     batch_size: int = 1024,
     layout: Layout = "nchw",
     trust_model: bool = False,
+    input_scale: float | str = 1.0,
     overwrite: bool = False,
     save_models: bool = True,
     report: bool = True,
     progress: bool = True,
     data_source: str | None = None,
     command: str | None = None,
+    demo: bool = False,
 ) -> DefenseResult:
     """Run the lab's pruning defense end to end on files.
 
@@ -132,12 +134,15 @@ def run_pruning_defense(
         batch_size: inputs per forward pass.
         layout: the HDF5 ``data`` layout, ``"nchw"`` (the lab's) or ``"nhwc"``/``"auto"``.
         trust_model: allow model files whose layers run stored code.
+        input_scale: B takes file pixels times this, default 1 (``1/255`` for a model trained on 0..1
+            pixels; :func:`~badnet_repair.workflow.run.open_badnet`); the saved models take the same.
         overwrite: replace existing outputs.
         save_models: write the repaired models.
         report: write the figure and ``Lab2_report.md``.
         progress: show progress bars.
         data_source: a line for the report saying where the data came from.
         command: the command line that reproduces the run, for the report.
+        demo: the files are the built-in demo's (the report says so first).
 
     Returns:
         DefenseResult.
@@ -150,7 +155,7 @@ def run_pruning_defense(
     check_writable(paths.values(), overwrite=overwrite)
 
     # 1. the repair: B and the clean validation data only
-    b, clean = open_badnet(model, valid, trust_model=trust_model, layout=layout, lazy=True)
+    b, clean = open_badnet(model, valid, trust_model=trust_model, layout=layout, lazy=True, input_scale=input_scale)
     n_classes = num_classes(b)
     defense = Pruning(thresholds=thresholds, layer=layer, rank_at=at, descending=descending, engine=engine,  # type: ignore[arg-type]
                       batch_size=batch_size)
@@ -187,8 +192,9 @@ def run_pruning_defense(
 
     results = lab_results(sweep, evaluations, model_file=model, datasets=[clean, *others.values()],
                           models=models, target=ev.target,
-                          parameters=dict(engine=engine, batch_size=batch_size, layout=layout),
-                          data_source=data_source, command=command)
+                          parameters=dict(engine=engine, batch_size=batch_size, layout=layout,
+                                          input_scale=input_scale_of(b)),
+                          data_source=data_source, command=command, badnet=b, demo=demo)
     written = write_lab_outputs(results, sweep, out_dir, report=paths["report"] if report else None,
                                 figure=report, overwrite=overwrite)
     return DefenseResult(sweep=sweep, evaluations=tuple(evaluations), models=models,
@@ -262,7 +268,8 @@ def evaluate_lab_models(badnet: Any, repaired: Mapping[float, Repaired], test: D
 def lab_results(sweep: SweepResult, evaluations: Sequence[Evaluation], *, model_file: str | os.PathLike[str],
                 datasets: Sequence[Dataset], models: Mapping[float, Mapping[str, Path]] | None = None,
                 target: int | None = None, parameters: Mapping[str, Any] | None = None,
-                data_source: str | None = None, command: str | None = None) -> dict[str, Any]:
+                data_source: str | None = None, command: str | None = None, badnet: Any = None,
+                demo: bool = False) -> dict[str, Any]:
     """Everything a lab run found, as ``results.json`` holds it and the report reads it.
 
     Args:
@@ -276,6 +283,9 @@ def lab_results(sweep: SweepResult, evaluations: Sequence[Evaluation], *, model_
         parameters: settings to record besides the sweep's own.
         data_source: a line saying where the data came from.
         command: the command that reproduces the run.
+        badnet: B, to recognise the lab's BadNet by its weights and compare the run with the
+            lab's known figures (:mod:`~badnet_repair.reporting.reference`) under ``"reference"``.
+        demo: the run is on the built-in demo, not the user's files (the report says so first).
 
     Returns:
         A JSON-able dict; warnings (B's attack success below 50 % on a poisoned set) under
@@ -299,6 +309,18 @@ def lab_results(sweep: SweepResult, evaluations: Sequence[Evaluation], *, model_
                             clean_set or sweep.valid_set, bd_set, data_source, command)
     if warnings:
         results["warnings"] = warnings
+    results["demo"] = bool(demo)
+    if badnet is not None:
+        from ..reporting.reference import check_against_reference
+
+        check = check_against_reference(
+            evaluations, badnet=badnet, valid_images=sizes.get(sweep.valid_set), test_images=sizes.get("test"),
+            valid_accuracy=sweep.steps[0].metrics[sweep.valid_set], layer=sweep.layer,
+            dormant_channels=int(np.count_nonzero(sweep.ranking.mean_activation == 0)))
+        results["reference"] = check.as_dict()
+        if check.differs:
+            log.warning("%d figure(s) differ from the lab's published ones, first: %s", len(check.differs),
+                        check.differs[0])
     return results
 
 

@@ -26,7 +26,7 @@ from ..formats.data import Dataset, Layout, poisoned_labels
 from ..formats.files import atomic_path
 from ..nets.models import load_data_for, load_model, save_model, without_input_scale
 
-__all__ = ["EvaluationSets", "low_attack_warnings", "open_badnet", "open_evaluation_sets", "save_repair"]
+__all__ = ["EvaluationSets", "held_out_drop_warnings", "low_attack_warnings", "open_badnet", "open_evaluation_sets", "save_repair"]
 
 log = logging.getLogger(__name__)
 
@@ -167,4 +167,34 @@ def low_attack_warnings(attack_success: Mapping[str, float | None], *, target: i
                        "file may carry another BadNet's trigger, or the target is wrong (--target); attack "
                        "success measured on it says little")
             log.warning("%s", out[-1])
+    return out
+
+
+#: A repaired model this many points or more below B on the held-out clean images is announced loudly.
+HELD_OUT_DROP = 3.0
+
+
+def held_out_drop_warnings(repair: Repair, *, budget: float = HELD_OUT_DROP) -> list[str]:
+    """A loud line for each network of a repair that fell ``budget`` points or more below B on the
+    clean images the defense held out (its own measurement: no test or poisoned data is read).
+
+    Args:
+        repair: a finished repair whose record's choices list its members with
+            ``base_holdout_accuracy`` and ``holdout_accuracy`` (the fine-tuning family); other
+            repairs give no warning.
+        budget: the drop, in points, that is announced, default 3.
+
+    Returns:
+        The warnings, one line each (also logged).
+    """
+    out = []
+    for i, m in enumerate(repair.record.get("choices", {}).get("members", []) or []):
+        base, got = m.get("base_holdout_accuracy"), m.get("holdout_accuracy")
+        if base is None or got is None or base - got < budget:
+            continue
+        who = repair.defense if len(repair.record["choices"]["members"]) == 1 else f"{repair.defense} member {i + 1}"
+        out.append(f"WARNING: {who} is {base - got:.1f} points below the BadNet on the clean images it held out "
+                   f"({got:.2f}% against {base:.2f}%): it is far worse than the model given; do not use it as a "
+                   "repair without checking")
+        log.warning("%s", out[-1])
     return out
