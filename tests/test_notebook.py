@@ -196,7 +196,8 @@ def test_report_command_renders_the_executed_notebook(small_demo, tmp_path, monk
                  "fixed_models/results.json", "README.md"):
         assert (handin / name).is_file(), name
     assert "fixed_models/goodnet_4.h5" in (handin / "README.md").read_text()
-    assert nbformat.read(handin / "Homework-2.ipynb", as_version=4).cells[4].get("outputs")
+    executed = nbformat.read(handin / "Homework-2.ipynb", as_version=4)
+    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
     # the demo run says so in the report's first lines, and the report falls back to the summary
     first = (tmp_path / "Lab2_report.md").read_text().splitlines()[:4]
     assert any("demo run" in line for line in first)

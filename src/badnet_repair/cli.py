@@ -757,8 +757,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not out_dir.is_absolute():
         out_dir = nb.parent / out_dir
     handin = Path(args.handin) if Path(args.handin).is_absolute() else nb.parent / args.handin
-    if handin.exists() and any(handin.iterdir()) and not args.overwrite:
-        raise OutputExistsError(f"{handin}: the hand-in folder exists; pass --overwrite to replace it")
     html = Path(args.html) if args.html else handin / f"{nb.stem}.html"
     if args.in_place and args.executed:
         raise DataError("give --executed or --in-place, not both")
@@ -766,6 +764,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if executed.resolve() == nb.resolve() and not args.in_place:
         raise DataError(f"{executed}: that is the notebook itself; pass --in-place to replace it with its "
                         "executed copy")
+    if handin.exists() and any(handin.iterdir()) and not args.overwrite:
+        raise OutputExistsError(f"{handin}: the hand-in folder exists; pass --overwrite to replace it")
     print(f"Running {nb} headless" + (f" with {params}" if params else "") + " ...", flush=True)
     from nbclient.exceptions import CellExecutionError
 

@@ -129,6 +129,9 @@ def write_results(outputs: Mapping[Path, Any], *, overwrite: bool = False) -> di
     """
     paths = {Path(p): content for p, content in outputs.items()}
     check_writable(paths, overwrite=overwrite)
+    # a figure written to several paths is rendered once, so the copies are the same bytes (a
+    # layout that settles on its first draw would otherwise differ between them)
+    rendered: dict[int, bytes] = {}
     for path, content in paths.items():
         suffix = path.suffix.lower()
         if suffix == ".csv":
@@ -138,8 +141,14 @@ def write_results(outputs: Mapping[Path, Any], *, overwrite: bool = False) -> di
         elif suffix in (".md", ".txt"):
             write_text(path, content, overwrite=overwrite)
         elif suffix == ".png":
+            if id(content) not in rendered:
+                import io
+
+                buf = io.BytesIO()
+                content.savefig(buf, format="png", dpi=content.get_dpi())
+                rendered[id(content)] = buf.getvalue()
             with atomic_path(path, overwrite=overwrite) as tmp:
-                content.savefig(tmp, dpi=content.get_dpi())
+                Path(tmp).write_bytes(rendered[id(content)])
         elif suffix == ".npz":
             import numpy as np
 

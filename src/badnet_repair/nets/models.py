@@ -863,6 +863,9 @@ def _load_full(path: Path, config: Any, trust: bool) -> Any:
     """Load a whole model file after checking its config for code-carrying layers."""
     import keras
 
+    # the package's own layers (GoodNets, ensembles) are known, not custom code, in any process
+    from . import layers  # noqa: F401
+
     _refuse_unsafe(path, config, trust)
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=not trust)

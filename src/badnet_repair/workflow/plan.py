@@ -66,7 +66,7 @@ def measure_speed(model: Any, data: Dataset | np.ndarray, *, batch_size: int = 6
     """Time the model's forward pass and training step on up to ``images`` of ``data``.
 
     The model is not changed: the training step runs on a copy. The first call of each is a
-    warm-up (tracing) and is not counted.
+    warm-up (tracing) and is not counted; the training time is the median of three passes.
 
     Args:
         model: a Keras model (N, H, W, C) -> (N, K).
@@ -91,11 +91,15 @@ def measure_speed(model: Any, data: Dataset | np.ndarray, *, batch_size: int = 6
     k = int(model.outputs[0].shape[-1])
     y = np.eye(k, dtype=np.float32)[np.arange(len(x)) % k]
     copy.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy")
-    # the first fit traces the training step; only the second is timed
+    # the first fit traces the training step and is not timed; a shared machine's noise is
+    # damped by the median of three timed passes
     copy.fit(x[:batch_size], y[:batch_size], batch_size=batch_size, epochs=1, verbose=0)
-    start = time.perf_counter()
-    copy.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
-    train = (time.perf_counter() - start) / len(x)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        copy.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+        times.append((time.perf_counter() - start) / len(x))
+    train = float(np.median(times))
     return ModelSpeed(predict=predict, train=train, batch_size=batch_size)
 
 
