@@ -26,7 +26,8 @@ from ..formats.data import Dataset, Layout, poisoned_labels
 from ..formats.files import atomic_path
 from ..nets.models import load_data_for, load_model, save_model, without_input_scale
 
-__all__ = ["EvaluationSets", "held_out_drop_warnings", "low_attack_warnings", "open_badnet", "open_evaluation_sets", "save_repair"]
+__all__ = ["EvaluationSets", "held_out_drop_warnings", "low_attack_warnings", "open_badnet", "open_evaluation_sets",
+           "save_repair"]
 
 log = logging.getLogger(__name__)
 
