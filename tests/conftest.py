@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# TensorFlow imported quietly (its C++ start-up lines would otherwise reach a test worker's stderr)
+from badnet_repair import _backend  # noqa: F401, I001
+
 import keras
 
 import badnet_repair as br
