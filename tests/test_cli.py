@@ -228,3 +228,19 @@ def test_held_out_drop_warnings_by_hand(caplog):
     two = held_out_drop_warnings(repair((90.0, 89.0), (90.0, 80.0)), budget=5)
     assert len(two) == 1 and "member 2" in two[0]
     assert held_out_drop_warnings(br.Repair(defense="pruning", models=(), record={"choices": {}})) == []
+
+
+def test_held_out_drop_warnings_read_fine_prunings_result_too():
+    from badnet_repair.defenses.tuning import FinePruneResult, FineTuned
+    from badnet_repair.workflow.run import held_out_drop_warnings
+
+    def member(base, got):
+        return FineTuned(model=None, seed=0, pruned_channels=(), kept_epoch=1, holdout_accuracy=got,
+                         base_holdout_accuracy=base, pruned_holdout_accuracy=base, history=(),
+                         tune_index=np.arange(2), holdout_index=np.arange(2))
+
+    result = FinePruneResult(model=None, method="fine-pruning", layer="conv_3", members=(member(90.0, 51.25),))
+    lines = held_out_drop_warnings(result)
+    assert len(lines) == 1 and lines[0].startswith("WARNING: fine-pruning is 38.8 points below the BadNet")
+    ok = FinePruneResult(model=None, method="fine-tuning", layer="conv_3", members=(member(90.0, 89.0),))
+    assert held_out_drop_warnings(ok) == []

@@ -18,7 +18,7 @@ from ..formats.files import write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import num_classes, predict_classes
 from ..reporting.report import evaluation_table
-from .run import low_attack_warnings, open_badnet, open_evaluation_sets
+from .run import held_out_drop_warnings, low_attack_warnings, open_badnet, open_evaluation_sets
 
 __all__ = ["DefenseComparison", "compare_defenses", "compare_file", "default_defenses", "evaluate_repairs",
            "write_comparison"]
@@ -146,6 +146,8 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
 
     b, clean = open_badnet(model, valid, trust_model=trust_model, input_scale=input_scale)
     repairs = [d.repair(b, clean, progress=progress) for d in defenses]
+    for r in repairs:
+        held_out_drop_warnings(r)  # logged: the command line shows each loudly
     parts = (fit_detectors(b, clean, detectors, false_alarm=false_alarm, repairs=repairs, progress=progress)[0]
              if detectors else {})
     ev = open_evaluation_sets(repairs, b, {"test": test, "bd_test": bd_test}, target=target,

@@ -15,7 +15,7 @@ from ..defaults import TuningSettings
 from ..defenses.tuning import FinePruneResult, fine_prune
 from ..formats.files import write_results
 from ..nets.models import predict_classes
-from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
+from .run import held_out_drop_warnings, low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
 
 __all__ = ["run_fine_pruning"]
 
@@ -93,6 +93,7 @@ def run_fine_pruning(
     b, clean = open_badnet(model, valid, trust_model=trust_model, input_scale=input_scale)
     n = num_classes(b)
     result = fine_prune(b, clean, method=method, progress=progress, **options)
+    drops = held_out_drop_warnings(result)
     save_repair(b, result.model, out, stem, formats=tuple(model_paths), goodnet=paths["goodnet"], overwrite=overwrite)
     for i, member in enumerate(result.members if members > 1 else ()):
         save_model(member.model, out, f"{stem}_member_{i}", formats=("weights",), overwrite=overwrite)
@@ -134,7 +135,7 @@ def run_fine_pruning(
         "evaluations": evaluations,
         "models": {k: str(v) for k, v in paths.items() if k != "results"},
     }
-    if warnings:
-        results["warnings"] = warnings
+    if warnings or drops:
+        results["warnings"] = [*drops, *warnings]
     write_results({paths["results"]: results}, overwrite=overwrite)
     return result, results

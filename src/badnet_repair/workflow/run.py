@@ -175,26 +175,32 @@ def low_attack_warnings(attack_success: Mapping[str, float | None], *, target: i
 HELD_OUT_DROP = 3.0
 
 
-def held_out_drop_warnings(repair: Repair, *, budget: float = HELD_OUT_DROP) -> list[str]:
+def held_out_drop_warnings(repair: Repair | FinePruneResult, *, budget: float = HELD_OUT_DROP) -> list[str]:
     """A loud line for each network of a repair that fell ``budget`` points or more below B on the
     clean images the defense held out (its own measurement: no test or poisoned data is read).
 
     Args:
         repair: a finished repair whose record's choices list its members with
-            ``base_holdout_accuracy`` and ``holdout_accuracy`` (the fine-tuning family); other
-            repairs give no warning.
+            ``base_holdout_accuracy`` and ``holdout_accuracy`` (the fine-tuning family), or
+            fine-pruning's result; other repairs give no warning.
         budget: the drop, in points, that is announced, default 3.
 
     Returns:
         The warnings, one line each (also logged).
     """
+    if isinstance(repair, FinePruneResult):
+        who = repair.method
+        pairs = [(m.base_holdout_accuracy, m.holdout_accuracy) for m in repair.members]
+    else:
+        who = repair.defense
+        pairs = [(m.get("base_holdout_accuracy"), m.get("holdout_accuracy"))
+                 for m in repair.record.get("choices", {}).get("members", []) or []]
     out = []
-    for i, m in enumerate(repair.record.get("choices", {}).get("members", []) or []):
-        base, got = m.get("base_holdout_accuracy"), m.get("holdout_accuracy")
+    for i, (base, got) in enumerate(pairs):
         if base is None or got is None or base - got < budget:
             continue
-        who = repair.defense if len(repair.record["choices"]["members"]) == 1 else f"{repair.defense} member {i + 1}"
-        out.append(f"WARNING: {who} is {base - got:.1f} points below the BadNet on the clean images it held out "
+        name = who if len(pairs) == 1 else f"{who} member {i + 1}"
+        out.append(f"WARNING: {name} is {base - got:.1f} points below the BadNet on the clean images it held out "
                    f"({got:.2f}% against {base:.2f}%): it is far worse than the model given; do not use it as a "
                    "repair without checking")
         log.warning("%s", out[-1])
