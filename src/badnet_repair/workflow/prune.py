@@ -357,9 +357,7 @@ def write_lab_outputs(results: Mapping[str, Any], sweep: SweepResult, out_dir: s
         from ..reporting.plotting import plot_curves
 
         paths["figure"] = d / FIGURE
-        fig = plot_curves(sweep)
-        fig.set_dpi(110)
-        outputs[paths["figure"]] = fig
+        outputs[paths["figure"]] = plot_curves(sweep)  # drawn at the report's 110 dpi
     if report is not None:
         paths["report"] = Path(report)
         link = None
