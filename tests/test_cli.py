@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -187,16 +188,28 @@ def test_compare_set_gives_one_defense_a_typed_setting_over_the_shared_flags(lab
     assert "--defenses leaves out" in capsys.readouterr().err
 
 
-def test_compare_passes_a_defense_only_its_own_settings_and_keeps_its_own_defaults():
-    from badnet_repair.cli import DEFENSES, _own_settings
+def test_compare_flags_change_a_defense_only_where_given(lab_files, tmp_path, monkeypatch):
+    """A setting flag reaches every defense that has the setting, and only when passed: each
+    keeps its own defaults otherwise (FST's distill 0.3, I-BAU's learning rate), and a flag equal
+    to fine-pruning's default still changes another defense (--distill 0 switches FST's off)."""
+    from badnet_repair.defenses import REGISTRY
+    from badnet_repair.workflow import compare
 
-    given = {"learning_rate": 2e-3, "batch_size": 64, "seed": 3, "epochs": 50, "accuracy_drop": 4.0}
-    # fine-tuning's defaults do not override I-BAU's own learning rate and batch size
-    assert _own_settings(DEFENSES["i-bau"], given) == {"seed": 3}
-    # a value the user changed does
-    assert _own_settings(DEFENSES["i-bau"], {**given, "learning_rate": 0.01})["learning_rate"] == 0.01
-    assert _own_settings(DEFENSES["ft-sam"], given) == {"learning_rate": 2e-3, "batch_size": 64, "seed": 3,
-                                                         "epochs": 50}
+    seen: list[list[Any]] = []
+    monkeypatch.setattr(compare, "compare_file", lambda *a, defenses, **kw: seen.append(list(defenses)) or "c")
+    monkeypatch.setattr(compare, "write_comparison",
+                        lambda *a, **kw: {"md": (tmp_path / "c.md", (tmp_path / "c.md").write_text("t"))[0]})
+    files = [f"--{k.replace('_', '-')}={lab_files[k]}" for k in ("model", "valid", "test", "bd_test")]
+    names = ["fine-pruning", "fst", "i-bau", "pruning"]
+    assert main(["compare", "-q", *files, "--defenses", *names]) == 0
+    assert [d.get_params() for d in seen[-1]] == [REGISTRY[n]().get_params() for n in names]
+    assert main(["compare", "-q", *files, "--defenses", *names, "--distill", "0", "--learning-rate", "0.002",
+                 "--budget", "none", "--batch-size", "32"]) == 0
+    fp, fst, ibau, pruning = seen[-1]
+    assert (fst.distill, fst.weight_decay, fst.budget, fst.learning_rate) == (0.0, 1.0, None, 0.002)
+    assert (ibau.learning_rate, ibau.batch_size) == (0.002, 32)
+    assert (fp.distill, fp.budget, fp.batch_size) == (0.0, None, 32)
+    assert pruning.batch_size == REGISTRY["pruning"]().batch_size  # the sweep's own batch, not fine-tuning's
 
 
 def test_prune_sweeps_each_set_once(lab_files, tmp_path, monkeypatch):
@@ -214,33 +227,44 @@ def test_prune_sweeps_each_set_once(lab_files, tmp_path, monkeypatch):
     assert sorted(swept) == ["bd_test", "bd_valid", "test", "valid"]
 
 
-def test_held_out_drop_warnings_by_hand(caplog):
-    from badnet_repair.workflow.run import held_out_drop_warnings
+def test_budget_warnings_reach_the_comparison_files(tmp_path):
+    """A repair's loud lines are in comparison.md under its table, in its rows of comparison.json
+    (not its GoodNet's) and in comparison.csv."""
+    from badnet_repair.workflow.compare import evaluate_repairs, write_comparison
+    from badnet_repair.workflow.run import repair_warnings
 
-    def repair(*pairs):
-        members = [{"base_holdout_accuracy": b, "holdout_accuracy": a} for b, a in pairs]
-        return br.Repair(defense="fine-pruning", models=(), record={"choices": {"members": members}})
+    from .conftest import tiny_conv_model
 
-    assert held_out_drop_warnings(repair((90.0, 87.5))) == []  # 2.5 points: within the budget
-    lines = held_out_drop_warnings(repair((100.0, 34.96)))
-    assert len(lines) == 1 and "fine-pruning is 65.0 points below the BadNet" in lines[0] and "34.96%" in lines[0]
-    assert "65.0 points" in caplog.text
-    two = held_out_drop_warnings(repair((90.0, 89.0), (90.0, 80.0)), budget=5)
-    assert len(two) == 1 and "member 2" in two[0]
-    assert held_out_drop_warnings(br.Repair(defense="pruning", models=(), record={"choices": {}})) == []
+    b = tiny_conv_model(np.eye(2, dtype=np.float32), np.ones((8, 3), np.float32))
+    x = np.random.default_rng(0).uniform(0, 1, (6, 4, 4, 2)).astype(np.float32)
+    test, bd = br.Dataset(x, np.zeros(6, np.int64), "test"), br.Dataset(x, np.zeros(6, np.int64), "bd_test")
+    line = "WARNING: fst fell 40.0 points below the BadNet ...: returned the BadNet unchanged"
+    loud = br.Repair(defense="fst", models=(br.Repaired("fst", b),), record={}, warnings=(line,))
+    quiet = br.Repair(defense="fine-tuning", models=(br.Repaired("fine-tuning", b),), record={})
+    assert repair_warnings(loud) == [line] and repair_warnings(quiet) == []
+    comparison = evaluate_repairs(b, [quiet, loud], test, bd, name="tiny")
+    assert comparison.warnings == {"fst": (line,)}
+    paths = write_comparison([comparison], tmp_path)
+    rows = json.loads(paths["json"].read_text())
+    assert [r["warnings"] for r in rows if r["model"] == "fst"] == [[line]]
+    assert all(r["warnings"] == [] for r in rows if r["model"] != "fst")
+    assert f"- fst: {line}" in paths["md"].read_text()
+    assert line in paths["csv"].read_text()
 
 
-def test_held_out_drop_warnings_read_fine_prunings_result_too():
-    from badnet_repair.defenses.tuning import FinePruneResult, FineTuned
-    from badnet_repair.workflow.run import held_out_drop_warnings
-
-    def member(base, got):
-        return FineTuned(model=None, seed=0, pruned_channels=(), kept_epoch=1, holdout_accuracy=got,
-                         base_holdout_accuracy=base, pruned_holdout_accuracy=base, history=(),
-                         tune_index=np.arange(2), holdout_index=np.arange(2))
-
-    result = FinePruneResult(model=None, method="fine-pruning", layer="conv_3", members=(member(90.0, 51.25),))
-    lines = held_out_drop_warnings(result)
-    assert len(lines) == 1 and lines[0].startswith("WARNING: fine-pruning is 38.8 points below the BadNet")
-    ok = FinePruneResult(model=None, method="fine-tuning", layer="conv_3", members=(member(90.0, 89.0),))
-    assert held_out_drop_warnings(ok) == []
+@pytest.mark.slow
+def test_fine_prune_prints_and_records_the_budget_line(small_demo, tmp_path, capsys):
+    """A learning rate far too high wrecks the tuned network; the result is B (no pruned start
+    within 3 points) and the line is printed and first in results.json's warnings."""
+    out = tmp_path / "o"
+    assert main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
+                 "--method", "fine-tuning", "--epochs", "2", "--learning-rate", "5", "--clipnorm", "none",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "ft_results.json").read_text())
+    (member,) = results["members"]
+    assert member["budget"]["fallback"] == "B" and member["budget"]["budget"] == 3.0
+    assert results["warnings"][0] == member["budget"]["warning"] and member["budget"]["warning"] in printed
+    assert main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
+                 "--method", "fine-tuning", "--accuracy-drop", "2", "--out", str(tmp_path / "o2")]) == 1
+    assert "--accuracy-drop: not a setting of --method fine-tuning" in capsys.readouterr().err

@@ -10,8 +10,21 @@ import numpy as np
 import pytest
 
 import badnet_repair as br
-from badnet_repair.defenses import REGISTRY, Defense, FinePruning, FineTuning, Pruning, Repair, Repaired, make_defense
+from badnet_repair.defaults import setting
+from badnet_repair.defenses import (
+    REGISTRY,
+    Defense,
+    FinePruning,
+    FineTuning,
+    Pruning,
+    Repair,
+    Repaired,
+    make_defense,
+    register_defense,
+)
+from badnet_repair.defenses.finetuning import TrainingPlan
 from badnet_repair.detectors import Disagreement, goodnet_classes
+from badnet_repair.nets.trainer import Part
 from badnet_repair.workflow.compare import compare_defenses
 
 from .conftest import SpyArray, random_faces, tiny_conv_model
@@ -22,6 +35,7 @@ def test_registry_names_and_settings():
                               "i-bau", "fst", "fst-fp"]
     assert {"epochs", "learning_rate", "distill", "weight_decay", "members", "seed", "layer"} <= set(
         FineTuning.settings())
+    assert {"budget", "holdout_fraction", "schedule", "clipnorm"} <= set(FineTuning.settings())
     assert set(FinePruning.settings()) == set(FineTuning.settings()) | {"accuracy_drop", "prune_fraction",
                                                                        "keep_pruned_start"}
     assert FinePruning().keep_pruned_start is False
@@ -128,3 +142,70 @@ def test_compare_repairs_everything_before_reading_test_or_poisoned_data(small_d
     assert rows[:3] == ["no defense", "spy", "G (spy)"]
     spy_row = comp.evaluations[1]
     assert spy_row.clean_accuracy == 100.0 and spy_row.channels_pruned == 0
+
+
+# -- a defense from outside the package: one class, one registration ---------------------------
+
+
+class _ShrinkHead(Part):
+    """A toy part: an L2 penalty on the classifier head's kernel."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def penalty(self, network: Any) -> Any:
+        import tensorflow as tf
+
+        return self.weight * tf.reduce_sum(tf.square(network.get_layer("output").kernel))
+
+
+@dataclass(frozen=True)
+class ToyShrink(FineTuning):
+    """A toy defense for the tests: fine-tuning with an L2 penalty on the head (not a real defense)."""
+
+    name: ClassVar[str] = "toy-shrink"
+    summary: ClassVar[str] = "fine-tuning with the head's kernel pulled to zero (a test's toy)"
+
+    shrink: float = setting(1.0, "weight of the penalty on the head's squared kernel")
+
+    def plan(self, model: Any, start: Any, pruned: tuple[int, ...], layer: str, seed: int) -> TrainingPlan:
+        base = super().plan(model, start, pruned, layer, seed)
+        return TrainingPlan(parts=(*base.parts, _ShrinkHead(self.shrink)), step=base.step)
+
+
+@pytest.fixture
+def toy_registered():
+    register_defense(ToyShrink)
+    yield ToyShrink
+    REGISTRY.pop(ToyShrink.name, None)
+
+
+def test_a_defense_registered_from_outside_runs_through_compare_and_a_tiny_bench(toy_registered, lab_files,
+                                                                                  tmp_path):
+    from badnet_repair.workflow.bench import load_config, read_store, run_bench
+
+    with pytest.raises(ValueError, match="registered already"):
+        register_defense(type("Other", (ToyShrink,), {"name": "fine-tuning", "__module__": __name__}))
+    with pytest.raises(ValueError, match="not a Defense"):
+        register_defense(int)  # type: ignore[arg-type]
+    toy = make_defense("toy-shrink", epochs=2, shrink=5.0, shift=0, budget=None)
+    b = br.load_model(lab_files["model"])
+    valid, test, bd = (br.load_h5(lab_files[k]) for k in ("valid", "test", "bd_test"))
+    plain = make_defense("fine-tuning", epochs=2, shift=0, budget=None).repair(b, valid).model
+    comparison = compare_defenses(b, valid, test, bd, defenses=[toy])
+    assert [e.model for e in comparison.evaluations][:2] == ["no defense", "toy-shrink"]
+    again = toy.repair(b, valid).model
+
+    def norm(m: Any) -> float:
+        return float(np.linalg.norm(m.get_layer("output").kernel.numpy()))
+
+    assert norm(again) < norm(plain)  # its part was applied
+    config = tmp_path / "bench.toml"
+    config.write_text("\n".join([
+        "seeds = [0]", "[[badnet]]", 'name = "tiny"', 'split = "tuning"',
+        *(f'{k} = "{lab_files[k]}"' for k in ("model", "valid", "test", "bd_test")),
+        "[[defense]]", 'name = "toy-shrink"', "epochs = 1", "shrink = [0.5, 2.0]"]))
+    result = run_bench(load_config(config), tmp_path / "out", serial=True, progress=False)
+    rows = read_store(tmp_path / "out")
+    assert len(result.ran) == 2 and all(r["status"] == "ok" for r in rows), rows
+    assert {r["defense"] for r in rows} == {"toy-shrink"}

@@ -7,10 +7,11 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.cli import main
-from badnet_repair.defenses import tuning as finetune
-from badnet_repair.defenses.tuning import fine_prune, split_clean
+from badnet_repair.defenses.finetuning import Distillation, FineTuning, fine_prune
+from badnet_repair.defenses.fst import FeatureShift
+from badnet_repair.defenses.tuning import check_budget, split_clean
 from badnet_repair.formats import data as data_module
-from badnet_repair.workflow import fine_prune as fine_prune_workflow
+from badnet_repair.nets.trainer import Trainer, Warmup
 
 
 def test_split_is_disjoint_covers_everything_and_is_per_class():
@@ -51,7 +52,7 @@ def test_fine_prune_command_reads_no_test_data_before_the_model_is_chosen(small_
                                                                          capsys):
     reads: list[tuple[str, bool]] = []
     done = {"fine_prune": False}
-    real_read, real_load, real_fp = data_module.LazyImages._read, data_module.load_h5, finetune.fine_prune
+    real_read, real_load, real_fp = data_module.LazyImages._read, data_module.load_h5, FineTuning.tune
 
     def spy_read(self, rows, offset):
         reads.append((str(self.path), done["fine_prune"]))
@@ -68,7 +69,7 @@ def test_fine_prune_command_reads_no_test_data_before_the_model_is_chosen(small_
 
     monkeypatch.setattr(data_module.LazyImages, "_read", spy_read)
     monkeypatch.setattr(data_module, "load_h5", spy_load)
-    monkeypatch.setattr(fine_prune_workflow, "fine_prune", spy_fp)
+    monkeypatch.setattr(FineTuning, "tune", spy_fp)
     code = main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
                  "--test", str(small_demo.test), "--bd-test", str(small_demo.bd_test), "--epochs", "2",
                  "--holdout-fraction", "0.34", "--out", str(tmp_path / "o")])
@@ -86,42 +87,6 @@ def test_fine_prune_command_reads_no_test_data_before_the_model_is_chosen(small_
     assert br.num_classes(br.load_model(tmp_path / "o" / "fp.keras")) == 5
 
 
-@pytest.mark.slow
-def test_fine_tune_keeps_the_best_held_out_epoch_start_included_later_on_ties(small_demo):
-    b = br.load_model(small_demo.model)
-    tune, hold, _, _ = split_clean(br.load_h5(small_demo.valid), holdout_fraction=0.34)
-    model, epoch, hist = finetune.fine_tune(b, tune, hold, epochs=4, progress=False)
-    assert [h["epoch"] for h in hist] == [0, 1, 2, 3, 4]
-    assert hist[0]["holdout_accuracy"] == finetune._accuracy(b, hold)
-    accs = [h["holdout_accuracy"] for h in hist]
-    assert epoch == max(i for i, a in enumerate(accs) if a == max(accs))
-    assert finetune._accuracy(model, hold) == hist[epoch]["holdout_accuracy"]
-    # same seed, same model
-    again, epoch2, _ = finetune.fine_tune(b, tune, hold, epochs=4, progress=False)
-    assert epoch2 == epoch
-    assert all(np.array_equal(u, v) for u, v in zip(model.get_weights(), again.get_weights(), strict=True))
-    with pytest.raises(ValueError, match="epochs"):
-        finetune.fine_tune(b, tune, hold, epochs=0, progress=False)
-
-
-def test_fine_tune_returns_the_start_when_tuning_only_hurts(small_deepid, caplog):
-    """Tuning on wrong labels lowers held-out accuracy at every epoch: the start is kept."""
-    from .conftest import random_faces
-
-    x = random_faces(40, seed=8)
-    y = br.predict_classes(small_deepid, x)  # the start is 100% right on these
-    hold = br.Dataset(x[:20], y[:20], "holdout")
-    wrong = br.Dataset(x[20:], (y[20:] + 1) % 7, "tune")
-    with caplog.at_level("WARNING", logger="badnet_repair"):
-        model, epoch, hist = finetune.fine_tune(small_deepid, wrong, hold, epochs=3, learning_rate=1e-2,
-                                                shift=0, flip=False, progress=False)
-    assert hist[0]["holdout_accuracy"] == 100.0
-    assert max(h["holdout_accuracy"] for h in hist[1:]) < 100.0
-    assert epoch == 0
-    assert all(np.array_equal(u, v) for u, v in zip(model.get_weights(), small_deepid.get_weights(), strict=True))
-    assert "keeping the start" in caplog.text
-
-
 @pytest.mark.parametrize(("method", "keep", "expected"), [("fine-pruning", True, True),
                                                          ("fine-pruning", False, False),
                                                          ("fine-tuning", True, False)])
@@ -130,17 +95,18 @@ def test_fine_prune_lets_the_pruned_start_win_only_when_asked(small_deepid, monk
     from .conftest import random_faces
 
     seen: list[bool] = []
-    real = finetune.fine_tune
+    real = Trainer.train
 
-    def spy(*args, **kw):
+    def spy(self, *args, **kw):
         seen.append(kw["keep_start"])
-        return real(*args, **kw)
+        return real(self, *args, **kw)
 
-    monkeypatch.setattr(finetune, "fine_tune", spy)
+    monkeypatch.setattr(Trainer, "train", spy)
     x = random_faces(42, seed=5)
     valid = br.Dataset(x, np.arange(42) % 7, "valid")
-    r = fine_prune(small_deepid, valid, method=method, prune_fraction=0.5, keep_pruned_start=keep, epochs=1,
-                   shift=0, flip=False, holdout_fraction=0.34, progress=False)
+    settings = {"prune_fraction": 0.5, "keep_pruned_start": keep} if method == "fine-pruning" else {}
+    r = fine_prune(small_deepid, valid, method=method, epochs=1, shift=0, flip=False, holdout_fraction=0.34,
+                   budget=None, progress=False, **settings)
     assert seen == [expected]
     assert r.members[0].kept_epoch >= (0 if expected else 1)
 
@@ -157,33 +123,6 @@ def test_split_says_what_it_held_out_when_classes_are_too_small(caplog):
     with caplog.at_level("WARNING", logger="badnet_repair"):
         split_clean(br.Dataset(np.zeros((20, 2, 2, 3), np.float32), np.repeat([0, 1], 10), "v"), holdout_fraction=0.2)
     assert caplog.text == ""
-
-
-def test_weight_decay_shrinks_unused_weights_by_the_adamw_factor_each_step():
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((2, 2, 1))
-    net = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="output")(keras.layers.Flatten()(inp)))
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (40, 2, 2, 1)).astype(np.float32)
-    x[:, 0, 0, 0] = 0.0  # pixel 0 is always dark: its weights get no gradient, only the decay
-    data = br.Dataset(x, np.arange(40) % 3)
-    row0 = net.get_layer("output").get_weights()[0][0]
-    kw = {"epochs": 3, "learning_rate": 0.01, "schedule": "constant", "batch_size": 16, "shift": 0, "flip": False,
-          "progress": False}
-    plain, _, _ = finetune.fine_tune(net, data, data, **kw)
-    np.testing.assert_array_equal(plain.get_layer("output").get_weights()[0][0], row0)
-    decayed, epoch, _ = finetune.fine_tune(net, data, data, weight_decay=2.0, **kw)
-    steps = epoch * 3  # 40 images in batches of 16
-    np.testing.assert_allclose(decayed.get_layer("output").get_weights()[0][0], row0 * (1 - 0.01 * 2.0) ** steps,
-                               rtol=1e-5)
-    # the weights the data uses still learn
-    used = decayed.get_layer("output").get_weights()[0][1:]
-    assert not np.allclose(used, net.get_layer("output").get_weights()[0][1:])
-    np.testing.assert_array_equal(net.get_layer("output").get_weights()[0][0], row0)  # the caller's model unchanged
-    with pytest.raises(ValueError, match="weight_decay"):
-        finetune.fine_tune(net, data, data, weight_decay=-1.0, **kw)
 
 
 class _FixedTeacher:
@@ -208,20 +147,22 @@ def test_distillation_leaves_out_the_teachers_mistakes(small_demo):
     right = soft.copy()
     right[np.arange(len(tune)), tune.y] = 0.9
     # the tuned weights themselves are compared, so the untuned start may not win
-    kw = {"epochs": 2, "progress": False, "seed": 3, "keep_start": False}
-    plain, _, plain_hist = finetune.fine_tune(b, tune, hold, **kw)
+    trainer, kw = Trainer(epochs=2), {"progress": False, "seed": 3, "keep_start": False}
+    plain = trainer.train(b, tune, hold, **kw)
     # a teacher wrong on every image is never distilled: exactly plain fine-tuning
-    ignored, _, hist = finetune.fine_tune(b, tune, hold, distill=0.5, teacher=_FixedTeacher(wrong), **kw)
-    assert [h["teacher_agreement"] for h in hist[1:]] == [0.0, 0.0]
-    assert "teacher_agreement" not in plain_hist[1]
-    assert all(np.array_equal(u, v) for u, v in zip(plain.get_weights(), ignored.get_weights(), strict=True))
+    ignored = trainer.train(b, tune, hold, parts=[Distillation(_FixedTeacher(wrong), 0.5)], **kw)
+    assert [h["teacher_agreement"] for h in ignored.history[1:]] == [0.0, 0.0]
+    assert "teacher_agreement" not in plain.history[1]
+    assert all(np.array_equal(u, v) for u, v in zip(plain.model.get_weights(), ignored.model.get_weights(),
+                                                    strict=True))
     # one right on every image changes the targets, and one right on half of them is half distilled
-    used, _, hist = finetune.fine_tune(b, tune, hold, distill=0.5, teacher=_FixedTeacher(right), **kw)
-    assert hist[1]["teacher_agreement"] == 100.0
-    assert not all(np.array_equal(u, v) for u, v in zip(plain.get_weights(), used.get_weights(), strict=True))
+    used = trainer.train(b, tune, hold, parts=[Distillation(_FixedTeacher(right), 0.5)], **kw)
+    assert used.history[1]["teacher_agreement"] == 100.0
+    assert not all(np.array_equal(u, v) for u, v in zip(plain.model.get_weights(), used.model.get_weights(),
+                                                        strict=True))
     half = np.where((np.arange(len(tune)) % 2 == 0)[:, None], right, wrong)
-    _, _, hist = finetune.fine_tune(b, tune, hold, distill=0.5, teacher=_FixedTeacher(half), **kw)
-    assert hist[1]["teacher_agreement"] == pytest.approx(100.0 * np.mean(np.arange(len(tune)) % 2 == 0))
+    got = trainer.train(b, tune, hold, parts=[Distillation(_FixedTeacher(half), 0.5)], **kw)
+    assert got.history[1]["teacher_agreement"] == pytest.approx(100.0 * np.mean(np.arange(len(tune)) % 2 == 0))
 
 
 @pytest.mark.slow
@@ -280,7 +221,7 @@ def test_fine_prune_command_saves_the_average_and_each_member(small_demo, tmp_pa
     assert main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
                  "--test", str(small_demo.test), "--bd-test", str(small_demo.bd_test), "--members", "2",
                  "--ensemble-mean", "arithmetic", "--epochs", "1", "--holdout-fraction", "0.34",
-                 "--out", str(out)]) == 0
+                 "--budget", "none", "--out", str(out)]) == 0
     results = json.loads((out / "fp_results.json").read_text())
     assert results["parameters"]["members"] == 2 and len(results["members"]) == 2
     assert results["parameters"]["ensemble_mean"] == "arithmetic"
@@ -297,28 +238,28 @@ def test_fine_prune_command_saves_the_average_and_each_member(small_demo, tmp_pa
 
 
 def test_feature_shift_tuning_draws_a_new_head_and_keeps_its_norm(small_deepid):
-    """FST (fine_tune's feature_shift): the kept network's head is neither the BadNet's nor a
-    scaled copy of it, its kernel has the BadNet's norm, and the layers below are tuned from B."""
+    """FST's part: the kept network's head is neither the BadNet's nor a scaled copy of it, its
+    kernel has the BadNet's norm, and the layers below are tuned from B."""
     from .conftest import random_faces
 
     x = random_faces(42, seed=6)
     y = br.predict_classes(small_deepid, x)
     tune, hold = br.Dataset(x[:28], y[:28], "tune"), br.Dataset(x[28:], y[28:], "holdout")
     k0 = small_deepid.get_layer("output").get_weights()[0]
-    net, epoch, hist = finetune.fine_tune(small_deepid, tune, hold, epochs=2, shift=0, flip=False,
-                                          feature_shift=2.0, progress=False)
-    k = net.get_layer("output").get_weights()[0]
+    got = Trainer(epochs=2, shift=0, flip=False).train(small_deepid, tune, hold, parts=[FeatureShift("output", 2.0, 0)],
+                                                         progress=False)
+    k = got.model.get_layer("output").get_weights()[0]
     np.testing.assert_allclose(np.linalg.norm(k), np.linalg.norm(k0), rtol=1e-4)
     cosine = float(np.sum(k * k0) / np.linalg.norm(k) / np.linalg.norm(k0))
     assert abs(cosine) < 0.5  # drawn anew: nearly orthogonal to B's head, not B's head moved a little
-    assert epoch >= 1 and len(hist) == 3
+    assert got.kept_epoch >= 1 and len(got.history) == 3
     np.testing.assert_array_equal(small_deepid.get_layer("output").get_weights()[0], k0)  # B untouched
-    with pytest.raises(ValueError, match="cannot be combined"):
-        finetune.fine_tune(small_deepid, tune, hold, epochs=1, feature_shift=2.0, sam_rho=0.2, progress=False)
+    with pytest.raises(ValueError, match="alpha"):
+        FeatureShift("output", -1.0, 0)
 
 
 def test_feature_shift_head_epochs_train_the_head_alone_first(small_deepid):
-    """With head_epochs the new head is fitted on B's features before the whole network is
+    """With a warm-up of the new head, it is fitted on B's features before the whole network is
     tuned: the start's held-out accuracy (history row 0) is far above a random head's."""
     from .conftest import random_faces
 
@@ -326,10 +267,57 @@ def test_feature_shift_head_epochs_train_the_head_alone_first(small_deepid):
     y = br.predict_classes(small_deepid, x)  # B's own answers: linear in B's features
     tune, hold = br.Dataset(x[:42], y[:42], "tune"), br.Dataset(x[42:], y[42:], "holdout")
     starts = {}
+    trainer = Trainer(epochs=1, learning_rate=1e-2, shift=0, flip=False)
     for head_epochs in (0, 20):
-        _, _, hist = finetune.fine_tune(small_deepid, tune, hold, epochs=1, learning_rate=1e-2, shift=0,
-                                        flip=False, feature_shift=0.0, head_epochs=head_epochs, progress=False)
-        starts[head_epochs] = hist[0]["holdout_accuracy"]
+        got = trainer.train(small_deepid, tune, hold, parts=[FeatureShift("output", 0.0, 0)],
+                            warmup=Warmup(head_epochs, ("output",)), progress=False)
+        starts[head_epochs] = got.history[0]["holdout_accuracy"]
     assert starts[20] >= starts[0] + 40
-    with pytest.raises(ValueError, match="needs feature_shift"):
-        finetune.fine_tune(small_deepid, tune, hold, epochs=1, head_epochs=2, progress=False)
+    fst = br.make_defense("fst", head_epochs=3, epochs=1)
+    assert fst.plan(small_deepid, small_deepid, (), "conv_3", 0).warmup == Warmup(3, ("output",))
+    with pytest.raises(ValueError, match="head_epochs"):
+        br.make_defense("fst", head_epochs=-1).plan(small_deepid, small_deepid, (), "conv_3", 0)
+
+
+def test_the_budget_rule_falls_back_in_order_and_says_so(caplog):
+    within = check_budget("x", 96.0, 98.0, 3.0, [("pruned start", 90.0), ("B", 98.0)])
+    assert within.fallback is None and within.warning is None and within.accuracy == 96.0
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        start = check_budget("fine-pruning", 80.0, 98.0, 3.0, [("pruned start", 95.5), ("B", 98.0)])
+    assert start.fallback == "pruned start" and start.accuracy == 95.5
+    assert "fine-pruning fell 18.0 points below the BadNet" in start.warning and start.warning in caplog.text
+    b = check_budget("fst", 80.0, 98.0, 3.0, [("pruned start", 90.0), ("B", 98.0)])
+    assert b.fallback == "B" and "the backdoor is NOT removed" in b.warning
+    none = check_budget("fst", 80.0, 98.0, 3.0, [])
+    assert none.fallback is None and "no candidate was within it" in none.warning and none.accuracy == 80.0
+    off = check_budget("fst", 10.0, 98.0, None, [("B", 98.0)])
+    assert off.fallback is None and off.warning is None
+    with pytest.raises(ValueError, match="budget"):
+        check_budget("fst", 10.0, 98.0, -1.0, [])
+
+
+@pytest.mark.slow
+def test_every_training_defense_respects_the_budget_with_two_clean_images_per_class(small_demo):
+    """Two clean images per class (one tuning, one held out): tuning from so little wrecks clean
+    accuracy; each defense that trains returns a network within the budget on its held-out image
+    per class, or B itself, and says so in :attr:`Repair.warnings`; none is silent."""
+    b = br.load_model(small_demo.model)
+    valid = br.load_h5(small_demo.valid)
+    keep = np.concatenate([np.flatnonzero(valid.y == c)[:2] for c in np.unique(valid.y)])
+    tiny = br.Dataset(np.asarray(valid.x)[keep], valid.y[keep], "tiny")
+    fell = []
+    for name in ("fine-tuning", "fine-pruning", "ft-sam", "fst"):
+        defense = br.make_defense(name, epochs=3, learning_rate=5e-2, head_epochs=1) if name == "fst" else \
+            br.make_defense(name, epochs=3, learning_rate=5e-2)
+        result = defense.tune(b, tiny)
+        (m,) = result.members
+        assert m.base_holdout_accuracy - m.holdout_accuracy <= 3.0 or m.budget.warning, name
+        assert m.budget is not None and m.budget.budget == 3.0
+        if m.budget.fallback is not None:
+            fell.append(name)
+            assert m.budget.warning and result.warnings == (m.budget.warning,)
+            if m.budget.fallback == "B":
+                assert m.model is b
+        repair = defense.as_repair(result)
+        assert repair.warnings == result.warnings
+    assert fell  # the rate is high enough that some repair had to fall back

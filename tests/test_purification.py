@@ -1,5 +1,5 @@
 """The purification defenses without BatchNorm: I-BAU (defenses/ibau.py), FT-SAM, FST and FST
-with fine-pruning (defenses/finetuning.py, nets/training.SharpnessAware and FeatureShift)."""
+with fine-pruning (defenses/sam.py, defenses/fst.py: SharpnessAwareStep and FeatureShift on the trainer)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from badnet_repair.defenses import (
     FineTuningSAM,
     Repair,
 )
+from badnet_repair.defenses.fst import FeatureShift
 from badnet_repair.defenses.ibau import implicit_hypergradient
-from badnet_repair.nets.training import FeatureShift, SharpnessAware
+from badnet_repair.defenses.sam import SharpnessAwareStep
+from badnet_repair.nets.trainer import training_model
 from badnet_repair.workflow.compare import compare_defenses
 
 from .conftest import SpyArray, random_faces
@@ -79,7 +81,7 @@ def test_implicit_hypergradient_matches_the_explicit_jacobians():
 
 
 def test_a_sharpness_aware_step_by_hand():
-    """One SGD step of the wrapper = the plain gradient taken at w + rho T^2 g / |T g|."""
+    """One SGD step with SAM's step = the plain gradient taken at w + rho T^2 g / |T g|."""
     for adaptive in (False, True):
         net = _linear(seed=1)
         x = np.random.default_rng(2).normal(size=(8, 2, 2, 1)).astype(np.float32)
@@ -102,7 +104,7 @@ def test_a_sharpness_aware_step_by_hand():
         want = [w - 0.1 * gi for w, gi in zip(w0, grads_at(worst, net, x, y, loss_fn), strict=True)]
         for v, w in zip(net.trainable_variables, w0, strict=True):
             v.assign(w)
-        sam = SharpnessAware(net, rho=0.5, adaptive=adaptive)
+        sam = training_model(net, step=SharpnessAwareStep(rho=0.5, adaptive=adaptive))
         sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy",
                     metrics=["categorical_accuracy"])
         h = sam.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
@@ -110,7 +112,7 @@ def test_a_sharpness_aware_step_by_hand():
         for v, w in zip(net.trainable_variables, want, strict=True):
             np.testing.assert_allclose(v.numpy(), w, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="rho"):
-        SharpnessAware(net, rho=0.0)
+        SharpnessAwareStep(rho=0.0)
 
 
 def test_a_feature_shift_step_by_hand():
@@ -119,23 +121,27 @@ def test_a_feature_shift_step_by_hand():
     net = _linear(seed=4)
     x = np.random.default_rng(5).normal(size=(8, 2, 2, 1)).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2, 0, 1]]
-    k0 = np.random.default_rng(6).normal(size=(4, 3)).astype(np.float32)
+    k0 = net.get_layer("output").kernel.numpy()
+    lr, alpha = 0.1, 0.7
+    fst = FeatureShift("output", alpha, seed=0)
+    fst.begin(net)  # the head drawn anew; k0 kept
+    np.testing.assert_array_equal(fst.original, k0)
+    assert not np.allclose(net.get_layer("output").kernel.numpy(), k0)
     kernel, bias = (v.numpy() for v in net.trainable_variables)
     with tf.GradientTape() as t:
         loss = keras.losses.CategoricalCrossentropy()(y, net(x))
     gk, gb = (g.numpy() for g in t.gradient(loss, net.trainable_variables))
-    lr, alpha = 0.1, 0.7
     stepped = kernel - lr * (gk + alpha / 3 * k0)
     want_kernel = stepped * np.linalg.norm(k0) / np.linalg.norm(stepped)
     want_bias = bias - lr * gb
-    fst = FeatureShift(net, "output", k0, alpha)
-    fst.compile(optimizer=keras.optimizers.SGD(lr), loss="categorical_crossentropy", metrics=["categorical_accuracy"])
-    h = fst.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    model = training_model(net, [fst])
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="categorical_crossentropy", metrics=["categorical_accuracy"])
+    h = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     np.testing.assert_allclose(net.get_layer("output").kernel.numpy(), want_kernel, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(net.get_layer("output").bias.numpy(), want_bias, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h.history["loss"][0], float(loss), rtol=1e-5)  # the task's loss, as fine-tuning's
-    with pytest.raises(ValueError, match="does not match"):
-        FeatureShift(net, "output", k0[:2], alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        FeatureShift("output", -0.5, seed=0)
 
 
 def test_settings_are_checked(small_deepid):

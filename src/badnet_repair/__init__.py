@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     )
     from .attacks import triggers
     from .attacks.triggers import Trigger, drawn_triggers, load_trigger, poison, poison_each
-    from .defaults import TuningSettings
     from .defenses import (
         IBAU,
         Defense,
@@ -56,7 +55,9 @@ if TYPE_CHECKING:
         Repair,
         Repaired,
         make_defense,
+        register_defense,
     )
+    from .defenses.finetuning import fine_prune
     from .defenses.ibau import ibau_unlearn
     from .defenses.sweep import (
         ChannelRanking,
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
         prune_sweep,
         rank_channels,
     )
-    from .defenses.tuning import FinePruneResult, FineTuned, fine_prune, fine_tune, split_clean
+    from .defenses.tuning import FinePruneResult, FineTuned, split_clean
     from .demo import faces
     from .detectors import (
         AnyOf,
@@ -115,6 +116,7 @@ if TYPE_CHECKING:
         with_input_scale,
         without_input_scale,
     )
+    from .nets.trainer import Trainer, TrainingSettings
     from .reporting.analysis import TriggerResponse, trigger_response
     from .reporting.cleanse import read_cleanse, write_cleanse
     from .reporting.plotting import (
@@ -152,7 +154,6 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'Trigger': ('.attacks.triggers', 'Trigger'),
     'load_trigger': ('.attacks.triggers', 'load_trigger'),
     'poison': ('.attacks.triggers', 'poison'),
-    'TuningSettings': ('.defaults', 'TuningSettings'),
     'Defense': ('.defenses', 'Defense'),
     'FinePruning': ('.defenses', 'FinePruning'),
     'FineTuning': ('.defenses', 'FineTuning'),
@@ -160,6 +161,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'Repair': ('.defenses', 'Repair'),
     'Repaired': ('.defenses', 'Repaired'),
     'make_defense': ('.defenses', 'make_defense'),
+    'register_defense': ('.defenses', 'register_defense'),
+    'fine_prune': ('.defenses.finetuning', 'fine_prune'),
     'ChannelRanking': ('.defenses.sweep', 'ChannelRanking'),
     'Selection': ('.defenses.sweep', 'Selection'),
     'SweepResult': ('.defenses.sweep', 'SweepResult'),
@@ -169,8 +172,6 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'rank_channels': ('.defenses.sweep', 'rank_channels'),
     'FinePruneResult': ('.defenses.tuning', 'FinePruneResult'),
     'FineTuned': ('.defenses.tuning', 'FineTuned'),
-    'fine_prune': ('.defenses.tuning', 'fine_prune'),
-    'fine_tune': ('.defenses.tuning', 'fine_tune'),
     'split_clean': ('.defenses.tuning', 'split_clean'),
     'faces': ('.demo', 'faces'),
     'Detector': ('.detectors', 'Detector'),
@@ -196,6 +197,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'false_alarm_rate': ('.metrics', 'false_alarm_rate'),
     'augment_images': ('.nets.augment', 'augment_images'),
     'GeometricMean': ('.nets.layers', 'GeometricMean'),
+    'Trainer': ('.nets.trainer', 'Trainer'),
+    'TrainingSettings': ('.nets.trainer', 'TrainingSettings'),
     'ChannelChain': ('.nets.models', 'ChannelChain'),
     'average_models': ('.nets.models', 'average_models'),
     'channel_chain': ('.nets.models', 'channel_chain'),
@@ -350,9 +353,10 @@ __all__ = [
     "Strip",
     "SweepResult",
     "SweepStep",
+    "Trainer",
+    "TrainingSettings",
     "Trigger",
     "TriggerResponse",
-    "TuningSettings",
     "UnsafeModelError",
     "__version__",
     "accuracy",
@@ -376,7 +380,6 @@ __all__ = [
     "faces",
     "false_alarm_rate",
     "fine_prune",
-    "fine_tune",
     "goodnet_classes",
     "goodnet_predict",
     "ibau_unlearn",
@@ -407,6 +410,7 @@ __all__ = [
     "prune_sweep",
     "rank_channels",
     "read_cleanse",
+    "register_defense",
     "repaired_models",
     "run_detection",
     "run_fine_pruning",

@@ -64,11 +64,14 @@ def _add_inputs(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
                             help=f"{_INPUT_HELP[role]} (default {LAB_FILES[role]})")
 
 
-def _add_settings(parser: argparse.ArgumentParser, cls: type[Any], *, only: Sequence[str] | None = None) -> None:
+def _add_settings(parser: argparse.ArgumentParser, cls: type[Any], *, only: Sequence[str] | None = None,
+                  given_only: bool = False) -> None:
     """One option per setting of defense class ``cls`` (its dataclass fields, or those in
     ``only``): ``--name``, typed and with the default and help its class declares;
     ``--no-name`` for a setting that is on by default; ``--name X [X ...]`` for a tuple,
-    given as text and checked by the command (thresholds)."""
+    given as text and checked by the command (thresholds). With ``given_only`` a setting the
+    user did not pass is absent from the parsed arguments, so that each defense keeps its own
+    default (the help shows ``cls``'s)."""
     import dataclasses
     import typing
 
@@ -77,23 +80,34 @@ def _add_settings(parser: argparse.ArgumentParser, cls: type[Any], *, only: Sequ
         if only is not None and f.name not in only:
             continue
         flag, hint, text = f.name.replace("_", "-"), hints[f.name], f.metadata.get("help", "")
+        unset = argparse.SUPPRESS if given_only else f.default
         if hint is bool:
-            parser.add_argument(f"--no-{flag}" if f.default else f"--{flag}", dest=f.name, default=f.default,
+            parser.add_argument(f"--no-{flag}" if f.default else f"--{flag}", dest=f.name, default=unset,
                                 action="store_false" if f.default else "store_true", help=text)
             continue
         if typing.get_origin(hint) is tuple:
             default = [f"{v:g}" for v in typing.cast(tuple, f.default)]
-            parser.add_argument(f"--{flag}", nargs="+", default=default, metavar="X",
-                                help=f"{text} (default: {' '.join(default)})")
+            parser.add_argument(f"--{flag}", nargs="+", default=argparse.SUPPRESS if given_only else default,
+                                metavar="X", help=f"{text} (default: {' '.join(default)})")
             continue
         shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
-        options: dict[str, Any] = {"default": f.default,
+        options: dict[str, Any] = {"default": unset,
                                    "help": text if f.default is None else f"{text} (default {shown})"}
         if typing.get_origin(hint) is typing.Literal:
             options["choices"] = list(typing.get_args(hint))
         else:
-            options["type"] = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            options["type"] = _or_none(base) if type(None) in typing.get_args(hint) else base
         parser.add_argument(f"--{flag}", **options)
+
+
+def _or_none(base: Any) -> Any:
+    """An argparse type for a setting that may be None: ``none`` (any case) or a ``base`` value."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else base(text)
+
+    parse.__name__ = getattr(base, "__name__", "value")  # argparse names the type in its errors
+    return parse
 
 
 def _flag_value(name: str, value: Any) -> Any:
@@ -101,10 +115,10 @@ def _flag_value(name: str, value: Any) -> Any:
     return None if name == "clipnorm" and value == 0 else value
 
 
-def _tuning(args: argparse.Namespace) -> dict[str, Any]:
-    """The fine-pruning settings given on the command line."""
-    settings = DEFENSES["fine-pruning"].settings()
-    return {name: _flag_value(name, getattr(args, name)) for name in settings if hasattr(args, name)}
+def _given(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """The settings of defense class ``cls`` the user passed on the command line (options added
+    with ``given_only``: the others are absent, and each defense keeps its own default)."""
+    return {name: _flag_value(name, getattr(args, name)) for name in cls.settings() if hasattr(args, name)}
 
 
 def _resolve(args: argparse.Namespace, given: Any, **options: Any) -> ResolvedInputs:
@@ -171,22 +185,6 @@ def _defense_setting(text: str) -> tuple[str, str, Any]:
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r}: {defense}'s setting {key} {problem}")
     return defense, key, tuple(value) if isinstance(value, list) else value
-
-
-def _own_settings(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
-    """The command-line settings a defense class takes. A flag left at fine-pruning's default
-    does not override a different default of the class's own (I-BAU's learning rate and batch
-    size are not fine-tuning's)."""
-    shared = DEFENSES["fine-pruning"].settings()
-    own = cls.settings()
-    out = {}
-    for k, v in given.items():
-        if k not in own:
-            continue
-        if k in shared and v == shared[k].default and own[k].default != shared[k].default:
-            continue
-        out[k] = v
-    return out
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, demo_help: str, both_demos: bool = False) -> None:
@@ -257,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_inputs(fp, ["model", "valid", "test", "bd_test"])
     fp.add_argument("--method", choices=["fine-pruning", "fine-tuning"], default="fine-pruning")
-    _add_settings(fp, DEFENSES["fine-pruning"])
+    _add_settings(fp, DEFENSES["fine-pruning"], given_only=True)
     _add_run_options(fp, demo_help="run on the built-in demo")
 
     cp = sub.add_parser(
@@ -265,7 +263,9 @@ def _parser() -> argparse.ArgumentParser:
         help="compare no defense with every registered defense (or those of --defenses) and their GoodNets, "
         "per BadNet",
         description="For each BadNet given (or both demo BadNets with --demo), evaluate every defense "
-        "and its GoodNet on the test sets; write comparison.csv/.json/.md and comparison.png.",
+        "and its GoodNet on the test sets; write comparison.csv/.json/.md and comparison.png. A setting "
+        "flag changes every defense that has the setting, and only where given: each defense keeps its own "
+        "defaults otherwise (the defaults shown are fine-pruning's); --set changes one defense.",
     )
     cp.add_argument("--model", action="append", help="a BadNet (repeat for several)")
     _add_inputs(cp, ["valid", "test", "bd_test"])
@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(disagreement, strip, reversed-trigger; default none)")
     cp.add_argument("--false-alarm", type=float, default=2.5,
                     help="STRIP's false-alarm rate on held-out clean data, %% (default 2.5)")
-    _add_settings(cp, DEFENSES["fine-pruning"])
+    _add_settings(cp, DEFENSES["fine-pruning"], given_only=True)
     cp.add_argument("--set", action="append", type=_defense_setting, default=[], metavar="DEFENSE.SETTING=VALUE",
                     help="one defense's setting, over the flags above (repeatable; e.g. ft-sam.sam_rho=0.5, "
                     "i-bau.max_norm=10, fine-pruning.keep_pruned_start=false); a name the defense does not take "
@@ -539,6 +539,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fine_prune_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``fine-prune`` passes to its method's defense: those given; a pruning setting
+    given with ``--method fine-tuning`` is refused."""
+    from .errors import BadNetRepairError
+
+    given = _given(args, DEFENSES["fine-pruning"])
+    own = DEFENSES[args.method].settings()
+    extra = sorted(k for k in given if k not in own)
+    if extra:
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise BadNetRepairError(f"{flags}: not a setting of --method {args.method}")
+    return given
+
+
 def _cmd_fine_prune(args: argparse.Namespace) -> int:
     from .reporting.report import evaluation_table
     from .workflow.fine_prune import run_fine_pruning
@@ -554,12 +568,14 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
         out_dir=args.out, method=args.method, target=args.target, trust_model=args.trust_model,
         input_scale=args.input_scale,
         several_targets=args.multi_target or args.demo == "multi-target",
-        overwrite=args.overwrite, progress=not args.quiet, **_tuning(args))
+        overwrite=args.overwrite, progress=not args.quiet, **_fine_prune_settings(args))
     for i, m in enumerate(result.members):
         who = f"member {i}: " if len(result.members) > 1 else ""
         print(f"{args.method}: {who}{len(m.pruned_channels)} channels pruned, epoch {m.kept_epoch} kept; "
               f"held-out accuracy {m.base_holdout_accuracy:.2f}% (B) -> {m.pruned_holdout_accuracy:.2f}% "
               f"(pruned) -> {m.holdout_accuracy:.2f}% (kept)")
+    for line in result.warnings:
+        print(line, flush=True)
     if results["evaluations"]:
         print(evaluation_table(results["evaluations"]))
     for name, path in results["models"].items():
@@ -573,18 +589,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .workflow.compare import compare_file, write_comparison
     from .workflow.layout import resolve_inputs
 
-    # each defense takes the command-line settings its class declares; pruning only its own
-    # flags (its batch_size is the sweep's, not fine-tuning's --batch-size), and the layer
-    tuning = _tuning(args)
-    options = {"pruning": {"thresholds": _thresholds(args.thresholds), "layer": tuning["layer"]}}
+    # each defense takes the settings given on the command line that its class declares, and keeps
+    # its own defaults for the rest; pruning only its own flags (its batch_size is the sweep's, not
+    # fine-tuning's --batch-size), and the layer
+    given = _given(args, DEFENSES["fine-pruning"])
+    pruning = {"thresholds": _thresholds(args.thresholds), **{k: v for k, v in given.items() if k == "layer"}}
     chosen: dict[str, dict[str, Any]] = {}
     for name, key, value in args.set:
         chosen.setdefault(name, {})[key] = value
     unused = sorted(set(chosen) - set(args.defenses))
     if unused:
         raise BadNetRepairError(f"--set names {', '.join(unused)}, which --defenses leaves out")
-    defenses = [make_defense(n, **{**_own_settings(DEFENSES[n], options.get(n, tuning)), **chosen.get(n, {})})
-                for n in args.defenses]
+    def flags_for(name: str) -> dict[str, Any]:
+        own = DEFENSES[name].settings()
+        return pruning if name == "pruning" else {k: v for k, v in given.items() if k in own}
+
+    defenses = [make_defense(n, **{**flags_for(n), **chosen.get(n, {})}) for n in args.defenses]
     if args.demo:
         base = _resolve(args, None, demo="baseline", demo_dir=args.demo_dir, progress=not args.quiet)
         aware = resolve_inputs(demo="pruning-aware", demo_dir=args.demo_dir, progress=not args.quiet)

@@ -1,25 +1,19 @@
-"""Default settings shared by the library, the CLI and the notebook (no heavy imports here,
-so that ``badnet-repair --help`` stays fast)."""
+"""How settings are declared and checked, and the help texts several commands share (no heavy
+imports here, so that ``badnet-repair --help`` stays fast). Each setting's default lives on the
+class that uses it (a defense, a detector, the trainer)."""
 
 from __future__ import annotations
 
 import types
 import typing
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import field
+from typing import Any
 
-__all__ = ["ENSEMBLE_MEANS", "FINE_TUNING", "INPUT_SCALE_HELP", "LAYER_HELP", "TuningSettings", "parse_input_scale",
-           "setting", "setting_problem"]
+__all__ = ["ENSEMBLE_MEANS", "INPUT_SCALE_HELP", "LAYER_HELP", "parse_input_scale", "setting", "setting_problem"]
 
 #: How several fine-pruned members' probabilities can be combined (the first is the default).
 ENSEMBLE_MEANS = ("geometric", "arithmetic")
 
-#: Fine-tuning and fine-pruning defaults (Liu et al., RAID 2018, Section 5). Measured on the
-#: demo BadNets (docs/demo_comparison.md): Adam at a constant 1e-3 for 10 epochs without
-#: augmentation leaves a pruning-aware backdoor at 64 % attack success; these settings
-#: remove it at about 2 points of clean accuracy. ``members`` > 1 averages several networks
-#: tuned on different splits (more clean accuracy on real faces, K times the time; docs/research/real_faces_history.md),
-#: by the geometric mean of their probabilities unless ``ensemble_mean`` says "arithmetic".
 #: What ``layer`` means wherever a defense takes one.
 LAYER_HELP = ("conv layer to prune (default: found from the graph, the last conv layer followed by pooling; "
               "conv_3 in DeepID)")
@@ -103,49 +97,3 @@ def setting_problem(value: Any, hint: Any) -> str | None:
     if hint is str:
         return None if isinstance(value, str) else "must be a string"
     return None
-
-
-@dataclass(frozen=True)
-class TuningSettings:
-    """Fine-tuning's settings, declared once: the defaults of
-    :func:`~badnet_repair.defenses.tuning.fine_prune`, the fields of the fine-tuning and
-    fine-pruning defenses, and the CLI's ``fine-prune`` options.
-
-    Attributes:
-        holdout_fraction: share of the clean data held out to choose the epoch, default 0.2.
-        members: networks tuned on different splits and averaged, default 1.
-        ensemble_mean: how members are averaged, ``"geometric"`` (default) or ``"arithmetic"``.
-        epochs: default 50.
-        learning_rate: Adam's peak rate, default 2e-3.
-        batch_size: default 64.
-        schedule: ``"cosine"`` (default) or ``"constant"``.
-        shift: random translation in pixels, default 2.
-        flip: random horizontal flips, default True.
-        clipnorm: gradient norm clip, default 1.0 (None: no clipping).
-        distill: weight of the BadNet's own correct predictions in the targets, default 0.
-        weight_decay: decoupled weight decay (AdamW), default 0.
-    """
-
-    holdout_fraction: float = setting(0.2, "validation share held out to choose the prune amount and epoch")
-    members: int = setting(1, "networks tuned on different splits of the clean data and averaged "
-                              "(1 = a single network, as in the paper)")
-    ensemble_mean: Literal["geometric", "arithmetic"] = setting(
-        "geometric", "how several members' probabilities are averaged (geometric: a member that kept the "
-                     "backdoor is outvoted)")
-    epochs: int = setting(50, "fine-tuning epochs")
-    learning_rate: float = setting(2e-3, "Adam's peak learning rate")
-    batch_size: int = setting(64, "fine-tuning batch size")
-    schedule: Literal["cosine", "constant"] = setting("cosine", "learning rate: cosine-decayed to 0 or constant")
-    shift: int = setting(2, "augmentation: random shifts of up to this many pixels (0 = none)")
-    flip: bool = setting(True, "augmentation: random horizontal flips (off for data that is not left-right "
-                               "symmetric)")
-    clipnorm: float | None = setting(1.0, "clip gradients to this norm (0 = no clipping)")
-    distill: float = setting(0.0, "weight of the BadNet's own predictions on the clean tuning images in the "
-                                  "targets (0 = labels only)")
-    weight_decay: float = setting(0.0, "decoupled weight decay (AdamW) while tuning: wears down the weights "
-                                       "clean data does not use (0 = plain Adam)")
-
-
-#: The defaults as a dict, with fine-pruning's own two (accuracy drop in points, whether the pruned
-#: start may be kept) in front.
-FINE_TUNING: dict[str, Any] = {"accuracy_drop": 4.0, "keep_pruned_start": False, **asdict(TuningSettings())}

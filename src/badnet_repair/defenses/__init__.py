@@ -1,8 +1,10 @@
 """Defenses on one interface, and the registry the CLI and configurations read.
 
 Adding a defense: write a frozen dataclass subclassing :class:`Defense` in a new module
-(settings as typed fields, ``name``, ``summary``, ``repair(model, clean)``), then add it
-to :data:`REGISTRY` below. See docs/architecture.md.
+(settings as typed fields, ``name``, ``summary``, ``repair(model, clean)``; a defense that
+trains subclasses :class:`FineTuning` and supplies its parts), then add it to
+:data:`REGISTRY` below, or from outside the package with :func:`register_defense`. See
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -11,18 +13,41 @@ from typing import Any
 
 from .base import Defense, Repair, Repaired
 from .cleanse import NeuralCleansePruning, NeuralCleanseUnlearning
-from .finetuning import FeatureShiftFinePruning, FeatureShiftTuning, FinePruning, FineTuning, FineTuningSAM
+from .finetuning import FinePruning, FineTuning
+from .fst import FeatureShiftFinePruning, FeatureShiftTuning
 from .ibau import IBAU
 from .pruning import Pruning
+from .sam import FineTuningSAM
 
 __all__ = ["IBAU", "REGISTRY", "Defense", "FeatureShiftFinePruning", "FeatureShiftTuning", "FinePruning",
            "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning", "Repair",
-           "Repaired", "make_defense"]
+           "Repaired", "make_defense", "register_defense"]
 
 #: Registry name -> defense class, in the order tables list them.
 REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
     FeatureShiftTuning, FeatureShiftFinePruning)}
+
+
+def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:
+    """Add a defense class to :data:`REGISTRY` under its ``name`` (usable as a class decorator),
+    so that the command line, ``compare``, ``bench`` and the notebook can use it by name.
+
+    Raises:
+        ValueError: for a class that is not a :class:`Defense` dataclass with a ``name``, or a
+            name already taken (unless ``replace``).
+    """
+    import dataclasses
+
+    if not (isinstance(cls, type) and issubclass(cls, Defense) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"{cls!r} is not a Defense dataclass")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__} has no registry name (a class attribute `name`)")
+    if name in REGISTRY and REGISTRY[name] is not cls and not replace:
+        raise ValueError(f"a defense named {name!r} is registered already ({REGISTRY[name].__name__})")
+    REGISTRY[name] = cls
+    return cls
 
 
 def make_defense(name: str, **settings: Any) -> Defense:

@@ -50,12 +50,16 @@ class Repair:
             what was chosen on the clean data, and how the defense got there.
         artifacts: other results by name, not JSON-able (Neural Cleanse unlearning: the
             ``"scan"``); empty for most defenses.
+        warnings: loud lines the user must see (a result that fell more than the clean-accuracy
+            budget below B, and what was returned instead); the command line, ``results.json``,
+            the report and the comparison carry them.
     """
 
     defense: str
     models: tuple[Repaired, ...]
     record: Mapping[str, Any]
     artifacts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @property
     def model(self) -> Any:

@@ -4,16 +4,19 @@ channels they excite."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ..defaults import LAYER_HELP, TuningSettings, setting
+from ..defaults import LAYER_HELP, setting
 from ..formats.data import Dataset
+from ..nets.trainer import Part
 from .base import Defense, Repair, Repaired
+from .finetuning import FineTuning
 
-__all__ = ["NeuralCleansePruning", "NeuralCleanseUnlearning", "ScanSettings"]
+__all__ = ["NeuralCleansePruning", "NeuralCleanseUnlearning", "ScanSettings", "Stamp"]
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +39,47 @@ class ScanSettings:
                              anomaly_threshold=self.anomaly_threshold, seed=self.seed)
 
 
+class Stamp(Part):
+    """Neural Cleanse's unlearning part: a share of each epoch's training images stamped with
+    one of the reversed triggers (picked at random), their labels kept, so the network learns to
+    ignore the trigger (Wang et al., IEEE S&P 2019, Section VI.C).
+
+    Args:
+        triggers: the reversed triggers (each with ``apply(images) -> images``).
+        share: the share of images stamped, in [0, 1].
+    """
+
+    def __init__(self, triggers: Sequence[Any], share: float) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"stamp_share must be in [0, 1], not {share}")
+        self.triggers = tuple(triggers)
+        self.share = float(share)
+
+    def transform(self, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not self.triggers:
+            return x
+        x = np.array(x, np.float32, copy=True)
+        picked = np.flatnonzero(rng.random(len(x)) < self.share)
+        which = rng.integers(len(self.triggers), size=len(picked))
+        for i, t in enumerate(self.triggers):
+            rows = picked[which == i]
+            x[rows] = t.apply(x[rows])
+        return x
+
+
 @dataclass(frozen=True)
-class NeuralCleanseUnlearning(TuningSettings, ScanSettings, Defense):
+class NeuralCleanseUnlearning(ScanSettings, FineTuning):
     """Neural Cleanse unlearning (Wang et al., IEEE S&P 2019, Section VI.C): scan B for
     backdoor targets (:class:`~badnet_repair.detectors.NeuralCleanse`), then fine-tune on the
     clean data with ``stamp_share`` of each epoch's images stamped with a flagged class's
-    reversed trigger and kept at their true labels, so the network learns to ignore the
-    trigger. The epoch kept is chosen on a held-out part of the clean data.
+    reversed trigger and kept at their true labels (:class:`Stamp`), so the network learns to
+    ignore the trigger. The epoch kept is chosen on a held-out part of the clean data.
 
     Where the scan flags no class, the model is fine-tuned on clean data alone (a warning
     says so). The scan is returned in :attr:`Repair.artifacts` as ``"scan"``.
 
-    Settings: those of :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning rate,
-    augmentation...) and :class:`ScanSettings`, plus ``stamp_share``.
+    Settings: those of :class:`~badnet_repair.defenses.finetuning.FineTuning` (epochs, learning
+    rate, augmentation, budget...) and :class:`ScanSettings`, plus ``stamp_share``.
     """
 
     name: ClassVar[str] = "nc-unlearning"
@@ -64,39 +95,21 @@ class NeuralCleanseUnlearning(TuningSettings, ScanSettings, Defense):
         Returns:
             Repair with the unlearned model; ``artifacts["scan"]`` the scan.
         """
-        from .tuning import fine_tune, split_clean
-
-        if not 0.0 <= self.stamp_share <= 1.0:
-            raise ValueError(f"stamp_share must be in [0, 1], not {self.stamp_share}")
+        stamp = Stamp((), self.stamp_share)  # checks the share before the scan's minutes
         scan = scan if scan is not None else self.scanner().scan(model, clean, progress=progress)
         triggers = [scan.triggers[c] for c in scan.flagged]
         if not triggers:
             log.warning("Neural Cleanse flagged no class: fine-tuning on clean data alone")
-        share = self.stamp_share
-
-        def stamp(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-            if not triggers:
-                return x
-            x = np.array(x, np.float32, copy=True)
-            picked = np.flatnonzero(rng.random(len(x)) < share)
-            which = rng.integers(len(triggers), size=len(picked))
-            for i, t in enumerate(triggers):
-                rows = picked[which == i]
-                x[rows] = t.apply(x[rows])
-            return x
-
-        settings = {k: v for k, v in self.get_params().items() if k in TuningSettings.__dataclass_fields__}
-        if settings.pop("members") != 1:
-            raise ValueError("nc-unlearning tunes one network (members=1)")
-        settings.pop("ensemble_mean")
-        tune, holdout, _, _ = split_clean(clean, holdout_fraction=settings.pop("holdout_fraction"), seed=self.seed)
-        net, epoch, history = fine_tune(model, tune, holdout, seed=self.seed, teacher=model, keep_start=False,
-                                        stamp=stamp, progress=progress, desc=self.name, **settings)
-        choices = {"flagged": list(scan.flagged), "kept_epoch": epoch,
-                   "holdout_accuracy": history[epoch]["holdout_accuracy"], "scan": scan.summary()}
-        repaired = Repaired(label=self.name, model=net)
-        return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, history),
-                      artifacts={"scan": scan})
+        stamp = Stamp(triggers, self.stamp_share)
+        result = self.tune(model, clean, progress=progress, parts=(stamp,))
+        repair = self.as_repair(result)
+        first = result.members[0]
+        choices = {"flagged": list(scan.flagged), "kept_epoch": first.kept_epoch,
+                   "holdout_accuracy": first.holdout_accuracy, "scan": scan.summary(),
+                   "members": repair.record["choices"]["members"]}
+        history = first.history if len(result.members) == 1 else repair.record["history"]
+        return Repair(defense=self.name, models=repair.models, record=self.make_record(choices, history),
+                      artifacts={"scan": scan}, warnings=repair.warnings)
 
 
 @dataclass(frozen=True)

@@ -1,211 +1,336 @@
-"""Fine-tuning and fine-pruning as :class:`~badnet_repair.defenses.Defense` classes."""
+"""Fine-tuning and fine-pruning (Liu, Dolan-Gavitt and Garg, "Fine-Pruning", RAID 2018, Section 5).
+
+Fine-pruning prunes the last conv layer's least active channels (as the pruning defense does),
+then fine-tunes the pruned network on clean data with the pruned channels held at zero;
+fine-tuning alone is the paper's other baseline. Both train on
+:class:`~badnet_repair.nets.trainer.Trainer`; their own parts are here: distillation of the
+BadNet's correct answers (:class:`Distillation`) and channels held at zero
+(:class:`FrozenChannels`). :class:`FineTuning` also holds the loop every fine-tuning defense
+shares (members, split, start, training, the clean-accuracy budget); FT-SAM, FST and Neural
+Cleanse's unlearning subclass it with their own parts, in their own modules.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..defaults import FINE_TUNING, LAYER_HELP, TuningSettings, setting
+import numpy as np
+
+from ..defaults import ENSEMBLE_MEANS, LAYER_HELP, setting
 from ..formats.data import Dataset
+from ..nets.trainer import Part, Step, TrainingSettings, Warmup
 from .base import Defense, Repair, Repaired
 
 if TYPE_CHECKING:
     from .tuning import FinePruneResult
 
-# Fine-tuning (TensorFlow) is imported when a repair runs, so the command line can list these
-# classes' settings without loading TensorFlow.
+# TensorFlow is imported when a repair runs, so the command line can list these classes'
+# settings without loading it.
 
-__all__ = ["FeatureShiftFinePruning", "FeatureShiftTuning", "FinePruning", "FineTuning", "FineTuningSAM"]
+__all__ = ["Distillation", "FinePruning", "FineTuning", "FrozenChannels", "TrainingPlan", "fine_prune"]
+
+#: What ``budget`` means wherever a defense takes one.
+BUDGET_HELP = ("clean-accuracy budget: a result more than this many points below B on the held-out clean images "
+               "is replaced by a candidate within it (the pruned start, B) and the user told loudly (none = off)")
+
+
+class Distillation(Part):
+    """Training targets that mix in a teacher's predictions (Hinton et al., 2015).
+
+    Each image the teacher classifies correctly is labelled
+    ``(1 - weight) * one_hot(label) + weight * teacher(image)``; the others keep their one-hot
+    label. The teacher's soft outputs on clean images carry its clean knowledge, which a few
+    labelled images per class cannot. Its mistakes are not distilled: on shifted and flipped
+    clean images a BadNet sometimes answers its target class, and distilling those answers
+    teaches the backdoor back. Records ``teacher_agreement`` (% of the epoch's images the
+    teacher got right).
+
+    Args:
+        teacher: the network whose predictions are distilled (the BadNet).
+        weight: in (0, 1].
+    """
+
+    def __init__(self, teacher: Any, weight: float) -> None:
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"distill must be in [0, 1], not {weight}")
+        self.teacher = teacher
+        self.weight = float(weight)
+
+    def targets(self, x: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        soft = np.asarray(self.teacher.predict(x, batch_size=512, verbose=0), dtype=np.float32)
+        agree = soft.argmax(axis=1) == labels
+        mixed = np.where(agree[:, None], (1.0 - self.weight) * targets + self.weight * soft, targets)
+        return mixed, {"teacher_agreement": float(100 * agree.mean())}
+
+
+class FrozenChannels(Part):
+    """Output channels of a conv layer held at zero throughout (pruned channels stay pruned):
+    zeroed before training and after every batch, along the layer's chain
+    (:func:`~badnet_repair.nets.models.zero_channels`)."""
+
+    def __init__(self, layer: str, channels: tuple[int, ...]) -> None:
+        self.layer = layer
+        self.channels = tuple(sorted(int(c) for c in channels))
+
+    def begin(self, network: Any) -> None:
+        from ..nets.models import zero_channels
+
+        zero_channels(network, self.layer, self.channels)
+
+    def after_batch(self, network: Any) -> None:
+        self.begin(network)
 
 
 @dataclass(frozen=True)
-class FineTuning(TuningSettings, Defense):
-    """Fine-tuning on clean data (Liu et al., RAID 2018, Section 5), the epoch kept chosen on
-    a held-out part of it (:func:`~badnet_repair.defenses.tuning.fine_tune`).
+class TrainingPlan:
+    """What a fine-tuning defense hands the trainer for one network: its parts, its step and
+    any warm-up (:meth:`FineTuning.plan`)."""
 
-    Settings: those of :class:`~badnet_repair.defaults.TuningSettings` (epochs, learning
-    rate, augmentation, distillation, members...), plus ``layer`` (only used to hold pruned
-    channels at zero; default found from the graph) and ``seed`` (default 0).
+    parts: tuple[Part, ...] = ()
+    step: Step | None = None
+    warmup: Warmup | None = None
+
+
+@dataclass(frozen=True)
+class FineTuning(TrainingSettings, Defense):
+    """Fine-tuning on clean data (Liu et al., RAID 2018, Section 5), the epoch kept chosen on a
+    held-out part of it.
+
+    For each of ``members`` networks (member ``i`` with seed ``seed + 1000 i``): split the clean
+    data into a tuning and a held-out part (:func:`~badnet_repair.defenses.tuning.split_clean`),
+    make the start (:meth:`start`; here B itself), train it on the tuning part with this
+    defense's parts (:meth:`plan`) and keep the epoch best on the held-out part, then hold the
+    result to the clean-accuracy ``budget``. With several members the repaired model averages
+    their probabilities: each is tuned on a different split, so together they learn from all the
+    clean data, at ``members`` times the time and size.
+
+    Settings: the trainer's (:class:`~badnet_repair.nets.trainer.TrainingSettings`: epochs,
+    learning rate, batch size, schedule, augmentation, clipping, weight decay) and:
+
+    Args:
+        holdout_fraction: share of the clean data held out to choose the epoch, default 0.2.
+        members: networks tuned on different splits and averaged, default 1 (the paper's).
+        ensemble_mean: ``"geometric"`` (default; the normalised product of the members'
+            probabilities, so a member that kept the backdoor is outvoted) or ``"arithmetic"``.
+        distill: weight of B's own correct predictions in the targets, default 0 (off;
+            :class:`Distillation`).
+        budget: the clean-accuracy budget in points, default 3 (None = off): a network that falls
+            more below B on its held-out images is replaced by the pruned start (where there is one
+            and it is within the budget) or by B, and a loud line says so (:attr:`Repair.warnings`).
+        layer: the conv layer pruned channels belong to, default found from the graph.
+        seed: split, shuffling and augmentation seed, default 0.
     """
 
     name: ClassVar[str] = "fine-tuning"
-    method: ClassVar[Literal["fine-pruning", "fine-tuning"]] = "fine-tuning"
     summary: ClassVar[str] = "fine-tune on augmented clean data, epoch chosen on a held-out part"
+    #: networks trained per member (for time estimates)
+    networks_per_member: ClassVar[int] = 1
 
+    holdout_fraction: float = setting(0.2, "validation share held out to choose the prune amount and epoch")
+    members: int = setting(1, "networks tuned on different splits of the clean data and averaged "
+                              "(1 = a single network, as in the paper)")
+    ensemble_mean: Literal["geometric", "arithmetic"] = setting(
+        "geometric", "how several members' probabilities are averaged (geometric: a member that kept the "
+                     "backdoor is outvoted)")
+    distill: float = setting(0.0, "weight of the BadNet's own correct predictions on the clean tuning images in the "
+                                  "targets (0 = labels only)")
+    budget: float | None = setting(3.0, BUDGET_HELP)
     layer: str | None = setting(None, LAYER_HELP)
     seed: int = setting(0, "split, shuffling and augmentation seed")
 
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ValueError(f"members must be >= 1, not {self.members}")
+        if self.ensemble_mean not in ENSEMBLE_MEANS:
+            raise ValueError(f"ensemble_mean must be one of {ENSEMBLE_MEANS}, not {self.ensemble_mean!r}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill must be in [0, 1], not {self.distill}")
+        if self.budget is not None and not self.budget >= 0:
+            raise ValueError(f"budget must be >= 0 points or None, not {self.budget}")
+        self.trainer()  # the trainer's own checks (epochs, weight decay...)
+
+    # -- what a subclass changes ---------------------------------------------------------------
+
+    def start(self, model: Any, holdout: Dataset, layer: str) -> tuple[Any, tuple[int, ...]]:
+        """The network training starts from, and the channels of ``layer`` held at zero: B itself."""
+        return model, ()
+
+    def plan(self, model: Any, start: Any, pruned: tuple[int, ...], layer: str, seed: int) -> TrainingPlan:
+        """The parts one network is trained with: B's correct answers distilled (where
+        ``distill``), the pruned channels held at zero (where any)."""
+        parts: list[Part] = []
+        if self.distill:
+            parts.append(Distillation(model, self.distill))
+        if pruned:
+            parts.append(FrozenChannels(layer, pruned))
+        return TrainingPlan(parts=tuple(parts))
+
+    def step_cost(self) -> float:
+        """The cost of one training step in plain steps (for time estimates), default 1."""
+        return 1.0
+
+    def keeps_start(self, pruned: tuple[int, ...]) -> bool:
+        """Whether the untrained start may win the epoch choice: never for B itself, which clean
+        data always prefers and which still holds the backdoor."""
+        return False
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def tune(self, model: Any, clean: Dataset, *, progress: bool = False, desc: str | None = None,
+             parts: tuple[Part, ...] = ()) -> FinePruneResult:
+        """Train ``members`` networks and combine them (the steps in the class's description).
+
+        Args:
+            model: the BadNet (not changed).
+            clean: clean labelled data; nothing else is read.
+            progress: progress bars.
+            desc: the progress bars' label, default the defense's name.
+            parts: parts added to every network's plan, after its own (what a defense found
+                before training, such as Neural Cleanse's reversed triggers).
+
+        Returns:
+            FinePruneResult.
+        """
+        import logging
+
+        from ..nets.models import average_models, conv_layer
+        from ..nets.trainer import accuracy
+        from .tuning import FinePruneResult, FineTuned, check_budget, split_clean
+
+        log = logging.getLogger(__name__)
+        layer = str(conv_layer(model, self.layer).name)
+        trainer = self.trainer()
+        label = desc or self.name
+        tuned: list[FineTuned] = []
+        for i in range(self.members):
+            member_seed = self.seed + 1000 * i
+            tune, holdout, tune_idx, hold_idx = split_clean(clean, holdout_fraction=self.holdout_fraction,
+                                                            seed=member_seed)
+            base_acc = accuracy(model, holdout)
+            start, pruned = self.start(model, holdout, layer)
+            pruned_acc = accuracy(start, holdout) if pruned else base_acc
+            log.info("%s member %d/%d: %d channels of %s pruned; held-out accuracy %.2f -> %.2f", self.name, i + 1,
+                     self.members, len(pruned), layer, base_acc, pruned_acc)
+            plan = self.plan(model, start, pruned, layer, member_seed)
+            trained = trainer.train(start, tune, holdout, parts=(*plan.parts, *parts), step=plan.step,
+                                    warmup=plan.warmup, seed=member_seed, keep_start=self.keeps_start(pruned),
+                                    progress=progress,
+                                    desc=label + (f" {i + 1}/{self.members}" if self.members > 1 else ""))
+            who = self.name if self.members == 1 else f"{self.name} member {i + 1}"
+            candidates = ([("pruned start", pruned_acc)] if pruned else []) + [("B", base_acc)]
+            check = check_budget(who, trained.holdout_accuracy, base_acc, self.budget, candidates)
+            net, epoch = trained.model, trained.kept_epoch
+            if check.fallback == "pruned start":
+                net, epoch = start, 0
+            elif check.fallback == "B":
+                net, epoch, pruned = model, 0, ()
+            tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
+                                   holdout_accuracy=check.accuracy, base_holdout_accuracy=base_acc,
+                                   pruned_holdout_accuracy=pruned_acc, history=trained.history,
+                                   tune_index=tune_idx, holdout_index=hold_idx, budget=check))
+        repaired = tuned[0].model if self.members == 1 else average_models(
+            [t.model for t in tuned], name=f"{self.name.replace('-', '_')}_ensemble", mean=self.ensemble_mean)
+        return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned))
+
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
-        """The fine-tuned model (or the average of ``members`` of them)."""
-        from .tuning import fine_prune
+        """The fine-tuned model (or the average of ``members`` of them); the members' budget
+        lines in :attr:`Repair.warnings`."""
+        return self.as_repair(self.tune(model, clean, progress=progress))
 
-        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, desc=self.name,
-                                       **self.get_params()))
-
-    def _repair(self, result: FinePruneResult) -> Repair:
-        choices = {"layer": result.layer, "members": _member_choices(result)}
+    def as_repair(self, result: FinePruneResult) -> Repair:
+        """A :class:`FinePruneResult` as this defense's :class:`Repair`."""
+        choices = {"layer": result.layer, "members": member_choices(result)}
         history = [[dict(h) for h in m.history] for m in result.members]
         repaired = Repaired(label=self.name, model=result.model, channels_pruned=result.channels_pruned)
-        return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, history))
+        return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, history),
+                      warnings=result.warnings)
 
 
-def _member_choices(result: FinePruneResult) -> list[dict[str, Any]]:
-    """What was chosen for each member of a fine-tuning or fine-pruning result (the record's choices)."""
+def member_choices(result: FinePruneResult) -> list[dict[str, Any]]:
+    """What was chosen for each member of a fine-tuning result (a record's choices)."""
     return [{"seed": m.seed, "channels_pruned": len(m.pruned_channels), "kept_epoch": m.kept_epoch,
              "base_holdout_accuracy": m.base_holdout_accuracy, "pruned_holdout_accuracy": m.pruned_holdout_accuracy,
-             "holdout_accuracy": m.holdout_accuracy} for m in result.members]
+             "holdout_accuracy": m.holdout_accuracy,
+             "fallback": m.budget.fallback if m.budget is not None else None} for m in result.members]
 
 
 @dataclass(frozen=True)
 class FinePruning(FineTuning):
     """Fine-pruning (Liu et al., RAID 2018): prune until held-out clean accuracy falls
-    ``accuracy_drop`` points (or prune ``prune_fraction`` of the channels), then fine-tune
-    with the pruned channels held at zero (:func:`~badnet_repair.defenses.tuning.fine_prune`).
+    ``accuracy_drop`` points (or prune ``prune_fraction`` of the channels), then fine-tune with
+    the pruned channels held at zero.
+
+    The ranking and the amount are measured on each member's held-out part: channels of
+    ``layer`` ranked by mean activation there and pruned in ascending order
+    (:func:`~badnet_repair.defenses.sweep.prune_sweep`).
 
     Settings: those of :class:`FineTuning`, plus ``accuracy_drop`` (default 4 points),
     ``prune_fraction`` (default None: use the drop) and ``keep_pruned_start`` (default False,
-    chosen on the tuning BadNets of benchmarks/removal_tuning.toml; docs/research/removal.md).
+    chosen on the tuning BadNets of benchmarks/removal_tuning.toml; docs/research/removal.md:
+    the pruned start still holds whatever backdoor pruning missed, and its held-out accuracy,
+    measured on the images that chose the prune amount, flatters it). The budget's fallback
+    may still return the pruned start, with its loud line.
     """
 
     name: ClassVar[str] = "fine-pruning"
-    method: ClassVar[Literal["fine-pruning", "fine-tuning"]] = "fine-pruning"
     summary: ClassVar[str] = "prune to a held-out accuracy drop, then fine-tune (Liu et al. 2018)"
 
-    accuracy_drop: float | None = setting(FINE_TUNING["accuracy_drop"],
-                                          "prune until held-out accuracy falls this many points")
+    accuracy_drop: float | None = setting(4.0, "prune until held-out accuracy falls this many points")
     prune_fraction: float | None = setting(None, "prune this fraction of the channels instead")
-    keep_pruned_start: bool = setting(FINE_TUNING["keep_pruned_start"],
-                                      "keep the pruned, untuned network where no tuned epoch matches its "
-                                      "held-out accuracy (default: always a tuned epoch)")
+    keep_pruned_start: bool = setting(False, "keep the pruned, untuned network where no tuned epoch matches its "
+                                             "held-out accuracy (default: always a tuned epoch)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prune_fraction is not None and not 0.0 <= self.prune_fraction <= 1.0:
+            raise ValueError(f"prune_fraction must be in [0, 1], not {self.prune_fraction}")
+        if self.prune_fraction is None and (self.accuracy_drop is None or not self.accuracy_drop >= 0):
+            raise ValueError("give accuracy_drop >= 0 or prune_fraction")
+
+    def start(self, model: Any, holdout: Dataset, layer: str) -> tuple[Any, tuple[int, ...]]:
+        """B with ``layer``'s least active channels pruned, to the drop or the fraction."""
+        from ..nets.models import conv_layer, prune_channels
+        from .sweep import prune_sweep
+
+        if self.prune_fraction is not None:
+            sweep = prune_sweep(model, holdout, layer=layer, thresholds=())
+            filters = int(conv_layer(model, layer).filters)
+            pruned = tuple(int(c) for c in sweep.ranking.order[: round(self.prune_fraction * filters)])
+        else:
+            drop = float(self.accuracy_drop)  # type: ignore[arg-type]
+            sweep = prune_sweep(model, holdout, layer=layer, thresholds=[drop])
+            sel = sweep.selections[drop]
+            pruned = tuple(int(c) for c in (sel.channels if sel is not None else sweep.ranking.order))
+        return prune_channels(model, layer, pruned), pruned
+
+    def keeps_start(self, pruned: tuple[int, ...]) -> bool:
+        return bool(pruned) and self.keep_pruned_start
 
 
-@dataclass(frozen=True)
-class FineTuningSAM(FineTuning):
-    """FT-SAM (Zhu, Wei, Shen, Fan and Wu, ICCV 2023): fine-tuning on clean data with
-    sharpness-aware steps (:class:`~badnet_repair.nets.training.SharpnessAware`), the epoch
-    kept chosen on a held-out part of it.
+def fine_prune(model: Any, valid: Dataset, *, method: str = "fine-pruning", progress: bool = True,
+               desc: str | None = None, **settings: Any) -> FinePruneResult:
+    """Fine-pruning (Liu et al., RAID 2018), or with ``method="fine-tuning"`` fine-tuning alone:
+    the :class:`FinePruning` (or :class:`FineTuning`) defense with ``settings``, its result with
+    every member (:meth:`FineTuning.tune`).
 
-    Each step first moves the weights to the worst point within ``sam_rho`` (relative to each
-    weight's size when ``sam_adaptive``, as the paper's adaptive form) and takes the gradient
-    there. The paper's observation: the weights a backdoor uses are large, so the adaptive
-    perturbation moves them most, and minimising the worst nearby loss on clean data pushes
-    them out of the backdoor's narrow minimum, which plain fine-tuning with few clean images
-    stays in. It needs no BatchNorm and no trigger.
+    Args:
+        model: the BadNet (not changed).
+        valid: clean labelled validation data; nothing else is read.
+        method: ``"fine-pruning"`` (default) or ``"fine-tuning"``.
+        progress: progress bars.
+        desc: the progress bars' label, default ``method``.
+        **settings: the defense's settings (its dataclass fields).
 
-    Settings: those of :class:`FineTuning`, plus ``sam_rho`` (default 0.2, chosen on the tuning
-    BadNets of benchmarks/removal_tuning.toml; docs/research/removal.md) and ``sam_adaptive``
-    (default True).
+    Returns:
+        FinePruneResult.
     """
-
-    name: ClassVar[str] = "ft-sam"
-    summary: ClassVar[str] = "fine-tune with sharpness-aware steps, epoch chosen on a held-out part (Zhu et al. 2023)"
-
-    sam_rho: float = setting(0.2, "radius of the sharpness-aware weight perturbation")
-    sam_adaptive: bool = setting(True, "radius relative to each weight's size (adaptive SAM)")
-
-
-@dataclass(frozen=True)
-class _FeatureShiftSettings:
-    """FST's settings, shared by :class:`FeatureShiftTuning` and :class:`FeatureShiftFinePruning`
-    (listed before a fine-tuning class among the bases, so that its defaults win)."""
-
-    alpha: float = setting(2.0, "FST: weight of the penalty on the new head's inner product with the BadNet's, "
-                                "per class")
-    head: str | None = setting(None, "FST: the classifier's Dense layer (default: found from the graph)")
-    head_epochs: int = setting(10, "FST: epochs training the new head alone before the whole network")
-    # fine-tuning's aids, on by default here (chosen on the tuning BadNets): B's correct answers on
-    # the clean images tell the new head what its one-hot labels cannot
-    distill: float = setting(0.3, "weight of the BadNet's own correct predictions on the clean tuning images "
-                                  "in the targets")
-    weight_decay: float = setting(1.0, "decoupled weight decay (AdamW) while tuning")
-
-
-@dataclass(frozen=True)
-class FeatureShiftTuning(_FeatureShiftSettings, FineTuning):
-    """FST, Feature Shift Tuning (Min, Qin, Shen and Cheng, NeurIPS 2023): fine-tuning on clean
-    data with the classifier head drawn anew and pushed away from the BadNet's, the epoch
-    kept chosen on a held-out part (:class:`~badnet_repair.nets.training.FeatureShift`).
-
-    The paper's observation: where few poisoned images made the backdoor, its features are
-    entangled with clean ones, and fine-tuning that leaves the features where they are (as a
-    low rate and few clean images do) leaves the backdoor. Re-initialising the head and
-    penalising its inner product with the BadNet's head at a fixed norm forces the features
-    to shift. It needs no BatchNorm and no trigger, and takes about fine-tuning's time.
-
-    Settings: those of :class:`FineTuning`, plus ``alpha`` (the penalty's weight per class,
-    default 2.0, the authors' 0.2 on CIFAR-10's 10 classes; 0 = the head re-initialised only,
-    BackdoorBench's FT-init), ``head`` (the classifier's Dense layer, default found from
-    the graph) and ``head_epochs`` (epochs training the new head alone on the BadNet's
-    features before the whole network is tuned, default 10; the paper has none: without them
-    the random head's first steps wreck the features that ~10 clean images per class cannot
-    rebuild), and fine-tuning's ``distill`` (default here 0.3) and ``weight_decay`` (default
-    here 1.0). ``alpha``, ``head_epochs``, ``distill`` and ``weight_decay`` were chosen on the
-    tuning BadNets of benchmarks/removal_tuning.toml (docs/research/removal.md).
-    """
-
-    name: ClassVar[str] = "fst"
-    summary: ClassVar[str] = "fine-tune with the head drawn anew and pushed from the BadNet's (Min et al. 2023)"
-
-    def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
-        """The fine-tuned model (or the average of ``members`` of them)."""
-        from .tuning import fine_prune
-
-        params = self.get_params()
-        params["feature_shift"] = params.pop("alpha")
-        return self._repair(fine_prune(model, clean, method=self.method, progress=progress, desc=self.name, **params))
-
-
-#: The settings only feature shift tuning takes (the rest are fine-pruning's).
-_SHIFT_ONLY = ("alpha", "head", "head_epochs")
-#: The settings only pruning takes.
-_PRUNE_ONLY = ("accuracy_drop", "prune_fraction", "keep_pruned_start")
-
-
-@dataclass(frozen=True)
-class FeatureShiftFinePruning(_FeatureShiftSettings, FinePruning):
-    """FST's and fine-pruning's networks averaged together: ``members`` networks repaired by
-    feature shift tuning (:class:`FeatureShiftTuning`; Min et al., NeurIPS 2023) and ``members``
-    by fine-pruning (:class:`FinePruning`; Liu et al., RAID 2018), their probabilities combined
-    by ``ensemble_mean`` (default geometric: the normalised product).
-
-    The two fail in opposite ways when there are ~10 clean images per class: fine-pruning keeps
-    the BadNet's clean knowledge and can leave part of the backdoor; FST removes the backdoor
-    and loses clean accuracy the few images cannot rebuild. In a normalised product a class
-    that FST's networks give almost no probability (the target, on a triggered image) stays
-    low whatever the fine-pruned networks say, while on clean images the fine-pruned networks
-    add what FST's lost. Member ``i`` of each method uses seed ``seed + 1000 i`` and the same
-    split as the other method's member ``i``, so the parts are exactly what
-    :class:`FeatureShiftTuning` and :class:`FinePruning` with these settings return.
-
-    Settings: those of :class:`FinePruning` and of :class:`FeatureShiftTuning` (``alpha``,
-    ``head``, ``head_epochs``), each method's defaults: ``members`` 3 of each,
-    ``distill`` 0.3 and ``weight_decay`` 1.0 for both, a tuned epoch always kept. Chosen on the
-    tuning BadNets of benchmarks/removal_tuning.toml (fifth round; docs/research/removal.md).
-    Twice the three-member options' time: six networks.
-    """
-
-    name: ClassVar[str] = "fst-fp"
-    summary: ClassVar[str] = "FST's and fine-pruning's networks, probabilities averaged geometrically"
-
-    members: int = setting(3, "networks of each method (FST and fine-pruning)")
-
-    def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
-        """The average of the FST networks and the fine-pruned ones; the two ensembles in
-        :attr:`Repair.artifacts` (``"fst"``, ``"fine-pruning"``, each a FinePruneResult)."""
-        from ..nets.models import average_models
-        from .tuning import fine_prune
-
-        params = self.get_params()
-        shift = {k: v for k, v in params.items() if k not in _PRUNE_ONLY}
-        shift["feature_shift"] = shift.pop("alpha")
-        shifted = fine_prune(model, clean, method="fine-tuning", progress=progress, desc=f"{self.name} (fst)", **shift)
-        pruned = fine_prune(model, clean, method="fine-pruning", progress=progress, desc=f"{self.name} (fine-pruning)",
-                            **{k: v for k, v in params.items() if k not in _SHIFT_ONLY})
-        networks = [m.model for m in shifted.members + pruned.members]
-        combined = average_models(networks, name="fst_fp", mean=self.ensemble_mean)
-        choices = {"layer": pruned.layer, "fst": _member_choices(shifted), "fine-pruning": _member_choices(pruned)}
-        history = {"fst": [[dict(h) for h in m.history] for m in shifted.members],
-                   "fine-pruning": [[dict(h) for h in m.history] for m in pruned.members]}
-        repaired = Repaired(label=self.name, model=combined, channels_pruned=pruned.channels_pruned)
-        return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, [history]),
-                      artifacts={"fst": shifted, "fine-pruning": pruned})
+    classes: dict[str, type[FineTuning]] = {"fine-pruning": FinePruning, "fine-tuning": FineTuning}
+    if method not in classes:
+        raise ValueError(f"method must be 'fine-pruning' or 'fine-tuning', not {method!r}")
+    cls = classes[method]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown {method} setting(s) {', '.join(unknown)}; settings: {', '.join(sorted(known))}")
+    return cls(**settings).tune(model, valid, progress=progress, desc=desc)

@@ -7,8 +7,8 @@ validation data; the test sets are read after every repair is done.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..formats.files import write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import num_classes, predict_classes
 from ..reporting.report import evaluation_table
-from .run import held_out_drop_warnings, low_attack_warnings, open_badnet, open_evaluation_sets
+from .run import low_attack_warnings, open_badnet, open_evaluation_sets
 
 __all__ = ["DefenseComparison", "compare_defenses", "compare_file", "default_defenses", "evaluate_repairs",
            "write_comparison"]
@@ -26,10 +26,19 @@ __all__ = ["DefenseComparison", "compare_defenses", "compare_file", "default_def
 
 @dataclass(frozen=True)
 class DefenseComparison:
-    """Each defense's repaired model B' and GoodNet G on the test sets, in table order."""
+    """Each defense's repaired model B' and GoodNet G on the test sets, in table order.
+
+    Attributes:
+        badnet: the BadNet's name.
+        evaluations: B's row, then each repaired model's and its GoodNet's.
+        warnings: repaired model's label -> its defense's loud lines (a result that fell more than
+            the clean-accuracy budget below B on the defense's held-out images, and what was returned
+            instead); only labels with lines.
+    """
 
     badnet: str
     evaluations: tuple[Evaluation, ...]
+    warnings: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def default_defenses(*, thresholds: Sequence[float] = (2.0, 4.0, 10.0), layer: str | None = None,
@@ -111,7 +120,8 @@ def evaluate_repairs(model: Any, repairs: Sequence[Repair], test: Dataset, bd_te
                                    poisoned_pred=predict_classes(m.model, bd_test.x), base_clean_pred=base_clean,
                                    base_poisoned_pred=base_bd, num_classes=n, channels_pruned=m.channels_pruned,
                                    threshold=m.threshold, **common)
-    return DefenseComparison(badnet=name, evaluations=tuple(out))
+    warnings = {m.label: tuple(r.warnings) for r in repairs if r.warnings for m in r.models}
+    return DefenseComparison(badnet=name, evaluations=tuple(out), warnings=warnings)
 
 
 def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], test: str | os.PathLike[str],
@@ -145,9 +155,7 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
     from .detect import detector_evaluations, fit_detectors
 
     b, clean = open_badnet(model, valid, trust_model=trust_model, input_scale=input_scale)
-    repairs = [d.repair(b, clean, progress=progress) for d in defenses]
-    for r in repairs:
-        held_out_drop_warnings(r)  # logged: the command line shows each loudly
+    repairs = [d.repair(b, clean, progress=progress) for d in defenses]  # each logs its budget lines
     parts = (fit_detectors(b, clean, detectors, false_alarm=false_alarm, repairs=repairs, progress=progress)[0]
              if detectors else {})
     ev = open_evaluation_sets(repairs, b, {"test": test, "bd_test": bd_test}, target=target,
@@ -155,7 +163,8 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
     comparison = evaluate_repairs(b, repairs, ev.sets["test"], ev.sets["bd_test"], name=name)
     if parts:
         extra = detector_evaluations(b, parts, ev.sets["test"], ev.sets["bd_test"])
-        comparison = DefenseComparison(badnet=name, evaluations=(*comparison.evaluations, *extra))
+        comparison = DefenseComparison(badnet=name, evaluations=(*comparison.evaluations, *extra),
+                                       warnings=comparison.warnings)
     low_attack_warnings({f"{name}: bd_test": comparison.evaluations[0].attack_success_rate}, target=ev.target)
     return comparison
 
@@ -168,16 +177,22 @@ def write_comparison(comparisons: Sequence[DefenseComparison], out_dir: str | os
     from ..reporting.plotting import plot_evaluations
 
     d = Path(out_dir)
-    rows = [{"badnet": c.badnet, **e.as_dict()} for c in comparisons for e in c.evaluations]
+    rows = [{"badnet": c.badnet, **e.as_dict(),
+             "warnings": list(c.warnings.get(e.model, ())) if e.kind != "goodnet" else []}
+            for c in comparisons for e in c.evaluations]
     md = ["# Defenses compared", ""]
     for c in comparisons:
         md += [f"## {c.badnet}", "", evaluation_table([e.as_dict() for e in c.evaluations])]
+        if c.warnings:
+            md += ["", "**Warnings** (the defenses' own checks on their held-out clean images):", ""]
+            md += [f"- {label}: {line}" for label, lines in c.warnings.items() for line in lines]
     fig = Figure(figsize=(max(7.0, 0.6 * len(comparisons[0].evaluations) + 2), 3.8 * len(comparisons)),
                  layout="constrained", dpi=100)
     for ax, c in zip(fig.subplots(len(comparisons), 1, squeeze=False)[:, 0], comparisons, strict=True):
         plot_evaluations([e for e in c.evaluations if e.kind != "goodnet"], ax=ax)
         ax.set_title(c.badnet)
     paths = {k: d / f"comparison.{k}" for k in ("csv", "json", "md", "png")}
-    write_results({paths["csv"]: rows, paths["json"]: rows, paths["md"]: "\n".join(md), paths["png"]: fig},
+    csv_rows = [{**r, "warnings": " | ".join(r["warnings"])} for r in rows]
+    write_results({paths["csv"]: csv_rows, paths["json"]: rows, paths["md"]: "\n".join(md), paths["png"]: fig},
                   overwrite=overwrite)
     return paths

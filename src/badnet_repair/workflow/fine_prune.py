@@ -4,29 +4,19 @@ GoodNet, and only then open the test sets to evaluate."""
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..defaults import FINE_TUNING as DEFAULTS
-from ..defaults import TuningSettings
-from ..defenses.tuning import FinePruneResult, fine_prune
+from ..defenses import make_defense
+from ..defenses.finetuning import FineTuning
+from ..defenses.tuning import FinePruneResult
 from ..formats.files import write_results
 from ..nets.models import predict_classes
-from .run import held_out_drop_warnings, low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
+from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
 
 __all__ = ["run_fine_pruning"]
-
-
-def _effective(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with fine_prune's defaults filled in: results record what was run."""
-    import inspect
-
-    params = {k: p.default for k, p in inspect.signature(fine_prune).parameters.items()
-              if p.default is not inspect.Parameter.empty and k not in ("method", "progress")}
-    return {**params, **asdict(TuningSettings()), **options}
 
 
 def run_fine_pruning(
@@ -68,9 +58,9 @@ def run_fine_pruning(
             pixels; :func:`~badnet_repair.workflow.run.open_badnet`); the saved models take the same.
         overwrite: replace existing outputs.
         progress: progress bars.
-        **options: passed to :func:`fine_prune` (layer, accuracy_drop, prune_fraction,
-            holdout_fraction, members, ensemble_mean, epochs, learning_rate, batch_size, seed,
-            schedule, shift, flip, clipnorm, distill, weight_decay, keep_pruned_start).
+        **options: the defense's settings (:class:`~badnet_repair.defenses.FinePruning`'s or
+            :class:`~badnet_repair.defenses.FineTuning`'s fields: layer, accuracy_drop, epochs,
+            members, budget...); the others keep the class's defaults.
 
     Returns:
         (the FinePruneResult, the results dict written to JSON).
@@ -79,9 +69,13 @@ def run_fine_pruning(
     from ..metrics import evaluate_predictions, evaluate_repair
     from ..nets.models import input_scale_of, num_classes, save_model, saved_model_paths
 
+    if method not in ("fine-pruning", "fine-tuning"):
+        raise ValueError(f"method must be 'fine-pruning' or 'fine-tuning', not {method!r}")
+    defense = make_defense(method, **options)
+    assert isinstance(defense, FineTuning)
     stem = "fp" if method == "fine-pruning" else "ft"
     out = Path(out_dir)
-    members = int(options.get("members", DEFAULTS["members"]))
+    members = defense.members
     # an averaged model has no lab-style weights-only file; each member gets one instead
     model_paths = {k: v for k, v in saved_model_paths(out, stem).items() if members == 1 or k != "weights"}
     member_paths = {f"member_{i}_weights": saved_model_paths(out, f"{stem}_member_{i}")["weights"]
@@ -92,8 +86,8 @@ def run_fine_pruning(
     # 1. the repair: B and the clean validation data only
     b, clean = open_badnet(model, valid, trust_model=trust_model, input_scale=input_scale)
     n = num_classes(b)
-    result = fine_prune(b, clean, method=method, progress=progress, **options)
-    drops = held_out_drop_warnings(result)
+    result = defense.tune(b, clean, progress=progress)
+    drops = list(result.warnings)
     save_repair(b, result.model, out, stem, formats=tuple(model_paths), goodnet=paths["goodnet"], overwrite=overwrite)
     for i, member in enumerate(result.members if members > 1 else ()):
         save_model(member.model, out, f"{stem}_member_{i}", formats=("weights",), overwrite=overwrite)
@@ -122,7 +116,7 @@ def run_fine_pruning(
         "method": method,
         "provenance": {"versions": versions(),
                        "inputs": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in files.items()}},
-        "parameters": {"method": method, "input_scale": input_scale_of(b), **_effective(options)},
+        "parameters": {"method": method, "input_scale": input_scale_of(b), **defense.get_params()},
         "layer": result.layer,
         "channels_pruned": result.channels_pruned,
         "holdout_images": len(result.members[0].holdout_index),
@@ -130,6 +124,7 @@ def run_fine_pruning(
         "members": [{"seed": m.seed, "pruned_channels": list(m.pruned_channels), "kept_epoch": m.kept_epoch,
                      "holdout": {"base_accuracy": m.base_holdout_accuracy, "pruned_accuracy": m.pruned_holdout_accuracy,
                                  "kept_accuracy": m.holdout_accuracy},
+                     "budget": m.budget.as_dict() if m.budget is not None else None,
                      "history": list(m.history)} for m in result.members],
         "target": target,
         "evaluations": evaluations,

@@ -107,8 +107,9 @@ def estimate_repair(defense: Defense, clean: Dataset | int, speed: ModelSpeed) -
     """About how long ``defense.repair`` takes on ``clean``, for the fine-tuning family.
 
     Counts what the trainer runs: per member, ``epochs`` (and FST's ``head_epochs``) passes
-    over the tuning part, a held-out evaluation after each, and distillation's extra forward
-    pass over the tuning part where it is on; ensembles (``fst-fp``) add their parts.
+    over the tuning part at the cost of the defense's step (its ``step_cost()``), a held-out
+    evaluation after each, and distillation's extra forward pass over the tuning part where it is
+    on; a defense that trains several networks per member says so (``networks_per_member``).
 
     Args:
         defense: a defense whose settings include ``epochs`` (fine-tuning, fine-pruning,
@@ -126,10 +127,11 @@ def estimate_repair(defense: Defense, clean: Dataset | int, speed: ModelSpeed) -
     held = float(p.get("holdout_fraction", 0.2))
     tune, holdout = n * (1 - held), n * held
     members = int(p.get("members", 1))
-    parts = 2 if defense.name == "fst-fp" else 1
+    # what the defense declares: networks per member (fst-fp: one of each method), and the
+    # cost of its step in plain steps (FT-SAM: two gradients per batch)
+    parts = int(getattr(defense, "networks_per_member", 1))
     epochs = int(p["epochs"]) + int(p.get("head_epochs", 0) or 0)
-    # SAM takes two gradient steps per batch
-    step = speed.train * (2.0 if p.get("sam_rho") else 1.0)
+    step = speed.train * float(getattr(defense, "step_cost", lambda: 1.0)())
     distill = speed.predict if p.get("distill") else 0.0
     per_epoch = tune * (step + distill) + holdout * speed.predict
     seconds = parts * members * epochs * per_epoch

@@ -26,8 +26,14 @@ from ..formats.data import Dataset, Layout, poisoned_labels
 from ..formats.files import atomic_path
 from ..nets.models import load_data_for, load_model, save_model, without_input_scale
 
-__all__ = ["EvaluationSets", "held_out_drop_warnings", "low_attack_warnings", "open_badnet", "open_evaluation_sets",
-           "save_repair"]
+__all__ = [
+    "EvaluationSets",
+    "low_attack_warnings",
+    "open_badnet",
+    "open_evaluation_sets",
+    "repair_warnings",
+    "save_repair",
+]
 
 log = logging.getLogger(__name__)
 
@@ -171,37 +177,13 @@ def low_attack_warnings(attack_success: Mapping[str, float | None], *, target: i
     return out
 
 
-#: A repaired model this many points or more below B on the held-out clean images is announced loudly.
-HELD_OUT_DROP = 3.0
-
-
-def held_out_drop_warnings(repair: Repair | FinePruneResult, *, budget: float = HELD_OUT_DROP) -> list[str]:
-    """A loud line for each network of a repair that fell ``budget`` points or more below B on the
-    clean images the defense held out (its own measurement: no test or poisoned data is read).
-
-    Args:
-        repair: a finished repair whose record's choices list its members with
-            ``base_holdout_accuracy`` and ``holdout_accuracy`` (the fine-tuning family), or
-            fine-pruning's result; other repairs give no warning.
-        budget: the drop, in points, that is announced, default 3.
+def repair_warnings(repair: Repair | FinePruneResult) -> list[str]:
+    """A repair's loud lines: each network that fell more than its defense's clean-accuracy
+    budget below B on the clean images the defense held out, and what was returned instead
+    (:func:`~badnet_repair.defenses.tuning.check_budget`; no test or poisoned data is read).
+    The defense logged each as a warning already; callers show them where the user looks.
 
     Returns:
-        The warnings, one line each (also logged).
+        The lines, in the repair's order.
     """
-    if isinstance(repair, FinePruneResult):
-        who = repair.method
-        pairs = [(m.base_holdout_accuracy, m.holdout_accuracy) for m in repair.members]
-    else:
-        who = repair.defense
-        pairs = [(m.get("base_holdout_accuracy"), m.get("holdout_accuracy"))
-                 for m in repair.record.get("choices", {}).get("members", []) or []]
-    out = []
-    for i, (base, got) in enumerate(pairs):
-        if base is None or got is None or base - got < budget:
-            continue
-        name = who if len(pairs) == 1 else f"{who} member {i + 1}"
-        out.append(f"WARNING: {name} is {base - got:.1f} points below the BadNet on the clean images it held out "
-                   f"({got:.2f}% against {base:.2f}%): it is far worse than the model given; do not use it as a "
-                   "repair without checking")
-        log.warning("%s", out[-1])
-    return out
+    return list(repair.warnings)
