@@ -250,14 +250,18 @@ def test_pruning_by_the_reversed_trigger_stops_once_it_no_longer_works(small_dee
     assert c["channels_pruned"] == 0 and c["stopped_by"] == "stop_success"
     rise = np.asarray(c["rise"])
     assert np.all(np.diff(rise[c["order"]]) <= 0)  # most excited first
-    r = br.NeuralCleansePruning(stop_success=-1.0, max_drop=5.0).repair(small_deepid, clean, scan=flagged)
-    # an impossible stop: pruning goes to the last step before held-out accuracy has fallen 5 points
-    c = r.record["choices"]
-    history = r.record["history"]
-    drops = [history[0]["holdout_accuracy"] - h["holdout_accuracy"] for h in history]
-    first_too_far = next(i for i, d in enumerate(drops) if d >= 5.0)
-    assert c["stopped_by"] == "max_drop" and c["channels_pruned"] == first_too_far - 1
-    assert drops[c["channels_pruned"]] < 5.0
+    for max_drop, budget, stopped_by in ((5.0, None, "max_drop"), (5.0, 2.0, "budget")):
+        r = br.NeuralCleansePruning(stop_success=-1.0, max_drop=max_drop, budget=budget).repair(
+            small_deepid, clean, scan=flagged)
+        # an impossible stop: pruning goes to the last step before held-out accuracy has fallen
+        # max_drop points, or the budget's where that is smaller
+        limit = max_drop if budget is None else budget
+        c = r.record["choices"]
+        history = r.record["history"]
+        drops = [history[0]["holdout_accuracy"] - h["holdout_accuracy"] for h in history]
+        first_too_far = next(i for i, d in enumerate(drops) if d >= limit)
+        assert c["stopped_by"] == stopped_by and c["channels_pruned"] == first_too_far - 1
+        assert drops[c["channels_pruned"]] < limit
 
 
 def faces_like(n: int, seed: int) -> np.ndarray:

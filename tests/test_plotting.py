@@ -248,3 +248,4 @@ def test_ranking_threshold_labels_do_not_overlap():
     assert len(boxes) == 3
     assert all(not overlap(a, b) for a, b in itertools.combinations(boxes, 2))
     assert all(b.y0 >= ax.get_window_extent(r).y1 and not overlap(b, ax.title.get_window_extent(r)) for b in boxes)
+

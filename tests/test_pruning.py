@@ -83,6 +83,9 @@ def test_sweep_by_hand(engine):
     assert s.selections[2.0].channels_pruned == 1 and s.selections[2.0].channels == (0,)
     assert s.selections[75.0].channels_pruned == 1  # a drop of exactly 75 points counts
     assert s.selections[80.0] is None
+    assert s.channels_at(2) == (0,) and s.channels_at(80) == (0, 1, 2)  # never that far: every channel
+    with pytest.raises(ValueError, match="no threshold 3"):
+        s.channels_at(3)
     assert s.kinds == {"valid": "clean", "bd": "poisoned"}
     # G = B's class where B and B' agree, else 2: on bd, B says 1 and B'_1 says 0 -> all flagged
     np.testing.assert_allclose(s.goodnet_metric("bd", what="alarm"), [0, 100, 100, 100])

@@ -245,3 +245,23 @@ def test_fst_with_fine_pruning_is_the_geometric_mean_of_the_two_defenses_network
     assert r.models[0].channels_pruned == pruned.models[0].channels_pruned
     for w, w0 in zip(small_deepid.get_weights(), weights, strict=True):
         np.testing.assert_array_equal(w, w0)
+
+
+def test_ibau_returns_the_last_round_within_the_budget(small_deepid, caplog):
+    """A learning rate far too high wrecks every round: with the budget the result is B itself
+    (round 0), with the line in Repair.warnings; without it, the last round, as in the paper."""
+    x = random_faces(42, seed=11)
+    clean = br.Dataset(x, br.predict_classes(small_deepid, x), "valid")  # B is right on all of them
+    kw = {"rounds": 2, "fixed_point_steps": 1, "learning_rate": 5.0, "holdout_fraction": 0.34}
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        r = IBAU(**kw).repair(small_deepid, clean)
+    c = r.record["choices"]
+    rounds = [h["holdout_accuracy"] for h in r.record["history"]]
+    assert rounds[0] == 100.0 and rounds[-1] < 97.0  # the last round fell more than 3 points
+    assert c["fallback"] is not None and r.warnings and r.warnings[0] in caplog.text
+    kept = c["kept_round"]
+    assert rounds[kept] >= 97.0 and all(a < 97.0 for a in rounds[kept + 1:])
+    if kept == 0:
+        assert r.model is small_deepid
+    off = IBAU(budget=None, **kw).repair(small_deepid, clean)
+    assert off.warnings == () and off.record["choices"]["kept_round"] == len(rounds) - 1

@@ -651,8 +651,7 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     bd, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target,  # type: ignore[arg-type]
                                  several=args.multi_target or args.demo == "multi-target")
     sweep = prune_sweep(b, valid, layer=args.layer, thresholds=[args.accuracy_drop], progress=not args.quiet)
-    sel = sweep.selections[args.accuracy_drop]
-    pruned = len(sweep.ranking.order) if sel is None else sel.channels_pruned
+    pruned = len(sweep.channels_at(args.accuracy_drop))
     # the poisoned images are made from the other classes' images; compare with those
     clean = test.x[test.y != target]
     response = trigger_response(b, clean if len(clean) else test.x, bd, layer=args.layer, ranking=sweep.ranking)

@@ -9,7 +9,8 @@ import typing
 from dataclasses import field
 from typing import Any
 
-__all__ = ["ENSEMBLE_MEANS", "INPUT_SCALE_HELP", "LAYER_HELP", "parse_input_scale", "setting", "setting_problem"]
+__all__ = ["BUDGET_HELP", "ENSEMBLE_MEANS", "INPUT_SCALE_HELP", "LAYER_HELP", "parse_input_scale", "setting",
+           "setting_problem"]
 
 #: How several fine-pruned members' probabilities can be combined (the first is the default).
 ENSEMBLE_MEANS = ("geometric", "arithmetic")
@@ -17,6 +18,12 @@ ENSEMBLE_MEANS = ("geometric", "arithmetic")
 #: What ``layer`` means wherever a defense takes one.
 LAYER_HELP = ("conv layer to prune (default: found from the graph, the last conv layer followed by pooling; "
               "conv_3 in DeepID)")
+
+
+#: What ``budget`` means wherever a defense takes one (the clean-accuracy budget).
+BUDGET_HELP = ("clean-accuracy budget: a result more than this many points below B on the held-out clean images "
+               "is replaced by a candidate within it (an earlier epoch or round, the pruned start, B) and the user "
+               "told loudly (none = off)")
 
 
 #: What ``input_scale`` means wherever a model is opened (the command line's ``--input-scale``).

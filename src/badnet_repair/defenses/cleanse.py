@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..defaults import LAYER_HELP, setting
+from ..defaults import BUDGET_HELP, LAYER_HELP, setting
 from ..formats.data import Dataset
 from ..nets.trainer import Part
 from .base import Defense, Repair, Repaired
@@ -122,8 +122,10 @@ class NeuralCleansePruning(ScanSettings, Defense):
     same images stamped with the flagged classes' reversed triggers; prune the channels in
     descending order of that rise until the reversed triggers send at most ``stop_success`` %
     of the stamped held-out images (of other classes) to their targets, but never as far as
-    the step where held-out clean accuracy has fallen ``max_drop`` points. Where the scan flags no
-    class, B is returned unchanged. The scan is in :attr:`Repair.artifacts` as ``"scan"``.
+    the step where held-out clean accuracy has fallen ``max_drop`` points, nor more than
+    ``budget`` points (the clean-accuracy budget, default 3; None = ``max_drop`` alone). Where the
+    scan flags no class, B is returned unchanged. The scan is in :attr:`Repair.artifacts` as
+    ``"scan"``.
     """
 
     name: ClassVar[str] = "nc-pruning"
@@ -135,6 +137,7 @@ class NeuralCleansePruning(ScanSettings, Defense):
     max_drop: float = setting(10.0, "never prune past a held-out clean accuracy drop of this many points")
     layer: str | None = setting(None, LAYER_HELP)
     holdout_fraction: float = setting(0.2, "validation share held out to measure the channels and stop")
+    budget: float | None = setting(3.0, BUDGET_HELP)
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False, scan: Any = None) -> Repair:
         """Scan (unless ``scan`` is given), then prune by the reversed triggers' rise.
@@ -164,18 +167,19 @@ class NeuralCleansePruning(ScanSettings, Defense):
         order = np.argsort(-rise, kind="stable")
         ranking = ChannelRanking(layer=base.layer, measured_at=base.measured_at, mean_activation=rise, order=order,
                                  descending=True)
+        cap = self.max_drop if self.budget is None else min(self.max_drop, self.budget)
         sweep = prune_sweep(model, holdout, others={"stamped": stamped}, poisoned=["stamped"], ranking=ranking,
-                            thresholds=[self.max_drop], progress=progress)
+                            thresholds=[cap], progress=progress)
         accuracy, success = sweep.metric(sweep.valid_set), sweep.metric("stamped")
-        # the last step before held-out accuracy has fallen max_drop points
-        too_far = np.flatnonzero(accuracy <= accuracy[0] - self.max_drop)
+        # the last step before held-out accuracy has fallen max_drop (or the budget's) points
+        too_far = np.flatnonzero(accuracy <= accuracy[0] - cap)
         limit = max(0, int(too_far[0]) - 1) if len(too_far) else len(order)
         done = np.flatnonzero(success[: limit + 1] <= self.stop_success)
         k = int(done[0]) if len(done) else limit
         repaired = prune_channels(model, base.layer, order[:k])
         choices = {"flagged": list(scan.flagged), "layer": base.layer, "order": [int(c) for c in order],
                    "rise": [float(v) for v in rise], "channels_pruned": k,
-                   "stopped_by": "stop_success" if len(done) else "max_drop",
+                   "stopped_by": "stop_success" if len(done) else ("max_drop" if cap == self.max_drop else "budget"),
                    "holdout_accuracy": float(accuracy[k]), "stamped_attack_success": float(success[k]),
                    "scan": scan.summary()}
         history = [{"channels_pruned": i, "holdout_accuracy": float(a), "stamped_attack_success": float(s)}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from ..defaults import ENSEMBLE_MEANS, LAYER_HELP, setting
+from ..defaults import BUDGET_HELP, ENSEMBLE_MEANS, LAYER_HELP, setting
 from ..formats.data import Dataset
 from ..nets.trainer import Part, Step, TrainingSettings, Warmup
 from .base import Defense, Repair, Repaired
@@ -29,11 +29,6 @@ if TYPE_CHECKING:
 # settings without loading it.
 
 __all__ = ["Distillation", "FinePruning", "FineTuning", "FrozenChannels", "TrainingPlan", "fine_prune"]
-
-#: What ``budget`` means wherever a defense takes one.
-BUDGET_HELP = ("clean-accuracy budget: a result more than this many points below B on the held-out clean images "
-               "is replaced by a candidate within it (the pruned start, B) and the user told loudly (none = off)")
-
 
 class Distillation(Part):
     """Training targets that mix in a teacher's predictions (Hinton et al., 2015).
@@ -299,9 +294,7 @@ class FinePruning(FineTuning):
             pruned = tuple(int(c) for c in sweep.ranking.order[: round(self.prune_fraction * filters)])
         else:
             drop = float(self.accuracy_drop)  # type: ignore[arg-type]
-            sweep = prune_sweep(model, holdout, layer=layer, thresholds=[drop])
-            sel = sweep.selections[drop]
-            pruned = tuple(int(c) for c in (sel.channels if sel is not None else sweep.ranking.order))
+            pruned = prune_sweep(model, holdout, layer=layer, thresholds=[drop]).channels_at(drop)
         return prune_channels(model, layer, pruned), pruned
 
     def keeps_start(self, pruned: tuple[int, ...]) -> bool:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..defaults import setting
+from ..defaults import BUDGET_HELP, setting
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 
@@ -119,6 +119,7 @@ def ibau_unlearn(
     pixel_scale: float | None = None,
     seed: int = 0,
     holdout: Dataset | None = None,
+    floor: float | None = None,
     progress: bool = False,
 ) -> tuple[Any, list[dict[str, float]]]:
     """Unlearn a backdoor from ``model`` by I-BAU (Zeng et al., ICLR 2022) on clean data.
@@ -147,7 +148,10 @@ def ibau_unlearn(
         pixel_scale: pixel value of one perturbation unit, default the clean images' range
             rounded up to 1 or 255.
         seed: batch order, the images that carry the perturbation, and TensorFlow's seed.
-        holdout: clean data to measure after each round (only recorded), default none.
+        holdout: clean data to measure after each round (recorded), default none.
+        floor: with ``holdout``, the lowest held-out accuracy (%) a returned network may have:
+            the last round whose accuracy is at least ``floor`` is returned (round 0: the model
+            given), default None (the last round, as in the paper).
         progress: a progress bar over rounds.
 
     Returns:
@@ -212,6 +216,7 @@ def ibau_unlearn(
             return row
 
         history = [measured({"round": 0.0})]
+        kept = work.get_weights() if floor is not None and holdout is not None else None
         for r in bar(range(rounds), desc="I-BAU rounds", unit="round") if progress else range(rounds):
             delta = tf.zeros((1, *x.shape[1:]), tf.float32)
             for idx in batches:
@@ -232,6 +237,10 @@ def ibau_unlearn(
             log.info("I-BAU round %d/%d: perturbation norm %.2f flipped %.1f%% of clean images; outer loss %.3f",
                      r + 1, rounds, norm, row["flipped"], row["loss"])
             history.append(measured(row))
+            if kept is not None and row["holdout_accuracy"] >= floor:  # type: ignore[operator]
+                kept = work.get_weights()
+        if kept is not None and history[-1]["holdout_accuracy"] < floor:  # type: ignore[operator]
+            work.set_weights(kept)
         return work, history
 
 
@@ -261,16 +270,29 @@ class IBAU(Defense):
     max_norm: float | None = setting(None, "L2 radius of the perturbation, in pixel ranges (None: unbounded)")
     pixel_scale: float | None = setting(None, "pixel value of one perturbation unit (None: 1 or 255 from the data)")
     holdout_fraction: float = setting(0.2, "validation share held out to measure each round")
+    budget: float | None = setting(3.0, BUDGET_HELP)
     seed: int = setting(0, "split, batch order and TensorFlow seed")
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
-        """The unlearned model, with its per-round history."""
-        from .tuning import split_clean
+        """The unlearned model, with its per-round history. Where the last round falls more than
+        ``budget`` points below B on the held-out part, the last round within it is returned
+        (round 0 is B itself), with a loud line in :attr:`Repair.warnings`."""
+        from ..nets.trainer import accuracy
+        from .tuning import check_budget, split_clean
 
         tune, holdout, _, _ = split_clean(clean, holdout_fraction=self.holdout_fraction, seed=self.seed)
-        settings = {k: v for k, v in self.get_params().items() if k != "holdout_fraction"}
-        net, history = ibau_unlearn(model, tune, holdout=holdout, progress=progress, **settings)
-        choices = {"base_holdout_accuracy": history[0]["holdout_accuracy"],
-                   "holdout_accuracy": history[-1]["holdout_accuracy"]}
+        base = accuracy(model, holdout)
+        floor = None if self.budget is None else base - self.budget
+        settings = {k: v for k, v in self.get_params().items() if k not in ("holdout_fraction", "budget")}
+        net, history = ibau_unlearn(model, tune, holdout=holdout, floor=floor, progress=progress, **settings)
+        last = history[-1]["holdout_accuracy"]
+        within = [i for i, h in enumerate(history) if floor is None or h["holdout_accuracy"] >= floor]
+        label = "B" if within[-1] == 0 else f"round {within[-1]}"
+        check = check_budget(self.name, last, base, self.budget, [(label, history[within[-1]]["holdout_accuracy"])])
+        if check.fallback == "B":
+            net = model
+        choices = {"base_holdout_accuracy": history[0]["holdout_accuracy"], "holdout_accuracy": check.accuracy,
+                   "kept_round": within[-1] if check.fallback else len(history) - 1, "fallback": check.fallback}
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
-                      record=self.make_record(choices, history))
+                      record=self.make_record(choices, history),
+                      warnings=(check.warning,) if check.warning else ())

@@ -111,6 +111,14 @@ class SweepResult:
     def layer(self) -> str:
         return self.ranking.layer
 
+    def channels_at(self, drop: float) -> tuple[int, ...]:
+        """The channels B'_drop prunes (the first step ``drop`` points below B), or every channel
+        where accuracy never fell that far; ``drop`` must be one of the sweep's thresholds."""
+        if float(drop) not in self.selections:
+            raise ValueError(f"the sweep has no threshold {drop:g}; it has {', '.join(map(str, self.selections))}")
+        sel = self.selections[float(drop)]
+        return tuple(int(c) for c in (sel.channels if sel is not None else self.ranking.order))
+
     def metric(self, name: str) -> np.ndarray:
         """(C+1,) percentage of ``name``'s predictions equal to its labels, per step."""
         return np.array([s.metrics[name] for s in self.steps])

@@ -12,6 +12,7 @@ from .analysis import TriggerResponse
 
 __all__ = [
     "DEMO_NOTE",
+    "append_section",
     "base_table",
     "evaluation_table",
     "lab_conclusion",
@@ -291,6 +292,36 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
         "",
     ]
     return "\n".join(lines)
+
+
+def append_section(report: str | os.PathLike[str], heading: str, body: str, *,
+                   warnings: Sequence[str] = ()) -> Path:
+    """Add a section at the end of a written markdown report (a step after the lab's, such as
+    the notebook's fine-pruning beyond it), its warnings first and in bold, so the report carries
+    them as the notebook does.
+
+    Args:
+        report: the report's markdown file (it must exist).
+        heading: the section's heading (without ``##``).
+        body: its markdown.
+        warnings: loud lines (a repair's :attr:`~badnet_repair.defenses.Repair.warnings`).
+
+    Returns:
+        The report's path.
+    """
+    from ..errors import DataError
+    from ..formats.files import atomic_path
+
+    path = Path(report)
+    if not path.is_file():
+        raise DataError(f"{path}: no report to add the section {heading!r} to (write the report first)")
+    text = path.read_text().rstrip("\n")
+    lines = [text, "", f"## {heading}", ""]
+    lines += [line for w in warnings for line in (f"> **Warning:** {w.rstrip('.')}.", "")]
+    lines += [body.strip(), ""]
+    with atomic_path(path, overwrite=True) as tmp:  # the report is being extended, not replaced
+        tmp.write_text("\n".join(lines))
+    return path
 
 
 def trigger_response_paths(out_dir: str | os.PathLike[str]) -> dict[str, Path]:

@@ -84,9 +84,8 @@ def fit_detectors(model: Any, valid: Dataset, names: Sequence[str], *, false_ala
             from ..nets.models import prune_channels
 
             sweep = prune_sweep(model, valid, thresholds=[accuracy_drop], progress=progress)
-            sel = sweep.selections[accuracy_drop]
-            channels = sweep.ranking.order if sel is None else sel.channels
-            parts[name] = Disagreement(prune_channels(model, sweep.layer, channels)).fit(model, valid)
+            pruned = prune_channels(model, sweep.layer, sweep.channels_at(accuracy_drop))
+            parts[name] = Disagreement(pruned).fit(model, valid)
         else:
             unlearned = next((r for r in repairs if r.defense == "nc-unlearning"), None)
             if unlearned is None:
