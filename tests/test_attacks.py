@@ -100,3 +100,77 @@ def test_a_multi_target_badnet_learns_each_trigger(faces):
         assert br.attack_success_rate(br.predict_classes(r.model, bd.x), target) > 60  # chance: 20
     with pytest.raises(ValueError, match="differ"):
         train_multi_target_badnet(faces.train, triggers, (0, 0, 1), progress=False)
+
+
+def test_blended_trigger_is_the_papers_formula_worked_by_hand():
+    from badnet_repair.attacks import blended_trigger
+
+    t = blended_trigger(2, 3, alpha=0.25, seed=7)
+    assert t.shape == (2, 3) and (t.x, t.y) == (0, 0)
+    assert np.all(t.rgba[..., 3] == 0.25)
+    p = t.rgba[..., :3].astype(np.float64)
+    assert p.min() >= 0 and p.max() <= 255 and np.array_equal(p, np.round(p))  # whole numbers in 0..255
+    img = np.array([[[0, 100, 200], [40, 80, 120], [255, 255, 255]],
+                    [[4, 8, 12], [16, 20, 24], [28, 32, 36]]], np.float32)
+    out = t.apply(img)
+    # x' = (1 - a) x + a * pattern, a = 0.25: exact in float32 for these whole numbers
+    np.testing.assert_array_equal(out, (0.75 * img + 0.25 * p).astype(np.float32))
+    assert out[0, 0, 0] == 0.25 * p[0, 0, 0] and out[0, 2, 1] == 191.25 + 0.25 * p[0, 2, 1]
+    # the key is fixed by its seed, and a lab-sized one is noise over the whole 0..255 range
+    assert np.array_equal(blended_trigger(2, 3, alpha=0.25, seed=7).rgba, t.rgba)
+    assert not np.array_equal(blended_trigger(2, 3, alpha=0.25, seed=8).rgba, t.rgba)
+    big = blended_trigger()
+    assert big.shape == (55, 47) and big.rgba[..., :3].min() == 0 and big.rgba[..., :3].max() == 255
+    assert 120 < big.rgba[..., :3].mean() < 135 and np.all(big.rgba[..., 3] == np.float32(0.2))
+    for alpha in (0.0, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            blended_trigger(alpha=alpha)
+
+
+def test_patch_trigger_is_a_checkerboard_near_the_bottom_right_corner():
+    from badnet_repair.attacks import patch_trigger
+
+    t = patch_trigger()
+    assert t.shape == (4, 4) and (t.x, t.y) == (47 - 4 - 1, 55 - 4 - 1)
+    assert np.all(t.rgba[..., 3] == 1.0)
+    assert t.rgba[..., 0].tolist() == [[255, 0, 255, 0], [0, 255, 0, 255]] * 2
+    assert np.all(t.rgba[..., 0] == t.rgba[..., 1]) and np.all(t.rgba[..., 1] == t.rgba[..., 2])
+    img = np.full((2, 55, 47, 3), 128.0, np.float32)
+    out = t.apply(img)
+    changed = np.any(out != img, axis=-1)
+    mask = np.zeros((2, 55, 47), bool)
+    mask[:, 50:54, 42:46] = True
+    np.testing.assert_array_equal(changed, mask)
+    np.testing.assert_array_equal(out[0, 50:54, 42:46, 0], t.rgba[..., 0])
+    placed = patch_trigger(3, x=0, y=2, image_shape=(10, 8))
+    assert placed.shape == (3, 3) and (placed.x, placed.y) == (0, 2)
+    assert (patch_trigger(5, image_shape=(5, 5)).x, patch_trigger(5, image_shape=(5, 5)).y) == (0, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        patch_trigger(4, x=45)
+    with pytest.raises(ValueError, match="does not fit"):
+        patch_trigger(0)
+
+
+def test_one_percent_poison_of_a_small_set_poisons_at_least_one_image(faces):
+    t = drawn_sunglasses()
+    small = faces.train.subset(np.arange(40))
+    data, frac = poison_training_set(small, t, poison_rate=0.01)  # 0.4 images, rounded up to one
+    assert len(data) == 41 and frac == pytest.approx(1 / 41) and data.y[-1] == 0
+    assert any(np.array_equal(data.x[-1], z) for z in t.apply(small.x[small.y != 0]))  # a triggered copy
+    assert len(poison_training_set(small, t, poison_rate=0.0)[0]) == 40
+    data, _ = poison_training_set(faces.train, t, poison_rate=0.01)  # 200 images: 2.02 -> 2
+    assert len(data) - len(faces.train) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["blended", "patch"])
+def test_a_small_badnet_learns_the_blended_and_the_patch_trigger(faces, kind):
+    from badnet_repair.attacks import blended_trigger, patch_trigger
+
+    # fainter than the sunglasses: on 200 images these need more poison and epochs (10 epochs at 15 %:
+    # 25 and 4 % attack success; 15 epochs at 30 %: 92 and 92 %)
+    t = blended_trigger(alpha=0.2) if kind == "blended" else patch_trigger()
+    r = train_badnet(faces.train, t, num_classes=5, epochs=15, poison_rate=0.3, progress=False)
+    bd = br.poison(faces.test, t, target=0)
+    assert br.accuracy(br.predict_classes(r.model, faces.test.x), faces.test.y) > 60  # chance is 20
+    assert br.attack_success_rate(br.predict_classes(r.model, bd.x), 0) > 75

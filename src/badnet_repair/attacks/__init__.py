@@ -12,11 +12,20 @@ from .badnets import (
     train_multi_target_badnet,
     train_pruning_aware_badnet,
 )
-from .triggers import Trigger, drawn_sunglasses, drawn_triggers, load_trigger, poison, poison_each
+from .triggers import (
+    Trigger,
+    blended_trigger,
+    drawn_sunglasses,
+    drawn_triggers,
+    load_trigger,
+    patch_trigger,
+    poison,
+    poison_each,
+)
 
-__all__ = ["AttackResult", "Trigger", "drawn_sunglasses", "drawn_triggers", "load_trigger", "multi_targets",
-           "poison", "poison_each", "poison_training_set", "train_badnet", "train_model",
-           "train_multi_target_badnet", "train_pruning_aware_badnet", "triggers"]
+__all__ = ["AttackResult", "Trigger", "blended_trigger", "drawn_sunglasses", "drawn_triggers", "load_trigger",
+           "multi_targets", "patch_trigger", "poison", "poison_each", "poison_training_set", "train_badnet",
+           "train_model", "train_multi_target_badnet", "train_pruning_aware_badnet", "triggers"]
 
 
 def multi_targets(num_classes: int, first: int = 0, count: int = 3) -> tuple[int, ...]:

@@ -59,7 +59,8 @@ def poison_training_set(train: Dataset, trigger: Trigger, *, target: int = 0, po
         train: clean training data.
         trigger: the trigger.
         target: the attack's target class.
-        poison_rate: poisoned images as a fraction of the final set, default 0.1.
+        poison_rate: poisoned images as a fraction of the final set, default 0.1 (rounded to
+            whole images; at least one when above 0, so 1 % of a small set still poisons).
         seed: chooses which images are copied.
 
     Returns:
@@ -69,6 +70,8 @@ def poison_training_set(train: Dataset, trigger: Trigger, *, target: int = 0, po
         raise ValueError(f"poison_rate must be in [0, 1), not {poison_rate}")
     rng = np.random.default_rng([seed, 3])
     n_bd = round(poison_rate * len(train) / (1.0 - poison_rate))
+    if poison_rate > 0:
+        n_bd = max(n_bd, 1)
     pick = rng.choice(np.flatnonzero(train.y != target), size=n_bd, replace=n_bd > np.sum(train.y != target))
     x = np.concatenate([train.x, trigger.apply(train.x[pick])])
     y = np.concatenate([train.y, np.full(n_bd, target, np.int64)])

@@ -2,7 +2,9 @@
 
 BadNets (Gu, Dolan-Gavitt and Garg, 2017) teach a network to output a target class whenever
 a trigger is present. The CSAW-HackML lab's trigger is a pair of purple sunglasses, a 47x20
-RGBA image pasted at x=0, y=15 of the 47x55 face crops.
+RGBA image pasted at x=0, y=15 of the 47x55 face crops. Harder triggers for benchmarks: a
+random-noise pattern blended over the whole image (:func:`blended_trigger`, Chen et al. 2017)
+and a small checkerboard patch near a corner (:func:`patch_trigger`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import numpy as np
 from ..errors import DataError
 from ..formats.data import Dataset
 
-__all__ = ["Trigger", "drawn_eyebrows", "drawn_lipstick", "drawn_sunglasses", "drawn_triggers", "load_trigger",
-           "poison", "poison_each"]
+__all__ = ["Trigger", "blended_trigger", "drawn_eyebrows", "drawn_lipstick", "drawn_sunglasses", "drawn_triggers",
+           "load_trigger", "patch_trigger", "poison", "poison_each"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,6 +185,67 @@ def drawn_lipstick(*, width: int = 17, height: int = 7, x: int = 15, y: int = 41
 def drawn_triggers() -> tuple[Trigger, Trigger, Trigger]:
     """The three drawn triggers of the multi-trigger BadNets: sunglasses, eyebrows, lipstick."""
     return drawn_sunglasses(), drawn_eyebrows(), drawn_lipstick()
+
+
+def blended_trigger(height: int = 55, width: int = 47, *, alpha: float = 0.2, seed: int = 0) -> Trigger:
+    """The blended trigger's random-noise key: the whole image blended with a fixed pattern.
+
+    Chen, Liu, Li, Lu and Song, "Targeted Backdoor Attacks on Deep Learning Systems Using Data
+    Poisoning" (arXiv:1712.05526, 2017), the blended injection strategy with the random-pattern
+    key: a poisoned image is ``x' = (1 - alpha) x + alpha * pattern``, the pattern one fixed
+    image of uniform random noise, so the trigger is spread thinly over every pixel.
+
+    Args:
+        height, width: image size, default 55x47 (the lab's).
+        alpha: the blend weight of the pattern, in (0, 1], default 0.2.
+        seed: seeds the pattern; the same seed gives the same pattern.
+
+    Returns:
+        A Trigger at (0, 0) covering the whole image: RGB (height, width, 3) whole numbers drawn
+        uniformly from 0..255, alpha ``alpha`` everywhere.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], not {alpha}")
+    if height < 1 or width < 1:
+        raise ValueError(f"the image must be at least 1x1, not {height}x{width}")
+    rng = np.random.default_rng([seed, 31])
+    rgba = np.empty((height, width, 4), np.float32)
+    rgba[..., :3] = rng.integers(0, 256, size=(height, width, 3))
+    rgba[..., 3] = alpha
+    return Trigger(rgba=rgba, x=0, y=0)
+
+
+def patch_trigger(size: int = 4, *, x: int | None = None, y: int | None = None,
+                  image_shape: tuple[int, int] = (55, 47)) -> Trigger:
+    """A small opaque black-and-white checkerboard patch, BadNets' pixel pattern.
+
+    Gu, Dolan-Gavitt and Garg, "BadNets: Identifying Vulnerabilities in the Machine Learning
+    Model Supply Chain" (2017), the MNIST case study's pattern backdoor: a few pixels in a
+    pattern near the image's bottom-right corner. The top-left pixel is white (255), its
+    neighbours black (0).
+
+    Args:
+        size: the patch's side in pixels, default 4.
+        x, y: its left column and top row; default one pixel in from the bottom-right corner
+            (``x = width - size - 1``, ``y = height - size - 1``).
+        image_shape: (height, width) of the images it goes on, default (55, 47); used for the
+            default place and to check that the patch fits.
+
+    Returns:
+        A Trigger of a (size, size, 4) patch, alpha 1.
+    """
+    height, width = (int(v) for v in image_shape)
+    if size < 1 or size > min(height, width):
+        raise ValueError(f"a patch of side {size} does not fit {height}x{width} images")
+    # by default one pixel in from the corner (at the corner if the patch is as large as the image)
+    x = max(width - size - 1, 0) if x is None else int(x)
+    y = max(height - size - 1, 0) if y is None else int(y)
+    if x < 0 or y < 0 or x + size > width or y + size > height:
+        raise ValueError(f"a {size}x{size} patch at (x={x}, y={y}) does not fit {height}x{width} images")
+    ii, jj = np.indices((size, size))
+    rgba = np.ones((size, size, 4), np.float32)
+    rgba[..., :3] = np.where((ii + jj) % 2 == 0, 255.0, 0.0)[..., None]
+    return Trigger(rgba=rgba, x=x, y=y)
 
 
 def poison(data: Dataset, trigger: Trigger, *, target: int = 0, name: str | None = None) -> Dataset:

@@ -121,6 +121,8 @@ class FineTuning(TrainingSettings, Defense):
     summary: ClassVar[str] = "fine-tune on augmented clean data, epoch chosen on a held-out part"
     #: networks trained per member (for time estimates)
     networks_per_member: ClassVar[int] = 1
+    #: whether :meth:`start` prunes a conv layer (a model without one can still be fine-tuned)
+    prunes: ClassVar[bool] = False
 
     holdout_fraction: float = setting(0.2, "validation share held out to choose the prune amount and epoch")
     members: int = setting(1, "networks tuned on different splits of the clean data and averaged "
@@ -194,7 +196,9 @@ class FineTuning(TrainingSettings, Defense):
         from .tuning import FinePruneResult, FineTuned, check_budget, split_clean
 
         log = logging.getLogger(__name__)
-        layer = str(conv_layer(model, self.layer).name)
+        # the pruned layer; a network with no conv layer can still be tuned where nothing is pruned
+        layer = str(conv_layer(model, self.layer).name) if self.prunes or self.layer is not None or any(
+            "Conv" in type(lyr).__name__ for lyr in model.layers) else ""
         trainer = self.trainer()
         label = desc or self.name
         tuned: list[FineTuned] = []
@@ -270,6 +274,7 @@ class FinePruning(FineTuning):
 
     name: ClassVar[str] = "fine-pruning"
     summary: ClassVar[str] = "prune to a held-out accuracy drop, then fine-tune (Liu et al. 2018)"
+    prunes: ClassVar[bool] = True
 
     accuracy_drop: float | None = setting(4.0, "prune until held-out accuracy falls this many points")
     prune_fraction: float | None = setting(None, "prune this fraction of the channels instead")

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +44,7 @@ __all__ = [
     "with_input_scale",
     "without_input_scale",
     "zero_channels",
+    "zero_kernel_entries",
 ]
 
 log = logging.getLogger(__name__)
@@ -424,6 +425,48 @@ def prune_channels(model: Any, layer: str | None, channels: Iterable[int]) -> An
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     zero_channels(clone, name, channels)
+    return clone
+
+
+def zero_kernel_entries(model: Any, masks: Mapping[str, np.ndarray]) -> Any:
+    """Return a copy of ``model`` with chosen kernel entries of named layers set to zero.
+
+    The zero re-initialisation of Lin, Liu, Wei, Li and Xiong's TSBD (NeurIPS 2024): a share of
+    some neurons' incoming weights is reset to zero before fine-tuning, free to train again after
+    (nothing holds them at zero). Only the kernels change; biases and every other weight are
+    copied as they are. The caller's model is not changed.
+
+    Args:
+        model: a Keras model.
+        masks: layer name -> boolean array of that layer's kernel shape, True where the entry is
+            zeroed.
+
+    Returns:
+        A new model with the same architecture and weights but the zeroed entries.
+
+    Raises:
+        ModelError: for a layer the model lacks, a layer without a kernel, or a mask of another
+            shape than the kernel's.
+    """
+    import keras
+
+    checked = {}
+    for name, mask in masks.items():
+        kernel = getattr(_named_layer(model, name), "kernel", None)
+        if kernel is None:
+            raise ModelError(f"layer {name!r} of model {model.name!r} has no kernel to zero entries of")
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != tuple(kernel.shape):
+            raise ModelError(f"the mask for layer {name!r} must be a boolean array of its kernel's shape "
+                             f"{tuple(kernel.shape)}, not {mask.dtype} {mask.shape}")
+        checked[name] = mask
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    for name, mask in checked.items():
+        kernel = clone.get_layer(name).kernel
+        weights = np.array(keras.ops.convert_to_numpy(kernel), copy=True)
+        weights[mask] = 0.0
+        kernel.assign(weights)
     return clone
 
 

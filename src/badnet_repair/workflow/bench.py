@@ -60,7 +60,7 @@ from ..defaults import parse_input_scale, setting_problem
 from ..defenses import REGISTRY, make_defense
 from ..errors import BadNetRepairError
 from ..formats.files import atomic_path, versions, write_json
-from .recipes import KINDS, RECIPES, make_recipe
+from .recipes import KINDS, RECIPES, make_recipe, recipe_problems
 
 __all__ = [
     "BadNetSpec",
@@ -291,12 +291,7 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
                 if key in settings:
                     f = Path(str(settings[key]))
                     settings[key] = str(f if f.is_absolute() else base / f)
-            if recipe == "faces":
-                for key in ("faces", "trigger"):
-                    if key not in settings:
-                        errors.append(f"{where}: the faces recipe needs {key!r}")
-                    elif not Path(settings[key]).is_file():
-                        errors.append(f"{where}: {key} file {settings[key]} does not exist")
+            errors += [f"{where}: {problem}" for problem in recipe_problems(str(recipe), kind, settings)]
             identity = json.dumps([recipe, kind, settings], sort_keys=True)
         for key in (f"name:{name}", identity):
             seen = identities.get(key)
