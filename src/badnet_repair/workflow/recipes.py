@@ -38,7 +38,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     "faces": {"faces": None, **_TRIGGER_SETTINGS, "target": 0, "training_seed": 0, "epochs": 60,
               "poison_rate": 0.05},
     # The lab's shape (1,283 identities; 9 validation images each, the lab's 11,547; 10 test images
-    # each, its 12,830) on the demo's synthetic faces. train_per_identity and epochs: see _LAB_DENSITY_TRAINING.
+    # each, its 12,830) on the demo's synthetic faces. train_per_identity 40 and 20 epochs (51,320
+    # training images, no augmentation, as the demo's) were measured 2026-12-03 with train_badnet as
+    # make_recipe calls it (seed 0, 5 % poisoned, the drawn sunglasses), on these faces drawn in one
+    # go with 80 per identity (the first 40 kept): 98.06 % clean test accuracy (97.94 % validation;
+    # the lab's B: about 98.6 %), 100 % attack success. Training took 1,279 s wall on the project's
+    # 2-core machine while another job's tests shared both cores (this one had 78 % of the CPU,
+    # 1,091 CPU-seconds in all); at the demo's 5.5e-4 s per image-epoch on 2 free cores
+    # (demo/make.py) that is about 600 s, 10 minutes. Drawing the 75,697 faces adds about 2.5 ms
+    # each (3 minutes); a pruning-aware BadNet trains about 1.2 times as long.
     "lab-density": {"num_identities": 1283, "train_per_identity": 40, "valid_per_identity": 9,
                     "test_per_identity": 10, "faces_seed": 0, **_TRIGGER_SETTINGS, "target": 0,
                     "training_seed": 0, "epochs": 20, "poison_rate": 0.05},
@@ -149,10 +157,6 @@ def _face_file(faces: Path) -> tuple[Dataset, Dataset, Dataset, int]:
     train, valid, test = (Dataset(x[i], y[i], name) for i, name in
                           ((train_i, "train"), (valid_i, "valid"), (test_i, "test")))
     return train, valid, test, int(y.max()) + 1
-
-
-# How the lab-density defaults were chosen (train_per_identity 40, epochs 20): MEASUREMENT.
-_LAB_DENSITY_TRAINING: dict[str, Any] = {}
 
 
 def _lab_density_faces(s: Mapping[str, Any]) -> tuple[Dataset, Dataset, Dataset, int]:
