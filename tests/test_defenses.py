@@ -22,7 +22,7 @@ from badnet_repair.defenses import (
     make_defense,
     register_defense,
 )
-from badnet_repair.defenses.finetuning import TrainingPlan
+from badnet_repair.defenses.finetuning import Member, TrainingPlan
 from badnet_repair.detectors import Disagreement, goodnet_classes
 from badnet_repair.nets.trainer import Part
 from badnet_repair.workflow.compare import compare_defenses
@@ -32,7 +32,7 @@ from .conftest import SpyArray, random_faces, tiny_conv_model
 
 def test_registry_names_and_settings():
     assert list(REGISTRY) == ["fine-tuning", "pruning", "fine-pruning", "nc-unlearning", "nc-pruning", "ft-sam",
-                              "i-bau", "fst", "fst-fp"]
+                              "i-bau", "fst", "fst-fp", "sau", "bti-dbf", "tsbd"]
     assert {"epochs", "learning_rate", "distill", "weight_decay", "members", "seed", "layer"} <= set(
         FineTuning.settings())
     assert {"budget", "holdout_fraction", "schedule", "clipnorm"} <= set(FineTuning.settings())
@@ -168,8 +168,8 @@ class ToyShrink(FineTuning):
 
     shrink: float = setting(1.0, "weight of the penalty on the head's squared kernel")
 
-    def plan(self, model: Any, start: Any, pruned: tuple[int, ...], layer: str, seed: int) -> TrainingPlan:
-        base = super().plan(model, start, pruned, layer, seed)
+    def plan(self, member: Member, start: Any, pruned: tuple[int, ...]) -> TrainingPlan:
+        base = super().plan(member, start, pruned)
         return TrainingPlan(parts=(*base.parts, _ShrinkHead(self.shrink)), step=base.step)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.cli import main
-from badnet_repair.defenses.finetuning import Distillation, FineTuning, fine_prune
+from badnet_repair.defenses.finetuning import Distillation, FineTuning, Member, fine_prune
 from badnet_repair.defenses.fst import FeatureShift
 from badnet_repair.defenses.tuning import check_budget, split_clean
 from badnet_repair.formats import data as data_module
@@ -273,10 +273,11 @@ def test_feature_shift_head_epochs_train_the_head_alone_first(small_deepid):
                             warmup=Warmup(head_epochs, ("output",)), progress=False)
         starts[head_epochs] = got.history[0]["holdout_accuracy"]
     assert starts[20] >= starts[0] + 40
+    member = Member(badnet=small_deepid, tune=tune, holdout=hold, layer="conv_3", seed=0, index=0, pixel_scale=255.0)
     fst = br.make_defense("fst", head_epochs=3, epochs=1)
-    assert fst.plan(small_deepid, small_deepid, (), "conv_3", 0).warmup == Warmup(3, ("output",))
+    assert fst.plan(member, small_deepid, ()).warmup == Warmup(3, ("output",))
     with pytest.raises(ValueError, match="head_epochs"):
-        br.make_defense("fst", head_epochs=-1).plan(small_deepid, small_deepid, (), "conv_3", 0)
+        br.make_defense("fst", head_epochs=-1).plan(member, small_deepid, ())
 
 
 def test_the_budget_rule_falls_back_in_order_and_says_so(caplog):

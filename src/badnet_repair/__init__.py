@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .attacks.triggers import Trigger, drawn_triggers, load_trigger, poison, poison_each
     from .defenses import (
         IBAU,
+        BTIDBFUnlearning,
         Defense,
         FeatureShiftFinePruning,
         FeatureShiftTuning,
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
         Pruning,
         Repair,
         Repaired,
+        SharedAdversarialUnlearning,
+        TwoStageBackdoorDefense,
         make_defense,
         register_defense,
     )
@@ -248,6 +251,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'FineTuningSAM': ('.defenses', 'FineTuningSAM'),
     'FeatureShiftTuning': ('.defenses', 'FeatureShiftTuning'),
     'FeatureShiftFinePruning': ('.defenses', 'FeatureShiftFinePruning'),
+    'SharedAdversarialUnlearning': ('.defenses', 'SharedAdversarialUnlearning'),
+    'BTIDBFUnlearning': ('.defenses', 'BTIDBFUnlearning'),
+    'TwoStageBackdoorDefense': ('.defenses', 'TwoStageBackdoorDefense'),
     'ibau_unlearn': ('.defenses.ibau', 'ibau_unlearn'),
     'plot_cleanse_norms': ('.reporting.plotting', 'plot_cleanse_norms'),
     'plot_reversed_triggers': ('.reporting.plotting', 'plot_reversed_triggers'),
@@ -317,6 +323,7 @@ elif not any(isinstance(f, _WhenKerasLoads) for f in sys.meta_path):
 __all__ = [
     "IBAU",
     "AnyOf",
+    "BTIDBFUnlearning",
     "BadNetRepairError",
     "ChannelChain",
     "ChannelRanking",
@@ -350,6 +357,7 @@ __all__ = [
     "ReversedTrigger",
     "ReversedTriggerDetector",
     "Selection",
+    "SharedAdversarialUnlearning",
     "Strip",
     "SweepResult",
     "SweepStep",
@@ -357,6 +365,7 @@ __all__ = [
     "TrainingSettings",
     "Trigger",
     "TriggerResponse",
+    "TwoStageBackdoorDefense",
     "UnsafeModelError",
     "__version__",
     "accuracy",

@@ -12,21 +12,26 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Defense, Repair, Repaired
+from .btidbf import BTIDBFUnlearning
 from .cleanse import NeuralCleansePruning, NeuralCleanseUnlearning
 from .finetuning import FinePruning, FineTuning
 from .fst import FeatureShiftFinePruning, FeatureShiftTuning
 from .ibau import IBAU
 from .pruning import Pruning
 from .sam import FineTuningSAM
+from .sau import SharedAdversarialUnlearning
+from .tsbd import TwoStageBackdoorDefense
 
-__all__ = ["IBAU", "REGISTRY", "Defense", "FeatureShiftFinePruning", "FeatureShiftTuning", "FinePruning",
-           "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning", "Repair",
-           "Repaired", "make_defense", "register_defense"]
+__all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "Defense", "FeatureShiftFinePruning", "FeatureShiftTuning",
+           "FinePruning", "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning",
+           "Repair", "Repaired", "SharedAdversarialUnlearning", "TwoStageBackdoorDefense", "make_defense",
+           "register_defense"]
 
 #: Registry name -> defense class, in the order tables list them.
 REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
-    FeatureShiftTuning, FeatureShiftFinePruning)}
+    FeatureShiftTuning, FeatureShiftFinePruning, SharedAdversarialUnlearning, BTIDBFUnlearning,
+    TwoStageBackdoorDefense)}
 
 
 def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:

@@ -12,7 +12,7 @@ Cleanse's unlearning subclass it with their own parts, in their own modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -77,6 +77,38 @@ class FrozenChannels(Part):
         self.begin(network)
 
 
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One network a fine-tuning defense trains: what :meth:`FineTuning.start` and
+    :meth:`FineTuning.plan` are given.
+
+    Attributes:
+        badnet: B (never changed).
+        tune: this member's tuning images (trained on).
+        holdout: its held-out images (only measured: they choose the epoch and hold the budget).
+        layer: the conv layer pruned channels belong to ("" where the network has none).
+        seed: the member's seed (``seed + 1000 * index``).
+        index: 0 for the first member.
+        pixel_scale: the clean images' pixel range (255 for 0..255 files;
+            :func:`~badnet_repair.formats.data.pixel_range`), the unit of perturbation settings.
+        progress: progress bars.
+        desc: the progress bars' label.
+        notes: what the defense records about this member (JSON-able), copied into its
+            :class:`~badnet_repair.defenses.tuning.FineTuned` and the record's choices.
+    """
+
+    badnet: Any
+    tune: Dataset
+    holdout: Dataset
+    layer: str
+    seed: int
+    index: int
+    pixel_scale: float
+    progress: bool = False
+    desc: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class TrainingPlan:
     """What a fine-tuning defense hands the trainer for one network: its parts, its step and
@@ -123,6 +155,8 @@ class FineTuning(TrainingSettings, Defense):
     networks_per_member: ClassVar[int] = 1
     #: whether :meth:`start` prunes a conv layer (a model without one can still be fine-tuned)
     prunes: ClassVar[bool] = False
+    #: what the budget's fallback calls the network :meth:`start` makes, where it is not B
+    start_label: ClassVar[str] = "pruned start"
 
     holdout_fraction: float = setting(0.2, "validation share held out to choose the prune amount and epoch")
     members: int = setting(1, "networks tuned on different splits of the clean data and averaged "
@@ -149,23 +183,29 @@ class FineTuning(TrainingSettings, Defense):
 
     # -- what a subclass changes ---------------------------------------------------------------
 
-    def start(self, model: Any, holdout: Dataset, layer: str) -> tuple[Any, tuple[int, ...]]:
-        """The network training starts from, and the channels of ``layer`` held at zero: B itself."""
-        return model, ()
+    def start(self, member: Member) -> tuple[Any, tuple[int, ...]]:
+        """The network training starts from, and the channels of ``member.layer`` held at zero:
+        B itself, nothing held."""
+        return member.badnet, ()
 
-    def plan(self, model: Any, start: Any, pruned: tuple[int, ...], layer: str, seed: int) -> TrainingPlan:
+    def plan(self, member: Member, start: Any, pruned: tuple[int, ...]) -> TrainingPlan:
         """The parts one network is trained with: B's correct answers distilled (where
         ``distill``), the pruned channels held at zero (where any)."""
         parts: list[Part] = []
         if self.distill:
-            parts.append(Distillation(model, self.distill))
+            parts.append(Distillation(member.badnet, self.distill))
         if pruned:
-            parts.append(FrozenChannels(layer, pruned))
+            parts.append(FrozenChannels(member.layer, pruned))
         return TrainingPlan(parts=tuple(parts))
 
     def step_cost(self) -> float:
         """The cost of one training step in plain steps (for time estimates), default 1."""
         return 1.0
+
+    def fixed_cost(self) -> float:
+        """Work per member outside the trainer's epochs, in plain passes over the tuning part
+        (for time estimates; a cut in epochs does not shrink it), default 0."""
+        return 0.0
 
     def keeps_start(self, pruned: tuple[int, ...]) -> bool:
         """Whether the untrained start may win the epoch choice: never for B itself, which clean
@@ -191,6 +231,7 @@ class FineTuning(TrainingSettings, Defense):
         """
         import logging
 
+        from ..formats.data import pixel_range
         from ..nets.models import average_models, conv_layer
         from ..nets.trainer import accuracy
         from .tuning import FinePruneResult, FineTuned, check_budget, split_clean
@@ -202,32 +243,38 @@ class FineTuning(TrainingSettings, Defense):
         trainer = self.trainer()
         label = desc or self.name
         tuned: list[FineTuned] = []
+        scale = pixel_range(clean.x)
         for i in range(self.members):
             member_seed = self.seed + 1000 * i
             tune, holdout, tune_idx, hold_idx = split_clean(clean, holdout_fraction=self.holdout_fraction,
                                                             seed=member_seed)
+            member = Member(badnet=model, tune=tune, holdout=holdout, layer=layer, seed=member_seed, index=i,
+                            pixel_scale=scale, progress=progress,
+                            desc=label + (f" {i + 1}/{self.members}" if self.members > 1 else ""))
             base_acc = accuracy(model, holdout)
-            start, pruned = self.start(model, holdout, layer)
-            pruned_acc = accuracy(start, holdout) if pruned else base_acc
-            log.info("%s member %d/%d: %d channels of %s pruned; held-out accuracy %.2f -> %.2f", self.name, i + 1,
-                     self.members, len(pruned), layer, base_acc, pruned_acc)
-            plan = self.plan(model, start, pruned, layer, member_seed)
+            start, pruned = self.start(member)
+            start_acc = base_acc if start is model else accuracy(start, holdout)
+            log.info("%s member %d/%d: %d channels of %s held at zero; held-out accuracy %.2f (B) -> %.2f (start)",
+                     self.name, i + 1, self.members, len(pruned), layer or "(no conv layer)", base_acc, start_acc)
+            plan = self.plan(member, start, pruned)
             trained = trainer.train(start, tune, holdout, parts=(*plan.parts, *parts), step=plan.step,
                                     warmup=plan.warmup, seed=member_seed, keep_start=self.keeps_start(pruned),
-                                    progress=progress,
-                                    desc=label + (f" {i + 1}/{self.members}" if self.members > 1 else ""))
+                                    progress=progress, desc=member.desc)
             who = self.name if self.members == 1 else f"{self.name} member {i + 1}"
-            candidates = ([("pruned start", pruned_acc)] if pruned else []) + [("B", base_acc)]
+            # the start is a fallback where it is not B (nor B itself copied: a pruning that pruned nothing)
+            own_start = start is not model and not (self.prunes and not pruned)
+            candidates = ([(self.start_label, start_acc)] if own_start else []) + [("B", base_acc)]
             check = check_budget(who, trained.holdout_accuracy, base_acc, self.budget, candidates)
             net, epoch = trained.model, trained.kept_epoch
-            if check.fallback == "pruned start":
+            if check.fallback == self.start_label:
                 net, epoch = start, 0
             elif check.fallback == "B":
                 net, epoch, pruned = model, 0, ()
             tuned.append(FineTuned(model=net, seed=member_seed, pruned_channels=pruned, kept_epoch=epoch,
                                    holdout_accuracy=check.accuracy, base_holdout_accuracy=base_acc,
-                                   pruned_holdout_accuracy=pruned_acc, history=trained.history,
-                                   tune_index=tune_idx, holdout_index=hold_idx, budget=check))
+                                   pruned_holdout_accuracy=start_acc, history=trained.history,
+                                   tune_index=tune_idx, holdout_index=hold_idx, budget=check,
+                                   notes=dict(member.notes)))
         repaired = tuned[0].model if self.members == 1 else average_models(
             [t.model for t in tuned], name=f"{self.name.replace('-', '_')}_ensemble", mean=self.ensemble_mean)
         return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned))
@@ -251,7 +298,7 @@ def member_choices(result: FinePruneResult) -> list[dict[str, Any]]:
     return [{"seed": m.seed, "channels_pruned": len(m.pruned_channels), "kept_epoch": m.kept_epoch,
              "base_holdout_accuracy": m.base_holdout_accuracy, "pruned_holdout_accuracy": m.pruned_holdout_accuracy,
              "holdout_accuracy": m.holdout_accuracy,
-             "fallback": m.budget.fallback if m.budget is not None else None} for m in result.members]
+             "fallback": m.budget.fallback if m.budget is not None else None, **m.notes} for m in result.members]
 
 
 @dataclass(frozen=True)
@@ -288,11 +335,13 @@ class FinePruning(FineTuning):
         if self.prune_fraction is None and (self.accuracy_drop is None or not self.accuracy_drop >= 0):
             raise ValueError("give accuracy_drop >= 0 or prune_fraction")
 
-    def start(self, model: Any, holdout: Dataset, layer: str) -> tuple[Any, tuple[int, ...]]:
-        """B with ``layer``'s least active channels pruned, to the drop or the fraction."""
+    def start(self, member: Member) -> tuple[Any, tuple[int, ...]]:
+        """B with ``layer``'s least active channels pruned (ranked and swept on the member's
+        held-out images), to the drop or the fraction."""
         from ..nets.models import conv_layer, prune_channels
         from .sweep import prune_sweep
 
+        model, holdout, layer = member.badnet, member.holdout, member.layer
         if self.prune_fraction is not None:
             sweep = prune_sweep(model, holdout, layer=layer, thresholds=())
             filters = int(conv_layer(model, layer).filters)

@@ -13,7 +13,7 @@ from ..defaults import setting
 from ..formats.data import Dataset
 from ..nets.trainer import Part, Warmup
 from .base import Repair, Repaired
-from .finetuning import FinePruning, FineTuning, TrainingPlan, member_choices
+from .finetuning import FinePruning, FineTuning, Member, TrainingPlan, member_choices
 
 __all__ = ["FeatureShift", "FeatureShiftFinePruning", "FeatureShiftTuning"]
 
@@ -124,9 +124,9 @@ class FeatureShiftTuning(_FeatureShiftSettings, FineTuning):
     name: ClassVar[str] = "fst"
     summary: ClassVar[str] = "fine-tune with the head drawn anew and pushed from the BadNet's (Min et al. 2023)"
 
-    def plan(self, model: Any, start: Any, pruned: tuple[int, ...], layer: str, seed: int) -> TrainingPlan:
+    def plan(self, member: Member, start: Any, pruned: tuple[int, ...]) -> TrainingPlan:
         """Fine-tuning's parts, with FST's head and penalty first."""
-        return self.shift_plan(super().plan(model, start, pruned, layer, seed), model, seed)
+        return self.shift_plan(super().plan(member, start, pruned), member.badnet, member.seed)
 
 
 #: The settings only feature shift tuning takes (the rest are fine-pruning's).

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from ..defaults import setting
 from ..nets.trainer import Step
-from .finetuning import FineTuning, TrainingPlan
+from .finetuning import FineTuning, Member, TrainingPlan
 
 __all__ = ["FineTuningSAM", "SharpnessAwareStep"]
 
@@ -79,8 +79,8 @@ class FineTuningSAM(FineTuning):
         """Two gradients per batch (one plain where ``sam_rho`` is 0)."""
         return 2.0 if self.sam_rho else 1.0
 
-    def plan(self, model: Any, start: Any, pruned: tuple[int, ...], layer: str, seed: int) -> TrainingPlan:
+    def plan(self, member: Member, start: Any, pruned: tuple[int, ...]) -> TrainingPlan:
         """Fine-tuning's parts, with sharpness-aware steps (plain ones where ``sam_rho`` is 0)."""
-        base = super().plan(model, start, pruned, layer, seed)
+        base = super().plan(member, start, pruned)
         step = SharpnessAwareStep(self.sam_rho, self.sam_adaptive) if self.sam_rho else None
         return TrainingPlan(parts=base.parts, step=step)

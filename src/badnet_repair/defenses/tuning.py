@@ -11,7 +11,8 @@ the held-out part alone; no test and no poisoned data is seen. The training itse
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -104,13 +105,15 @@ class FineTuned:
             untuned start was kept (``keep_pruned_start``, or the budget's fallback).
         holdout_accuracy: held-out clean accuracy (%) of the returned network.
         base_holdout_accuracy: held-out clean accuracy (%) of the BadNet.
-        pruned_holdout_accuracy: held-out accuracy (%) after pruning, before tuning.
+        pruned_holdout_accuracy: held-out accuracy (%) of the start (after pruning, or the
+            defense's own start), before tuning; B's where it starts from B.
         history: per epoch: ``loss``, ``accuracy`` (tuning part), ``holdout_accuracy`` and what
             the defense's parts record (distillation: ``teacher_agreement``); the first row
             (epoch 0) is the start, before tuning.
         tune_index: (M,) indices of the validation images used for tuning.
         holdout_index: (K,) indices of the held-out validation images.
         budget: the clean-accuracy budget's check of this network.
+        notes: what the defense recorded about this member (JSON-able; TSBD: its first stage).
     """
 
     model: Any
@@ -124,6 +127,7 @@ class FineTuned:
     tune_index: np.ndarray
     holdout_index: np.ndarray
     budget: BudgetCheck | None = None
+    notes: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import DataError, DataWarning
 from .files import atomic_path
 
-__all__ = ["IMAGE_SUFFIXES", "Dataset", "LazyImages", "load_h5", "load_images", "poisoned_labels", "save_h5"]
+__all__ = ["IMAGE_SUFFIXES", "Dataset", "LazyImages", "load_h5", "load_images", "pixel_range", "poisoned_labels",
+           "save_h5"]
 
 log = logging.getLogger(__name__)
 
@@ -442,3 +443,16 @@ def poisoned_labels(data: Dataset, target: int | None, *, several: bool = False)
         log.info("%s: scoring attack success against target %d", data.name, target)
     y = np.full(len(data), target, dtype=np.int64)
     return Dataset(data.x, y, name=data.name, path=data.path), int(target)
+
+
+def pixel_range(x: Any) -> float:
+    """The pixel range of images: 255 where any pixel is above 1.5 (0..255 files), else 1 (0..1).
+
+    Perturbation bounds and steps in the defenses are in units of this range, so a paper's
+    settings for 0..1 images carry over to the lab's 0..255 pixels.
+
+    Args:
+        x: (N, H, W, C) images (an array or a lazily read dataset's images).
+    """
+    arr = x if isinstance(x, np.ndarray) else np.asarray(x[:])
+    return 255.0 if arr.size and float(np.max(arr)) > 1.5 else 1.0

@@ -134,7 +134,9 @@ def estimate_repair(defense: Defense, clean: Dataset | int, speed: ModelSpeed) -
     step = speed.train * float(getattr(defense, "step_cost", lambda: 1.0)())
     distill = speed.predict if p.get("distill") else 0.0
     per_epoch = tune * (step + distill) + holdout * speed.predict
-    seconds = parts * members * epochs * per_epoch
+    # work outside the epochs (TSBD's unlearning, for example), in plain passes over the tuning part
+    fixed = float(getattr(defense, "fixed_cost", lambda: 0.0)()) * tune * speed.train
+    seconds = parts * members * (epochs * per_epoch + fixed)
     detail = (f"{parts * members} network(s) x {epochs} epochs x {tune:,.0f} tuning + {holdout:,.0f} held-out "
               f"images; {1e3 * speed.train:.2f} ms per training image, {1e3 * speed.predict:.2f} ms per prediction, "
               "measured here")
