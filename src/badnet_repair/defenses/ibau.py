@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..defaults import BUDGET_HELP, setting
-from ..formats.data import Dataset
+from ..formats.data import Dataset, pixel_range
 from .base import Defense, Repair, Repaired
 
 __all__ = ["IBAU", "ibau_unlearn", "implicit_hypergradient"]
@@ -176,7 +176,7 @@ def ibau_unlearn(
     y = np.asarray(clean.y, np.int64)
     if len(x) == 0:
         raise ValueError("no clean images to unlearn on")
-    scale = float(pixel_scale) if pixel_scale is not None else (255.0 if float(np.max(x)) > 1.5 else 1.0)
+    scale = float(pixel_scale) if pixel_scale is not None else pixel_range(x)
     with deterministic_ops():
         keras.utils.set_random_seed(seed)
         rng = np.random.default_rng([seed, 23])
