@@ -165,8 +165,13 @@ def test_notebook_writes_the_report_at_the_top_and_the_models_in_out_dir(execute
     assert STUDENT_CONCLUSION in report and "Replace this line" not in report
     shown = next(t for t in notebook_outputs(nb, "text/markdown") if t.startswith("**Generated summary**"))
     assert "The BadNet B" in shown and "The BadNet B classifies" not in report
+    # the bounded fine-pruning after the lab's steps is in the report too, with any budget line
+    beyond = report[report.index("## Beyond the lab: fine-pruning"):]
+    assert "| G (fine-pruning) |" in beyond and "Running fine-pruning" not in beyond and "fine-pruning: about" in beyond
+    warned = any("WARNING: fine-pruning" in t for t in notebook_outputs(nb, "text/markdown"))
+    assert ("> **Warning:** WARNING: fine-pruning" in beyond) == warned
     html = (work / "Lab2_report.html").read_text()
-    assert "data:image/png;base64" in html and "<table>" in html
+    assert "data:image/png;base64" in html and "<table>" in html and "Beyond the lab" in html
     for x in ("2", "4", "10"):
         assert (work / "out" / f"goodnet_{x}.keras").exists() and (work / "out" / f"bd_{x}.h5").exists()
 
