@@ -298,8 +298,7 @@ def train_pruning_aware_badnet(
                           learning_rate=learning_rate, seed=seed, shift=shift, flip=flip, desc="clean training",
                           progress=progress)
     sweep = prune_sweep(clean_model, hold, layer=layer, thresholds=[prune_drop])
-    sel = sweep.selections[float(prune_drop)]
-    pruned = tuple(int(c) for c in (sel.channels if sel is not None else sweep.ranking.order))
+    pruned = sweep.channels_at(prune_drop)
     filters = len(sweep.ranking.order)
     log.info("pruning-aware attack: pruned %d of %d channels of %s", len(pruned), filters, layer)
     model = prune_channels(clean_model, layer, pruned)
