@@ -117,3 +117,14 @@ class SpyArray(np.ndarray):
     def __getitem__(self, index: Any) -> Any:
         SpyArray.log.append("read")
         return np.asarray(self).__getitem__(index)
+
+
+class LoggedRepair:
+    """A defense mixin that logs the start and end of ``repair`` in :class:`SpyArray`'s log, so a
+    test can tell whether a test or poisoned image was read while a defense repaired."""
+
+    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False, **kw: Any) -> Any:
+        SpyArray.log.append("start")
+        out = super().repair(model, clean, progress=progress, **kw)  # type: ignore[misc]
+        SpyArray.log.append("end")
+        return out

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import badnet_repair as br
-from badnet_repair.defenses import REGISTRY, Repair, make_defense
+from badnet_repair.defenses import REGISTRY, make_defense
 from badnet_repair.defenses.btidbf import (
     BTIDBFUnlearning,
     GeneratedPoison,
@@ -24,7 +24,7 @@ from badnet_repair.defenses.btidbf import (
 from badnet_repair.nets.trainer import Trainer
 from badnet_repair.workflow.compare import compare_defenses
 
-from .conftest import SpyArray
+from .conftest import LoggedRepair, SpyArray
 
 
 def _softmax_ce(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -184,14 +184,8 @@ def test_made_by_name_with_its_settings(registered):
 
 
 @dataclass(frozen=True)
-class _LoggedBTIDBF(BTIDBFUnlearning):
-    """Logs the start and end of ``repair`` in the spy's log."""
-
-    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
-        SpyArray.log.append("start")
-        out = super().repair(model, clean, progress=progress)
-        SpyArray.log.append("end")
-        return out
+class _LoggedBTIDBF(LoggedRepair, BTIDBFUnlearning):
+    pass
 
 
 @pytest.mark.slow

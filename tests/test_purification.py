@@ -18,7 +18,6 @@ from badnet_repair.defenses import (
     FeatureShiftTuning,
     FinePruning,
     FineTuningSAM,
-    Repair,
 )
 from badnet_repair.defenses.fst import FeatureShift
 from badnet_repair.defenses.ibau import implicit_hypergradient
@@ -26,7 +25,7 @@ from badnet_repair.defenses.sam import SharpnessAwareStep
 from badnet_repair.nets.trainer import training_model
 from badnet_repair.workflow.compare import compare_defenses
 
-from .conftest import SpyArray, random_faces
+from .conftest import LoggedRepair, SpyArray, random_faces
 
 
 def _linear(seed: int = 0) -> keras.Model:
@@ -174,33 +173,23 @@ def test_each_purification_defense_lowers_attack_success(small_demo):
         np.testing.assert_array_equal(w, w0)  # the caller's BadNet is untouched
 
 
-class _Logged:
-    """Logs the start and end of ``repair`` in the spy's log."""
-
-    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
-        SpyArray.log.append("start")
-        out = super().repair(model, clean, progress=progress)  # type: ignore[misc]
-        SpyArray.log.append("end")
-        return out  # type: ignore[no-any-return]
-
-
 @dataclass(frozen=True)
-class _LoggedIBAU(_Logged, IBAU):
+class _LoggedIBAU(LoggedRepair, IBAU):
     pass
 
 
 @dataclass(frozen=True)
-class _LoggedSAM(_Logged, FineTuningSAM):
+class _LoggedSAM(LoggedRepair, FineTuningSAM):
     pass
 
 
 @dataclass(frozen=True)
-class _LoggedFST(_Logged, FeatureShiftTuning):
+class _LoggedFST(LoggedRepair, FeatureShiftTuning):
     pass
 
 
 @dataclass(frozen=True)
-class _LoggedFSTFP(_Logged, FeatureShiftFinePruning):
+class _LoggedFSTFP(LoggedRepair, FeatureShiftFinePruning):
     pass
 
 

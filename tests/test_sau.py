@@ -14,7 +14,6 @@ import pytest
 import tensorflow as tf
 
 import badnet_repair as br
-from badnet_repair.defenses import Repair
 from badnet_repair.defenses.finetuning import Member
 from badnet_repair.defenses.sau import (
     SharedAdversarialStep,
@@ -25,7 +24,7 @@ from badnet_repair.defenses.sau import (
 from badnet_repair.nets.trainer import Part, training_model
 from badnet_repair.workflow.compare import compare_defenses
 
-from .conftest import SpyArray
+from .conftest import LoggedRepair, SpyArray
 
 K = 3  # classes of the tiny models
 
@@ -261,14 +260,8 @@ def test_settings_are_checked():
 
 
 @dataclass(frozen=True)
-class _LoggedSAU(SharedAdversarialUnlearning):
-    """Logs the start and end of ``repair`` in the spy's log."""
-
-    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
-        SpyArray.log.append("start")
-        out = super().repair(model, clean, progress=progress)
-        SpyArray.log.append("end")
-        return out
+class _LoggedSAU(LoggedRepair, SharedAdversarialUnlearning):
+    pass
 
 
 @pytest.mark.slow

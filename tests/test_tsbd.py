@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import keras
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import badnet_repair as br
-from badnet_repair.defenses import REGISTRY, Repair, make_defense
+from badnet_repair.defenses import REGISTRY, make_defense
 from badnet_repair.defenses.tsbd import (
     GradientAscentStep,
     GradientNormStep,
@@ -29,7 +28,7 @@ from badnet_repair.nets.models import zero_kernel_entries
 from badnet_repair.nets.trainer import training_model
 from badnet_repair.workflow.compare import compare_defenses
 
-from .conftest import SpyArray, random_faces
+from .conftest import LoggedRepair, SpyArray, random_faces
 
 
 def _tiny(seed: int = 0, dtype: str = "float32") -> keras.Model:
@@ -291,14 +290,8 @@ def test_the_registered_defense_is_made_by_name(tsbd_registered):
 
 
 @dataclass(frozen=True)
-class _LoggedTSBD(TwoStageBackdoorDefense):
-    """Logs the start and end of ``repair`` in the spy's log."""
-
-    def repair(self, model: Any, clean: br.Dataset, *, progress: bool = False) -> Repair:
-        SpyArray.log.append("start")
-        out = super().repair(model, clean, progress=progress)
-        SpyArray.log.append("end")
-        return out
+class _LoggedTSBD(LoggedRepair, TwoStageBackdoorDefense):
+    pass
 
 
 def test_no_test_or_poisoned_image_is_read_while_tsbd_repairs(small_deepid):

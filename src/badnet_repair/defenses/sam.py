@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..defaults import setting
-from ..nets.trainer import Step
+from ..nets.trainer import Step, gradients_at
 from .finetuning import FineTuning, Member, TrainingPlan
 
 __all__ = ["FineTuningSAM", "SharpnessAwareStep"]
@@ -44,14 +44,7 @@ class SharpnessAwareStep(Step):
         scale = [tf.abs(w) if self.adaptive else tf.ones_like(w) for w in weights]
         norm = tf.linalg.global_norm([t * g for t, g in zip(scale, grads, strict=True)]) + 1e-12
         steps = [self.rho * t * t * g / norm for t, g in zip(scale, grads, strict=True)]
-        for w, e in zip(weights, steps, strict=True):
-            w.assign_add(e)
-        with tf.GradientTape() as tape:
-            _, worst, _ = trainer.objective(x, y)
-        sharp = tape.gradient(worst, weights)
-        for w, e in zip(weights, steps, strict=True):
-            w.assign_sub(e)
-        return loss, y_pred, sharp
+        return loss, y_pred, gradients_at(trainer, x, y, steps)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..defaults import setting
 from ..formats.data import Dataset
-from ..nets.trainer import Step
+from ..nets.trainer import Step, gradients_at
 from .finetuning import FineTuning, Member, TrainingPlan
 
 __all__ = ["GradientAscentStep", "GradientNormStep", "Reinitialization", "TwoStageBackdoorDefense", "input_units",
@@ -111,13 +111,7 @@ class GradientNormStep(Step):
         units = _units(trainer.network, self.scales)
         steps = [self.radius / units.get(id(w), 1.0) * g / (tf.norm(g) + 1e-12)
                  for w, g in zip(weights, first, strict=True)]
-        for w, e in zip(weights, steps, strict=True):
-            w.assign_add(e)
-        with tf.GradientTape() as tape:
-            _, moved, _ = trainer.objective(x, y)
-        second = tape.gradient(moved, weights)
-        for w, e in zip(weights, steps, strict=True):
-            w.assign_sub(e)
+        second = gradients_at(trainer, x, y, steps)
         mixed = [(1.0 - self.alpha) * g1 + self.alpha * g2 for g1, g2 in zip(first, second, strict=True)]
         return loss, y_pred, mixed
 

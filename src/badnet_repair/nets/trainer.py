@@ -32,7 +32,8 @@ import numpy as np
 from ..defaults import setting
 from ..formats.data import Dataset
 
-__all__ = ["Part", "Step", "Trained", "Trainer", "TrainingSettings", "Warmup", "accuracy", "training_model"]
+__all__ = ["Part", "Step", "Trained", "Trainer", "TrainingSettings", "Warmup", "accuracy", "gradients_at",
+           "training_model"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,32 @@ class Step:
         with tf.GradientTape() as tape:
             loss, total, y_pred = trainer.objective(x, y)
         return loss, y_pred, tape.gradient(total, trainer.trainable_variables)
+
+
+def gradients_at(trainer: Any, x: Any, y: Any, offsets: Sequence[Any]) -> list[Any]:
+    """Inside a step: the gradients of the loss plus penalties with each trainable weight moved by
+    its offset, the weights restored after (sharpness-aware and gradient-norm steps take their
+    second gradient here).
+
+    Args:
+        trainer: the training wrapper (:meth:`Step.gradients`' ``trainer``).
+        x, y: the batch.
+        offsets: one tensor per ``trainer.trainable_variables``, in their order.
+
+    Returns:
+        One gradient per trainable weight.
+    """
+    import tensorflow as tf
+
+    weights = trainer.trainable_variables
+    for w, e in zip(weights, offsets, strict=True):
+        w.assign_add(e)
+    with tf.GradientTape() as tape:
+        _, total, _ = trainer.objective(x, y)
+    grads = tape.gradient(total, weights)
+    for w, e in zip(weights, offsets, strict=True):
+        w.assign_sub(e)
+    return list(grads)
 
 
 @dataclass(frozen=True)
