@@ -231,15 +231,19 @@ class FineTuning(TrainingSettings, Defense):
         """
         import logging
 
+        from ..errors import ModelError
         from ..formats.data import pixel_range
         from ..nets.models import average_models, conv_layer
         from ..nets.trainer import accuracy
         from .tuning import FinePruneResult, FineTuned, check_budget, split_clean
 
         log = logging.getLogger(__name__)
-        # the pruned layer; a network with no conv layer can still be tuned where nothing is pruned
-        layer = str(conv_layer(model, self.layer).name) if self.prunes or self.layer is not None or any(
-            "Conv" in type(lyr).__name__ for lyr in model.layers) else ""
+        try:
+            layer = str(conv_layer(model, self.layer).name)
+        except ModelError:
+            if self.prunes or self.layer is not None:
+                raise
+            layer = ""  # a network with no conv layer can still be tuned where nothing is pruned
         trainer = self.trainer()
         label = desc or self.name
         tuned: list[FineTuned] = []

@@ -38,9 +38,7 @@ class SharpnessAwareStep(Step):
         import tensorflow as tf
 
         weights = trainer.trainable_variables
-        with tf.GradientTape() as tape:
-            loss, total, y_pred = trainer.objective(x, y)
-        grads = tape.gradient(total, weights)
+        loss, y_pred, grads = super().gradients(trainer, x, y)
         scale = [tf.abs(w) if self.adaptive else tf.ones_like(w) for w in weights]
         norm = tf.linalg.global_norm([t * g for t, g in zip(scale, grads, strict=True)]) + 1e-12
         steps = [self.rho * t * t * g / norm for t, g in zip(scale, grads, strict=True)]

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from ..defaults import setting
 from ..nets.trainer import Step
 from .finetuning import FineTuning, Member, TrainingPlan
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["PGD_STARTS", "SharedAdversarialStep", "SharedAdversarialUnlearning", "attack_loss",
            "shared_adversarial_risk"]

@@ -105,9 +105,7 @@ class GradientNormStep(Step):
         import tensorflow as tf
 
         weights = trainer.trainable_variables
-        with tf.GradientTape() as tape:
-            loss, total, y_pred = trainer.objective(x, y)
-        first = tape.gradient(total, weights)
+        loss, y_pred, first = super().gradients(trainer, x, y)
         units = _units(trainer.network, self.scales)
         steps = [self.radius / units.get(id(w), 1.0) * g / (tf.norm(g) + 1e-12)
                  for w, g in zip(weights, first, strict=True)]
