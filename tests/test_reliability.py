@@ -168,7 +168,7 @@ def test_a_killed_run_leaves_earlier_results_intact_and_no_partial_files(lab_fil
         _, err = proc.communicate(timeout=120)
         codes.append((phase, proc.returncode))
         if sig == signal.SIGINT:
-            assert proc.returncode in (0, 130)  # 0 only if it finished before the signal
+            assert proc.returncode in (0, 130), err.decode()[-3000:]  # 0 only if it finished before the signal
             if proc.returncode == 130:
                 assert b"interrupted" in err and b"Traceback" not in err
             assert not [p for p in out.iterdir() if "partial" in p.name]
@@ -206,6 +206,43 @@ def test_an_interrupt_that_a_library_turns_into_an_error_still_says_interrupted(
     monkeypatch.setattr(cli, "_cmd_eval", plain_error)
     assert cli.main(["eval", "t.h5", "bt.h5", "m.h5"]) == 1  # no interrupt: the error itself
     assert "bad config" in capsys.readouterr().err
+
+
+def _interrupted_then(outcome):
+    """A command whose library, interrupted, does ``outcome``: raise its own error or drop the
+    KeyboardInterrupt (as one raised inside a callback from C code is) and finish."""
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            if outcome == "error":
+                raise RuntimeError("CancelledError: the operation was cancelled") from None
+        return 0
+    return command
+
+
+@pytest.mark.parametrize("outcome", ["error", "dropped"])
+def test_an_interrupt_a_library_turns_into_another_error_or_drops_still_exits_130(monkeypatch, capsys, outcome):
+    from badnet_repair import cli
+
+    monkeypatch.setattr(cli, "_cmd_eval", _interrupted_then(outcome))
+    assert cli.main(["eval", "t.h5", "bt.h5", "m.h5"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    if outcome == "dropped":
+        assert "the command finished: its outputs are complete" in err
+
+
+def test_an_error_of_a_library_without_an_interrupt_is_not_called_an_interrupt(monkeypatch):
+    from badnet_repair import cli
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_eval", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["eval", "t.h5", "bt.h5", "m.h5"])
 
 
 # ---------------------------------------------------------------- determinism

@@ -870,28 +870,7 @@ def _run(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentPar
 
     interrupted = f"badnet-repair {args.command}: interrupted; no partial output files were left"
     try:
-        if args.command == "prune":
-            return _cmd_prune(args, argv)
-        if args.command == "eval":
-            return _cmd_eval(args)
-        if args.command == "predict":
-            return _cmd_predict(args)
-        if args.command == "make-demo":
-            return _cmd_make_demo(args)
-        if args.command == "report":
-            return _cmd_report(args)
-        if args.command == "fine-prune":
-            return _cmd_fine_prune(args)
-        if args.command == "compare":
-            return _cmd_compare(args)
-        if args.command == "trigger-response":
-            return _cmd_trigger_response(args)
-        if args.command == "bench":
-            return _cmd_bench(args)
-        if args.command == "cleanse":
-            return _cmd_cleanse(args)
-        if args.command == "detect":
-            return _cmd_detect(args)
+        status = _dispatch(args, argv)
     except BadNetRepairError as exc:
         if sigint.seen:
             print(interrupted, file=sys.stderr)
@@ -901,5 +880,46 @@ def _run(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentPar
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    except Exception:
+        # TensorFlow, interrupted inside its C++ code, may raise an error of its own
+        if sigint.seen:
+            print(interrupted, file=sys.stderr)
+            return 130
+        raise
+    if status is None:
+        parser.error(f"unknown command {args.command!r}")
+    if sigint.seen:
+        # a library caught the KeyboardInterrupt (one raised inside a callback from C code is
+        # dropped) and the command ran to its end: its outputs are complete, but Ctrl-C is still
+        # what the user asked for, and a script must see it
+        print(f"badnet-repair {args.command}: interrupted, but Ctrl-C arrived where a library dropped it and "
+              "the command finished: its outputs are complete", file=sys.stderr)
+        return 130
+    return status
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Run the command ``args.command`` names; None for an unknown one."""
+    if args.command == "prune":
+        return _cmd_prune(args, argv)
+    if args.command == "eval":
+        return _cmd_eval(args)
+    if args.command == "predict":
+        return _cmd_predict(args)
+    if args.command == "make-demo":
+        return _cmd_make_demo(args)
+    if args.command == "report":
+        return _cmd_report(args)
+    if args.command == "fine-prune":
+        return _cmd_fine_prune(args)
+    if args.command == "compare":
+        return _cmd_compare(args)
+    if args.command == "trigger-response":
+        return _cmd_trigger_response(args)
+    if args.command == "bench":
+        return _cmd_bench(args)
+    if args.command == "cleanse":
+        return _cmd_cleanse(args)
+    if args.command == "detect":
+        return _cmd_detect(args)
+    return None
