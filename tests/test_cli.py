@@ -179,13 +179,17 @@ def test_compare_set_gives_one_defense_a_typed_setting_over_the_shared_flags(lab
     assert isinstance(ibau.max_norm, int | float) and isinstance(ibau.rounds, int)
     # a misspelt or mistyped setting is refused before anything runs, naming what it takes
     for wrong, says in (("ft-sam.rho=1", "its settings: "), ("ft-sam.sam_rho=big", "must be a number"),
-                        ("i-bau.rounds=2.5", "must be a whole number"), ("nope.x=1", "no defense 'nope'"),
-                        ("sam_rho=1", "DEFENSE.SETTING=VALUE")):
+                        ("i-bau.rounds=2.5", "must be a whole number"),
+                        ("nope.x=1", "no defense or detector 'nope'"), ("sam_rho=1", "NAME.SETTING=VALUE"),
+                        ("strip.colour=1", "detector strip has no setting 'colour'; its settings: copies"),
+                        ("strip.copies=many", "must be a whole number")):
         with pytest.raises(SystemExit):
             main(["compare", *files, "--set", wrong])
         assert says in capsys.readouterr().err
     assert main(["compare", *files, "--defenses", "pruning", "--set", "ft-sam.sam_rho=0.5"]) == 1
     assert "--defenses leaves out" in capsys.readouterr().err
+    assert main(["compare", *files, "--defenses", "pruning", "--set", "strip.copies=8"]) == 1
+    assert "--detectors leaves out" in capsys.readouterr().err
 
 
 def test_compare_flags_change_a_defense_only_where_given(lab_files, tmp_path, monkeypatch):

@@ -56,10 +56,16 @@ def test_detect_fits_on_clean_data_then_scores_g_and_saves_it(small_demo, tmp_pa
     monkeypatch.setattr(Strip, "fit", spy_fit)
     out = tmp_path / "detect"
     assert main(["detect", "-q", "--demo", "multi-target", "--demo-dir", str(small_demo.root), "--out", str(out),
-                 "--detectors", "strip", "reversed-trigger"]) == 0
+                 "--detectors", "strip", "reversed-trigger", "--false-alarm", "4", "--set", "strip.copies=16"]) == 0
     assert events == ["open valid.h5", "strip", "scan", "open test.h5", "open bd_mt_test.h5"]
     summary = json.loads((out / "detect.json").read_text())
+    # the budget of 4 % split between the two; the copies as set
+    assert summary["settings"]["strip"]["false_alarm"] == 2.0 and summary["settings"]["strip"]["copies"] == 16
     rows = {r["model"]: r for r in summary["rows"]}
+    # each detector's AUROC on the test files, none for the combination
+    assert all(0.0 <= rows[f"G ({d})"]["auroc"] <= 1.0 for d in ("strip", "reversed-trigger"))
+    assert rows["G (strip + reversed-trigger)"]["auroc"] is None
+    assert "| AUROC |" in (out / "detect.md").read_text()
     assert set(rows) == {"G (strip)", "G (reversed-trigger)", "G (strip + reversed-trigger)"}
     both = rows["G (strip + reversed-trigger)"]
     # an input is flagged where either flags it: at least as many as each alone
@@ -88,6 +94,6 @@ def test_compare_adds_detector_rows(small_demo, tmp_path):
 def test_unknown_detectors_are_refused(small_deepid):
     from badnet_repair.workflow.detect import fit_detectors
 
-    with pytest.raises(ValueError, match="among"):
+    with pytest.raises(ValueError, match="unknown detector 'nope'; known: disagreement"):
         fit_detectors(small_deepid, br.Dataset(np.zeros((2, 55, 47, 3), np.float32), np.zeros(2, np.int64)),
                       ["nope"])

@@ -109,5 +109,17 @@ def test_strips_goodnet_is_one_keras_model_that_reloads_and_equals_the_detector(
     assert out["kind"] == "goodnet"
     assert out["detection_rate"] == pytest.approx(100 * (want[:30] == K).mean())
     assert out["false_alarm_rate"] == pytest.approx(100 * (want[30:] == K).mean())
-    with pytest.raises(TypeError, match="no Keras form"):
-        build_detector_goodnet(b, object())
+    class Formless(br.Detector):
+        name, summary = "formless", "a detector without a Keras form"
+
+        def fit(self, model, clean):
+            return self
+
+        def scores(self, x):
+            return np.zeros(len(x))
+
+        def flags(self, x):
+            return np.zeros(len(x), bool)
+
+    with pytest.raises(br.NoKerasForm, match="no Keras form"):
+        build_detector_goodnet(b, Formless())

@@ -14,6 +14,8 @@ from typing import Any
 from .defaults import INPUT_SCALE_HELP, LAYER_HELP, parse_input_scale, setting_problem
 from .defenses import REGISTRY as DEFENSES
 from .demo.make import DEMO_BADNETS
+from .detectors import DEFAULT_DETECTORS
+from .detectors import REGISTRY as DETECTORS
 from .workflow.layout import LAB_FILES, ResolvedInputs
 
 __all__ = ["main"]
@@ -164,27 +166,58 @@ def _set_value(text: str) -> Any:
         return text
 
 
-def _defense_setting(text: str) -> tuple[str, str, Any]:
-    """The argparse type of ``--set DEFENSE.SETTING=VALUE``: (defense, setting, typed value),
-    checked against the setting the defense class declares."""
+def _setting_of(registries: dict[str, dict[str, Any]], example: str) -> Any:
+    """The argparse type of ``--set NAME.SETTING=VALUE``: (name, setting, typed value), the name a
+    defense's or detector's in ``registries`` (what -> registry), checked against the settings its
+    class declares."""
     import typing
 
-    where, sep, raw = text.partition("=")
-    defense, dot, key = where.strip().rpartition(".")
-    if not sep or not dot or not defense or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected DEFENSE.SETTING=VALUE, e.g. ft-sam.sam_rho=0.5")
-    if defense not in DEFENSES:
-        raise argparse.ArgumentTypeError(f"{text!r}: no defense {defense!r}; defenses: {', '.join(DEFENSES)}")
-    cls = DEFENSES[defense]
-    key = key.replace("-", "_")
-    if key not in cls.settings():
-        raise argparse.ArgumentTypeError(f"{text!r}: {defense} has no setting {key!r}; its settings: "
-                                         f"{', '.join(cls.settings())}")
-    value = _flag_value(key, _set_value(raw))
-    problem = setting_problem(value, typing.get_type_hints(cls)[key])
-    if problem:
-        raise argparse.ArgumentTypeError(f"{text!r}: {defense}'s setting {key} {problem}")
-    return defense, key, tuple(value) if isinstance(value, list) else value
+    def parse(text: str) -> tuple[str, str, Any]:
+        where, sep, raw = text.partition("=")
+        name, dot, key = where.strip().rpartition(".")
+        kinds = " or ".join(registries)
+        if not sep or not dot or not name or not key:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected NAME.SETTING=VALUE, e.g. {example}")
+        found = [(what, reg[name]) for what, reg in registries.items() if name in reg]
+        if not found:
+            known = "; ".join(f"{what}s: {', '.join(reg)}" for what, reg in registries.items())
+            raise argparse.ArgumentTypeError(f"{text!r}: no {kinds} {name!r}; {known}")
+        what, cls = found[0]
+        key = key.replace("-", "_")
+        if key not in cls.settings():
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} {name} has no setting {key!r}; its settings: "
+                                             f"{', '.join(cls.settings()) or 'none'}")
+        value = _flag_value(key, _set_value(raw))
+        hints = typing.get_type_hints(cls.__init__ if what == "detector" else cls)
+        problem = setting_problem(value, hints[key]) if key in hints else None
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name}'s setting {key} {problem}")
+        return name, key, tuple(value) if isinstance(value, list) else value
+
+    return parse
+
+
+_defense_setting = _setting_of({"defense": DEFENSES}, "ft-sam.sam_rho=0.5")
+_any_setting = _setting_of({"defense": DEFENSES, "detector": DETECTORS}, "ft-sam.sam_rho=0.5 or strip.copies=64")
+_detector_setting = _setting_of({"detector": DETECTORS}, "strip.copies=64")
+
+
+FALSE_ALARM_HELP = ("G's false-alarm budget, %% of clean inputs (default 5): split equally among the detectors, "
+                    "each with a threshold set to flag at most its share of held-out clean validation images")
+
+
+def _settings_by_name(given: Sequence[tuple[str, str, Any]], names: Sequence[str],
+                      flag: str) -> dict[str, dict[str, Any]]:
+    """``--set`` values as name -> {setting: value}, refusing names that ``flag`` leaves out."""
+    from .errors import BadNetRepairError
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, key, value in given:
+        out.setdefault(name, {})[key] = value
+    unused = sorted(set(out) - set(names))
+    if unused:
+        raise BadNetRepairError(f"--set names {', '.join(unused)}, which {flag} leaves out")
+    return out
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, demo_help: str, both_demos: bool = False) -> None:
@@ -273,16 +306,15 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--defenses", nargs="+", choices=list(DEFENSES), default=list(DEFENSES), metavar="NAME",
                     help="the defenses to compare, in table order (default all: "
                     + "; ".join(f"{n}: {cls.summary}" for n, cls in DEFENSES.items()) + ")")
-    cp.add_argument("--detectors", nargs="+", default=[], choices=["disagreement", "strip", "reversed-trigger"],
-                    metavar="NAME", help="also GoodNets of B from these detectors, each alone and combined "
-                    "(disagreement, strip, reversed-trigger; default none)")
-    cp.add_argument("--false-alarm", type=float, default=2.5,
-                    help="STRIP's false-alarm rate on held-out clean data, %% (default 2.5)")
+    cp.add_argument("--detectors", nargs="+", default=[], choices=list(DETECTORS), metavar="NAME",
+                    help="also GoodNets of B from these detectors, each alone and combined (default none; "
+                    + "; ".join(f"{n}: {cls.summary}" for n, cls in DETECTORS.items()) + ")")
+    cp.add_argument("--false-alarm", type=float, default=5.0, help=FALSE_ALARM_HELP)
     _add_settings(cp, DEFENSES["fine-pruning"], given_only=True)
-    cp.add_argument("--set", action="append", type=_defense_setting, default=[], metavar="DEFENSE.SETTING=VALUE",
-                    help="one defense's setting, over the flags above (repeatable; e.g. ft-sam.sam_rho=0.5, "
-                    "i-bau.max_norm=10, fine-pruning.keep_pruned_start=false); a name the defense does not take "
-                    "is refused with the list of those it does")
+    cp.add_argument("--set", action="append", type=_any_setting, default=[], metavar="NAME.SETTING=VALUE",
+                    help="one defense's or detector's setting, over the flags above (repeatable; e.g. "
+                    "ft-sam.sam_rho=0.5, i-bau.max_norm=10, fine-pruning.keep_pruned_start=false, strip.copies=64); "
+                    "a name the defense or detector does not take is refused with the list of those it does")
     _add_run_options(cp, demo_help="both demo BadNets on the demo data", both_demos=True)
 
     tp = sub.add_parser(
@@ -333,15 +365,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     dt.add_argument("--model", help="the BadNet (default the lab's model/bd_net.h5)")
     _add_inputs(dt, ["valid", "test", "bd_test"])
-    dt.add_argument("--detectors", nargs="+", default=["strip", "reversed-trigger"],
-                    choices=["strip", "reversed-trigger", "disagreement"],
-                    help="the detectors, combined (default strip reversed-trigger); disagreement is the lab's "
-                    "rule with B' pruned at --accuracy-drop")
-    dt.add_argument("--false-alarm", type=float, default=2.5,
-                    help="STRIP's false-alarm rate on held-out clean data, %% (default 2.5)")
-    dt.add_argument("--accuracy-drop", type=float, default=4.0,
-                    help="disagreement: B' is B pruned until validation accuracy falls this many points (default 4)")
-    dt.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    dt.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS), choices=list(DETECTORS),
+                    metavar="NAME", help=f"the detectors, combined (default {' '.join(DEFAULT_DETECTORS)}; "
+                    + "; ".join(f"{n}: {cls.summary}" for n, cls in DETECTORS.items()) + ")")
+    dt.add_argument("--false-alarm", type=float, default=5.0, help=FALSE_ALARM_HELP)
+    dt.add_argument("--seed", type=int, default=0, help="the detectors' seed (default 0)")
+    dt.add_argument("--set", action="append", type=_detector_setting, default=[], metavar="DETECTOR.SETTING=VALUE",
+                    help="one detector's setting (repeatable; e.g. strip.copies=64, disagreement.accuracy_drop=10); "
+                    "a setting given here wins over the false-alarm budget's share")
     _add_run_options(dt, demo_help="a demo BadNet on the demo data")
 
     rp = sub.add_parser(
@@ -585,7 +616,7 @@ def _cmd_fine_prune(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .defenses import make_defense
-    from .errors import BadNetRepairError, DataError
+    from .errors import DataError
     from .workflow.compare import compare_file, write_comparison
     from .workflow.layout import resolve_inputs
 
@@ -594,12 +625,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     # fine-tuning's --batch-size), and the layer
     given = _given(args, DEFENSES["fine-pruning"])
     pruning = {"thresholds": _thresholds(args.thresholds), **{k: v for k, v in given.items() if k == "layer"}}
-    chosen: dict[str, dict[str, Any]] = {}
-    for name, key, value in args.set:
-        chosen.setdefault(name, {})[key] = value
-    unused = sorted(set(chosen) - set(args.defenses))
-    if unused:
-        raise BadNetRepairError(f"--set names {', '.join(unused)}, which --defenses leaves out")
+    chosen = _settings_by_name([s for s in args.set if s[0] in DEFENSES], args.defenses, "--defenses")
+    detector_settings = _settings_by_name([s for s in args.set if s[0] not in DEFENSES], args.detectors,
+                                          "--detectors")
     def flags_for(name: str) -> dict[str, Any]:
         own = DEFENSES[name].settings()
         return pruning if name == "pruning" else {k: v for k, v in given.items() if k in own}
@@ -625,6 +653,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                                         defenses=defenses, name=name, target=args.target,
                                         trust_model=args.trust_model, progress=not args.quiet,
                                         detectors=args.detectors, false_alarm=args.false_alarm,
+                                        detector_settings=detector_settings,
                                         several_targets=args.multi_target, input_scale=args.input_scale))
     paths = write_comparison(comparisons, args.out, overwrite=args.overwrite)
     return _show_written(paths)
@@ -699,8 +728,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         raise DataError("detect needs --test and --bd-test to score G")
     b = load_model(files["model"], trust=args.trust_model, input_scale=args.input_scale)  # type: ignore[arg-type]
     valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
-    result = run_detection(b, valid, detectors=args.detectors, false_alarm=args.false_alarm,
-                           accuracy_drop=args.accuracy_drop, seed=args.seed, progress=not args.quiet)
+    result = run_detection(b, valid, detectors=args.detectors, false_alarm=args.false_alarm, seed=args.seed,
+                           settings=_settings_by_name(args.set, args.detectors, "--detectors"),
+                           progress=not args.quiet)
     # the test files are opened only now, after every detector is fitted
     test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
     bd, _ = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target,  # type: ignore[arg-type]

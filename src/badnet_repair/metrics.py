@@ -11,6 +11,7 @@ __all__ = [
     "Evaluation",
     "accuracy",
     "attack_success_rate",
+    "auroc",
     "detection_rate",
     "evaluate_predictions",
     "evaluate_repair",
@@ -50,11 +51,46 @@ def false_alarm_rate(pred: np.ndarray, alarm_class: int) -> float:
     return _pct(np.asarray(pred) == alarm_class)
 
 
+def auroc(clean_scores: np.ndarray, poisoned_scores: np.ndarray) -> float:
+    """The area under the ROC curve of scores that should rank poisoned inputs above clean ones.
+
+    The Mann-Whitney form: the probability that a poisoned input scores above a clean one, ties
+    counting one half (average ranks). It needs no threshold, so it says how well a detector's
+    scores separate the two sets before any false-alarm budget is spent.
+
+    Args:
+        clean_scores: (N,) scores of clean inputs.
+        poisoned_scores: (M,) scores of poisoned inputs.
+
+    Returns:
+        A float in [0, 1]; 0.5 is chance.
+    """
+    c = np.asarray(clean_scores, np.float64).ravel()
+    b = np.asarray(poisoned_scores, np.float64).ravel()
+    if c.size == 0 or b.size == 0:
+        raise ValueError("AUROC needs clean and poisoned scores")
+    if np.isnan(c).any() or np.isnan(b).any():
+        raise ValueError("AUROC of NaN scores")
+    both = np.concatenate([c, b])
+    order = np.argsort(both, kind="mergesort")
+    sorted_scores = both[order]
+    ranks = np.empty(both.size, np.float64)
+    # average ranks over runs of equal scores
+    edges = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], edges])
+    ends = np.concatenate([edges, [both.size]])
+    for s0, e0 in zip(starts, ends, strict=True):
+        ranks[order[s0:e0]] = (s0 + e0 + 1) / 2.0
+    rank_sum = ranks[c.size:].sum()
+    return float((rank_sum - b.size * (b.size + 1) / 2.0) / (b.size * c.size))
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One model's numbers on a clean and a poisoned set (percentages).
 
-    ``detection_rate`` and ``false_alarm_rate`` are set for GoodNets only.
+    ``detection_rate`` and ``false_alarm_rate`` are set for GoodNets only; ``auroc`` (0..1) for
+    a GoodNet from a detector with scores (:func:`auroc` of its scores on the two sets).
     """
 
     model: str
@@ -67,6 +103,7 @@ class Evaluation:
     channels_pruned: int | None = None
     clean_set: str | None = None
     poisoned_set: str | None = None
+    auroc: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +122,7 @@ def evaluate_predictions(
     channels_pruned: int | None = None,
     clean_set: str | None = None,
     poisoned_set: str | None = None,
+    auroc: float | None = None,
 ) -> Evaluation:
     """Build an :class:`Evaluation` from predictions; alarm rates when ``alarm_class`` is set."""
     has_clean = clean_pred is not None and clean_labels is not None
@@ -103,6 +141,7 @@ def evaluate_predictions(
         channels_pruned=channels_pruned,
         clean_set=clean_set,
         poisoned_set=poisoned_set,
+        auroc=auroc,
     )
 
 

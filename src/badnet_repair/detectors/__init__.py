@@ -1,7 +1,9 @@
 """Detectors on one interface: what a GoodNet uses to flag triggered inputs.
 
-Adding a detector: subclass :class:`Detector` in a new module (settings in ``__init__``,
-``fit``, ``scores``, ``flags``), then add it to :data:`REGISTRY`. Neural Cleanse
+Adding a detector: subclass :class:`Detector` (or :class:`ThresholdDetector`) in a new module
+(settings as keyword arguments of ``__init__``, ``fit``, ``scores``, ``flags``; its Keras form
+``keras_flags``, or its fitted ``state`` where it has none), then add it to :data:`REGISTRY` in
+``registry.py``, or from outside the package with :func:`register_detector`. Neural Cleanse
 (:class:`NeuralCleanse`) is a model-level scan: it names a BadNet's target classes and
 reverse-engineers their triggers; :class:`ReversedTriggerDetector` turns a scan into an
 input-level detector.
@@ -9,15 +11,14 @@ input-level detector.
 
 from __future__ import annotations
 
-from .base import Detector, goodnet_classes
+from .base import Detector, NoKerasForm, ThresholdDetector, calibration_split, goodnet_classes, threshold_at
 from .combine import AnyOf
 from .disagreement import Disagreement
-from .neural_cleanse import CleanseScan, NeuralCleanse, ReversedTrigger, ReversedTriggerDetector, anomaly_index
+from .neural_cleanse import CleanseScan, NeuralCleanse, ReversedTrigger, anomaly_index
+from .registry import DEFAULT_DETECTORS, REGISTRY, make_detector, register_detector
+from .reversed_trigger import ReversedTriggerDetector
 from .strip import Strip
 
-__all__ = ["REGISTRY", "AnyOf", "CleanseScan", "Detector", "Disagreement", "NeuralCleanse", "ReversedTrigger",
-           "ReversedTriggerDetector", "Strip", "anomaly_index", "goodnet_classes"]
-
-#: Registry name -> detector class.
-REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (Disagreement, Strip, ReversedTriggerDetector,
-                                                                    AnyOf)}
+__all__ = ["DEFAULT_DETECTORS", "REGISTRY", "AnyOf", "CleanseScan", "Detector", "Disagreement", "NeuralCleanse",
+           "NoKerasForm", "ReversedTrigger", "ReversedTriggerDetector", "Strip", "ThresholdDetector", "anomaly_index",
+           "calibration_split", "goodnet_classes", "make_detector", "register_detector", "threshold_at"]

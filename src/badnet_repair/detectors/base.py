@@ -4,26 +4,45 @@
 clean data, never on poisoned data); then ``scores(x)`` (higher = more likely triggered)
 and ``flags(x)``. A GoodNet outputs the model's class, or the alarm class N where the
 detector flags the input (:func:`goodnet_classes`).
+
+A detector's settings are the keyword arguments of its ``__init__``, each with its default
+(:meth:`Detector.settings`); a detector made from a registry name takes nothing else, and
+builds what it needs (a pruned B', a Neural Cleanse scan) in ``fit``. Its Keras form, for a
+GoodNet saved as one model, is its own :meth:`Detector.keras_flags`; a detector without one
+says so (:class:`NoKerasForm`) and saves its fitted state instead (:meth:`Detector.state`).
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import ModelError
 from ..formats.data import Dataset
-from ..nets.models import predict_classes
 
-__all__ = ["Detector", "goodnet_classes"]
+__all__ = ["Detector", "NoKerasForm", "ThresholdDetector", "calibration_split", "detector_model", "goodnet_classes",
+           "threshold_at"]
+
+
+class NoKerasForm(TypeError):
+    """The detector has no Keras form: its GoodNet is saved as the model plus the detector's file."""
 
 
 class Detector(abc.ABC):
-    """Flags inputs that carry a trigger. Settings in ``__init__``; ``fit`` before use."""
+    """Flags inputs that carry a trigger. Settings in ``__init__``; ``fit`` before use.
+
+    Subclasses set :attr:`name` (the registry name, used by the command line, ``compare`` and
+    the notebook) and :attr:`summary` (one line for tables and ``--help``).
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    #: progress bars on long work in ``fit`` (a scan, a repair), set by the caller
+    progress: bool = False
 
     @abc.abstractmethod
     def fit(self, model: Any, clean: Dataset) -> Detector:
@@ -37,10 +56,136 @@ class Detector(abc.ABC):
     def flags(self, x: np.ndarray) -> np.ndarray:
         """(N,) bool: the inputs the detector flags."""
 
+    def scores_and_flags(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, flags) of the (N, H, W, C) inputs; detectors that derive one from the other
+        compute them once."""
+        return self.scores(x), self.flags(x)
+
+    def reuse(self, repairs: Sequence[Any]) -> None:  # noqa: B027 (an optional hook: most detectors need nothing)
+        """Take what this detector needs from finished repairs of the same B, before ``fit``
+        (the reversed-trigger detector takes a Neural Cleanse unlearning's scan); by default
+        nothing."""
+
+    @classmethod
+    def settings(cls) -> dict[str, inspect.Parameter]:
+        """The settings a registry name takes: the keyword-only arguments of ``__init__`` (with
+        their defaults), in order."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def get_params(self) -> dict[str, Any]:
+        """The settings, by name, as this detector holds them (JSON-able values)."""
+        out = {}
+        for name in self.settings():
+            v = getattr(self, name, None)
+            out[name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def keras_flags(self, x: Any, *, prefix: str, scale: float = 1.0) -> Any:
+        """The (N,) 0/1 flags of this fitted detector on the Keras tensor ``x``, which holds file
+        pixels times ``scale`` (the input scale of G's model), for a GoodNet saved as one model.
+        Layer names start with ``prefix``.
+
+        Raises:
+            NoKerasForm: a detector without one (the default); its GoodNet is then saved as the
+                model plus :meth:`state`.
+        """
+        raise NoKerasForm(f"no Keras form for the {type(self).__name__} detector")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The fitted state (arrays) that, with :meth:`get_params` and B, restores this detector
+        (:meth:`restore`): for a GoodNet saved without a Keras form.
+
+        Raises:
+            NoKerasForm: a detector that cannot be saved this way (the default).
+        """
+        raise NoKerasForm(f"the {type(self).__name__} detector cannot save its fitted state")
+
+    def restore(self, model: Any, state: dict[str, np.ndarray]) -> Detector:
+        """This detector, fitted: B and the :meth:`state` saved from a fitted one; returns ``self``."""
+        raise NoKerasForm(f"the {type(self).__name__} detector cannot restore a saved state")
+
+
+def threshold_at(clean_scores: np.ndarray, false_alarm: float) -> float:
+    """The threshold that flags at most ``false_alarm`` % of ``clean_scores`` (flags are
+    ``score > threshold``): the (100 - false_alarm) % quantile, rounded up to a score.
+
+    Raises:
+        ValueError: for no scores or a rate outside 0..100.
+    """
+    s = np.asarray(clean_scores, np.float64)
+    if s.size == 0:
+        raise ValueError("no clean scores to set a threshold on")
+    if not 0.0 <= false_alarm <= 100.0:
+        raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
+    return float(np.quantile(s, 1.0 - false_alarm / 100.0, method="higher"))
+
+
+def calibration_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split clean images per class into (fit, calibration) index arrays, sorted.
+
+    About ``share`` of each class's images go to calibration (the threshold), at least one
+    where the class has two or more images; a class with one image goes to fit. Detectors that
+    learn from clean data (class means, per-class statistics) learn on the fit part and set
+    their threshold on the other, so the threshold sees scores of images the statistics did not.
+    """
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"share must be between 0 and 1, not {share}")
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    fit, calib = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, round(share * len(idx))))
+        calib.append(idx[:k])
+        fit.append(idx[k:])
+    return np.sort(np.concatenate(fit)).astype(np.int64), np.sort(np.concatenate(calib)).astype(np.int64)
+
+
+class ThresholdDetector(Detector):
+    """A detector that flags ``scores(x) > threshold``, the threshold set on clean scores so
+    that at most ``false_alarm`` % of them are flagged (:func:`threshold_at`).
+
+    Subclasses compute ``scores`` and call :meth:`calibrate` at the end of ``fit``, with the
+    scores of clean images their statistics were not fitted on.
+    """
+
+    false_alarm: float
+    threshold: float | None = None
+    calibration_scores: np.ndarray | None = None
+
+    def calibrate(self, clean_scores: np.ndarray) -> None:
+        """Set :attr:`threshold` from held-out clean scores."""
+        self.calibration_scores = np.asarray(clean_scores, np.float64)
+        self.threshold = threshold_at(self.calibration_scores, self.false_alarm)
+
+    def flags(self, x: np.ndarray) -> np.ndarray:
+        """(N,) bool: score above the threshold set on clean data."""
+        return self.scores_and_flags(x)[1]
+
+    def scores_and_flags(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.threshold is None:
+            raise RuntimeError(f"call fit(model, clean) before flags() ({type(self).__name__})")
+        s = self.scores(x)
+        return s, s > self.threshold
+
+
+def detector_model(model: Any, scale: float) -> Any:
+    """A detector's ``model`` without its input scale, checked to be G's ``scale``: what a
+    detector's :meth:`Detector.keras_flags` runs on G's (already scaled) input."""
+    from ..nets.models import input_scale_of, without_input_scale
+
+    if input_scale_of(model) != scale:
+        raise ModelError(f"the detector's model {model.name!r} takes input scale {input_scale_of(model):g}, "
+                         f"but G's model takes {scale:g}; load them with the same input_scale")
+    return without_input_scale(model)
+
 
 def goodnet_classes(model: Any, detector: Detector, x: np.ndarray) -> np.ndarray:
     """(N,) int64 classes of the GoodNet made of ``model`` and ``detector``: the model's
     class, or N (the model's class count) where the detector flags the input."""
+    from ..nets.models import predict_classes
+
     classes = predict_classes(model, x)
     n = int(model.outputs[0].shape[-1])
     return np.where(detector.flags(x), np.int64(n), classes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,9 +37,21 @@ class AnyOf(Detector):
             d.fit(model, clean)
         return self
 
+    def reuse(self, repairs: Sequence[Any]) -> None:
+        for d in self.detectors:
+            d.reuse(repairs)
+
     def scores(self, x: np.ndarray) -> np.ndarray:
         """(N,) how many of the detectors flag each input."""
         return np.sum([d.flags(x) for d in self.detectors], axis=0).astype(np.float64)
 
     def flags(self, x: np.ndarray) -> np.ndarray:
         return np.any([d.flags(x) for d in self.detectors], axis=0)
+
+    def keras_flags(self, x: Any, *, prefix: str, scale: float = 1.0) -> Any:
+        """The maximum of the parts' Keras flags (:class:`~badnet_repair.detectors.base.NoKerasForm`
+        where any part has none)."""
+        import keras
+
+        parts = [d.keras_flags(x, prefix=f"{prefix}{i}", scale=scale) for i, d in enumerate(self.detectors)]
+        return parts[0] if len(parts) == 1 else keras.layers.Maximum(name=f"{prefix}_any")(parts)

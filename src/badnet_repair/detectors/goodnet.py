@@ -8,23 +8,33 @@ disagreement being the mark of a trigger the pruning removed (Liu, Dolan-Gavitt 
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .. import _backend  # noqa: F401
 from ..errors import ModelError
 from ..metrics import goodnet_predict
-from ..nets.layers import AlarmCombine, Disagree, EntropyAlarm, GoodNetCombine, Superimpose
+from ..nets.layers import AlarmCombine, GoodNetCombine
 from ..nets.models import (
     common_input_scale,
     inline_copy,
     input_scale_of,
+    predict_probabilities,
     renamed_copy,
     with_input_scale,
     without_input_scale,
 )
 from ..nets.models import num_classes as _num_classes
+from .base import Detector
+from .combine import AnyOf
 
-__all__ = ["GoodNetCombine", "build_detector_goodnet", "build_goodnet", "build_portable_goodnet", "goodnet_predict"]
+__all__ = ["GoodNetCombine", "SplitGoodNet", "build_detector_goodnet", "build_goodnet", "build_portable_goodnet",
+           "goodnet_predict", "has_keras_form", "load_split_goodnet", "save_split_goodnet", "split_goodnet_paths"]
 
 import keras
 
@@ -135,12 +145,10 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
     """A GoodNet from a fitted detector, as one Keras model: the model's class, or the alarm
     class N where the detector flags the input (:func:`~badnet_repair.detectors.goodnet_classes`).
 
-    Detectors with a Keras form: :class:`~badnet_repair.detectors.Disagreement` (alone: the
-    lab's G, :func:`build_goodnet`), :class:`~badnet_repair.detectors.Strip` (its overlays
-    stored in the model, its threshold in the config),
-    :class:`~badnet_repair.detectors.ReversedTriggerDetector` (B and the repaired model inside,
-    the targets in the config) and :class:`~badnet_repair.detectors.AnyOf` of these. G saves
-    as ``.keras`` and loads with ``keras.models.load_model`` after ``import badnet_repair``.
+    Each detector brings its own Keras form (:meth:`~badnet_repair.detectors.Detector.keras_flags`);
+    :class:`~badnet_repair.detectors.Disagreement` alone is the lab's G (:func:`build_goodnet`).
+    G saves as ``.keras`` and loads with ``keras.models.load_model`` after ``import badnet_repair``.
+    A detector without a Keras form is saved beside its model instead (:func:`save_split_goodnet`).
 
     Args:
         model: the model whose classes G outputs (B, or a repaired model), (N, H, W, C) -> (N, K).
@@ -151,11 +159,11 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
         A ``keras.Model`` (N, H, W, C) -> (N, K+1) probabilities. Where ``model`` has an input
         scale (:func:`~badnet_repair.nets.models.with_input_scale`), G has it in front and none
         inside: G without it (what :func:`~badnet_repair.nets.models.save_model` writes) takes
-        pixels times the scale, STRIP's overlays and pixel range scaled alike.
+        pixels times the scale, the detectors' pixel constants scaled alike.
 
     Raises:
-        TypeError: for a detector without a Keras form; ValueError: if it is not fitted;
-        ModelError: if the detector's models take another input scale than ``model``.
+        NoKerasForm: for a detector (or a part) without a Keras form; ValueError: if it is not
+        fitted; ModelError: if the detector's models take another input scale than ``model``.
     """
     from .disagreement import Disagreement
 
@@ -164,44 +172,122 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
     scale = input_scale_of(model)
     inner = renamed_copy(without_input_scale(model), "model")
     x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
-    flags = _flags(detector, x, "detector", scale)
+    flags = detector.keras_flags(x, prefix="detector", scale=scale)
     return with_input_scale(keras.Model(x, AlarmCombine(name="alarm_combine")([inner(x), flags]), name=name), scale)
 
 
-def _unscaled(model: Any, scale: float) -> Any:
-    """A detector's ``model`` without its input scale, checked to be G's ``scale``."""
-    if input_scale_of(model) != scale:
-        raise ModelError(f"the detector's model {model.name!r} takes input scale {input_scale_of(model):g}, "
-                         f"but G's model takes {scale:g}; load them with the same input_scale")
-    return without_input_scale(model)
-
-
-def _flags(detector: Any, x: Any, prefix: str, scale: float = 1.0) -> Any:
-    """The (N,) 0/1 flags of a fitted detector on the Keras tensor ``x``, which holds file pixels
-    times ``scale`` (the detector's models' input scale)."""
-    from .combine import AnyOf
-    from .disagreement import Disagreement
-    from .neural_cleanse import ReversedTriggerDetector
-    from .strip import Strip
-
+def has_keras_form(detector: Detector) -> bool:
+    """Whether the detector (every part of a combination) brings its own Keras form."""
     if isinstance(detector, AnyOf):
-        parts = [_flags(d, x, f"{prefix}{i}", scale) for i, d in enumerate(detector.detectors)]
-        return parts[0] if len(parts) == 1 else keras.layers.Maximum(name=f"{prefix}_any")(parts)
-    if isinstance(detector, Disagreement):
-        if detector.model is None:
-            raise ValueError("fit the detector before building its GoodNet")
-        b = renamed_copy(_unscaled(detector.model, scale), f"{prefix}_badnet")
-        r = renamed_copy(_unscaled(detector.repaired, scale), f"{prefix}_repaired")
-        targets = list(detector.targets) if isinstance(detector, ReversedTriggerDetector) else None
-        return Disagree(targets, name=f"{prefix}_disagree")([b(x), r(x)])
-    if not isinstance(detector, Strip):
-        raise TypeError(f"no Keras form for the {type(detector).__name__} detector")
-    if detector.model is None or detector.overlays is None or detector.threshold is None:
-        raise ValueError("fit the detector before building its GoodNet")
-    strip_b = renamed_copy(_unscaled(detector.model, scale), f"{prefix}_strip_badnet")
-    # STRIP fitted on file pixels: its clean overlays and pixel range go into x's range
-    blend = Superimpose(detector.overlays.shape, mode=detector.blend_mode, alpha=detector.alpha,
-                        pixel_max=detector.pixel_max * scale, name=f"{prefix}_superimpose")
-    flags = EntropyAlarm(len(detector.overlays), detector.threshold, name=f"{prefix}_alarm")(strip_b(blend(x)))
-    blend.overlays.assign((detector.overlays * scale).astype("float32"))
-    return flags
+        return all(has_keras_form(d) for d in detector.detectors)
+    return type(detector).keras_flags is not Detector.keras_flags
+
+
+@dataclass(frozen=True, eq=False)
+class SplitGoodNet:
+    """A GoodNet whose detectors are not all Keras graphs: the model, a Keras G of the parts
+    that have a Keras form (if any), and the other detectors, fitted, beside them.
+
+    Attributes:
+        model: the model whose classes G outputs, (N, H, W, C) -> (N, K), on file pixels.
+        graph: (N, H, W, C) -> (N, K+1) G of the Keras-form parts, or None.
+        detectors: the fitted detectors without a Keras form.
+    """
+
+    model: Any
+    graph: Any
+    detectors: tuple[Detector, ...]
+
+    def predict(self, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+        """(N, K+1) float32 probabilities: the Keras G's (or the model's, with a zero alarm
+        column), one-hot at the alarm class K where any of the other detectors flags the input."""
+        if self.graph is not None:
+            p = predict_probabilities(self.graph, x, batch_size=batch_size)
+        else:
+            p = predict_probabilities(self.model, x, batch_size=batch_size)
+            p = np.concatenate([p, np.zeros((len(p), 1), p.dtype)], axis=1)
+        if self.detectors:
+            flagged = np.any([d.flags(x) for d in self.detectors], axis=0)
+            p[flagged] = 0.0
+            p[flagged, -1] = 1.0
+        return p
+
+    def predict_classes(self, x: np.ndarray) -> np.ndarray:
+        """(N,) int64 classes of G (K is the alarm)."""
+        return np.argmax(self.predict(x), axis=1).astype(np.int64)
+
+
+def split_goodnet_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
+    """The files :func:`save_split_goodnet` writes: ``model`` (the model whose classes G gives),
+    ``keras`` (G of the Keras-form parts, where there are some) and ``detectors`` (the other
+    detectors' names, settings and fitted state, ``.npz``)."""
+    d = Path(out_dir)
+    return {"model": d / f"{stem}_model.keras", "keras": d / f"{stem}.keras",
+            "detectors": d / f"{stem}.detectors.npz"}
+
+
+def save_split_goodnet(model: Any, detector: Detector, out_dir: str | os.PathLike[str], stem: str, *,
+                       overwrite: bool = False) -> dict[str, Path]:
+    """Save a GoodNet whose detector has parts without a Keras form: the model as
+    ``<stem>_model.keras``, G of the other parts as ``<stem>.keras`` (where there are some), and the
+    rest's registry names, settings and fitted state (:meth:`~badnet_repair.detectors.Detector.state`)
+    as ``<stem>.detectors.npz``; :func:`load_split_goodnet` reads them back.
+
+    Returns:
+        The paths written, by name (:func:`split_goodnet_paths`).
+    """
+    from ..formats.files import atomic_path, check_writable
+    from ..nets.models import save_model
+
+    parts = detector.detectors if isinstance(detector, AnyOf) else (detector,)
+    graph = [d for d in parts if has_keras_form(d)]
+    rest = [d for d in parts if not has_keras_form(d)]
+    paths = split_goodnet_paths(out_dir, stem)
+    if not graph:
+        del paths["keras"]
+    check_writable(paths.values(), overwrite=overwrite)
+    arrays: dict[str, np.ndarray] = {
+        "names": np.array(json.dumps([d.name for d in rest])),
+        "settings": np.array(json.dumps([d.get_params() for d in rest])),
+        "input_scale": np.asarray(input_scale_of(model), np.float64),
+    }
+    for i, d in enumerate(rest):
+        arrays.update({f"{i}/{k}": np.asarray(v) for k, v in d.state().items()})
+    save_model(model, out_dir, f"{stem}_model", formats=("keras",), overwrite=overwrite)
+    if graph:
+        g = build_detector_goodnet(model, graph[0] if len(graph) == 1 else AnyOf(*graph), name=stem)
+        save_model(g, out_dir, stem, formats=("keras",), overwrite=overwrite)
+    with atomic_path(paths["detectors"], overwrite=overwrite) as tmp:
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    return paths
+
+
+def load_split_goodnet(out_dir: str | os.PathLike[str], stem: str) -> SplitGoodNet:
+    """Read a GoodNet :func:`save_split_goodnet` wrote; its detectors are made from the registry
+    (a detector registered from outside the package must be registered again first).
+
+    Raises:
+        ModelError: for a missing or unreadable file, or an unknown detector, naming the file.
+    """
+    from ..nets.models import load_model
+    from .registry import make_detector
+
+    paths = split_goodnet_paths(out_dir, stem)
+    try:
+        with np.load(paths["detectors"], allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        names, settings = json.loads(str(arrays["names"])), json.loads(str(arrays["settings"]))
+        scale = float(arrays["input_scale"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{paths['detectors']}: not a GoodNet's detectors file ({exc})") from None
+    model = load_model(paths["model"], input_scale=scale)
+    graph = load_model(paths["keras"], input_scale=scale) if paths["keras"].exists() else None
+    detectors = []
+    for i, (name, params) in enumerate(zip(names, settings, strict=True)):
+        try:
+            det = make_detector(name, **params)
+        except ValueError as exc:
+            raise ModelError(f"{paths['detectors']}: {exc}") from None
+        state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")}
+        detectors.append(det.restore(model, state))
+    return SplitGoodNet(model=model, graph=graph, detectors=tuple(detectors))

@@ -28,15 +28,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from ..formats.data import Dataset
-from ..nets.models import num_classes, predict_classes
-from .disagreement import Disagreement
 
-__all__ = ["CleanseScan", "NeuralCleanse", "ReversedTrigger", "ReversedTriggerDetector", "anomaly_index"]
+__all__ = ["CleanseScan", "NeuralCleanse", "ReversedTrigger", "anomaly_index"]
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +223,8 @@ class NeuralCleanse:
         Returns:
             CleanseScan.
         """
+        from ..nets.models import num_classes, predict_classes
+
         start = time.perf_counter()
         k = num_classes(model)
         x, y = np.asarray(clean.x, np.float32), np.asarray(clean.y)
@@ -422,43 +422,3 @@ class _Optimiser:
             local = ~out.reached[idx]
             out.best_mask[never] = mask[local]
             out.best_pattern[never] = pattern[local]
-
-
-class ReversedTriggerDetector(Disagreement):
-    """Flag an input that B sends to a flagged target class and a repaired model does not.
-
-    The reversed-trigger detector of this toolkit, after Neural Cleanse (Wang et al., IEEE
-    S&P 2019): the scan names the target classes; a repaired model (by default B fine-tuned
-    to unlearn the reversed triggers, :class:`~badnet_repair.defenses.NeuralCleanseUnlearning`)
-    no longer follows the trigger, so a triggered input is one B puts in a flagged target and
-    the repaired model puts elsewhere. It is the lab's disagreement rule restricted to the
-    flagged classes: clean inputs B puts in a target class are flagged only where the
-    repaired model disagrees with B on them.
-
-    Args:
-        repaired: the repaired model, with B's input and output shapes.
-        scan: a finished Neural Cleanse scan of B; its flagged classes are the targets.
-    """
-
-    name: ClassVar[str] = "reversed-trigger"
-    summary: ClassVar[str] = ("B puts the input in a Neural Cleanse target class and the unlearned model "
-                              "does not (Wang et al. 2019)")
-
-    def __init__(self, repaired: Any, scan: CleanseScan) -> None:
-        super().__init__(repaired)
-        self.scan = scan
-
-    @property
-    def targets(self) -> tuple[int, ...]:
-        return self.scan.flagged
-
-    def flags(self, x: np.ndarray) -> np.ndarray:
-        if self.model is None:
-            raise RuntimeError("call fit(model, clean) before flags()")
-        b = predict_classes(self.model, x)
-        in_target = np.isin(b, np.asarray(self.targets, np.int64))
-        if not in_target.any():
-            return in_target
-        out = np.zeros(len(x), bool)
-        out[in_target] = predict_classes(self.repaired, np.asarray(x)[in_target]) != b[in_target]
-        return out

@@ -7,8 +7,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from ..formats.data import Dataset
-from ..nets.models import predict_probabilities
-from .base import Detector
+from .base import Detector, detector_model
 
 __all__ = ["Strip", "prediction_entropy"]
 
@@ -99,6 +98,8 @@ class Strip(Detector):
 
     def entropy(self, x: np.ndarray) -> np.ndarray:
         """(N,) mean entropy in bits of B's predictions on each input's blended copies."""
+        from ..nets.models import predict_probabilities
+
         if self.model is None or self.overlays is None:
             raise RuntimeError("call fit(model, clean) first")
         x = np.asarray(x, np.float32)
@@ -124,9 +125,42 @@ class Strip(Detector):
 
     def flags(self, x: np.ndarray) -> np.ndarray:
         """(N,) bool: mean entropy at or below the threshold set on held-out clean data."""
+        return self.scores_and_flags(x)[1]
+
+    def scores_and_flags(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.threshold is None:
             raise RuntimeError("call fit(model, clean) first")
-        return self.entropy(x) <= self.threshold
+        entropy = self.entropy(x)
+        return -entropy, entropy <= self.threshold
+
+    def keras_flags(self, x: Any, *, prefix: str, scale: float = 1.0) -> Any:
+        """1 where B's mean entropy on the input superimposed on the stored overlays is at or
+        below the threshold; the overlays and the pixel range go into ``x``'s range (``scale``)."""
+        from ..nets.layers import EntropyAlarm, Superimpose
+        from ..nets.models import renamed_copy
+
+        if self.model is None or self.overlays is None or self.threshold is None:
+            raise ValueError("fit the detector before building its GoodNet")
+        strip_b = renamed_copy(detector_model(self.model, scale), f"{prefix}_strip_badnet")
+        blend = Superimpose(self.overlays.shape, mode=self.blend_mode, alpha=self.alpha,
+                            pixel_max=self.pixel_max * scale, name=f"{prefix}_superimpose")
+        flags = EntropyAlarm(len(self.overlays), self.threshold, name=f"{prefix}_alarm")(strip_b(blend(x)))
+        blend.overlays.assign((self.overlays * scale).astype("float32"))
+        return flags
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The overlays, the threshold and the calibration entropies."""
+        if self.overlays is None or self.threshold is None or self.calibration_entropy is None:
+            raise ValueError("fit the detector before saving it")
+        return {"overlays": self.overlays, "threshold": np.asarray(self.threshold, np.float64),
+                "calibration_entropy": self.calibration_entropy}
+
+    def restore(self, model: Any, state: dict[str, np.ndarray]) -> Strip:
+        self.model = model
+        self.overlays = np.asarray(state["overlays"], np.float32)
+        self.threshold = float(state["threshold"])
+        self.calibration_entropy = np.asarray(state["calibration_entropy"], np.float64)
+        return self
 
 
 def _round_robin(groups: list[np.ndarray]) -> list[list[int]]:

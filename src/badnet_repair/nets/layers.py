@@ -13,7 +13,8 @@ import numpy as np
 
 from .. import _backend  # noqa: F401
 
-__all__ = ["AlarmCombine", "Disagree", "EntropyAlarm", "GeometricMean", "GoodNetCombine", "Superimpose"]
+__all__ = ["AlarmCombine", "Disagree", "EntropyAlarm", "FeatureDistanceAlarm", "GeometricMean", "GoodNetCombine",
+           "Superimpose"]
 
 import keras
 from keras import ops
@@ -162,3 +163,58 @@ class Disagree(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "targets": self.targets}
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class FeatureDistanceAlarm(keras.layers.Layer):
+    """:class:`~badnet_repair.detectors.features.FeatureDistance`'s decision inside a model: from
+    B's (N, D) penultimate features and (N, K) output, 1.0 where the normalised squared
+    Mahalanobis distance to the clean mean of B's class (or of the nearest class with a mean,
+    where B's has none) is above ``threshold``; None gives the (N,) scores instead. The means,
+    which classes have one, the precision and the per-class median and spread are non-trainable
+    float64 weights, saved with the model.
+    """
+
+    def __init__(self, num_classes: int, dim: int, threshold: float | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("dtype", "float64")  # the numpy detector's precision: flags agree at the threshold
+        super().__init__(**kwargs)
+        self.num_classes, self.dim = int(num_classes), int(dim)
+        self.threshold = None if threshold is None else float(threshold)
+        k, d = self.num_classes, self.dim
+        self.means = self.add_weight(shape=(k, d), initializer="zeros", trainable=False, name="means", dtype="float64")
+        self.has_mean = self.add_weight(shape=(k,), initializer="zeros", trainable=False, name="has_mean",
+                                        dtype="float64")
+        self.precision = self.add_weight(shape=(d, d), initializer="zeros", trainable=False, name="precision",
+                                         dtype="float64")
+        self.loc = self.add_weight(shape=(k,), initializer="zeros", trainable=False, name="loc", dtype="float64")
+        self.spread = self.add_weight(shape=(k,), initializer="ones", trainable=False, name="spread",
+                                      dtype="float64")
+
+    def build(self, input_shape: Any) -> None:
+        self.built = True
+
+    def call(self, inputs: Any) -> Any:
+        feats, probs = inputs
+        f = ops.cast(ops.reshape(feats, (-1, self.dim)), "float64")
+        classes = ops.argmax(probs, axis=-1)
+        means, precision = ops.convert_to_tensor(self.means), ops.convert_to_tensor(self.precision)
+        has_mean = ops.convert_to_tensor(self.has_mean) > 0.5
+        fp = ops.matmul(f, precision)
+        mp = ops.matmul(means, precision)
+        d_all = (ops.sum(fp * f, axis=1, keepdims=True) - 2.0 * ops.matmul(fp, ops.transpose(means))
+                 + ops.expand_dims(ops.sum(mp * means, axis=1), 0))
+        nearest = ops.argmin(ops.where(ops.expand_dims(has_mean, 0), d_all, np.inf), axis=-1)
+        chosen = ops.where(ops.take(has_mean, classes, axis=0), classes, nearest)
+        diff = f - ops.take(means, chosen, axis=0)
+        raw = ops.sum(ops.matmul(diff, precision) * diff, axis=1)
+        score = (raw - ops.take(self.loc, classes, axis=0)) / ops.take(self.spread, classes, axis=0)
+        if self.threshold is None:
+            return score
+        return ops.cast(score > self.threshold, "float32")
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (input_shape[0][0],)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_classes": self.num_classes, "dim": self.dim,
+                "threshold": self.threshold}

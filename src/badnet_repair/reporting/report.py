@@ -77,12 +77,16 @@ def _fmt(v: Any, digits: int = 2) -> str:
 def evaluation_table(evaluations: Sequence[Any]) -> str:
     """A markdown table of evaluations (:class:`~badnet_repair.metrics.Evaluation` objects or their dicts)."""
     evaluations = [e.as_dict() if hasattr(e, "as_dict") else e for e in evaluations]
+    # AUROC only where a detector's scores were measured (the lab's tables stay as the lab has them)
+    with_auroc = any(e.get("auroc") is not None for e in evaluations)
     head = ("| model | channels pruned | clean accuracy (%) | attack success (%) "
-            "| G detection (%) | G false alarm (%) |\n|---|---:|---:|---:|---:|---:|\n")
+            "| G detection (%) | G false alarm (%) |" + (" AUROC |" if with_auroc else "")
+            + "\n|---|---:|---:|---:|---:|---:|" + ("---:|" if with_auroc else "") + "\n")
     lines = [
         f"| {e['model']} | {_fmt(e.get('channels_pruned'))} | {_fmt(e.get('clean_accuracy'))} "
         f"| {_fmt(e.get('attack_success_rate'))} | {_fmt(e.get('detection_rate'))} "
         f"| {_fmt(e.get('false_alarm_rate'))} |"
+        + (f" {'–' if e.get('auroc') is None else format(e['auroc'], '.4f')} |" if with_auroc else "")
         for e in evaluations
     ]
     return head + "\n".join(lines) + "\n"

@@ -127,8 +127,9 @@ def evaluate_repairs(model: Any, repairs: Sequence[Repair], test: Dataset, bd_te
 def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], test: str | os.PathLike[str],
                  bd_test: str | os.PathLike[str], *, defenses: Sequence[Defense], name: str = "BadNet",
                  target: int | None = None, trust_model: bool = False, progress: bool = False,
-                 detectors: Sequence[str] = (), false_alarm: float = 2.5,
-                 several_targets: bool = False, input_scale: float | str = 1.0) -> DefenseComparison:
+                 detectors: Sequence[str] = (), false_alarm: float = 5.0,
+                 detector_settings: Mapping[str, Mapping[str, Any]] | None = None, several_targets: bool = False,
+                 input_scale: float | str = 1.0) -> DefenseComparison:
     """:func:`compare_defenses` on files: every defense repairs B from the clean validation
     file, and only then are the test files opened (:mod:`badnet_repair.workflow.run`).
 
@@ -141,10 +142,12 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
         target: the attack's target; default the poisoned file's label.
         trust_model: allow model files with code-carrying layers.
         progress: progress bars.
-        detectors: detectors (:data:`~badnet_repair.workflow.detect.DETECTORS`) whose GoodNets on
+        detectors: registered detectors (:data:`~badnet_repair.detectors.REGISTRY`) whose GoodNets on
             B are added as rows, each alone and, with several, combined; fitted on the clean
             validation file too, before the test files are opened.
-        false_alarm: STRIP's false-alarm rate on held-out clean data, %, default 2.5.
+        false_alarm: G's false-alarm budget, %, default 5, split across the detectors
+            (:func:`~badnet_repair.workflow.detect.make_detectors`).
+        detector_settings: detector name -> {setting: value}, over the budget's share.
         several_targets: ``bd_test`` is a multi-target BadNet's: each input's label is its target.
         input_scale: B takes file pixels times this, default 1 (``1/255`` for a model trained on 0..1
             pixels; :func:`~badnet_repair.workflow.run.open_badnet`).
@@ -156,8 +159,8 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
 
     b, clean = open_badnet(model, valid, trust_model=trust_model, input_scale=input_scale)
     repairs = [d.repair(b, clean, progress=progress) for d in defenses]  # each logs its budget lines
-    parts = (fit_detectors(b, clean, detectors, false_alarm=false_alarm, repairs=repairs, progress=progress)[0]
-             if detectors else {})
+    parts = (fit_detectors(b, clean, detectors, false_alarm=false_alarm, settings=detector_settings,
+                           repairs=repairs, progress=progress)[0] if detectors else {})
     ev = open_evaluation_sets(repairs, b, {"test": test, "bd_test": bd_test}, target=target,
                               several_targets=several_targets)
     comparison = evaluate_repairs(b, repairs, ev.sets["test"], ev.sets["bd_test"], name=name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,19 +14,15 @@ from typing import Any
 import numpy as np
 
 from ..defenses import Repair
-from ..detectors import AnyOf, Detector, Disagreement, ReversedTriggerDetector, Strip
+from ..detectors import DEFAULT_DETECTORS, REGISTRY, AnyOf, Detector, make_detector
 from ..formats.data import Dataset
-from ..metrics import Evaluation, evaluate_predictions
+from ..metrics import Evaluation, auroc, evaluate_predictions
 from ..nets.models import num_classes, predict_classes
 
-__all__ = ["DETECTORS", "DetectionResult", "detect_paths", "detector_evaluations", "fit_detectors",
-           "run_detection", "write_detection"]
+__all__ = ["DetectionResult", "detect_paths", "detector_evaluations", "fit_detectors",
+           "make_detectors", "run_detection", "write_detection"]
 
 log = logging.getLogger(__name__)
-
-#: The detectors a GoodNet can be built from by name, in table order.
-DETECTORS = ("disagreement", "strip", "reversed-trigger")
-
 
 @dataclass(frozen=True, eq=False)
 class DetectionResult:
@@ -36,8 +32,9 @@ class DetectionResult:
         model: B.
         parts: detector name -> fitted detector, in the order given.
         detector: the detector G uses: the one part, or :class:`AnyOf` the parts.
-        goodnet: G as one Keras model, (N, H, W, C) -> (N, K+1).
-        scan: the Neural Cleanse scan, where the reversed-trigger detector ran.
+        goodnet: G as one Keras model, (N, H, W, C) -> (N, K+1), where every part has a Keras
+            form; else None (G is saved as B plus the detectors' file).
+        scan: the Neural Cleanse scan, where a detector ran one.
         seconds: fitting time per detector.
     """
 
@@ -49,92 +46,124 @@ class DetectionResult:
     seconds: dict[str, float]
 
 
-def fit_detectors(model: Any, valid: Dataset, names: Sequence[str], *, false_alarm: float = 2.5,
-                  accuracy_drop: float = 4.0, seed: int = 0, repairs: Sequence[Repair] = (),
-                  progress: bool = False) -> tuple[dict[str, Detector], dict[str, float], Any]:
-    """Fit the named detectors on B and the clean data (nothing else is read).
+def make_detectors(names: Sequence[str], *, false_alarm: float = 5.0, seed: int = 0,
+                   settings: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Detector]:
+    """The registered detectors ``names``, with G's false-alarm budget spent across them.
+
+    The rule (declared before any detector was measured with it): G flags an input where any of
+    its k detectors does, so their false alarms add up at most; each of the k gets ``false_alarm / k``
+    %. A detector with a ``false_alarm`` setting is set to its share; one without (disagreement,
+    the reversed trigger: their false alarms are where B and a repaired model disagree on clean
+    inputs) keeps its share unspent. A setting given in ``settings`` wins over the rule, and
+    ``seed`` goes to every detector that takes one.
+
+    Args:
+        names: registry names (:data:`~badnet_repair.detectors.REGISTRY`), in table order.
+        false_alarm: G's false-alarm budget on held-out clean data, %, default 5 (the target's).
+        seed: the detectors' seed, default 0.
+        settings: name -> {setting: value}, over the above.
+
+    Raises:
+        ValueError: for an unknown detector or setting, or settings of a detector not named.
+    """
+    settings = dict(settings or {})
+    unused = sorted(set(settings) - set(names))
+    if unused:
+        raise ValueError(f"settings given for {', '.join(unused)}, which is not among the detectors "
+                         f"({', '.join(names)})")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"name each detector once, at least one: {list(names)}")
+    out: dict[str, Detector] = {}
+    for name in names:
+        cls = REGISTRY.get(name)
+        if cls is None:
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join(REGISTRY)}")
+        own = cls.settings()
+        rule = {"false_alarm": false_alarm / len(names), "seed": seed}
+        out[name] = make_detector(name, **{**{k: v for k, v in rule.items() if k in own}, **settings.get(name, {})})
+    return out
+
+
+def fit_detectors(model: Any, valid: Dataset, detectors: Sequence[str] | Mapping[str, Detector], *,
+                  false_alarm: float = 5.0, seed: int = 0, settings: Mapping[str, Mapping[str, Any]] | None = None,
+                  repairs: Sequence[Repair] = (), progress: bool = False,
+                  ) -> tuple[dict[str, Detector], dict[str, float], Any]:
+    """Fit the detectors on B and the clean data (nothing else is read).
 
     Args:
         model: B.
         valid: clean labelled data.
-        names: from :data:`DETECTORS`.
-        false_alarm: STRIP's false-alarm rate on held-out clean data, %, default 2.5.
-        accuracy_drop: the disagreement rule's B' is B pruned until accuracy on ``valid`` falls
-            this many points, default 4.
-        seed: seeds of STRIP and of Neural Cleanse unlearning, default 0.
-        repairs: finished repairs of B to reuse: an ``nc-unlearning`` repair's model and scan
-            serve the reversed-trigger detector instead of running it again.
+        detectors: registry names (made by :func:`make_detectors` with ``false_alarm``, ``seed``
+            and ``settings``), or name -> detector objects, used as they are.
+        false_alarm, seed, settings: see :func:`make_detectors`.
+        repairs: finished repairs of B that detectors may reuse
+            (:meth:`~badnet_repair.detectors.Detector.reuse`: an ``nc-unlearning`` repair's model
+            and scan serve the reversed-trigger detector instead of running it again).
         progress: progress bars.
 
     Returns:
         (name -> fitted detector, name -> seconds, the Neural Cleanse scan or None).
     """
-    unknown = [n for n in names if n not in DETECTORS]
-    if unknown or not names:
-        raise ValueError(f"detectors must be among {', '.join(DETECTORS)}, not {unknown or 'none'}")
-    parts: dict[str, Detector] = {}
+    parts = (dict(detectors) if isinstance(detectors, Mapping)
+             else make_detectors(detectors, false_alarm=false_alarm, seed=seed, settings=settings))
     seconds: dict[str, float] = {}
-    scan = None
-    for name in names:
+    for name, det in parts.items():
         start = time.perf_counter()
-        if name == "strip":
-            parts[name] = Strip(false_alarm=false_alarm, seed=seed).fit(model, valid)
-        elif name == "disagreement":
-            from ..defenses.sweep import prune_sweep
-            from ..nets.models import prune_channels
-
-            sweep = prune_sweep(model, valid, thresholds=[accuracy_drop], progress=progress)
-            pruned = prune_channels(model, sweep.layer, sweep.channels_at(accuracy_drop))
-            parts[name] = Disagreement(pruned).fit(model, valid)
-        else:
-            unlearned = next((r for r in repairs if r.defense == "nc-unlearning"), None)
-            if unlearned is None:
-                from ..defenses import NeuralCleanseUnlearning
-
-                unlearned = NeuralCleanseUnlearning(seed=seed).repair(model, valid, progress=progress)
-            scan = unlearned.artifacts["scan"]
-            parts[name] = ReversedTriggerDetector(unlearned.model, scan).fit(model, valid)
+        det.progress = progress
+        det.reuse(repairs)
+        det.fit(model, valid)
         seconds[name] = round(time.perf_counter() - start, 1)
         log.info("detector %s fitted in %.0f s", name, seconds[name])
-    return parts, seconds, scan
+    scans = [scan for d in parts.values() if (scan := getattr(d, "scan", None)) is not None]
+    return parts, seconds, scans[0] if scans else None
 
 
-def run_detection(model: Any, valid: Dataset, *, detectors: Sequence[str] = ("strip", "reversed-trigger"),
-                  false_alarm: float = 2.5, accuracy_drop: float = 4.0, seed: int = 0,
+def run_detection(model: Any, valid: Dataset, *, detectors: Sequence[str] | Mapping[str, Detector] = DEFAULT_DETECTORS,
+                  false_alarm: float = 5.0, seed: int = 0, settings: Mapping[str, Mapping[str, Any]] | None = None,
                   progress: bool = False) -> DetectionResult:
-    """Fit the detectors (:func:`fit_detectors`), combine them and build G
+    """Fit the detectors (:func:`fit_detectors`), combine them (an input is flagged where any
+    flags it) and build G as one Keras model where every detector has a Keras form
     (:func:`~badnet_repair.detectors.goodnet.build_detector_goodnet`)."""
-    from ..detectors.goodnet import build_detector_goodnet
+    from ..detectors.goodnet import build_detector_goodnet, has_keras_form
 
-    parts, seconds, scan = fit_detectors(model, valid, detectors, false_alarm=false_alarm,
-                                         accuracy_drop=accuracy_drop, seed=seed, progress=progress)
+    parts, seconds, scan = fit_detectors(model, valid, detectors, false_alarm=false_alarm, seed=seed,
+                                         settings=settings, progress=progress)
     detector: Detector = next(iter(parts.values())) if len(parts) == 1 else AnyOf(*parts.values())
-    goodnet = build_detector_goodnet(model, detector, name="goodnet_detect")
+    goodnet = build_detector_goodnet(model, detector, name="goodnet_detect") if has_keras_form(detector) else None
     return DetectionResult(model=model, parts=parts, detector=detector, goodnet=goodnet, scan=scan, seconds=seconds)
 
 
-def detector_evaluations(model: Any, parts: dict[str, Detector], test: Dataset, bd_test: Dataset) -> list[Evaluation]:
+def detector_evaluations(model: Any, parts: Mapping[str, Detector], test: Dataset,
+                         bd_test: Dataset) -> list[Evaluation]:
     """G's rows on the test sets for each detector alone and, with several, for all combined
     (an input flagged where any flags it): clean accuracy, attack success, detection and
-    false alarms (:func:`~badnet_repair.detectors.goodnet_classes`)."""
+    false alarms (:func:`~badnet_repair.detectors.goodnet_classes`), and each detector's AUROC
+    (its scores on the poisoned against the clean test images; none for the combination)."""
     n = num_classes(model)
     clean_cls, bd_cls = predict_classes(model, test.x), predict_classes(model, bd_test.x)
-    flags = {name: (d.flags(test.x), d.flags(bd_test.x)) for name, d in parts.items()}
-    rows = list(flags.items())
-    if len(flags) > 1:
-        rows.append((" + ".join(flags), (np.any([f[0] for f in flags.values()], axis=0),
-                                         np.any([f[1] for f in flags.values()], axis=0))))
+    measured = {name: (d.scores_and_flags(test.x), d.scores_and_flags(bd_test.x)) for name, d in parts.items()}
+    rows: list[tuple[str, np.ndarray, np.ndarray, float | None]] = [
+        (name, c[1], b[1], auroc(c[0], b[0])) for name, (c, b) in measured.items()]
+    if len(measured) > 1:
+        rows.append((" + ".join(measured), np.any([r[1] for r in rows], axis=0),
+                     np.any([r[2] for r in rows], axis=0), None))
     return [evaluate_predictions(model=f"G ({name})", kind="goodnet", clean_pred=np.where(fc, n, clean_cls),
                                  clean_labels=test.y, poisoned_pred=np.where(fb, n, bd_cls),
                                  poisoned_labels=bd_test.y, alarm_class=n, clean_set=test.name,
-                                 poisoned_set=bd_test.name)
-            for name, (fc, fb) in rows]
+                                 poisoned_set=bd_test.name, auroc=area)
+            for name, fc, fb, area in rows]
 
 
 def detect_paths(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """The files :func:`write_detection` writes: ``json``, ``md`` and ``goodnet``."""
+    """The files :func:`write_detection` may write: ``json``, ``md``, ``goodnet`` (G as one Keras
+    model, or of the detectors with a Keras form), and, for detectors without one, ``goodnet_model``
+    and ``goodnet_detectors`` (:func:`~badnet_repair.detectors.goodnet.save_split_goodnet`)."""
+    from ..detectors.goodnet import split_goodnet_paths
+
     d = Path(out_dir)
-    return {"json": d / "detect.json", "md": d / "detect.md", "goodnet": d / "goodnet_detect.keras"}
+    split = split_goodnet_paths(d, "goodnet_detect")
+    return {"json": d / "detect.json", "md": d / "detect.md", "goodnet": split["keras"],
+            "goodnet_model": split["model"], "goodnet_detectors": split["detectors"]}
 
 
 def write_detection(result: DetectionResult, test: Dataset, bd_test: Dataset, out_dir: str | os.PathLike[str], *,
@@ -146,6 +175,7 @@ def write_detection(result: DetectionResult, test: Dataset, bd_test: Dataset, ou
     Returns:
         The paths written, by name.
     """
+    from ..detectors.goodnet import save_split_goodnet
     from ..formats.files import check_writable, write_results
     from ..nets.models import save_model
     from ..reporting.cleanse import write_cleanse
@@ -161,11 +191,22 @@ def write_detection(result: DetectionResult, test: Dataset, bd_test: Dataset, ou
           evaluation_table([e.as_dict() for e in rows])]
     if flagged is not None:
         md += ["", f"Neural Cleanse flagged: {', '.join(map(str, flagged)) or 'nothing'}."]
+    if result.goodnet is None:
+        md += ["", "Some detectors have no Keras form: G is saved as B (`goodnet_detect_model.keras`), G of the "
+               "others (`goodnet_detect.keras`, where there are some) and the rest's fitted state "
+               "(`goodnet_detect.detectors.npz`); `badnet_repair.detectors.goodnet.load_split_goodnet` reads them."]
     summary = {"badnet": title, "detectors": list(result.parts), "seconds": result.seconds,
+               "settings": {name: d.get_params() for name, d in result.parts.items()},
                "neural_cleanse_flagged": flagged, "rows": [e.as_dict() for e in rows]}
-    save_model(result.goodnet, out_dir, "goodnet_detect", formats=("keras",), overwrite=overwrite)
+    if result.goodnet is not None:
+        save_model(result.goodnet, out_dir, "goodnet_detect", formats=("keras",), overwrite=overwrite)
+        written = {"goodnet": paths["goodnet"]}
+    else:
+        split = save_split_goodnet(result.model, result.detector, out_dir, "goodnet_detect", overwrite=overwrite)
+        written = {{"keras": "goodnet", "model": "goodnet_model", "detectors": "goodnet_detectors"}[k]: v
+                   for k, v in split.items()}
     write_results({paths["json"]: summary, paths["md"]: "\n".join(md) + "\n"}, overwrite=overwrite)
-    out = dict(paths)
+    out = {"json": paths["json"], "md": paths["md"], **written}
     if result.scan is not None:
         scan_paths = write_cleanse(result.scan, out_dir, test.x[0], title=f"Neural Cleanse of {title}",
                                    overwrite=overwrite)

@@ -1,0 +1,350 @@
+"""Feature distance: flag inputs whose penultimate features do not fit the class B gives them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..formats.data import Dataset
+from .base import ThresholdDetector, calibration_split, detector_model
+
+__all__ = ["FeatureDistance", "ledoit_wolf", "mahalanobis_sq", "robust_location_scale"]
+
+log = logging.getLogger(__name__)
+
+#: MAD times this estimates a normal distribution's standard deviation.
+_MAD_TO_SD = 1.4826
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """The Ledoit-Wolf shrunk covariance of rows that are already centred.
+
+    Ledoit and Wolf, "A well-conditioned estimator for large-dimensional covariance matrices",
+    Journal of Multivariate Analysis 88(2), 2004 (Lemma 3.2 and Theorem 3.4; the same estimate
+    as ``sklearn.covariance.ledoit_wolf(x, assume_centered=True)``). With ``n`` rows
+    ``x_k`` of ``p`` values, ``S = X^T X / n``, ``mu = tr(S) / p`` and the norm
+    ``||A||^2 = tr(A A^T) / p``::
+
+        d^2    = ||S - mu I||^2
+        bbar^2 = (1 / n^2) sum_k ||x_k x_k^T - S||^2
+               = (sum_k |x_k|^4 / n - sum_ij S_ij^2) / (n p)      (expanded; computed this way)
+        b^2    = min(bbar^2, d^2)
+        cov    = (b^2 / d^2) mu I + (1 - b^2 / d^2) S
+
+    Args:
+        x: (n, p) rows, centred (their mean, or their class's mean, taken off).
+
+    Returns:
+        ((p, p) float64 covariance, the shrinkage intensity b^2 / d^2 in 0..1; 0 where
+        ``d^2`` is 0, i.e. ``S`` is already a multiple of the identity).
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"ledoit_wolf needs (n, p) rows with n >= 1, got shape {x.shape}")
+    n, p = x.shape
+    s = x.T @ x / n
+    mu = np.trace(s) / p
+    d2 = float(np.sum((s - mu * np.eye(p)) ** 2)) / p
+    sq_norms = np.sum(x**2, axis=1)
+    bbar2 = float(np.sum(sq_norms**2) / n - np.sum(s**2)) / (n * p)
+    b2 = min(max(bbar2, 0.0), d2)
+    shrink = 0.0 if d2 <= 0.0 else b2 / d2
+    return shrink * mu * np.eye(p) + (1.0 - shrink) * s, float(shrink)
+
+
+def _psd_inverse(cov: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive semi-definite matrix, its eigenvalues floored at
+    1e-6 of their mean: Ledoit-Wolf gives a well-conditioned matrix, except where there is
+    nothing to shrink (one image, or constant features), which then still inverts."""
+    vals, vecs = np.linalg.eigh((cov + cov.T) / 2.0)
+    floor = 1e-6 * max(float(np.mean(vals)), 0.0)
+    vals = np.maximum(vals, floor if floor > 0 else 1.0)
+    return (vecs / vals) @ vecs.T
+
+
+def mahalanobis_sq(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """(N,) squared Mahalanobis distances ``(f_i - m_i)^T P (f_i - m_i)`` of (N, D) features
+    to (N, D) means (one per row, or one (D,) for all) under the (D, D) precision ``P``."""
+    diff = np.asarray(features, np.float64) - np.asarray(means, np.float64)
+    return np.einsum("nd,de,ne->n", diff, np.asarray(precision, np.float64), diff)
+
+
+def robust_location_scale(values: np.ndarray) -> tuple[float, float]:
+    """(median, 1.4826 * MAD) of ``values``: a centre and spread that a few outliers do not move.
+
+    Returns:
+        The spread is 0 where half the values or more are equal (and for one value).
+    """
+    v = np.asarray(values, np.float64)
+    med = float(np.median(v))
+    return med, float(_MAD_TO_SD * np.median(np.abs(v - med)))
+
+
+class FeatureDistance(ThresholdDetector):
+    """Squared Mahalanobis distance of B's penultimate features to the clean mean of B's class.
+
+    After Beatrix (Ma et al., "The Beatrix Resurrections: Robust Backdoor Detection via Gram
+    Matrices", NDSS 2023), which tests whether an input's penultimate-layer statistics fit the
+    class it is assigned to, in the simpler form of Lee et al.'s Mahalanobis detector ("A Simple
+    Unified Framework for Detecting Out-of-Distribution Samples and Adversarial Attacks",
+    NeurIPS 2018): a triggered input reaches the target class through features unlike those of
+    the target's clean images.
+
+    The features ``f(x)`` are the input of B's classifier head (the Dense layer that makes the
+    class scores; the 160 add+ReLU units of the lab's DeepID). On the fit part of the clean data
+    (:func:`~badnet_repair.detectors.base.calibration_split`, ``share`` held out per class) the
+    detector learns each class's mean ``m_c`` (by label) and ONE covariance shared by all classes
+    (Lee et al.'s tied covariance): the within-class deviations ``f_i - m_{y_i}``, shrunk towards
+    a scaled identity by Ledoit-Wolf (:func:`ledoit_wolf`: with few clean images, as the demo's
+    20 fit images, the plain covariance of 160 features is singular, and with the lab's ~6400
+    within-class degrees of freedom its smallest eigenvalues are still noise that the inverse
+    magnifies), inverted once into ``P``. An input's raw score is
+
+        ``r(x) = (f(x) - m_c)^T P (f(x) - m_c)``, ``c`` = B's predicted class for ``x``,
+
+    and its score is ``(r(x) - median_c) / spread_c``, where ``median_c`` and ``spread_c``
+    (1.4826 MAD) are those of the raw scores of the held-out calibration images B predicts as
+    ``c`` if there are at least ``per_class_min`` of them, and of all calibration images
+    otherwise (pooled). Beatrix normalises each class's deviations by its own median and MAD; but
+    the lab's clean data has 9 images a class, so 3 held out (2 with fewer images), whose median and MAD are noise:
+    per-class normalisation needs ``per_class_min`` (default 5) and the lab's data is pooled,
+    where the score is the raw distance up to one affine map. The threshold is set on the
+    calibration scores (``false_alarm`` % above it); where classes are normalised on their own,
+    the same images give their median, MAD and the threshold (there are too few to split again).
+
+    Degenerate cases, never an error: a class with no fit image has no mean, and an input B
+    predicts as one scores by its distance to the nearest class mean (under ``P``); where no
+    class has two fit images (two clean images a class: one fits, one calibrates) the covariance
+    is that of all fit features about their overall mean; where no image is left to calibrate
+    on (one image a class), each fit image is scored with its own class's mean left out
+    (cross-fitted, 5 folds: the fold's classes then have no mean, and score by the nearest), so
+    the threshold sees distances of images the statistics were not made of; it errs high (few
+    false alarms), since a clean input later meets its own class's mean.
+
+    Deviation from Beatrix: Beatrix compares Gram matrices of a layer's activations (orders
+    1..p) against per-class min/max ranges; this is its first-order, Gaussian form (Lee et al.),
+    which fits the lab's few clean images a class (a 160-unit Gram matrix has 12880 entries).
+
+    Args:
+        share: the share of each class's clean images held out to calibrate, default 0.3.
+        per_class_min: calibration images a class needs for its own median and MAD, else the
+            pooled ones, default 5 (at least 2): the fewest for which two odd images move
+            neither (the median and MAD break down at half the sample).
+        shrinkage: the covariance's shrinkage towards the scaled identity, 0..1, or None
+            (default) for the Ledoit-Wolf estimate.
+        false_alarm: the share of held-out clean images flagged, in %, default 5.
+        seed: the fit/calibration split, default 0.
+        batch_size: images per forward pass, default 1024.
+    """
+
+    name: ClassVar[str] = "feature-distance"
+    summary: ClassVar[str] = ("B's penultimate features are far from its class's clean mean "
+                              "(tied-covariance Mahalanobis; Lee et al. 2018, Beatrix 2023)")
+
+    share: float
+    per_class_min: int
+    shrinkage: float | None
+    seed: int
+    batch_size: int
+
+    def __init__(self, *, share: float = 0.3, per_class_min: int = 5, shrinkage: float | None = None,
+                 false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024) -> None:
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"share must be between 0 and 1, not {share}")
+        if int(per_class_min) != per_class_min or per_class_min < 2:
+            raise ValueError(f"per_class_min must be a whole number >= 2 (a median and MAD need two), "
+                             f"not {per_class_min}")
+        if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be between 0 and 1 (or None for Ledoit-Wolf), not {shrinkage}")
+        if not 0.0 <= false_alarm <= 100.0:
+            raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self.share, self.per_class_min = float(share), int(per_class_min)
+        self.shrinkage = None if shrinkage is None else float(shrinkage)
+        self.false_alarm, self.seed, self.batch_size = float(false_alarm), int(seed), int(batch_size)
+        self.model: Any = None
+        self._features_model: Any = None
+        self.means: np.ndarray | None = None  # (K, D); rows of classes without a fit image are 0
+        self.has_mean: np.ndarray | None = None  # (K,) bool
+        self.precision: np.ndarray | None = None  # (D, D)
+        self.loc: np.ndarray | None = None  # (K,) median raw score per predicted class
+        self.spread: np.ndarray | None = None  # (K,) its spread (> 0)
+        self.shrinkage_used: float | None = None
+        self.per_class: np.ndarray | None = None  # (K,) bool: normalised by the class's own statistics
+
+    # ------------------------------------------------------------------ features
+
+    def features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """B's penultimate features and predicted classes on file-pixel inputs.
+
+        Returns:
+            ((N, D) float64 features, (N,) int64 classes).
+        """
+        if self._features_model is None:
+            raise RuntimeError("call fit(model, clean) first (FeatureDistance)")
+        import keras
+
+        x = np.asarray(x, np.float32)
+        d = int(self._features_model.outputs[0].shape[-1])
+        feats, classes = np.empty((len(x), d), np.float64), np.empty(len(x), np.int64)
+        for i in range(0, len(x), self.batch_size):
+            f, p = self._features_model(x[i : i + self.batch_size], training=False)
+            feats[i : i + self.batch_size] = keras.ops.convert_to_numpy(f).reshape(len(f), d)
+            classes[i : i + self.batch_size] = np.argmax(keras.ops.convert_to_numpy(p), axis=-1)
+        return feats, classes
+
+    @staticmethod
+    def _features_of(model: Any) -> Any:
+        """A model from B's input to (its head's input, its output)."""
+        import keras
+
+        from ..nets.models import classifier_head
+
+        head = classifier_head(model)
+        return keras.Model(model.inputs[0], [head.input, model.outputs[0]], name=f"{model.name}_features")
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, model: Any, clean: Dataset) -> FeatureDistance:
+        """Class means and the shrunk tied covariance on the fit part of the clean data; the
+        normalisation and threshold on the held-out part."""
+        from ..nets.models import num_classes
+
+        x, y = np.asarray(clean.x), np.asarray(clean.y, np.int64)
+        if len(x) == 0:
+            raise ValueError("FeatureDistance needs clean images to fit on")
+        k = num_classes(model)
+        if y.min() < 0 or y.max() >= k:
+            raise ValueError(f"clean labels must be classes 0..{k - 1} of the model, got {y.min()}..{y.max()}")
+        self.model, self._features_model = model, self._features_of(model)
+        fit_idx, cal_idx = calibration_split(y, self.share, self.seed)
+        feats, pred = self.features(x)
+        stats = self._statistics(feats[fit_idx], y[fit_idx], k)
+        self.means, self.has_mean, self.precision, self.shrinkage_used = stats
+
+        if len(cal_idx):
+            raw_cal, pred_cal = _raw_distances(feats[cal_idx], pred[cal_idx], *stats[:3]), pred[cal_idx]
+        else:
+            raw_cal, pred_cal = self._cross_fitted(feats[fit_idx], y[fit_idx], pred[fit_idx], k), pred[fit_idx]
+
+        pooled_loc, pooled_spread = robust_location_scale(raw_cal)
+        if pooled_spread <= 1e-12 * max(1.0, abs(pooled_loc)):
+            pooled_spread = float(np.std(raw_cal)) or 1.0
+        self.loc, self.spread = np.full(k, pooled_loc), np.full(k, pooled_spread)
+        self.per_class = np.zeros(k, bool)
+        cal_counts = np.bincount(pred_cal, minlength=k)
+        for c in np.flatnonzero(cal_counts >= self.per_class_min):
+            loc, spread = robust_location_scale(raw_cal[pred_cal == c])
+            if spread > 1e-12 * max(1.0, abs(loc)):  # else keep the pooled spread (ties)
+                self.loc[c], self.spread[c], self.per_class[c] = loc, spread, True
+        log.info("feature distance: %d features, %d classes with a mean, shrinkage %.3f, %d of %d clean images "
+                 "calibrate, %d classes normalised on their own", feats.shape[1], int(self.has_mean.sum()),
+                 self.shrinkage_used, len(cal_idx), len(x), int(self.per_class.sum()))
+        self.calibrate(self._normalised(raw_cal, pred_cal))
+        return self
+
+    def _statistics(self, feats: np.ndarray, labels: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(means (K, D), has_mean (K,), precision (D, D), shrinkage) of labelled features."""
+        counts = np.bincount(labels, minlength=k)
+        sums = np.zeros((k, feats.shape[1]))
+        np.add.at(sums, labels, feats)
+        means = sums / np.maximum(counts, 1)[:, None]
+        # Tied covariance from within-class deviations (Lee et al. 2018). A class with one fit
+        # image deviates by exactly 0 and tells nothing, so only classes with two or more count.
+        # Dividing by n rather than n - classes scales P by a constant, which the median/MAD
+        # normalisation and the Ledoit-Wolf intensity (scale-free) both ignore.
+        several = counts[labels] >= 2
+        if several.any():
+            resid = feats[several] - means[labels[several]]
+        else:
+            resid = feats - feats.mean(axis=0)
+            log.info("no class has two fit images: the covariance is that of all fit features about their mean")
+        if self.shrinkage is None:
+            cov, shrink = ledoit_wolf(resid)
+        else:
+            s = resid.T @ resid / len(resid)
+            shrink = self.shrinkage
+            cov = shrink * np.trace(s) / len(s) * np.eye(len(s)) + (1.0 - shrink) * s
+        return means, counts > 0, _psd_inverse(cov), float(shrink)
+
+    def _cross_fitted(self, feats: np.ndarray, labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+        """Raw distances of the fit images where none is left to calibrate on (one image a
+        class), each from statistics without it: 5 folds, each scored by the others' means and
+        covariance (its own classes then have no mean: the nearest class's). Scoring the images
+        the statistics were made of would give 0 to each (its class's mean is itself)."""
+        n = len(feats)
+        if n < 2:
+            log.warning("one clean image: nothing to calibrate on; every input with features unlike it is flagged")
+            return np.zeros(n)
+        folds = np.random.default_rng(self.seed).permutation(n) % min(5, n)
+        raw = np.empty(n)
+        for fold in range(min(5, n)):
+            out = folds == fold
+            means, has_mean, precision, _ = self._statistics(feats[~out], labels[~out], k)
+            raw[out] = _raw_distances(feats[out], pred[out], means, has_mean, precision)
+        log.info("no clean image left to calibrate on: cross-fitted distances of the fit images set the threshold")
+        return raw
+
+    # ------------------------------------------------------------------ scores
+
+    def _normalised(self, raw: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        assert self.loc is not None and self.spread is not None
+        return (raw - self.loc[classes]) / self.spread[classes]
+
+    def _fitted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(means, has_mean, precision), or the error that says to fit first."""
+        if self.means is None or self.has_mean is None or self.precision is None:
+            raise RuntimeError("call fit(model, clean) first (FeatureDistance)")
+        return self.means, self.has_mean, self.precision
+
+    def raw_scores(self, x: np.ndarray) -> np.ndarray:
+        """(N,) squared Mahalanobis distances of the inputs' features to their class's clean mean."""
+        stats = self._fitted()
+        feats, classes = self.features(x)
+        return _raw_distances(feats, classes, *stats)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """(N,) float64 normalised distances: higher = more likely triggered."""
+        stats = self._fitted()
+        feats, classes = self.features(x)
+        return self._normalised(_raw_distances(feats, classes, *stats), classes)
+
+    # ------------------------------------------------------------------ Keras form
+
+    def keras_flags(self, x: Any, *, prefix: str, scale: float = 1.0) -> Any:
+        """(N,) 0/1 flags on G's input ``x`` (file pixels times ``scale``): a copy of B (its
+        features and output) and a :class:`~badnet_repair.nets.layers.FeatureDistanceAlarm` holding
+        the fitted statistics."""
+        from ..nets.layers import FeatureDistanceAlarm
+        from ..nets.models import renamed_copy
+
+        if self.threshold is None or self.means is None:
+            raise RuntimeError("call fit(model, clean) before keras_flags() (FeatureDistance)")
+        assert self.has_mean is not None and self.precision is not None
+        assert self.loc is not None and self.spread is not None
+        b = renamed_copy(detector_model(self.model, scale), f"{prefix}_badnet")
+        feats, probs = self._features_of(b)(x)
+        alarm = FeatureDistanceAlarm(num_classes=len(self.means), dim=self.means.shape[1],
+                                     threshold=self.threshold, name=f"{prefix}_feature_distance")
+        alarm.build([tuple(feats.shape), tuple(probs.shape)])
+        alarm.set_weights([self.means, self.has_mean.astype(np.float64), self.precision, self.loc, self.spread])
+        return alarm([feats, probs])
+
+
+def _raw_distances(feats: np.ndarray, classes: np.ndarray, means: np.ndarray, has_mean: np.ndarray,
+                   precision: np.ndarray) -> np.ndarray:
+    """(N,) squared Mahalanobis distances of (N, D) features to the mean of each row's class, or
+    of the nearest class with a mean where its own has none (the nearest under ``precision``)."""
+    chosen = np.asarray(classes, np.int64).copy()
+    rows = np.flatnonzero(~has_mean[chosen])
+    if len(rows):
+        fp = feats[rows] @ precision
+        mp = means @ precision
+        d_all = (np.sum(fp * feats[rows], axis=1)[:, None] - 2.0 * fp @ means.T
+                 + np.sum(mp * means, axis=1)[None, :])
+        chosen[rows] = np.argmin(np.where(has_mean[None, :], d_all, np.inf), axis=1)
+    return mahalanobis_sq(feats, means[chosen], precision)

@@ -1,0 +1,262 @@
+"""Feature distance (detectors.features): Ledoit-Wolf and the Mahalanobis score against plain
+numpy, a hand-built model whose features are its pixels, tiny clean sets, the Keras form, and
+the small demo's BadNet, fitted on clean data only."""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.detectors.base import calibration_split
+from badnet_repair.detectors.features import FeatureDistance, ledoit_wolf, mahalanobis_sq, robust_location_scale
+from badnet_repair.nets.layers import FeatureDistanceAlarm
+
+from .conftest import random_faces
+
+D = 4  # the hand-built model's features (= pixels) and classes
+
+
+def textbook_ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit and Wolf (2004), Lemma 3.2 / Theorem 3.4, term by term: <A, B> = tr(A B^T) / p."""
+    n, p = x.shape
+    s = sum(np.outer(r, r) for r in x) / n
+    norm2 = lambda a: np.trace(a @ a.T) / p  # noqa: E731
+    m = np.trace(s) / p
+    d2 = norm2(s - m * np.eye(p))
+    bbar2 = sum(norm2(np.outer(r, r) - s) for r in x) / n**2
+    b2 = min(bbar2, d2)
+    return b2 / d2 * m * np.eye(p) + (1 - b2 / d2) * s, b2 / d2
+
+
+@pytest.mark.parametrize(("n", "p"), [(12, 5), (6, 20), (400, 3)])
+def test_ledoit_wolf_matches_the_textbook_formula(n, p):
+    rng = np.random.default_rng(n + p)
+    x = rng.normal(size=(n, p)) * rng.uniform(0.2, 3.0, p)
+    x -= x.mean(axis=0)
+    cov, shrink = ledoit_wolf(x)
+    want_cov, want_shrink = textbook_ledoit_wolf(x)
+    np.testing.assert_allclose(cov, want_cov, rtol=1e-10, atol=1e-12)
+    assert shrink == pytest.approx(want_shrink, rel=1e-10) and 0.0 <= shrink <= 1.0
+    if n < p:  # more features than rows: the plain covariance is singular, the shrunk one is not
+        assert np.linalg.matrix_rank(x.T @ x) < p and np.all(np.linalg.eigvalsh(cov) > 0)
+
+
+def test_ledoit_wolf_edge_cases():
+    # a multiple of the identity already: nothing to shrink towards
+    cov, shrink = ledoit_wolf(np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+    np.testing.assert_allclose(cov, 0.5 * np.eye(2))
+    assert shrink == 0.0
+    cov, shrink = ledoit_wolf(np.zeros((3, 4)))  # constant features
+    assert shrink == 0.0 and not cov.any()
+    with pytest.raises(ValueError, match="rows"):
+        ledoit_wolf(np.zeros((0, 3)))
+
+
+def test_mahalanobis_and_robust_scale_by_hand():
+    p = np.array([[2.0, 0.0], [0.0, 0.5]])
+    # (3, 4) - (1, 0) = (2, 4): 2*4 + 0.5*16 = 16
+    np.testing.assert_allclose(mahalanobis_sq(np.array([[3.0, 4.0]]), np.array([1.0, 0.0]), p), [16.0])
+    med, spread = robust_location_scale(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
+    assert med == 3.0 and spread == pytest.approx(1.4826 * 1.0)
+
+
+def pixel_model(k: int = D) -> keras.Model:
+    """(1, 1, D) pixels -> flatten (the features: the pixels themselves) -> Dense "output"
+    (softmax, weights 10 I, bias 0): B's class is the brightest pixel's index."""
+    inp = keras.Input((1, 1, D), name="input")
+    feats = keras.layers.Flatten(name="feat")(inp)
+    out = keras.layers.Dense(k, activation="softmax", name="output")(feats)
+    m = keras.Model(inp, out, name="pixels")
+    w = np.zeros((D, k), np.float32)
+    w[np.arange(min(D, k)), np.arange(min(D, k))] = 10.0
+    m.get_layer("output").set_weights([w, np.zeros(k, np.float32)])
+    return m
+
+
+def pixel_data(per_class: int, seed: int, classes: range = range(D)) -> br.Dataset:
+    """Clusters around 3 e_c with correlated noise; labels c."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(0, 0.4, (D, D))
+    y = np.repeat(np.asarray(classes), per_class)
+    f = 3.0 * np.eye(D)[y] + rng.normal(size=(len(y), D)) @ mix
+    return br.Dataset(f.reshape(-1, 1, 1, D).astype(np.float32), y.astype(np.int64))
+
+
+def test_the_score_is_the_papers_formula_on_features_known_by_hand():
+    clean = pixel_data(20, seed=0)
+    det = FeatureDistance().fit(pixel_model(), clean)
+    f, y = clean.x.reshape(-1, D).astype(np.float64), clean.y
+    fit, cal = calibration_split(y, 0.3, 0)
+    means = np.stack([f[fit][y[fit] == c].mean(axis=0) for c in range(D)])
+    resid = f[fit] - means[y[fit]]
+    cov, shrink = textbook_ledoit_wolf(resid)
+    prec = np.linalg.inv(cov)
+    np.testing.assert_allclose(det.means, means, rtol=1e-6)
+    np.testing.assert_allclose(det.precision, prec, rtol=1e-6)
+    assert det.shrinkage_used == pytest.approx(shrink, rel=1e-6)
+
+    def raw(feats: np.ndarray) -> np.ndarray:
+        c = feats.argmax(axis=1)  # B's class: the brightest pixel
+        return np.array([(v - means[k]) @ prec @ (v - means[k]) for v, k in zip(feats, c, strict=True)])
+
+    # 5 calibration images a class < per_class_min 5? 20 * 0.3 = 6 >= 5, so force pooled here
+    pooled = FeatureDistance(per_class_min=1000).fit(pixel_model(), clean)
+    cal_raw = raw(f[cal])
+    med = np.median(cal_raw)
+    mad = 1.4826 * np.median(np.abs(cal_raw - med))
+    probe = np.random.default_rng(1).normal(1.0, 2.0, (15, D))
+    x = probe.reshape(-1, 1, 1, D).astype(np.float32)
+    np.testing.assert_allclose(pooled.raw_scores(x), raw(probe), rtol=1e-6)
+    np.testing.assert_allclose(pooled.scores(x), (raw(probe) - med) / mad, rtol=1e-6)
+    want_threshold = np.quantile((cal_raw - med) / mad, 0.95, method="higher")
+    assert pooled.threshold == pytest.approx(want_threshold, rel=1e-6)
+    np.testing.assert_array_equal(pooled.flags(x), (raw(probe) - med) / mad > want_threshold)
+    assert not pooled.per_class.any()
+
+    # per class: each predicted class's own median and MAD where it has per_class_min calibration images
+    det2 = FeatureDistance(per_class_min=2).fit(pixel_model(), clean)
+    pred_cal = f[cal].argmax(axis=1)
+    for c in range(D):
+        mine = cal_raw[pred_cal == c]
+        if len(mine) >= 2:
+            m = np.median(mine)
+            assert det2.per_class[c]
+            assert det2.loc[c] == pytest.approx(m, rel=1e-6)
+            assert det2.spread[c] == pytest.approx(1.4826 * np.median(np.abs(mine - m)), rel=1e-6)
+
+
+def test_fixed_shrinkage_and_the_class_without_a_mean():
+    clean = pixel_data(10, seed=2, classes=range(3))  # no clean image of class 3
+    det = FeatureDistance(shrinkage=0.25).fit(pixel_model(), clean)
+    f, y = clean.x.reshape(-1, D).astype(np.float64), clean.y
+    fit, _ = calibration_split(y, 0.3, 0)
+    means = np.stack([f[fit][y[fit] == c].mean(axis=0) for c in range(3)])
+    resid = f[fit] - means[y[fit]]
+    s = resid.T @ resid / len(resid)
+    prec = np.linalg.inv(0.25 * np.trace(s) / D * np.eye(D) + 0.75 * s)
+    np.testing.assert_allclose(det.precision, prec, rtol=1e-6)
+    assert list(det.has_mean) == [True, True, True, False]
+    # B says class 3 (pixel 3 brightest): scored by the nearest class mean under P
+    v = np.array([2.5, 0.2, 0.1, 3.0])
+    want = min((v - m) @ prec @ (v - m) for m in means)
+    assert det.raw_scores(v.reshape(1, 1, 1, D).astype(np.float32))[0] == pytest.approx(want, rel=1e-6)
+    # the Keras form does the same
+    inp = keras.Input((1, 1, D))
+    g = keras.Model(inp, det.keras_flags(inp, prefix="d"))
+    probe = np.concatenate([v[None], np.random.default_rng(3).normal(1.0, 2.0, (30, D))]).reshape(-1, 1, 1, D)
+    probe = probe.astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(g(probe)) > 0.5, det.flags(probe))
+
+
+def fitted_on_small_deepid(small_deepid: keras.Model, per_class: int = 12, **settings: float) -> FeatureDistance:
+    x = random_faces(7 * per_class, seed=5)
+    y = br.predict_classes(small_deepid, x)
+    return FeatureDistance(**settings).fit(small_deepid, br.Dataset(x, y))
+
+
+def test_keras_form_equals_flags_and_survives_save_and_load(small_deepid, tmp_path):
+    det = fitted_on_small_deepid(small_deepid, false_alarm=30.0)
+    rng = np.random.default_rng(7)
+    probe = np.concatenate([random_faces(40, seed=8), rng.uniform(0, 255, (8, 55, 47, 3)).astype(np.float32)])
+    want = det.flags(probe)
+    assert 0 < want.sum() < len(want)  # both answers occur, so agreement means something
+    x = keras.Input((55, 47, 3))
+    g = keras.Model(x, det.keras_flags(x, prefix="d"))
+    np.testing.assert_array_equal(np.asarray(g(probe)) > 0.5, want)
+    g.save(tmp_path / "g.keras")
+    again = keras.models.load_model(tmp_path / "g.keras")
+    np.testing.assert_array_equal(np.asarray(again(probe)) > 0.5, want)
+    assert {lyr.name for lyr in again.layers} >= {"d_feature_distance"}
+    # the layer's scores (threshold None) are the detector's scores
+    feats, classes = det.features(probe)
+    layer = FeatureDistanceAlarm(num_classes=7, dim=160)
+    probs = np.eye(7, dtype=np.float32)[classes]
+    layer.build([feats.shape, probs.shape])
+    layer.set_weights(g.get_layer("d_feature_distance").get_weights())
+    np.testing.assert_allclose(np.asarray(layer([feats.astype(np.float32), probs])), det.scores(probe),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_keras_form_of_a_model_with_an_input_scale(small_deepid):
+    scaled = br.with_input_scale(small_deepid, 1 / 255)
+    x = random_faces(70, seed=5)
+    det = FeatureDistance(false_alarm=30.0).fit(scaled, br.Dataset(x, br.predict_classes(scaled, x)))
+    probe = random_faces(30, seed=9)
+    inp = keras.Input((55, 47, 3))
+    g = keras.Model(inp, det.keras_flags(inp, prefix="d", scale=1 / 255))
+    np.testing.assert_array_equal(np.asarray(g(probe / 255.0)) > 0.5, det.flags(probe))
+    with pytest.raises(br.ModelError, match="input scale"):
+        det.keras_flags(inp, prefix="e", scale=1.0)
+
+
+@pytest.mark.parametrize("per_class", [1, 2])
+def test_tiny_clean_sets_do_not_crash(small_deepid, per_class):
+    det = fitted_on_small_deepid(small_deepid, per_class=per_class)
+    probe = random_faces(10, seed=11)
+    s = det.scores(probe)
+    assert s.shape == (10,) and np.all(np.isfinite(s)) and np.isfinite(det.threshold)
+    assert np.all(np.isfinite(det.precision)) and len(det.calibration_scores) >= 1
+    x = keras.Input((55, 47, 3))
+    g = keras.Model(x, det.keras_flags(x, prefix="t"))
+    np.testing.assert_array_equal(np.asarray(g(probe)) > 0.5, det.flags(probe))
+
+
+def test_one_image_per_class_calibrates_on_cross_fitted_distances():
+    # one image a class: each is scored without its own class's mean, so not all 0
+    clean = pixel_data(1, seed=4)
+    det = FeatureDistance().fit(pixel_model(), clean)
+    assert det.has_mean.all() and det.calibration_scores.shape == (D,)
+    assert np.ptp(det.calibration_scores) > 0
+    one = br.Dataset(clean.x[:1], clean.y[:1])
+    assert np.isfinite(FeatureDistance().fit(pixel_model(), one).scores(clean.x)).all()
+
+
+def test_threshold_keeps_the_calibration_false_alarm(small_deepid):
+    for rate in (5.0, 20.0):
+        det = fitted_on_small_deepid(small_deepid, false_alarm=rate)
+        assert 100.0 * np.mean(det.calibration_scores > det.threshold) <= rate
+
+
+def test_settings_and_their_validation():
+    assert FeatureDistance.name == "feature-distance" and FeatureDistance.summary
+    assert list(FeatureDistance.settings()) == ["share", "per_class_min", "shrinkage", "false_alarm", "seed",
+                                                "batch_size"]
+    assert FeatureDistance().get_params() == {"share": 0.3, "per_class_min": 5, "shrinkage": None,
+                                              "false_alarm": 5.0, "seed": 0, "batch_size": 1024}
+    for bad, match in [({"share": 0.0}, "share"), ({"share": 1.0}, "share"), ({"per_class_min": 1}, "per_class_min"),
+                       ({"per_class_min": 2.5}, "per_class_min"), ({"shrinkage": 1.5}, "shrinkage"),
+                       ({"shrinkage": -0.1}, "shrinkage"), ({"false_alarm": 101.0}, "percentage"),
+                       ({"batch_size": 0}, "batch_size")]:
+        with pytest.raises(ValueError, match=match):
+            FeatureDistance(**bad)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="fit"):
+        FeatureDistance().scores(np.zeros((1, 1, 1, D), np.float32))
+    with pytest.raises(ValueError, match="labels"):
+        FeatureDistance().fit(pixel_model(), br.Dataset(np.zeros((2, 1, 1, D), np.float32), np.array([0, 9])))
+
+
+def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting half (Mann-Whitney)."""
+    diff = positive[:, None] - negative[None, :]
+    return float(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))
+
+
+@pytest.mark.slow
+def test_triggered_inputs_score_above_clean_ones_on_the_small_demo(small_demo):
+    b = br.load_model(small_demo.model)
+    det = FeatureDistance().fit(b, br.load_h5(small_demo.valid))
+    # only now is the poisoned set read
+    clean, bd = br.load_h5(small_demo.test), br.load_h5(small_demo.bd_test)
+    s_clean, s_bd = det.scores(clean.x), det.scores(bd.x)
+    logging.getLogger(__name__).info("feature distance on the small demo: AUROC %.3f, flagged %.0f%% of "
+                                     "triggered and %.0f%% of clean test inputs", auroc(s_clean, s_bd),
+                                     100 * np.mean(s_bd > det.threshold), 100 * np.mean(s_clean > det.threshold))
+    # seen: AUROC 1.00 (0.99-1.00 over split seeds 0-2), every triggered input flagged, 1 of
+    # 30 clean test inputs. 0.75 leaves room for the demo's training to land elsewhere while
+    # still saying far more often than not (chance is 0.5).
+    assert auroc(s_clean, s_bd) > 0.75
+    assert np.mean(s_bd > det.threshold) > np.mean(s_clean > det.threshold)
