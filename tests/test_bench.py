@@ -231,3 +231,68 @@ def test_the_projects_benchmark_configs_load(config):
         pytest.skip(f"{config.name} reads files an experiments/ script writes first (see its header)")
     loaded = load_config(config)
     assert loaded.cells() and {b.split for b in loaded.badnets} <= {"tuning", "held-out"}
+
+
+def test_detector_cells_fit_on_clean_data_and_make_their_own_leaderboard(small_demo, tmp_path, capsys):
+    from badnet_repair.reporting.leaderboard import detection_entries
+
+    text = "seeds = [0]\n[target]\ndetection = 90.0\nfalse_alarm = 10.0\n" + textwrap.dedent("""
+        [[badnet]]
+        name = "baseline"
+        split = "tuning"
+    """) + _files(small_demo) + textwrap.dedent("""
+        [[detector]]
+        detectors = ["strip", "feature-distance"]
+        false_alarm = 10.0
+        set = { strip = { copies = 8, calibration_images = 200 } }
+    """)
+    path = tmp_path / "detect.toml"
+    path.write_text(text)
+    config = load_config(path)
+    assert [c.title for c in config.cells()] == ["baseline / strip + feature-distance / seed 0"]
+    out = tmp_path / "out"
+    run_bench(config, out, serial=True, progress=False)
+    (row,) = read_store(out)
+    assert row["status"] == "ok" and row["kind"] == "detection", row.get("error")
+    # the budget of 10 % split in two; the copies as set
+    assert row["settings"]["detectors"]["strip"]["false_alarm"] == 5.0
+    assert row["settings"]["detectors"]["feature-distance"]["false_alarm"] == 5.0
+    assert row["settings"]["detectors"]["strip"]["copies"] == 8
+    models = [r["model"] for r in row["results"]]
+    assert models == ["G (strip)", "G (feature-distance)", "G (strip + feature-distance)"]
+    es = detection_entries([row], detection=90.0, false_alarm=10.0)
+    assert [e.goodnet for e in es] == models
+    both = es[-1]
+    assert both.auroc is None and both.detection >= max(e.detection for e in es[:2])
+    assert all(0.0 <= e.auroc <= 1.0 for e in es[:2])  # type: ignore[operator]
+    assert both.meets == (both.detection >= 90.0 and both.false_alarm <= 10.0)
+    assert main(["bench", "--report", str(out / "store.jsonl")]) == 0
+    md = (out / "leaderboard.md").read_text()
+    assert "## GoodNets from detectors" in md and "G (strip + feature-distance)" in md
+    assert (out / "detection.png").stat().st_size > 1000 and not (out / "leaderboard.png").exists()
+
+
+def test_a_detector_entry_with_mistakes_is_refused_with_each_named(small_demo, tmp_path):
+    text = textwrap.dedent("""
+        [[badnet]]
+        name = "baseline"
+        split = "tuning"
+    """) + _files(small_demo) + textwrap.dedent("""
+        [[detector]]
+        detectors = ["strip", "nope"]
+
+        [[detector]]
+        detectors = ["strip"]
+        set = { strip = { colour = 1 } }
+
+        [[detector]]
+        detectors = ["strip"]
+        false_alarm = 150
+    """)
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "unknown detector 'nope'" in message and "colour" in message
+    assert "false_alarm must be a percentage" in message

@@ -759,22 +759,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         paths = write_leaderboard(rows, Path(args.out) if args.out else store.parent,
                                   attack_success=float(meta.get("attack_success", 5.0)),
                                   accuracy_drop=float(meta.get("accuracy_drop", 3.0)),
+                                  detection=float(meta.get("detection", 95.0)),
+                                  false_alarm=float(meta.get("false_alarm", 5.0)),
                                   title=args.title or f"Leaderboard: {store.parent.name}")
         print(paths["md"].read_text())
         return 0
     config = load_config(args.config)
     out = Path(args.out) if args.out else Path("bench") / config.path.stem
     cells = config.cells()
-    print(f"{config.path}: {len(config.badnets)} BadNets x {len(config.defenses)} defense settings: "
-          f"{len(cells)} cells; output in {out}/", flush=True)
+    print(f"{config.path}: {len(config.badnets)} BadNets x {len(config.defenses)} defense settings"
+          + (f" and {len(config.detectors)} GoodNets from detectors" if config.detectors else "")
+          + f": {len(cells)} cells; output in {out}/", flush=True)
     result = run_bench(config, out, scheduler=args.scheduler, workers=args.workers, serial=args.serial,
                        cells=args.cells, progress=not args.quiet)
     failed = [r for r in result.rows if r["cell"] in set(result.ran) and r["status"] != "ok"]
     print(f"ran {len(result.ran)} cells ({len(failed)} failed) in {result.seconds:.0f} s on "
           f"{result.workers or 'no'} Dask worker(s); {len(result.skipped)} already in {result.store}")
     paths = write_leaderboard(result.rows, out, attack_success=config.attack_success,
-                              accuracy_drop=config.accuracy_drop,
-                              title=args.title or f"Leaderboard: {config.path.stem}")
+                              accuracy_drop=config.accuracy_drop, detection=config.detection,
+                              false_alarm=config.false_alarm, title=args.title or f"Leaderboard: {config.path.stem}")
     print(paths["md"].read_text())
     for p in (result.store, *paths.values()):
         print(p)

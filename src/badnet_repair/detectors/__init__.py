@@ -14,11 +14,34 @@ from __future__ import annotations
 from .base import Detector, NoKerasForm, ThresholdDetector, calibration_split, goodnet_classes, threshold_at
 from .combine import AnyOf
 from .disagreement import Disagreement
+from .features import FeatureDistance
 from .neural_cleanse import CleanseScan, NeuralCleanse, ReversedTrigger, anomaly_index
 from .registry import DEFAULT_DETECTORS, REGISTRY, make_detector, register_detector
 from .reversed_trigger import ReversedTriggerDetector
+from .scaleup import ScaleUp
 from .strip import Strip
+from .teco import TeCo
 
-__all__ = ["DEFAULT_DETECTORS", "REGISTRY", "AnyOf", "CleanseScan", "Detector", "Disagreement", "NeuralCleanse",
-           "NoKerasForm", "ReversedTrigger", "ReversedTriggerDetector", "Strip", "ThresholdDetector", "anomaly_index",
-           "calibration_split", "goodnet_classes", "make_detector", "register_detector", "threshold_at"]
+__all__ = [
+    "DEFAULT_DETECTORS",
+    "REGISTRY",
+    "AnyOf",
+    "CleanseScan",
+    "Detector",
+    "Disagreement",
+    "FeatureDistance",
+    "NeuralCleanse",
+    "NoKerasForm",
+    "ReversedTrigger",
+    "ReversedTriggerDetector",
+    "ScaleUp",
+    "Strip",
+    "TeCo",
+    "ThresholdDetector",
+    "anomaly_index",
+    "calibration_split",
+    "goodnet_classes",
+    "make_detector",
+    "register_detector",
+    "threshold_at",
+]

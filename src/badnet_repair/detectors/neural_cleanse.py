@@ -10,15 +10,26 @@ not (the paper's schedule). A class whose norm is a low outlier among all classe
 (anomaly index, by the median absolute deviation, above ``anomaly_threshold``) is flagged as
 a backdoor target.
 
-Optimising each of the lab's 1283 classes fully is too slow on a CPU, so the scan has two
-stages. The *screen* optimises every class for ``screen_steps`` steps, many classes per
+Optimising each of the lab's 1283 classes fully is too slow on a CPU, so the scan has up to
+three stages. The *pre-selection* (K-Arm's pre-screening: Shen et al., "Backdoor Scanning for
+Deep Neural Networks through K-Arm Optimization", ICML 2021) ranks the labels by how often
+B puts each among its top ``round(preselect_share K)`` labels on the clean images
+(:func:`topk_share`; a backdoor target's logit is raised on every input, so it sits in the
+top share of almost all of them) and keeps the ``preselect`` labels ranked highest. The
+*screen* optimises each pre-selected class for ``screen_steps`` steps, many classes per
 batch; the ``candidates`` classes with the smallest screened norms, and ``reference`` classes
-drawn at random from the rest, are then optimised fully (``steps``). The anomaly index of each
-fully optimised class is measured against the median and MAD of the fully optimised norms of
-the random reference classes, which estimate those of all classes without the screen's
-selection bias. A target the screen does not rank among the candidates is missed; where
-there are at most ``candidates + reference`` classes, all are optimised fully (the paper's
-scan) and none can be missed that way.
+drawn at random from all the other classes (pre-selected or not), are then optimised fully
+(``steps``). The anomaly index of each fully optimised class is measured against the median
+and MAD of the fully optimised norms of the random reference classes, which estimate those of
+all classes without the pre-selection's or the screen's selection bias. A target the
+pre-selection or the screen does not pass on is missed; where there are at most
+``candidates + reference`` classes, all are optimised fully (the paper's scan) and none can
+be missed that way, and where there are at most ``preselect`` classes, all are screened.
+
+The reversed trigger's pattern lies in the images' FILE pixel range, ``[0, pixel_max]``:
+255 for 0..255 files, 1 for 0..1 files (:func:`~badnet_repair.formats.data.pixel_range` of
+the clean images unless ``pixel_max`` is given). A model with an input-scale layer in front
+still takes file pixels, so its range is its files' range, not its scaled one.
 """
 
 from __future__ import annotations
@@ -32,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from ..formats.data import Dataset
+from ..formats.data import Dataset, pixel_range
 
-__all__ = ["CleanseScan", "NeuralCleanse", "ReversedTrigger", "anomaly_index"]
+__all__ = ["CleanseScan", "NeuralCleanse", "ReversedTrigger", "anomaly_index", "preselect_order", "topk_share"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,48 @@ def anomaly_index(norms: np.ndarray, reference: np.ndarray | None = None) -> np.
     with np.errstate(divide="ignore", invalid="ignore"):
         out = (med - norms) / spread if spread > 0 else np.where(norms < med, np.inf, 0.0)
     return np.asarray(out, np.float64)
+
+
+def topk_share(probabilities: np.ndarray, share: float = 0.25) -> np.ndarray:
+    """K-Arm's pre-screening statistic (Shen et al., ICML 2021): for each label, the share of
+    images whose ``k = max(1, round(share * K))`` most probable labels include it.
+
+    A label is among an image's top k where fewer than k labels are strictly more probable
+    (ties at the k-th value all count in, so the result does not depend on a sort's order).
+
+    Args:
+        probabilities: (N, K) B's outputs on clean images (probabilities or logits: only the
+            order within a row matters).
+        share: the top share of labels, K-Arm's gamma, default 0.25.
+
+    Returns:
+        (K,) float64 in [0, 1].
+    """
+    p = np.asarray(probabilities)
+    n, k = p.shape
+    if n == 0:
+        return np.zeros(k)
+    top = min(k, max(1, int(round(share * k))))
+    kth = np.partition(p, k - top, axis=1)[:, k - top]
+    return np.asarray(np.mean(p >= kth[:, None], axis=0), np.float64)
+
+
+def preselect_order(probabilities: np.ndarray, share: float = 0.25) -> np.ndarray:
+    """The labels in pre-selection order: by :func:`topk_share` (highest first), ties by the
+    mean probability on the images (highest first), then by label.
+
+    Args:
+        probabilities: (N, K) B's outputs on clean images.
+        share: the top share of labels, default 0.25.
+
+    Returns:
+        (K,) int64, a permutation of the labels.
+    """
+    p = np.asarray(probabilities, np.float64)
+    counts = topk_share(p, share)
+    mean = p.mean(axis=0) if len(p) else np.zeros(p.shape[1])
+    # lexsort's last key is the primary one; it is stable, so equal keys keep label order
+    return np.asarray(np.lexsort((-mean, -counts)), np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,10 +148,12 @@ class CleanseScan:
         flagged: the classes flagged as backdoor targets, most anomalous first.
         norms: (K,) every class's mask norm: the full optimisation's where a class was
             optimised fully (H x W, the whole image, where its trigger never reached the
-            success share), else the screen's.
-        screen_norms: (K,) the screen's norm of every class (equal to ``norms`` where there was
-            no screen). A class whose trigger never reached the success share in the screen
-            ranks after all that did: its value is the largest norm + 1 + its final loss.
+            success share), else the screen's; NaN for a class neither screened nor optimised
+            fully (left out by the pre-selection).
+        screen_norms: (K,) the screen's norm of every screened class (equal to ``norms`` where
+            there was no screen; NaN for a class the pre-selection left out). A class whose
+            trigger never reached the success share in the screen ranks after all that did:
+            its value is the largest norm + 1 + its final loss.
         anomaly: (K,) anomaly index of each fully optimised class against the reference
             classes' norms; NaN for classes only screened.
         candidates: classes optimised fully because the screen ranked them lowest (all
@@ -109,7 +164,12 @@ class CleanseScan:
         seconds: wall time of the scan.
         settings: the scanner's settings.
         screen_reached: (K,) bool, whether the screen found a trigger reaching the success
-            share for each class (all True where there was no screen).
+            share for each class (all True where there was no screen; False for a class the
+            pre-selection left out).
+        preselected: the classes the pre-selection passed on to the screen, best first;
+            None where there was no pre-selection (every class screened, or none).
+        preselect_share: (K,) each class's pre-selection statistic (:func:`topk_share`);
+            None where there was no pre-selection.
     """
 
     flagged: tuple[int, ...]
@@ -123,10 +183,27 @@ class CleanseScan:
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
     screen_reached: np.ndarray | None = None
+    preselected: tuple[int, ...] | None = None
+    preselect_share: np.ndarray | None = None
 
     def screen_rank(self, cls: int) -> int:
-        """1-based rank of ``cls`` among the screen's norms (1 = smallest)."""
-        return int(np.sum(self.screen_norms < self.screen_norms[cls])) + 1
+        """1-based rank of ``cls`` among the screen's norms (1 = smallest); a class the
+        pre-selection left out ranks after every screened class."""
+        screened = np.isfinite(self.screen_norms)
+        if not np.isfinite(self.screen_norms[cls]):
+            return int(np.sum(screened)) + 1
+        return int(np.sum(self.screen_norms[screened] < self.screen_norms[cls])) + 1
+
+    def preselect_rank(self, cls: int) -> int | None:
+        """1-based rank of ``cls`` in the pre-selection order (1 = passed on first); None
+        where there was no pre-selection."""
+        if self.preselect_share is None:
+            return None
+        share = self.preselect_share
+        # the order's primary key; ties broken as preselect_order does where it was recorded
+        if self.preselected is not None and cls in self.preselected:
+            return self.preselected.index(cls) + 1
+        return int(np.sum(share > share[cls])) + 1
 
     def summary(self) -> dict[str, Any]:
         """JSON-able: flagged classes, each fully optimised class's norm, anomaly index and
@@ -140,16 +217,24 @@ class CleanseScan:
                 {"class": c, "norm": round(float(self.norms[c]), 3),
                  "anomaly_index": round(float(self.anomaly[c]), 3),
                  "attack_success": round(t.attack_success, 2),
-                 "screen_norm": round(float(self.screen_norms[c]), 3),
+                 "screen_norm": _json_float(self.screen_norms[c]),
                  "role": "candidate" if c in self.candidates else "reference"}
                 for c, t in sorted(self.triggers.items(), key=lambda kv: self.norms[kv[0]])
             ],
-            "norms": [round(float(v), 3) for v in self.norms],
+            "norms": [_json_float(v) for v in self.norms],
             "screen_reached": None if self.screen_reached is None else [bool(v) for v in self.screen_reached],
+            "preselected": None if self.preselected is None else list(self.preselected),
+            "preselect_share": (None if self.preselect_share is None else
+                                [round(float(v), 6) for v in self.preselect_share]),
         }
 
     def to_json(self) -> str:
         return json.dumps(self.summary(), indent=1)
+
+
+def _json_float(v: Any) -> float | None:
+    """A norm for JSON: 3 decimals; None (read back as NaN) for a class not measured."""
+    return round(float(v), 3) if np.isfinite(v) else None
 
 
 class NeuralCleanse:

@@ -6,15 +6,19 @@ from typing import Any
 
 from .base import Detector
 from .disagreement import Disagreement
+from .features import FeatureDistance
 from .reversed_trigger import ReversedTriggerDetector
+from .scaleup import ScaleUp
 from .strip import Strip
+from .teco import TeCo
 
 __all__ = ["DEFAULT_DETECTORS", "REGISTRY", "make_detector", "register_detector"]
 
 #: Registry name -> detector class, in the order tables list them. Each is made from keyword
 #: settings alone (:meth:`~badnet_repair.detectors.Detector.settings`) and builds what else it
 #: needs in ``fit``.
-REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (Disagreement, Strip, ReversedTriggerDetector)}
+REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
+    Disagreement, Strip, ReversedTriggerDetector, FeatureDistance, ScaleUp, TeCo)}
 
 #: The detectors a GoodNet combines when none are named (``detect``, the notebook).
 DEFAULT_DETECTORS: tuple[str, ...] = ("strip", "reversed-trigger")

@@ -7,6 +7,7 @@ as soon as Keras is (see the package's ``__init__``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from .. import _backend  # noqa: F401
 
 __all__ = ["AlarmCombine", "Disagree", "EntropyAlarm", "FeatureDistanceAlarm", "GeometricMean", "GoodNetCombine",
-           "Superimpose"]
+           "ScaleUpAlarm", "Superimpose"]
 
 import keras
 from keras import ops
@@ -217,4 +218,46 @@ class FeatureDistanceAlarm(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_classes": self.num_classes, "dim": self.dim,
+                "threshold": self.threshold}
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class ScaleUpAlarm(keras.layers.Layer):
+    """SCALE-UP's decision inside a model: from B's (N, K) probabilities on the inputs and on
+    each scaled copy, 1.0 where ``(SPC - class_mean[c]) / class_std[c] > threshold``, ``c`` B's
+    class on the input. Computed in float64, as
+    :meth:`~badnet_repair.detectors.scaleup.ScaleUp.scores`, so the flags match the detector's to
+    the bit.
+
+    Args:
+        class_mean: (K,) benign SPC means per class.
+        class_std: (K,) benign SPC standard deviations per class.
+        threshold: the score threshold.
+    """
+
+    def __init__(self, class_mean: Sequence[float], class_std: Sequence[float], threshold: float,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.class_mean = [float(v) for v in class_mean]
+        self.class_std = [float(v) for v in class_std]
+        if len(self.class_mean) != len(self.class_std):
+            raise ValueError("class_mean and class_std must have one value per class")
+        self.threshold = float(threshold)
+
+    def call(self, inputs: Any) -> Any:
+        p0, scaled = inputs[0], inputs[1:]
+        top = ops.argmax(p0, axis=-1)
+        agree = ops.zeros(ops.shape(top), dtype="float64")
+        for p in scaled:
+            agree = agree + ops.cast(ops.equal(ops.argmax(p, axis=-1), top), "float64")
+        spc = agree / float(len(scaled))
+        mean = ops.take(ops.convert_to_tensor(np.asarray(self.class_mean, np.float64)), top)
+        std = ops.take(ops.convert_to_tensor(np.asarray(self.class_std, np.float64)), top)
+        return ops.cast((spc - mean) / std > self.threshold, p0.dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (input_shape[0][0],)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_mean": self.class_mean, "class_std": self.class_std,
                 "threshold": self.threshold}

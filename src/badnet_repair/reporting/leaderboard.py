@@ -16,7 +16,8 @@ from typing import Any
 
 from ..formats.files import write_results
 
-__all__ = ["Entry", "entries", "leaderboard_markdown", "plot_leaderboard", "write_leaderboard"]
+__all__ = ["DetectionEntry", "Entry", "detection_entries", "entries", "leaderboard_markdown", "plot_detection",
+           "plot_leaderboard", "write_leaderboard"]
 
 
 @dataclass(frozen=True)
@@ -87,20 +88,107 @@ def entries(rows: Iterable[Mapping[str, Any]], *, attack_success: float = 5.0,
     return out
 
 
+@dataclass(frozen=True)
+class DetectionEntry:
+    """One BadNet x GoodNet from detectors (one detector alone, or the combination), over its seeds.
+
+    ``meets``: the seeds' mean detection is at least the target and the mean false alarm at most
+    the target's; ``auroc`` is None for a combination (its score is a count of alarms).
+    """
+
+    split: str
+    badnet: str
+    goodnet: str
+    seeds: int
+    detection: float
+    detection_sd: float
+    false_alarm: float
+    false_alarm_sd: float
+    auroc: float | None
+    seconds: float
+    meets: bool
+
+
+def detection_entries(rows: Iterable[Mapping[str, Any]], *, detection: float = 95.0,
+                      false_alarm: float = 5.0) -> list[DetectionEntry]:
+    """The detection leaderboard's entries: the rows of GoodNet-from-detectors cells (``kind``
+    ``"detection"``), failed cells left out, one entry per BadNet and G (each detector alone and
+    the combination), in store order."""
+    groups: dict[tuple[str, str, str], list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
+    for row in rows:
+        if row.get("status") != "ok" or row.get("kind") != "detection":
+            continue
+        for result in row["results"]:
+            name = str(result["model"])
+            label = name if " + " in str(row["label"]) or name == f"G ({row['label']})" else f"{name} in {row['label']}"
+            groups.setdefault((row["split"], row["badnet"], label), []).append((row, result))
+    out = []
+    for (split, badnet, goodnet), items in groups.items():
+        det = [float(r["detection_rate"]) for _, r in items]
+        fa = [float(r["false_alarm_rate"]) for _, r in items]
+        au = [float(r["auroc"]) for _, r in items if r.get("auroc") is not None]
+        out.append(DetectionEntry(split=split, badnet=badnet, goodnet=goodnet, seeds=len(items),
+                                  detection=statistics.fmean(det), detection_sd=_sd(det),
+                                  false_alarm=statistics.fmean(fa), false_alarm_sd=_sd(fa),
+                                  auroc=statistics.fmean(au) if au else None,
+                                  seconds=statistics.fmean(float(row.get("seconds", 0.0)) for row, _ in items),
+                                  meets=statistics.fmean(det) >= detection and statistics.fmean(fa) <= false_alarm))
+    return out
+
+
+def _detection_markdown(rows: Sequence[Mapping[str, Any]], *, detection: float, false_alarm: float) -> list[str]:
+    es = detection_entries(rows, detection=detection, false_alarm=false_alarm)
+    if not es:
+        return []
+    lines = ["## GoodNets from detectors", "",
+             f"Target: at least {detection:g} % of poisoned test inputs flagged at most {false_alarm:g} % of clean "
+             "test inputs flagged (means over seeds); every threshold set on clean validation data only. AUROC: the "
+             "detector's scores on the poisoned against the clean test inputs.", ""]
+    for split in ("tuning", "held-out"):
+        part = [e for e in es if e.split == split]
+        if not part:
+            continue
+        names = sorted({e.goodnet for e in part}, key=[e.goodnet for e in part].index)
+        lines += [f"### {split} BadNets ({len({e.badnet for e in part})})", "",
+                  "| G | meets the target on | mean detection (%) | mean false alarm (%) | mean AUROC |",
+                  "|---|---:|---:|---:|---:|"]
+        for n in names:
+            mine = [e for e in part if e.goodnet == n]
+            aurocs = [e.auroc for e in mine if e.auroc is not None]
+            lines.append(f"| {n} | {sum(e.meets for e in mine)} of {len(mine)} | "
+                         f"{statistics.fmean(e.detection for e in mine):.2f} | "
+                         f"{statistics.fmean(e.false_alarm for e in mine):.2f} | "
+                         f"{statistics.fmean(aurocs):.4f} |" if aurocs else
+                         f"| {n} | {sum(e.meets for e in mine)} of {len(mine)} | "
+                         f"{statistics.fmean(e.detection for e in mine):.2f} | "
+                         f"{statistics.fmean(e.false_alarm for e in mine):.2f} | – |")
+        lines += ["", "| BadNet | G | seeds | detection (%) | false alarm (%) | AUROC | s / run | meets |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for e in part:
+            lines.append(f"| {e.badnet} | {e.goodnet} | {e.seeds} | {_pm(e.detection, e.detection_sd, e.seeds)} | "
+                         f"{_pm(e.false_alarm, e.false_alarm_sd, e.seeds)} | "
+                         f"{'–' if e.auroc is None else f'{e.auroc:.4f}'} | {e.seconds:.0f} | "
+                         f"{'yes' if e.meets else 'no'} |")
+        lines.append("")
+    return lines
+
+
 def _pm(mean: float, sd: float, seeds: int) -> str:
     return f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {sd:.2f}"
 
 
 def leaderboard_markdown(rows: Sequence[Mapping[str, Any]], *, attack_success: float = 5.0,
-                         accuracy_drop: float = 3.0, title: str = "Leaderboard") -> str:
+                         accuracy_drop: float = 3.0, title: str = "Leaderboard", detection: float = 95.0,
+                         false_alarm: float = 5.0) -> str:
     """The leaderboard as markdown: per split, a summary (BadNets where each defense meets the
-    target) and every BadNet x defense with mean ± standard deviation over seeds; then the
-    failed cells."""
+    target) and every BadNet x defense with mean ± standard deviation over seeds; the GoodNets
+    from detectors the same way (:func:`detection_entries`); then the failed cells."""
     es = entries(rows, attack_success=attack_success, accuracy_drop=accuracy_drop)
-    lines = [f"# {title}", "",
-             f"Target: attack success at most {attack_success:g} % and clean accuracy at most "
-             f"{accuracy_drop:g} points below the BadNet's (means over seeds). Percentages on each BadNet's "
-             "test sets; ± is the standard deviation over defense seeds.", ""]
+    lines = [f"# {title}", ""]
+    if es:
+        lines += [f"Target: attack success at most {attack_success:g} % and clean accuracy at most "
+                  f"{accuracy_drop:g} points below the BadNet's (means over seeds). Percentages on each BadNet's "
+                  "test sets; ± is the standard deviation over defense seeds.", ""]
     for split in ("tuning", "held-out"):
         part = [e for e in es if e.split == split]
         if not part:
@@ -126,6 +214,7 @@ def leaderboard_markdown(rows: Sequence[Mapping[str, Any]], *, attack_success: f
                 f"{'–' if e.false_alarm is None else f'{e.false_alarm:.2f}'} | {e.seconds:.0f} | "
                 f"{'yes' if e.meets else 'no'} |")
         lines.append("")
+    lines += _detection_markdown(rows, detection=detection, false_alarm=false_alarm)
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += ["## Failed cells", "", "| BadNet | defense | seed | error |", "|---|---|---:|---|"]
@@ -178,19 +267,67 @@ def plot_leaderboard(rows: Sequence[Mapping[str, Any]], *, attack_success: float
     return fig
 
 
-def write_leaderboard(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str], *,
-                      attack_success: float = 5.0, accuracy_drop: float = 3.0, title: str = "Leaderboard",
-                      overwrite: bool = True) -> dict[str, Path]:
-    """Write ``leaderboard.md`` and ``leaderboard.png`` into ``out_dir``.
+def plot_detection(rows: Sequence[Mapping[str, Any]], *, detection: float = 95.0, false_alarm: float = 5.0,
+                   split: str | None = None) -> Any:
+    """Two panels for the GoodNets from detectors: each G's false alarm against its detection per
+    BadNet (the target region shaded), and per-BadNet bars of detection per G.
 
     Returns:
-        {"md", "png"} -> path.
+        The matplotlib Figure.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    es = [e for e in detection_entries(rows, detection=detection, false_alarm=false_alarm)
+          if split is None or e.split == split]
+    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    names = sorted({e.goodnet for e in es}, key=[e.goodnet for e in es].index)
+    badnets = sorted({e.badnet for e in es}, key=[e.badnet for e in es].index)
+    for n in names:
+        mine = [e for e in es if e.goodnet == n]
+        left.scatter([e.false_alarm for e in mine], [e.detection for e in mine], label=n, s=28)
+    left.add_patch(Rectangle((-1, detection), false_alarm + 1, 104 - detection, color="tab:green", alpha=0.12,
+                             label="target"))
+    left.set(xlabel="false alarm on clean test inputs (%)", ylabel="detection of poisoned test inputs (%)",
+             title="each BadNet: mean over seeds", ylim=(-3, 104), xlim=(-1, max(false_alarm * 2, 12)))
+    left.grid(alpha=0.3)
+    width = 0.8 / max(1, len(names))
+    pos = np.arange(len(badnets))
+    for i, n in enumerate(names):
+        values = [next((e.detection for e in es if e.badnet == b and e.goodnet == n), np.nan) for b in badnets]
+        right.bar(pos + (i - (len(names) - 1) / 2) * width, values, width, label=n)
+    right.axhline(detection, color="tab:green", lw=0.8, ls=":")
+    right.set_xticks(pos, badnets, rotation=25, ha="right", fontsize=9)
+    right.set(ylabel="detection (%)", title="detection per BadNet", ylim=(0, 104))
+    right.grid(axis="y", alpha=0.3)
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=9)
+    return fig
+
+
+def write_leaderboard(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str], *,
+                      attack_success: float = 5.0, accuracy_drop: float = 3.0, title: str = "Leaderboard",
+                      detection: float = 95.0, false_alarm: float = 5.0, overwrite: bool = True) -> dict[str, Path]:
+    """Write ``leaderboard.md`` and the figures into ``out_dir``: ``leaderboard.png`` where there
+    are defenses, ``detection.png`` where there are GoodNets from detectors.
+
+    Returns:
+        {"md", "png" and/or "detection_png"} -> path.
     """
     d = Path(out_dir)
-    paths = {"md": d / "leaderboard.md", "png": d / "leaderboard.png"}
-    text = leaderboard_markdown(rows, attack_success=attack_success, accuracy_drop=accuracy_drop, title=title)
-    text += f"\n![each defense on each BadNet]({paths['png'].name})\n"
-    write_results({paths["md"]: text,
-                   paths["png"]: plot_leaderboard(rows, attack_success=attack_success, accuracy_drop=accuracy_drop)},
-                  overwrite=overwrite)
+    paths = {"md": d / "leaderboard.md"}
+    text = leaderboard_markdown(rows, attack_success=attack_success, accuracy_drop=accuracy_drop, title=title,
+                                detection=detection, false_alarm=false_alarm)
+    outputs: dict[Path, Any] = {}
+    if entries(rows, attack_success=attack_success, accuracy_drop=accuracy_drop) or not detection_entries(rows):
+        paths["png"] = d / "leaderboard.png"
+        text += f"\n![each defense on each BadNet]({paths['png'].name})\n"
+        outputs[paths["png"]] = plot_leaderboard(rows, attack_success=attack_success, accuracy_drop=accuracy_drop)
+    if detection_entries(rows):
+        paths["detection_png"] = d / "detection.png"
+        text += f"\n![each GoodNet from detectors on each BadNet]({paths['detection_png'].name})\n"
+        outputs[paths["detection_png"]] = plot_detection(rows, detection=detection, false_alarm=false_alarm)
+    write_results({paths["md"]: text, **outputs}, overwrite=overwrite)
     return paths

@@ -27,6 +27,15 @@ A TOML file declares the matrix (see ``benchmarks/demo.toml``)::
     name = "fine-pruning"                   # a list of values expands to a grid
     epochs = [30, 50]
 
+    [[detector]]                            # a GoodNet from detectors (registry names), combined;
+    detectors = ["strip", "feature-distance"]   # each is reported alone too
+    false_alarm = 5.0                       # G's false-alarm budget, split across them (default 5)
+    set = { strip = { copies = 64 } }       # optional: a detector's settings over the defaults
+
+A configuration may hold defenses, detectors or both; ``[target]`` also takes ``detection`` (at
+least this % of poisoned test inputs flagged, default 95) and ``false_alarm`` (at most this % of
+clean test inputs, default 5) for the detection leaderboard.
+
 Each cell (one BadNet, one defense setting, one seed) runs with ``tf_threads`` TensorFlow
 threads whether it runs here or on a worker: float sums taken in another order make training
 take another path, so a cell's numbers are reproducible for the same thread count and CPU kind,
@@ -58,6 +67,7 @@ from typing import Any
 
 from ..defaults import parse_input_scale, setting_problem
 from ..defenses import REGISTRY, make_defense
+from ..detectors import REGISTRY as DETECTORS
 from ..errors import BadNetRepairError
 from ..formats.files import atomic_path, versions, write_json
 from .recipes import KINDS, RECIPES, make_recipe, recipe_problems
@@ -69,6 +79,7 @@ __all__ = [
     "Cell",
     "ConfigError",
     "DefenseSpec",
+    "DetectorSpec",
     "load_config",
     "read_store",
     "run_bench",
@@ -114,11 +125,26 @@ class DefenseSpec:
 
 
 @dataclass(frozen=True)
+class DetectorSpec:
+    """One GoodNet from detectors: registry names combined, G's false-alarm budget, and settings
+    per detector (``settings``: ``{"detectors": [...], "false_alarm": F, "set": {name: {...}}}``)."""
+
+    name: str
+    label: str
+    settings: Mapping[str, Any]
+
+    @property
+    def seeded(self) -> bool:
+        return any("seed" in DETECTORS[d].settings() for d in self.settings["detectors"])
+
+
+@dataclass(frozen=True)
 class Cell:
-    """One BadNet repaired by one defense setting with one seed (None: the defense has no seed)."""
+    """One BadNet repaired by one defense setting, or screened by one GoodNet from detectors, with
+    one seed (None: nothing in it takes a seed)."""
 
     badnet: BadNetSpec
-    defense: DefenseSpec
+    defense: DefenseSpec | DetectorSpec
     seed: int | None
 
     @property
@@ -146,11 +172,14 @@ class BenchConfig:
     attack_success: float = 5.0
     accuracy_drop: float = 3.0
     tf_threads: int = 1
+    detectors: tuple[DetectorSpec, ...] = ()
+    detection: float = 95.0
+    false_alarm: float = 5.0
 
     def cells(self) -> list[Cell]:
-        """Every cell, BadNet by BadNet, defense by defense, seed by seed."""
-        return [Cell(b, d, s) for b in self.badnets for d in self.defenses
-                for s in (self.seeds if d.seeded else (None,))]
+        """Every cell, BadNet by BadNet, defense (then GoodNet from detectors) by defense, seed by seed."""
+        specs: list[DefenseSpec | DetectorSpec] = [*self.defenses, *self.detectors]
+        return [Cell(b, d, s) for b in self.badnets for d in specs for s in (self.seeds if d.seeded else (None,))]
 
 
 # ----------------------------------------------------------------------------- the configuration
@@ -222,9 +251,11 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
     raw = _read_toml(p)
     base = p.parent
     errors: list[str] = []
-    unknown = sorted(set(raw) - {"seeds", "target", "badnet", "defense", "name", "description", "tf_threads"})
+    unknown = sorted(set(raw) - {"seeds", "target", "badnet", "defense", "detector", "name", "description",
+                                 "tf_threads"})
     if unknown:
-        errors.append(f"unknown top-level key(s) {', '.join(unknown)}; expected seeds, target, badnet, defense")
+        errors.append(f"unknown top-level key(s) {', '.join(unknown)}; expected seeds, target, badnet, defense, "
+                      "detector")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
@@ -235,9 +266,10 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
         errors.append(f"tf_threads must be a whole number >= 1, not {tf_threads!r}")
         tf_threads = 1
     target = raw.get("target", {})
-    bad_target = sorted(set(target) - {"attack_success", "accuracy_drop"})
+    bad_target = sorted(set(target) - {"attack_success", "accuracy_drop", "detection", "false_alarm"})
     if bad_target:
-        errors.append(f"[target] has unknown key(s) {', '.join(bad_target)}; expected attack_success, accuracy_drop")
+        errors.append(f"[target] has unknown key(s) {', '.join(bad_target)}; expected attack_success, accuracy_drop, "
+                      "detection, false_alarm")
 
     badnets: list[BadNetSpec] = []
     identities: dict[str, tuple[str, str]] = {}
@@ -314,9 +346,11 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
             errors.append(f"{where}: unknown defense {name!r}; known: {', '.join(REGISTRY)}")
             continue
         defenses += _grid(name, d, errors, where)
-    if not raw.get("defense"):
-        errors.append("no [[defense]] entries")
-    labels = [d.label for d in defenses]
+    detectors = [spec for i, d in enumerate(raw.get("detector", []))
+                 if (spec := _detector_spec(d, errors, f"[[detector]] {i + 1}")) is not None]
+    if not raw.get("defense") and not raw.get("detector"):
+        errors.append("no [[defense]] or [[detector]] entries")
+    labels = [d.label for d in defenses] + [d.label for d in detectors]
     for label in sorted({x for x in labels if labels.count(x) > 1}):
         errors.append(f"two defense entries are both labelled {label!r}; give each a label")
     if errors:
@@ -328,7 +362,41 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
             raise ConfigError(f"{p}: defense {d.label!r}: {exc}") from None
     return BenchConfig(path=p, badnets=tuple(badnets), defenses=tuple(defenses), seeds=tuple(seeds),
                        attack_success=float(target.get("attack_success", 5.0)),
-                       accuracy_drop=float(target.get("accuracy_drop", 3.0)), tf_threads=tf_threads)
+                       accuracy_drop=float(target.get("accuracy_drop", 3.0)), tf_threads=tf_threads,
+                       detectors=tuple(detectors), detection=float(target.get("detection", 95.0)),
+                       false_alarm=float(target.get("false_alarm", 5.0)))
+
+
+def _detector_spec(entry: Mapping[str, Any], errors: list[str], where: str) -> DetectorSpec | None:
+    """One ``[[detector]]`` entry, checked by making its detectors (mistakes go to ``errors``)."""
+    from .detect import make_detectors
+
+    extra = sorted(set(entry) - {"detectors", "label", "false_alarm", "set"})
+    if extra:
+        errors.append(f"{where}: unknown key(s) {', '.join(extra)}; a detector entry takes detectors, label, "
+                      "false_alarm, set")
+    names = entry.get("detectors")
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        errors.append(f"{where}: detectors must be a list of registry names ({', '.join(DETECTORS)})")
+        return None
+    budget = entry.get("false_alarm", 5.0)
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 <= budget <= 100:
+        errors.append(f"{where}: false_alarm must be a percentage, not {budget!r}")
+        return None
+    chosen = entry.get("set", {})
+    if not isinstance(chosen, dict) or not all(isinstance(v, dict) for v in chosen.values()):
+        errors.append(f"{where}: set must be a table of tables, e.g. set = {{ strip = {{ copies = 64 }} }}")
+        return None
+    try:
+        make_detectors(names, false_alarm=float(budget), settings=chosen)
+    except (TypeError, ValueError) as exc:
+        errors.append(f"{where}: {exc}")
+        return None
+    settings = {"detectors": list(names), "false_alarm": float(budget),
+                **({"set": {k: dict(v) for k, v in chosen.items()}} if chosen else {})}
+    return DetectorSpec(name="detection", label=str(entry.get("label") or " + ".join(names)), settings=settings)
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -384,6 +452,11 @@ def run_cell(cell: Cell, files: Mapping[str, str], out_dir: str | os.PathLike[st
         row["input_scale"] = cell.badnet.input_scale
         b = load_model(files["model"], input_scale=cell.badnet.input_scale)
         valid = load_data_for(b, files["valid"], name="valid")
+        if isinstance(cell.defense, DetectorSpec):
+            row.update(_detection_cell(cell, b, valid, files))
+            row.update(seconds=round(time.perf_counter() - start, 2), versions=versions(),
+                       peak_rss_mib=_peak_rss_mib())
+            return row
         settings = dict(cell.defense.settings)
         if cell.seed is not None:
             settings["seed"] = cell.seed
@@ -414,6 +487,30 @@ def run_cell(cell: Cell, files: Mapping[str, str], out_dir: str | os.PathLike[st
                    traceback=traceback.format_exc(limit=8))
     row.update(seconds=round(time.perf_counter() - start, 2), versions=versions(), peak_rss_mib=_peak_rss_mib())
     return row
+
+
+def _detection_cell(cell: Cell, b: Any, valid: Any, files: Mapping[str, str]) -> dict[str, Any]:
+    """A GoodNet-from-detectors cell after B and the clean data are open: fit the detectors on the
+    clean data, then open the test sets and score each detector alone and all combined."""
+    from ..formats.data import poisoned_labels
+    from ..metrics import evaluate_predictions
+    from ..nets.models import load_data_for, predict_classes
+    from .detect import detector_evaluations, fit_detectors
+
+    spec = cell.defense.settings
+    parts, seconds, _ = fit_detectors(b, valid, spec["detectors"], false_alarm=spec["false_alarm"],
+                                      seed=0 if cell.seed is None else cell.seed, settings=spec.get("set"))
+    test = load_data_for(b, files["test"], name="test")
+    bd_test, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), cell.badnet.target,
+                                      several=cell.badnet.kind == "multi-target")
+    base = evaluate_predictions(model="B", kind="badnet", clean_pred=predict_classes(b, test.x), clean_labels=test.y,
+                                poisoned_pred=predict_classes(b, bd_test.x), poisoned_labels=bd_test.y)
+    rows = detector_evaluations(b, parts, test, bd_test)
+    return {"status": "ok", "kind": "detection", "target": target, "fit_seconds": seconds,
+            "settings": {**dict(spec), "detectors": {n: d.get_params() for n, d in parts.items()}},
+            "badnet_clean_accuracy": base.clean_accuracy, "badnet_attack_success": base.attack_success_rate,
+            "results": [{k: v for k, v in e.as_dict().items() if k not in ("clean_set", "poisoned_set")}
+                        for e in rows]}
 
 
 def _peak_rss_mib() -> float | None:
@@ -533,7 +630,8 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], *, scheduler
 
     write_json(out / "bench.json", {"config": str(config.path), "attack_success": config.attack_success,
                                     "accuracy_drop": config.accuracy_drop, "cells": len(config.cells()),
-                                    "tf_threads": config.tf_threads},
+                                    "tf_threads": config.tf_threads, "detection": config.detection,
+                                    "false_alarm": config.false_alarm},
                overwrite=True)
     needed = {c.badnet.name: c.badnet for c in todo}
     if not todo:
