@@ -247,14 +247,14 @@ def test_settings_are_checked():
             SharedAdversarialUnlearning(**bad)
     d = SharedAdversarialUnlearning()
     assert d.name == "sau" and d.step_cost() == 12.0 and SharedAdversarialUnlearning(sau_steps=2).step_cost() == 6.0
-    assert (d.epochs, d.learning_rate, d.sau_epsilon, d.sau_step, d.sau_steps) == (7, 1e-4, 0.2, 0.2, 5)
-    # the perturbation is in units of the pixel range: 0.2 of 0..255 images is 51 gray levels
+    assert (d.epochs, d.learning_rate, d.sau_epsilon, d.sau_step, d.sau_steps) == (7, 1e-4, 0.05, 0.2, 5)
+    # the perturbation is in units of the pixel range: 0.05 of 0..255 images is 12.75 gray levels
     data = br.Dataset(np.zeros((2, 2, 2, 1), np.float32), np.zeros(2, np.int64))
     for fixed, data_range, want in ((None, 255.0, 255.0), (None, 1.0, 1.0), (255.0, 1.0, 255.0)):
         member = Member(badnet=_linear(0), tune=data, holdout=data, layer="", seed=0, index=0,
                         pixel_scale=data_range)
         step = SharedAdversarialUnlearning(pixel_scale=fixed).plan(member, None, ()).step
-        assert isinstance(step, SharedAdversarialStep) and step.epsilon == pytest.approx(0.2 * want)
+        assert isinstance(step, SharedAdversarialStep) and step.epsilon == pytest.approx(0.05 * want)
         assert step.step_size == pytest.approx(0.2 * want) and step.pixel_max == want
         assert member.notes["pixel_scale"] == want
 
