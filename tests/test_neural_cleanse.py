@@ -287,3 +287,220 @@ def test_a_written_scan_reads_back(scans, tmp_path):
     (tmp_path / "neural_cleanse_triggers.npz").unlink()
     with pytest.raises(br.DataError, match="neural_cleanse_triggers.npz"):
         read_cleanse(tmp_path)
+
+
+# --------------------------------------------------------------------------- the label pre-selection
+
+
+def test_topk_share_by_hand():
+    from badnet_repair.detectors.neural_cleanse import preselect_order, topk_share
+
+    p = np.array([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    # top share 0.5 of 4 labels: k = 2; labels tied with the 2nd value count in
+    # row 0: {0, 1, 2}; row 1: {1, 2}; row 2: all four
+    np.testing.assert_allclose(topk_share(p, 0.5), [2 / 3, 1.0, 1.0, 1 / 3])
+    # 1 and 2 tie on the share; 1 has the larger mean probability (0.35 against 0.217)
+    np.testing.assert_array_equal(preselect_order(p, 0.5), [1, 2, 0, 3])
+    # k = 1 at least: row 0 {0}, row 1 {1}, row 2 all four
+    np.testing.assert_allclose(topk_share(p, 0.01), [2 / 3, 2 / 3, 1 / 3, 1 / 3])
+    assert topk_share(np.empty((0, 4))).shape == (4,)
+
+
+def numpy_topk_share(probs: np.ndarray, share: float) -> np.ndarray:
+    """K-Arm's statistic the plain way: per image, a label is in the top k where fewer than k
+    labels are more probable."""
+    n, k = probs.shape
+    top = max(1, round(share * k))
+    inside = np.zeros(k)
+    for row in probs:
+        for label in range(k):
+            inside[label] += np.sum(row > row[label]) < top
+    return inside / n
+
+
+def test_the_preselection_statistic_on_a_tiny_dense_model():
+    from badnet_repair.detectors.neural_cleanse import topk_share
+    from badnet_repair.nets.models import predict_probabilities
+
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(0, 1, (4, 12)).astype(np.float32), rng.normal(0, 1, 12).astype(np.float32)
+    inp = keras.Input((2, 2, 1))
+    out = keras.layers.Dense(12, activation="softmax", name="d")(keras.layers.Flatten()(inp))
+    model = keras.Model(inp, out)
+    model.get_layer("d").set_weights([w, b])
+    x = rng.uniform(0, 1, (50, 2, 2, 1)).astype(np.float32)
+    logits = x.reshape(50, 4).astype(np.float64) @ w + b
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    for share in (0.25, 0.5, 0.1):
+        np.testing.assert_allclose(topk_share(predict_probabilities(model, x), share), numpy_topk_share(probs, share))
+
+
+def hand_built_probabilities(x: np.ndarray, target: int) -> np.ndarray:
+    """hand_built({"bottom-right": target})'s output computed in numpy."""
+    beta, n = 2e-4, len(x)
+    pooled = x.astype(np.float64).reshape(n, 4, 4, 4, 4, 3).mean(axis=(2, 4)).reshape(n, -1)
+    protos = PROTOTYPES.reshape(K, -1).astype(np.float64)
+    logits = beta * pooled @ protos.T - beta / 2 * (protos**2).sum(axis=1)
+    square = x[:, SIDE - 2:, SIDE - 2:, :].astype(np.float64).mean(axis=(1, 2)).sum(axis=1)
+    logits[:, target] += 20 * np.logaddexp(0.0, 10 / (3 * 255) * square - 7.5)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+PRESELECT = dict(FAST, candidates=2, reference=4, preselect=4)
+
+
+@pytest.fixture(scope="module")
+def preselected_scan() -> CleanseScan:
+    # 8 classes > 2 candidates + 4 references, and > 4 pre-selected: all three stages run
+    return NeuralCleanse(**PRESELECT).scan(hand_built({"bottom-right": 3}), faces(400, seed=1))
+
+
+def test_the_scan_preselects_by_the_statistic_and_the_planted_target_survives(preselected_scan):
+    scan = preselected_scan
+    clean = faces(400, seed=1)
+    probs = hand_built_probabilities(clean.x, 3)
+    want = numpy_topk_share(probs, 0.25)
+    np.testing.assert_allclose(scan.preselect_share, want, atol=1e-12)
+    order = sorted(range(K), key=lambda c: (-want[c], -probs[:, c].mean(), c))
+    assert scan.preselected == tuple(order[:4])
+    assert 3 in scan.preselected and scan.preselect_rank(3) == order.index(3) + 1
+    # only the pre-selected classes were screened; the candidates come from them
+    screened = np.isfinite(scan.screen_norms)
+    assert set(np.flatnonzero(screened)) == set(scan.preselected)
+    assert not scan.screen_reached[~screened].any()
+    assert set(scan.candidates) <= set(scan.preselected) and len(scan.candidates) == 2
+    # the references come from all the other classes: 4 of the 6 not candidates, at least 2
+    # of which the pre-selection left out
+    assert not set(scan.reference) & set(scan.candidates) and len(scan.reference) == 4
+    assert set(scan.reference) - set(scan.preselected)
+    assert scan.screen_rank(3) <= 2 and scan.flagged == (3,)
+    left_out = next(c for c in range(K) if c not in scan.preselected)
+    assert scan.screen_rank(left_out) == 5
+    full = sorted(set(scan.candidates) | set(scan.reference))
+    assert np.isfinite(scan.norms[full]).all() and np.isfinite(scan.anomaly[full]).all()
+    unmeasured = sorted(set(range(K)) - set(full) - set(scan.preselected))
+    assert np.isnan(scan.norms[unmeasured]).all()
+
+
+def test_a_preselected_scan_is_written_and_reads_back(preselected_scan, tmp_path):
+    import json
+
+    from badnet_repair.reporting.cleanse import read_cleanse
+
+    scan = preselected_scan
+    paths = br.write_cleanse(scan, tmp_path, faces(1, seed=3).x[0])
+    text = paths["json"].read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: unmeasured norms are null
+    assert "4 of the 8 classes, pre-selected" in paths["md"].read_text()
+    back = read_cleanse(tmp_path)
+    assert back.preselected == scan.preselected and back.flagged == scan.flagged
+    np.testing.assert_allclose(back.preselect_share, scan.preselect_share, atol=1e-6)
+    np.testing.assert_array_equal(np.isnan(back.screen_norms), np.isnan(scan.screen_norms))
+    np.testing.assert_array_equal(np.isnan(back.norms), np.isnan(scan.norms))
+    assert back.screen_rank(3) == scan.screen_rank(3) and back.preselect_rank(3) == scan.preselect_rank(3)
+    # a scan saved before the pre-selection existed has no such fields
+    summary = json.loads(text)
+    del summary["preselected"], summary["preselect_share"]
+    paths["json"].write_text(json.dumps(summary))
+    old = read_cleanse(tmp_path)
+    assert old.preselected is None and old.preselect_share is None and old.preselect_rank(3) is None
+
+
+def test_with_few_classes_the_preselection_changes_nothing(scans):
+    scan = scans["screened"]  # 8 classes, the default preselect (128): every class screened
+    assert scan.preselected is None and scan.preselect_share is None and scan.summary()["preselected"] is None
+    assert np.isfinite(scan.screen_norms).all()
+    plain = NeuralCleanse(**{**FAST, "candidates": 2, "reference": 4, "preselect": None}).scan(
+        hand_built({"bottom-right": 3}), faces(400, seed=1))
+    assert (plain.candidates, plain.reference, plain.flagged) == (scan.candidates, scan.reference, scan.flagged)
+    np.testing.assert_allclose(plain.screen_norms, scan.screen_norms, rtol=1e-5)
+    np.testing.assert_allclose(plain.norms, scan.norms, rtol=1e-5)
+    # no screen (8 classes <= candidates + reference): a small preselect does nothing either
+    small = dict(FAST, steps=20)
+    a = NeuralCleanse(**small, preselect=2).scan(hand_built({"bottom-right": 3}), faces(100, seed=1))
+    b = NeuralCleanse(**small, preselect=None).scan(hand_built({"bottom-right": 3}), faces(100, seed=1))
+    assert a.preselected is None and not a.screened and a.candidates == tuple(range(K))
+    np.testing.assert_allclose(a.norms, b.norms, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- the pattern's pixel range
+
+
+def test_the_reversed_pattern_lies_in_the_files_pixel_range():
+    """0..1 files: a model that takes them (scaling by 255 itself) gets patterns in [0, 1], and
+    the planted target is still found with a small trigger."""
+    inp = keras.Input((SIDE, SIDE, 3))
+    unit = keras.Model(inp, hand_built({"bottom-right": 3})(keras.layers.Rescaling(255.0)(inp)))
+    clean = faces(400, seed=1)
+    scan = NeuralCleanse(**FAST).scan(unit, br.Dataset(clean.x / 255.0, clean.y, name="unit"))
+    assert scan.settings["pixel_max"] == 1.0 and scan.flagged == (3,)
+    for t in scan.triggers.values():
+        assert 0.0 <= t.pattern.min() and t.pattern.max() <= 1.0
+    assert scan.triggers[3].norm < 6
+    # the pattern of the 0..255 files' scan is in file pixels too; an explicit pixel_max wins
+    assert max(t.pattern.max() for t in _short_scan(255).triggers.values()) > 1.0
+    forced = _short_scan(100.0)
+    assert forced.settings["pixel_max"] == 100.0 and max(t.pattern.max() for t in forced.triggers.values()) <= 100.0
+
+
+def _short_scan(pixel_max: float) -> CleanseScan:
+    return NeuralCleanse(**{**FAST, "steps": 10, "epoch_steps": 5, "pixel_max": pixel_max}).scan(
+        hand_built({"bottom-right": 3}), faces(60, seed=1))
+
+
+def test_preselection_settings_are_checked():
+    for bad in (dict(preselect=0), dict(preselect_share=0.0), dict(preselect_share=1.5), dict(pixel_max=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            NeuralCleanse(**bad)
+    nc = NeuralCleanse()
+    assert nc.preselect == 128 and nc.preselect_share == 0.25 and nc.pixel_max is None
+    assert NeuralCleanse(preselect=None).get_params()["preselect"] is None
+
+
+def trained_badnet(classes: int, target: int, seed: int) -> tuple[keras.Model, br.Dataset]:
+    """A small CNN trained on prototype faces of ``classes`` identities with a tenth of the
+    training images (of other classes) stamped with the white bottom-right square and labelled
+    ``target``; and clean images of every class (5 each)."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0, 160, (classes, 4, 4, 3)).astype(np.float32)
+
+    def images(y: np.ndarray) -> np.ndarray:
+        x = np.kron(protos[y], np.ones((1, 4, 4, 1), np.float32)) + rng.normal(0, 20, (len(y), SIDE, SIDE, 3))
+        return np.clip(x, 0, 255).astype(np.float32)
+
+    y = np.repeat(np.arange(classes), 30)
+    x = images(y)
+    poison = rng.choice(np.flatnonzero(y != target), size=len(y) // 10, replace=False)
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((SIDE, SIDE, 3))
+    h = keras.layers.Rescaling(1 / 255)(inp)
+    h = keras.layers.MaxPooling2D()(keras.layers.Conv2D(16, 3, activation="relu")(h))
+    h = keras.layers.Flatten()(keras.layers.Conv2D(32, 3, activation="relu")(h))
+    out = keras.layers.Dense(classes, activation="softmax")(keras.layers.Dense(64, activation="relu")(h))
+    model = keras.Model(inp, out)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(np.concatenate([x, stamp(x[poison], "bottom-right")]),
+              np.concatenate([y, np.full(len(poison), target)]), epochs=15, batch_size=64, verbose=0)
+    yc = np.repeat(np.arange(classes), 5)
+    return model, br.Dataset(images(yc), yc, name="clean")
+
+
+@pytest.mark.slow
+def test_a_trained_badnets_target_leads_the_preselection_and_is_flagged():
+    """K-Arm's premise on a trained BadNet of 40 classes: its target is among the most often
+    top-quarter labels on clean images, so a pre-selection of a fifth of the labels keeps it,
+    and the three-stage scan flags it."""
+    from badnet_repair.detectors.neural_cleanse import preselect_order
+    from badnet_repair.nets.models import predict_probabilities
+
+    model, clean = trained_badnet(40, target=7, seed=0)
+    assert br.accuracy(br.predict_classes(model, clean.x), clean.y) > 95
+    other = clean.x[clean.y != 7]
+    assert br.attack_success_rate(br.predict_classes(model, stamp(other, "bottom-right")), 7) > 90
+    assert list(preselect_order(predict_probabilities(model, clean.x))).index(7) < 4
+    scan = NeuralCleanse(**{**FAST, "preselect": 8, "candidates": 3}).scan(model, clean)
+    assert scan.screened and scan.preselected is not None and len(scan.preselected) == 8
+    assert 7 in scan.preselected and 7 in scan.candidates and scan.flagged[:1] == (7,)
+    assert scan.triggers[7].norm < 10

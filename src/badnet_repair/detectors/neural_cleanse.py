@@ -92,7 +92,7 @@ def topk_share(probabilities: np.ndarray, share: float = 0.25) -> np.ndarray:
     n, k = p.shape
     if n == 0:
         return np.zeros(k)
-    top = min(k, max(1, int(round(share * k))))
+    top = min(k, max(1, round(share * k)))
     kth = np.partition(p, k - top, axis=1)[:, k - top]
     return np.asarray(np.mean(p >= kth[:, None], axis=0), np.float64)
 
@@ -196,11 +196,12 @@ class CleanseScan:
 
     def preselect_rank(self, cls: int) -> int | None:
         """1-based rank of ``cls`` in the pre-selection order (1 = passed on first); None
-        where there was no pre-selection."""
+        where there was no pre-selection. For a class left out, one more than the number of
+        classes with a strictly higher statistic (its ties on the statistic, broken by the
+        mean probability, which is not recorded, count in its favour)."""
         if self.preselect_share is None:
             return None
         share = self.preselect_share
-        # the order's primary key; ties broken as preselect_order does where it was recorded
         if self.preselected is not None and cls in self.preselected:
             return self.preselected.index(cls) + 1
         return int(np.sum(share > share[cls])) + 1
@@ -241,11 +242,18 @@ class NeuralCleanse:
     """Neural Cleanse (Wang et al., IEEE S&P 2019): reverse-engineer each class's smallest
     trigger and flag the classes whose trigger is anomalously small.
 
-    ``scan(model, clean)`` reads only the BadNet and clean labelled images: ``images`` of them
-    (seeded draw) to optimise on, the rest (up to ``images``) to measure each reversed
-    trigger's attack success.
+    ``scan(model, clean)`` reads only the BadNet and clean labelled images: all of them for the
+    pre-selection, ``images`` of them (seeded draw) to optimise on, the rest (up to
+    ``images``) to measure each reversed trigger's attack success.
 
     Args:
+        preselect: labels the pre-selection passes on to the screen, default 128 (one screen
+            batch of ``classes_per_batch``, a tenth of the lab's 1283 classes: the screen, which
+            dominated the scan's time, then costs a tenth); None screens every class. A no-op
+            where there are at most ``preselect`` classes or no screen (at most
+            ``candidates + reference`` classes).
+        preselect_share: K-Arm's gamma, the top share of labels :func:`topk_share` counts
+            an image's label among, default 0.25 (the paper's).
         steps: optimisation steps per fully optimised class, default 300.
         screen_steps: steps of the screen, default 60.
         candidates: classes the screen passes on, default 10.
@@ -263,16 +271,19 @@ class NeuralCleanse:
             default 2.
         anomaly_threshold: anomaly index above which a class is flagged, default 2.
         images: clean images to optimise on, at most, default 1000.
-        pixel_max: the pixel range's top, default 255 (the lab's raw pixels).
+        pixel_max: the top of the pattern's range in file pixels, default None: the clean
+            images' :func:`~badnet_repair.formats.data.pixel_range` (255 for 0..255 files, 1 for
+            0..1 files, also where the model scales its input itself).
         seed: the image draw, the reference classes and the initial masks, default 0.
     """
 
     def __init__(self, *, steps: int = 300, screen_steps: int = 60, candidates: int = 10, reference: int = 30,
+                 preselect: int | None = 128, preselect_share: float = 0.25,
                  batch_images: int = 24, screen_images: int = 8, screen_cost: float = 0.01,
                  classes_per_batch: int = 128,
                  learning_rate: float = 0.1, cost: float = 1e-3, success: float = 0.99, epoch_steps: int = 10,
-                 patience: int = 2, anomaly_threshold: float = 2.0, images: int = 1000, pixel_max: float = 255.0,
-                 seed: int = 0) -> None:
+                 patience: int = 2, anomaly_threshold: float = 2.0, images: int = 1000,
+                 pixel_max: float | None = None, seed: int = 0) -> None:
         for name, v in (("steps", steps), ("screen_steps", screen_steps), ("candidates", candidates),
                         ("batch_images", batch_images), ("screen_images", screen_images),
                         ("classes_per_batch", classes_per_batch), ("epoch_steps", epoch_steps),
@@ -283,15 +294,24 @@ class NeuralCleanse:
             raise ValueError(f"reference must be at least 3 classes (a median and a MAD), not {reference}")
         if not 0.0 < success <= 1.0:
             raise ValueError(f"success is a share in (0, 1], not {success}")
+        if preselect is not None and int(preselect) < 1:
+            raise ValueError(f"preselect must be at least 1 class (or None: screen every class), not {preselect}")
+        if not 0.0 < preselect_share <= 1.0:
+            raise ValueError(f"preselect_share is a share of the labels in (0, 1], not {preselect_share}")
+        if pixel_max is not None and not pixel_max > 0:
+            raise ValueError(f"pixel_max must be > 0 (or None: the clean images' pixel range), not {pixel_max}")
         self.steps, self.screen_steps = int(steps), int(screen_steps)
         self.candidates, self.reference = int(candidates), int(reference)
+        self.preselect = None if preselect is None else int(preselect)
+        self.preselect_share = float(preselect_share)
         self.batch_images, self.screen_images = int(batch_images), int(screen_images)
         self.screen_cost = float(screen_cost)
         self.classes_per_batch = int(classes_per_batch)
         self.learning_rate, self.cost, self.success = float(learning_rate), float(cost), float(success)
         self.epoch_steps, self.patience = int(epoch_steps), int(patience)
         self.anomaly_threshold, self.images = float(anomaly_threshold), int(images)
-        self.pixel_max, self.seed = float(pixel_max), int(seed)
+        self.pixel_max = None if pixel_max is None else float(pixel_max)
+        self.seed = int(seed)
 
     def get_params(self) -> dict[str, Any]:
         """The settings, by name."""
@@ -308,28 +328,42 @@ class NeuralCleanse:
         Returns:
             CleanseScan.
         """
-        from ..nets.models import num_classes, predict_classes
+        from ..nets.models import num_classes, predict_classes, predict_probabilities
 
         start = time.perf_counter()
         k = num_classes(model)
         x, y = np.asarray(clean.x, np.float32), np.asarray(clean.y)
         if len(x) < 2:
             raise ValueError("Neural Cleanse needs at least two clean images")
+        pixel_max = float(pixel_range(x)) if self.pixel_max is None else self.pixel_max
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(x))
         n_fit = min(self.images, max(1, len(x) // 2))
         fit_x = x[np.sort(order[:n_fit])]
         held = np.sort(order[n_fit : n_fit + self.images])
         held_x, held_y = x[held], y[held]
-        opt = _Optimiser(model, self, progress=progress)
+        opt = _Optimiser(model, self, pixel_max=pixel_max, progress=progress)
         screened = k > self.candidates + self.reference
+        preselected: np.ndarray | None = None
+        shares: np.ndarray | None = None
+        if screened and self.preselect is not None and k > self.preselect:
+            probs = predict_probabilities(model, x)
+            shares = topk_share(probs, self.preselect_share)
+            preselected = preselect_order(probs, self.preselect_share)[: self.preselect]
+            del probs
+            log.info("Neural Cleanse pre-selection: %d of %d classes screened", len(preselected), k)
         if screened:
-            screen = opt.run(fit_x, np.arange(k), steps=self.screen_steps, batch_images=self.screen_images,
+            screen_classes = np.arange(k) if preselected is None else np.sort(preselected)
+            screen = opt.run(fit_x, screen_classes, steps=self.screen_steps, batch_images=self.screen_images,
                              rng=rng, desc="Neural Cleanse screen", cost=self.screen_cost)
-            screen_norms = screen.ranking_norms()
-            screen_reached = screen.reached.copy()
-            ranked = np.argsort(screen_norms, kind="stable")
+            screen_norms = np.full(k, np.nan)
+            screen_norms[screen_classes] = screen.ranking_norms()
+            screen_reached = np.zeros(k, bool)
+            screen_reached[screen_classes] = screen.reached
+            ranked = screen_classes[np.argsort(screen_norms[screen_classes], kind="stable")]
             cands = np.sort(ranked[: self.candidates])
+            # the references come from every class, not only the pre-selected ones: their
+            # median and MAD stand for all classes'
             rest = np.setdiff1d(np.arange(k), cands)
             refs = np.sort(rng.choice(rest, size=min(self.reference, len(rest)), replace=False))
         else:
@@ -364,7 +398,10 @@ class NeuralCleanse:
         return CleanseScan(flagged=tuple(flagged), norms=norms, screen_norms=np.asarray(screen_norms, np.float64),
                            anomaly=anomaly, candidates=tuple(int(c) for c in cands),
                            reference=tuple(int(c) for c in refs), triggers=triggers, screened=screened,
-                           seconds=seconds, settings=self.get_params(), screen_reached=screen_reached)
+                           seconds=seconds, settings={**self.get_params(), "pixel_max": pixel_max},
+                           screen_reached=screen_reached,
+                           preselected=None if preselected is None else tuple(int(c) for c in preselected),
+                           preselect_share=shares)
 
 
 def _stamp(x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
@@ -402,8 +439,9 @@ class _Run:
 class _Optimiser:
     """Neural Cleanse's optimisation, for many classes at once (TensorFlow)."""
 
-    def __init__(self, model: Any, nc: NeuralCleanse, *, progress: bool) -> None:
+    def __init__(self, model: Any, nc: NeuralCleanse, *, pixel_max: float, progress: bool) -> None:
         self.model, self.nc, self.progress = model, nc, progress
+        self.pixel_max = float(pixel_max)
         self.shape = tuple(int(d) for d in model.inputs[0].shape[1:])
 
     def run(self, x: np.ndarray, classes: Sequence[int] | np.ndarray, *, steps: int, batch_images: int,
@@ -443,7 +481,7 @@ class _Optimiser:
 
         adam = keras.optimizers.Adam(nc.learning_rate, beta_1=0.5, beta_2=0.9)
         adam.build([m_var, p_var])
-        model, pixel_max = self.model, nc.pixel_max
+        model, pixel_max = self.model, self.pixel_max
 
         @tf.function(reduce_retracing=True)
         def step(xb: Any) -> tuple[Any, Any, Any]:

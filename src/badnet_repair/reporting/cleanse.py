@@ -32,7 +32,12 @@ def cleanse_markdown(scan: Any, *, title: str = "Neural Cleanse", top: int = 10)
     s = scan.settings
     verdict = (f"**Flagged as backdoor target(s): {', '.join(map(str, scan.flagged))}.**" if scan.flagged else
                "**No class flagged**: no reversed trigger is anomalously small.")
-    how = (f"All {len(scan.norms)} classes were screened ({s.get('screen_steps')} steps at a fixed lambda "
+    pre = getattr(scan, "preselected", None)
+    which = (f"All {len(scan.norms)} classes were" if pre is None else
+             f"{len(pre)} of the {len(scan.norms)} classes, pre-selected by how often B ranks them among its "
+             f"top {100 * float(s.get('preselect_share', 0.25)):g}% of labels on clean images (K-Arm's "
+             "pre-screening), were")
+    how = (f"{which} screened ({s.get('screen_steps')} steps at a fixed lambda "
            f"{s.get('screen_cost')}); the {len(scan.candidates)} with the smallest screened triggers and "
            f"{len(scan.reference)} random reference classes were optimised fully ({s.get('steps')} steps)."
            if scan.screened else
@@ -122,7 +127,7 @@ def read_cleanse(out_dir: str | os.PathLike[str]) -> Any:
     anomaly = np.full(len(norms), np.nan)
     for c, r in rows.items():
         norms[c] = triggers[c].norm
-        screen[c] = float(r["screen_norm"])
+        screen[c] = np.nan if r["screen_norm"] is None else float(r["screen_norm"])
         anomaly[c] = float(r["anomaly_index"])
     return CleanseScan(flagged=flagged, norms=norms, screen_norms=screen, anomaly=anomaly,
                        candidates=tuple(sorted(c for c, r in rows.items() if r["role"] == "candidate")),
@@ -130,4 +135,9 @@ def read_cleanse(out_dir: str | os.PathLike[str]) -> Any:
                        triggers=triggers, screened=bool(summary["screened"]), seconds=float(summary["seconds"]),
                        settings=dict(summary["settings"]),
                        screen_reached=None if summary.get("screen_reached") is None else
-                       np.asarray(summary["screen_reached"], bool))
+                       np.asarray(summary["screen_reached"], bool),
+                       # absent from scans saved before the pre-selection existed
+                       preselected=None if summary.get("preselected") is None else
+                       tuple(int(c) for c in summary["preselected"]),
+                       preselect_share=None if summary.get("preselect_share") is None else
+                       np.asarray(summary["preselect_share"], np.float64))
