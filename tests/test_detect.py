@@ -29,6 +29,10 @@ def test_cleanse_writes_the_scan_and_refuses_to_overwrite(small_demo, tmp_path, 
     assert "Neural Cleanse of bd_net.h5" in capsys.readouterr().out
     assert main(argv) == 1
     assert "exist" in capsys.readouterr().err
+    # the label pre-selection, one flag away: only 2 of the 5 classes are screened
+    assert main([*argv, "--preselect", "2", "--overwrite"]) == 0
+    summary = json.loads((out / "neural_cleanse.json").read_text())
+    assert len(summary["preselected"]) == 2 and summary["settings"]["preselect"] == 2
 
 
 def test_detect_fits_on_clean_data_then_scores_g_and_saves_it(small_demo, tmp_path, monkeypatch):

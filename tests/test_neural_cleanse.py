@@ -504,3 +504,24 @@ def test_a_trained_badnets_target_leads_the_preselection_and_is_flagged():
     assert scan.screened and scan.preselected is not None and len(scan.preselected) == 8
     assert 7 in scan.preselected and 7 in scan.candidates and scan.flagged[:1] == (7,)
     assert scan.triggers[7].norm < 10
+
+
+def test_the_norms_figure_draws_only_the_classes_the_pre_selection_screened():
+    """A scan whose pre-selection left classes out has no screen norm for them (NaN): the figure
+    draws the screened ones and does not mark the others as 'no trigger reached success'."""
+    from badnet_repair.detectors.neural_cleanse import CleanseScan
+
+    k = 300
+    screen = np.full(k, np.nan)
+    screen[:128] = np.linspace(50, 200, 128)
+    norms = screen.copy()
+    reached = np.isfinite(screen)
+    scan = CleanseScan(flagged=(), norms=norms, screen_norms=screen, anomaly=np.zeros(k), candidates=(0, 1),
+                       reference=(130, 131), triggers={}, screened=True, seconds=0.0, screen_reached=reached,
+                       preselected=tuple(range(128)), preselect_share=np.linspace(1, 0, k))
+    scan.norms[[130, 131]] = [120.0, 140.0]
+    fig = br.plot_cleanse_norms(scan)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "screen (128 pre-selected)" in labels and "screen: no trigger reached success" not in labels
+    drawn = fig.axes[0].collections[0].get_offsets()
+    assert len(drawn) == 128 and np.isfinite(np.asarray(drawn)).all()

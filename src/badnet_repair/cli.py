@@ -202,6 +202,16 @@ _any_setting = _setting_of({"defense": DEFENSES, "detector": DETECTORS}, "ft-sam
 _detector_setting = _setting_of({"detector": DETECTORS}, "strip.copies=64")
 
 
+def _int_or_none(text: str) -> int | None:
+    """A whole number, or None for ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', not {text!r}") from None
+
+
 FALSE_ALARM_HELP = ("G's false-alarm budget, %% of clean inputs (default 5): split equally among the detectors, "
                     "each with a threshold set to flag at most its share of held-out clean validation images")
 
@@ -351,6 +361,9 @@ def _parser() -> argparse.ArgumentParser:
                     "median and MAD (default 30)")
     nc.add_argument("--anomaly-threshold", type=float, default=None,
                     help="flag above this anomaly index (default: the scanner's)")
+    nc.add_argument("--preselect", type=_int_or_none, default=argparse.SUPPRESS,
+                    help="screen only this many labels, chosen from B's top-k predictions on the clean images "
+                    "(K-Arm's pre-screening; 'none': screen every class; default the scanner's, 128)")
     nc.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     _add_run_options(nc, demo_help="a demo BadNet on the demo data")
     nc.set_defaults(out="neural_cleanse")
@@ -702,6 +715,8 @@ def _cmd_cleanse(args: argparse.Namespace) -> int:
     b = load_model(files["model"], trust=args.trust_model, input_scale=args.input_scale)  # type: ignore[arg-type]
     valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
     extra = {} if args.anomaly_threshold is None else {"anomaly_threshold": args.anomaly_threshold}
+    if "preselect" in args:
+        extra["preselect"] = args.preselect
     scanner = NeuralCleanse(steps=args.steps, screen_steps=args.screen_steps, candidates=args.candidates,
                             reference=args.reference, seed=args.seed, **extra)
     scan = scanner.scan(b, valid, progress=not args.quiet)

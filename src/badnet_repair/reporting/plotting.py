@@ -430,11 +430,16 @@ def plot_cleanse_norms(scan: Any, *, ax: Any = None, title: str | None = None) -
     if scan.screened:
         reached = (np.ones(k, bool) if getattr(scan, "screen_reached", None) is None
                    else np.asarray(scan.screen_reached, bool))
-        found = np.flatnonzero(reached)
-        ax.scatter(found, scan.screen_norms[found], s=6, color="0.75", label="screen (all classes)")
-        if (~reached).any():
-            top = float(np.max(scan.screen_norms[found])) if len(found) else float(np.max(scan.norms))
-            ax.scatter(np.flatnonzero(~reached), np.full(int((~reached).sum()), top * 1.05), s=6, marker="x",
+        # classes the label pre-selection left out were never screened: no norm to draw
+        screened = np.isfinite(np.asarray(scan.screen_norms, np.float64))
+        found = np.flatnonzero(reached & screened)
+        left_out = int((~screened).sum())
+        ax.scatter(found, scan.screen_norms[found], s=6, color="0.75",
+                   label="screen (all classes)" if not left_out else f"screen ({int(screened.sum())} pre-selected)")
+        missed = ~reached & screened
+        if missed.any():
+            top = float(np.max(scan.screen_norms[found])) if len(found) else float(np.nanmax(scan.norms))
+            ax.scatter(np.flatnonzero(missed), np.full(int(missed.sum()), top * 1.05), s=6, marker="x",
                        color="0.6", label="screen: no trigger reached success")
     refs = np.asarray(scan.reference, np.int64)
     cands = np.asarray([c for c in scan.candidates if c not in scan.flagged], np.int64)
