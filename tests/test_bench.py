@@ -261,7 +261,8 @@ def test_detector_cells_fit_on_clean_data_and_make_their_own_leaderboard(small_d
     models = [r["model"] for r in row["results"]]
     assert models == ["G (strip)", "G (feature-distance)", "G (strip + feature-distance)"]
     es = detection_entries([row], detection=90.0, false_alarm=10.0)
-    assert [e.goodnet for e in es] == models
+    assert [e.goodnet for e in es] == ["G (strip) in strip + feature-distance",
+                                       "G (feature-distance) in strip + feature-distance", models[-1]]
     both = es[-1]
     assert both.auroc is None and both.detection >= max(e.detection for e in es[:2])
     assert all(0.0 <= e.auroc <= 1.0 for e in es[:2])  # type: ignore[operator]

@@ -249,3 +249,28 @@ def test_ranking_threshold_labels_do_not_overlap():
     assert all(not overlap(a, b) for a, b in itertools.combinations(boxes, 2))
     assert all(b.y0 >= ax.get_window_extent(r).y1 and not overlap(b, ax.title.get_window_extent(r)) for b in boxes)
 
+
+
+def test_the_detection_leaderboard_figure_keeps_its_legend_outside_and_reads():
+    from badnet_repair.reporting.leaderboard import plot_detection
+
+    def row(badnet, label, results):
+        return {"status": "ok", "kind": "detection", "split": "tuning", "badnet": badnet, "label": label,
+                "seconds": 3.0, "results": [{"model": f"G ({m})", "detection_rate": d, "false_alarm_rate": f,
+                                             "auroc": a} for m, d, f, a in results]}
+
+    rows = [row(b, "strip + feature-distance", [("strip", 40.0 + i, 2.0, 0.7), ("feature-distance", 99.0, 2.5, 0.99),
+                                                ("strip + feature-distance", 99.5, 4.0, None)])
+            for i, b in enumerate(["demo", "faces s0", "faces blended s0"])]
+    fig = plot_detection(rows)
+    r = drawn(fig)
+    legends = fig.legends
+    assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == [
+        "G (strip) in strip + feature-distance", "G (feature-distance) in strip + feature-distance",
+        "G (strip + feature-distance)", "target"]
+    for ax in fig.axes:
+        assert not overlap(legends[0].get_window_extent(r), ax.get_window_extent(r))
+        assert "%" in ax.get_ylabel()
+    sizes = {t.get_fontsize() for ax in fig.axes for t in
+             [ax.xaxis.label, ax.yaxis.label, ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()]}
+    assert min(sizes | {t.get_fontsize() for t in legends[0].get_texts()}) >= 9

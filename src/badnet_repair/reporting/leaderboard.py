@@ -120,7 +120,9 @@ def detection_entries(rows: Iterable[Mapping[str, Any]], *, detection: float = 9
             continue
         for result in row["results"]:
             name = str(result["model"])
-            label = name if " + " in str(row["label"]) or name == f"G ({row['label']})" else f"{name} in {row['label']}"
+            # a part alone, at its share of its entry's budget, is named with its entry: the same
+            # detector in two entries has two thresholds
+            label = name if name == f"G ({row['label']})" else f"{name} in {row['label']}"
             groups.setdefault((row["split"], row["badnet"], label), []).append((row, result))
     out = []
     for (split, badnet, goodnet), items in groups.items():
