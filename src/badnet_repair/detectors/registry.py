@@ -20,8 +20,10 @@ __all__ = ["DEFAULT_DETECTORS", "REGISTRY", "make_detector", "register_detector"
 REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
     Disagreement, Strip, ReversedTriggerDetector, FeatureDistance, ScaleUp, TeCo)}
 
-#: The detectors a GoodNet combines when none are named (``detect``, the notebook).
-DEFAULT_DETECTORS: tuple[str, ...] = ("strip", "reversed-trigger")
+#: The detectors a GoodNet combines when none are named (``detect``, the notebook): chosen among
+#: declared candidates on tuning BadNets by a rule declared before the runs
+#: (docs/research/detection32.md).
+DEFAULT_DETECTORS: tuple[str, ...] = ("strip", "reversed-trigger", "feature-distance")
 
 
 def register_detector(cls: type[Detector], *, replace: bool = False) -> type[Detector]:
