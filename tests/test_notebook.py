@@ -226,13 +226,16 @@ def test_report_command_renders_the_executed_notebook(small_demo, tmp_path, monk
 @pytest.mark.slow
 def test_notebook_detection_section_shows_each_detector_and_both(executed):
     nb, _, _ = executed
-    table = [t for t in notebook_outputs(nb, "text/markdown") if "| G (strip + reversed-trigger) |" in t]
+    from badnet_repair.detectors import DEFAULT_DETECTORS
+
+    both = f"G ({' + '.join(DEFAULT_DETECTORS)})"  # the default G (DETECTORS = None)
+    table = [t for t in notebook_outputs(nb, "text/markdown") if f"| {both} |" in t]
     assert len(table) == 1
     rows = {r[0]: r for r in markdown_rows(table[0][table[0].index("| model |"):])}
-    assert list(rows) == ["G (strip)", "G (reversed-trigger)", "G (strip + reversed-trigger)"]
+    assert list(rows) == [*(f"G ({d})" for d in DEFAULT_DETECTORS), both]
     detection = {name: float(r[4]) for name, r in rows.items()}
-    # an input is flagged where either detector flags it
-    assert detection["G (strip + reversed-trigger)"] >= max(detection["G (strip)"], detection["G (reversed-trigger)"])
+    # an input is flagged where any detector flags it
+    assert detection[both] >= max(detection[f"G ({d})"] for d in DEFAULT_DETECTORS)
     text = "".join("".join(o.get("text", "")) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Neural Cleanse flagged:" in text
     # Neural Cleanse's two mitigations, repaired from the same scan, each with its GoodNet
