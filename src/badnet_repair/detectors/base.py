@@ -24,8 +24,8 @@ import numpy as np
 from ..errors import ModelError
 from ..formats.data import Dataset
 
-__all__ = ["Detector", "NoKerasForm", "ThresholdDetector", "calibration_split", "detector_model", "goodnet_classes",
-           "threshold_at"]
+__all__ = ["Detector", "NoKerasForm", "ThresholdDetector", "calibration_split", "check_sampling", "checked_false_alarm",
+           "detector_model", "goodnet_classes", "threshold_at"]
 
 
 class NoKerasForm(TypeError):
@@ -106,6 +106,22 @@ class Detector(abc.ABC):
         raise NoKerasForm(f"the {type(self).__name__} detector cannot restore a saved state")
 
 
+def checked_false_alarm(false_alarm: float) -> float:
+    """``false_alarm`` as a float, checked to be a percentage (ValueError otherwise)."""
+    if not 0.0 <= false_alarm <= 100.0:
+        raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
+    return float(false_alarm)
+
+
+def check_sampling(calibration_images: int, batch_size: int, seed: int) -> None:
+    """The settings a sampling detector shares: at least one calibration image and one image a
+    batch, and a seed >= 0 (ValueError otherwise)."""
+    if calibration_images < 1 or batch_size < 1:
+        raise ValueError("calibration_images and batch_size must be at least 1")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, not {seed}")
+
+
 def threshold_at(clean_scores: np.ndarray, false_alarm: float) -> float:
     """The threshold that flags at most ``false_alarm`` % of ``clean_scores`` (flags are
     ``score > threshold``): the (100 - false_alarm) % quantile, rounded up to a score.
@@ -116,9 +132,7 @@ def threshold_at(clean_scores: np.ndarray, false_alarm: float) -> float:
     s = np.asarray(clean_scores, np.float64)
     if s.size == 0:
         raise ValueError("no clean scores to set a threshold on")
-    if not 0.0 <= false_alarm <= 100.0:
-        raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
-    return float(np.quantile(s, 1.0 - false_alarm / 100.0, method="higher"))
+    return float(np.quantile(s, 1.0 - checked_false_alarm(false_alarm) / 100.0, method="higher"))
 
 
 def calibration_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..formats.data import Dataset
-from .base import ThresholdDetector, calibration_split, detector_model
+from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model
 
 __all__ = ["FeatureDistance", "ledoit_wolf", "mahalanobis_sq", "robust_location_scale"]
 
@@ -158,8 +158,7 @@ class FeatureDistance(ThresholdDetector):
                              f"not {per_class_min}")
         if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be between 0 and 1 (or None for Ledoit-Wolf), not {shrinkage}")
-        if not 0.0 <= false_alarm <= 100.0:
-            raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
+        checked_false_alarm(false_alarm)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         self.share, self.per_class_min = float(share), int(per_class_min)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..formats.data import Dataset, pixel_range
-from .base import ThresholdDetector, calibration_split, detector_model
+from .base import ThresholdDetector, calibration_split, check_sampling, checked_false_alarm, detector_model
 
 __all__ = ["DEFAULT_SCALES", "ScaleUp"]
 
@@ -79,12 +79,8 @@ class ScaleUp(ThresholdDetector):
             raise ValueError(f"min_class_images must be at least 2 (a standard deviation), not {min_class_images}")
         if not 0.0 < calibration_share < 1.0:
             raise ValueError(f"calibration_share must be between 0 and 1, not {calibration_share}")
-        if not 0.0 <= false_alarm <= 100.0:
-            raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
-        if calibration_images < 1 or batch_size < 1:
-            raise ValueError("calibration_images and batch_size must be at least 1")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, not {seed}")
+        checked_false_alarm(false_alarm)
+        check_sampling(calibration_images, batch_size, seed)
         self.scales = scales
         self.data_limited = bool(data_limited)
         self.min_class_images = int(min_class_images)

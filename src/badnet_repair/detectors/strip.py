@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from ..formats.data import Dataset
-from .base import Detector, detector_model
+from .base import Detector, checked_false_alarm, detector_model
 
 __all__ = ["Strip", "prediction_entropy"]
 
@@ -65,8 +65,7 @@ class Strip(Detector):
             raise ValueError(f"blend must be 'add' or 'mix', not {blend!r}")
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be between 0 and 1, not {alpha}")
-        if not 0.0 <= false_alarm <= 100.0:
-            raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
+        checked_false_alarm(false_alarm)
         self.copies, self.alpha, self.false_alarm = int(copies), float(alpha), float(false_alarm)
         self.blend_mode, self.pixel_max = blend, float(pixel_max)
         self.calibration_images = int(calibration_images)

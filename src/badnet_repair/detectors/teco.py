@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..formats.data import Dataset, pixel_range
-from .base import ThresholdDetector
+from .base import ThresholdDetector, check_sampling, checked_false_alarm
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "TeCo", "corrupt", "first_change", "image_rngs"]
 
@@ -355,12 +355,8 @@ class TeCo(ThresholdDetector):
             raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
         if len(set(corruptions)) != len(corruptions) or len(corruptions) < 2:
             raise ValueError("corruptions must name at least two different corruption types (a deviation across them)")
-        if not 0.0 <= false_alarm <= 100.0:
-            raise ValueError(f"false_alarm is a percentage, not {false_alarm}")
-        if calibration_images < 1 or batch_size < 1:
-            raise ValueError("calibration_images and batch_size must be at least 1")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, not {seed}")
+        checked_false_alarm(false_alarm)
+        check_sampling(calibration_images, batch_size, seed)
         self.corruptions = corruptions
         self.false_alarm = float(false_alarm)
         self.calibration_images = int(calibration_images)
