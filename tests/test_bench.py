@@ -7,6 +7,7 @@ import re
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from badnet_repair.cli import main
@@ -254,6 +255,7 @@ def test_detector_cells_fit_on_clean_data_and_make_their_own_leaderboard(small_d
     run_bench(config, out, serial=True, progress=False)
     (row,) = read_store(out)
     assert row["status"] == "ok" and row["kind"] == "detection", row.get("error")
+    assert "scan" not in row  # no Neural Cleanse among these detectors
     # the budget of 10 % split in two; the copies as set
     assert row["settings"]["detectors"]["strip"]["false_alarm"] == 5.0
     assert row["settings"]["detectors"]["feature-distance"]["false_alarm"] == 5.0
@@ -297,3 +299,26 @@ def test_a_detector_entry_with_mistakes_is_refused_with_each_named(small_demo, t
     message = str(err.value)
     assert "unknown detector 'nope'" in message and "colour" in message
     assert "false_alarm must be a percentage" in message
+
+
+def test_a_scan_summary_places_each_target_in_the_preselection_and_the_screen():
+    from types import SimpleNamespace
+
+    from badnet_repair.workflow.bench import scan_summary
+
+    nan = float("nan")
+    # 6 classes: the pre-selection passed 4, 2, 0, 5 on (in that order); the screen's norms rank
+    # them 5 (1.0), 0 (2.0), 4 (3.0), 2 (9.0); classes 5 and 0 were optimised fully
+    scan = SimpleNamespace(
+        flagged=(5,), seconds=12.34, preselected=(4, 2, 0, 5),
+        screen_norms=np.array([2.0, nan, 9.0, nan, 3.0, 1.0]),
+        norms=np.array([2.5, nan, 9.0, nan, 3.0, 0.5]),
+        anomaly=np.array([0.7, nan, nan, nan, nan, 4.2]),
+        triggers={0: None, 5: None})
+    got = scan_summary(scan, np.array([0, 0, 3, 0]))
+    assert got["flagged"] == [5] and got["seconds"] == 12.3
+    assert got["targets"]["0"] == {"preselection_place": 3, "screen_place": 2, "optimised": True,
+                                   "norm": 2.5, "anomaly": 0.7}
+    # a class the pre-selection left out has no place, norm or anomaly
+    assert got["targets"]["3"] == {"preselection_place": None, "screen_place": None, "optimised": False,
+                                   "norm": None, "anomaly": None}

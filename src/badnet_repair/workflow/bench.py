@@ -498,19 +498,46 @@ def _detection_cell(cell: Cell, b: Any, valid: Any, files: Mapping[str, str]) ->
     from .detect import detector_evaluations, fit_detectors
 
     spec = cell.defense.settings
-    parts, seconds, _ = fit_detectors(b, valid, spec["detectors"], false_alarm=spec["false_alarm"],
-                                      seed=0 if cell.seed is None else cell.seed, settings=spec.get("set"))
+    parts, seconds, scan = fit_detectors(b, valid, spec["detectors"], false_alarm=spec["false_alarm"],
+                                         seed=0 if cell.seed is None else cell.seed, settings=spec.get("set"))
     test = load_data_for(b, files["test"], name="test")
     bd_test, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), cell.badnet.target,
                                       several=cell.badnet.kind == "multi-target")
     base = evaluate_predictions(model="B", kind="badnet", clean_pred=predict_classes(b, test.x), clean_labels=test.y,
                                 poisoned_pred=predict_classes(b, bd_test.x), poisoned_labels=bd_test.y)
     rows = detector_evaluations(b, parts, test, bd_test)
-    return {"status": "ok", "kind": "detection", "target": target, "fit_seconds": seconds,
+    extra = {} if scan is None else {"scan": scan_summary(scan, bd_test.y)}
+    return {"status": "ok", "kind": "detection", "target": target, "fit_seconds": seconds, **extra,
             "settings": {**dict(spec), "detectors": {n: d.get_params() for n, d in parts.items()}},
             "badnet_clean_accuracy": base.clean_accuracy, "badnet_attack_success": base.attack_success_rate,
             "results": [{k: v for k, v in e.as_dict().items() if k not in ("clean_set", "poisoned_set")}
                         for e in rows]}
+
+
+def scan_summary(scan: Any, target: Any) -> dict[str, Any]:
+    """What a Neural Cleanse scan did with the attack's target(s), for the record (the scan
+    itself never saw them): the classes it flagged and, per target, its place in the label
+    pre-selection and the screen (1 = first; None where it was left out), whether it was
+    optimised fully, and its norm and anomaly index."""
+    import numpy as np
+
+    targets = sorted({int(t) for t in np.atleast_1d(np.asarray(target))})
+    screen = np.asarray(scan.screen_norms, float)
+    screened = np.flatnonzero(np.isfinite(screen))
+    by_screen = screened[np.argsort(screen[screened], kind="stable")].tolist()
+    pre = None if scan.preselected is None else [int(c) for c in scan.preselected]
+    full = {int(c) for c in scan.triggers}
+
+    def place(seq: Sequence[int] | None, c: int) -> int | None:
+        return None if seq is None or c not in seq else list(seq).index(c) + 1
+
+    def number(v: Any) -> float | None:
+        return None if not np.isfinite(v) else round(float(v), 3)
+
+    return {"flagged": [int(c) for c in scan.flagged], "seconds": round(float(scan.seconds), 1),
+            "targets": {str(t): {"preselection_place": place(pre, t), "screen_place": place(by_screen, t),
+                                 "optimised": t in full, "norm": number(scan.norms[t]),
+                                 "anomaly": number(scan.anomaly[t])} for t in targets}}
 
 
 def _peak_rss_mib() -> float | None:
