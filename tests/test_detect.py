@@ -101,3 +101,41 @@ def test_unknown_detectors_are_refused(small_deepid):
     with pytest.raises(ValueError, match="unknown detector 'nope'; known: disagreement"):
         fit_detectors(small_deepid, br.Dataset(np.zeros((2, 55, 47, 3), np.float32), np.zeros(2, np.int64)),
                       ["nope"])
+
+
+def test_detection_warnings_name_a_coarse_threshold_and_a_false_alarm_far_beyond_the_budget():
+    from badnet_repair.metrics import evaluate_predictions
+    from badnet_repair.workflow.detect import detection_warnings
+
+    class Toy(br.Detector):
+        name, summary = "toy", "a toy"
+
+        def __init__(self, *, false_alarm: float = 5.0) -> None:
+            self.false_alarm = false_alarm
+
+        def fit(self, model, clean):
+            return self
+
+        def scores(self, x):
+            return np.zeros(len(x))
+
+        def flags(self, x):
+            return np.zeros(len(x), bool)
+
+    coarse = Toy(false_alarm=1.0)
+    coarse.calibration_warning = "toy: its threshold rests on 3 clean images"
+    parts = {"a": coarse, "b": Toy(false_alarm=2.0)}
+    labels = np.zeros(100, np.int64)
+
+    def row(model: str, flagged: int):  # G's row: `flagged` of 100 clean test images get the alarm class 9
+        pred = np.where(np.arange(100) < flagged, 9, 0)
+        return evaluate_predictions(model=model, kind="goodnet", clean_pred=pred, clean_labels=labels,
+                                    poisoned_pred=np.full(10, 9), poisoned_labels=np.full(10, 1), alarm_class=9)
+
+    # a: 3 % (not beyond max(2, 1 + 2)); b: 5 % (beyond max(4, 4)); both: 6 % (not beyond max(6, 5))
+    lines = detection_warnings(parts, [row("G (a)", 3), row("G (b)", 5), row("G (a + b)", 6)])
+    assert lines[0] == coarse.calibration_warning
+    assert len(lines) == 2 and lines[1].startswith("G (b) flags 5.00 %") and "budget of 2.00 %" in lines[1]
+    # the combination's budget is the sum of its parts'
+    lines = detection_warnings(parts, [row("G (a + b)", 10)])
+    assert lines[-1].startswith("G (a + b) flags 10.00 %") and "3.00 %" in lines[-1]

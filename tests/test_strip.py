@@ -21,7 +21,7 @@ def test_entropy_by_hand():
 
 def test_superimposition_adds_and_saturates_or_mixes():
     x, c = np.array([100.0, 200.0]), np.array([100.0, 100.0])
-    np.testing.assert_array_equal(Strip().superimpose(x, c), [200.0, 255.0])
+    np.testing.assert_array_equal(Strip(pixel_max=255.0).superimpose(x, c), [200.0, 255.0])
     np.testing.assert_array_equal(Strip(blend="mix", alpha=0.75).superimpose(x, c), [100.0, 175.0])
     with pytest.raises(ValueError, match="blend"):
         Strip(blend="paint")  # type: ignore[arg-type]
@@ -73,6 +73,31 @@ def test_strip_separates_a_bright_trigger_and_fits_on_clean_data_only():
     assert (strip.scores(triggered).mean() > strip.scores(test.x).mean())
     goodnet = br.goodnet_classes(b, strip, triggered)
     assert (goodnet == K).mean() == detection
+
+
+def test_a_tiny_clean_set_is_split_in_half_and_its_threshold_called_too_coarse(caplog):
+    b = hand_built_badnet()
+    clean = faces(12, seed=1)
+    with caplog.at_level("WARNING", logger="badnet_repair.detectors.strip"):
+        strip = Strip(copies=32, false_alarm=2.0).fit(b, clean)
+    # 6 overlays and 6 images to set the threshold on (not 11 and 1)
+    assert strip.overlays is not None and len(strip.overlays) == 6
+    assert strip.calibration_entropy is not None and len(strip.calibration_entropy) == 6
+    # the threshold is the lowest of 6 entropies: about 1 in 7 new clean inputs falls at or below it
+    assert strip.calibration_warning is not None and "6 clean images" in strip.calibration_warning
+    assert "14.3 %" in strip.calibration_warning and strip.calibration_warning in caplog.text
+    # enough images for the rate: no line
+    assert Strip(copies=16, false_alarm=5.0).fit(b, faces(300, seed=1)).calibration_warning is None
+
+
+def test_the_pixel_range_comes_from_the_clean_images_unless_given():
+    b = hand_built_badnet()
+    unit = br.Dataset(faces(40, seed=1).x / 255.0, faces(40, seed=1).y, name="unit")
+    assert Strip(copies=8).fit(b, unit).pixel_top == 1.0
+    assert Strip(copies=8).fit(b, faces(40, seed=1)).pixel_top == 255.0
+    assert Strip(copies=8, pixel_max=2.0).fit(b, unit).pixel_top == 2.0
+    saved = Strip(copies=8).fit(b, unit).state()
+    assert Strip().restore(b, saved).superimpose(np.array([0.75]), np.array([0.5])) == 1.0
 
 
 def test_strip_is_registered_and_refuses_use_before_fit():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -24,8 +25,10 @@ import numpy as np
 from ..errors import ModelError
 from ..formats.data import Dataset
 
-__all__ = ["Detector", "NoKerasForm", "ThresholdDetector", "calibration_split", "check_sampling", "checked_false_alarm",
-           "detector_model", "goodnet_classes", "threshold_at"]
+__all__ = ["Detector", "NoKerasForm", "ThresholdDetector", "calibration_note", "calibration_split", "check_sampling",
+           "checked_false_alarm", "detector_model", "goodnet_classes", "threshold_at"]
+
+log = logging.getLogger(__name__)
 
 
 class NoKerasForm(TypeError):
@@ -43,6 +46,9 @@ class Detector(abc.ABC):
     summary: ClassVar[str]
     #: progress bars on long work in ``fit`` (a scan, a repair), set by the caller
     progress: bool = False
+    #: set by ``fit`` where the threshold rests on too few clean images for the false-alarm
+    #: rate (:func:`calibration_note`): a line for the user, else None
+    calibration_warning: str | None = None
 
     @abc.abstractmethod
     def fit(self, model: Any, clean: Dataset) -> Detector:
@@ -135,6 +141,31 @@ def threshold_at(clean_scores: np.ndarray, false_alarm: float) -> float:
     return float(np.quantile(s, 1.0 - checked_false_alarm(false_alarm) / 100.0, method="higher"))
 
 
+def calibration_note(name: str, images: int, at_or_beyond: int, false_alarm: float) -> str | None:
+    """A loud line where a threshold rests on too few clean images for its false-alarm rate.
+
+    A threshold set at a clean score flags a new clean input (exchangeable with the calibration
+    images) with probability ``at_or_beyond / (images + 1)``, where ``at_or_beyond`` counts the
+    calibration scores at the threshold or beyond it (on the flagged side): with 20 images and a
+    1 % rate the threshold is the most extreme score, and about 1 in 21 clean inputs goes past it.
+
+    Args:
+        name: the detector's name, for the line.
+        images: clean calibration images.
+        at_or_beyond: of them, those at or beyond the threshold.
+        false_alarm: the rate asked for, in %.
+
+    Returns:
+        The line where that expected rate is more than twice ``false_alarm``, else None.
+    """
+    expected = 100.0 * at_or_beyond / (images + 1)
+    if expected <= 2.0 * false_alarm:
+        return None
+    return (f"{name}: its threshold rests on {images} clean image{'s' if images != 1 else ''}, too few for a "
+            f"{false_alarm:.3g} % false alarm: expect about {expected:.1f} % of clean inputs flagged "
+            "(more clean images, or a larger false_alarm, would bring it down)")
+
+
 def calibration_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split clean images per class into (fit, calibration) index arrays, sorted.
 
@@ -169,9 +200,15 @@ class ThresholdDetector(Detector):
     calibration_scores: np.ndarray | None = None
 
     def calibrate(self, clean_scores: np.ndarray) -> None:
-        """Set :attr:`threshold` from held-out clean scores."""
+        """Set :attr:`threshold` from held-out clean scores; where they are too few for the
+        rate, say so (:func:`calibration_note`, kept as :attr:`calibration_warning`)."""
         self.calibration_scores = np.asarray(clean_scores, np.float64)
         self.threshold = threshold_at(self.calibration_scores, self.false_alarm)
+        self.calibration_warning = calibration_note(
+            self.name, self.calibration_scores.size, int(np.sum(self.calibration_scores >= self.threshold)),
+            self.false_alarm)
+        if self.calibration_warning:
+            log.warning(self.calibration_warning)
 
     def flags(self, x: np.ndarray) -> np.ndarray:
         """(N,) bool: score above the threshold set on clean data."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ..formats.data import Dataset
-from .base import Detector, checked_false_alarm, detector_model
+from ..formats.data import Dataset, pixel_range
+from .base import Detector, calibration_note, checked_false_alarm, detector_model
 
 __all__ = ["Strip", "prediction_entropy"]
+
+log = logging.getLogger(__name__)
 
 
 def prediction_entropy(probs: np.ndarray) -> np.ndarray:
@@ -40,13 +43,17 @@ class Strip(Detector):
     ``fit(model, clean)`` splits the clean data per class (``seed``): ``copies`` images to
     superimpose on every input, kept in the detector (``overlays``; the same for every input,
     so an input's score does not depend on what it is scored with), and the rest (at most
-    ``calibration_images``) to set the threshold on.
+    ``calibration_images``) to set the threshold on. With fewer than ``2 copies`` clean images,
+    half are overlays and half set the threshold (a threshold on one or two images would be
+    noise); where they are still too few for ``false_alarm``, ``fit`` says so
+    (:attr:`calibration_warning`).
 
     Args:
         copies: clean images superimposed on each input, default 32 (the paper uses up to 100).
         blend: ``"add"`` (default, the paper's) or ``"mix"``.
         alpha: the input's weight with ``blend="mix"``, default 0.5.
-        pixel_max: the pixel range's top, for ``"add"``, default 255 (the lab's raw pixels).
+        pixel_max: the pixel range's top, for ``"add"``, default None: the clean images' range
+            (255 for the lab's raw pixels, 1 for images in 0..1; :func:`~badnet_repair.formats.data.pixel_range`).
         false_alarm: the share of held-out clean inputs flagged, in %, default 5.
         calibration_images: held-out clean images the threshold is set on, at most, default 1000.
         seed: the split and the draw of the overlays, default 0.
@@ -57,7 +64,7 @@ class Strip(Detector):
     summary: ClassVar[str] = "B stays confident on the input blended with clean images (Gao et al. 2019)"
 
     def __init__(self, *, copies: int = 32, blend: Literal["add", "mix"] = "add", alpha: float = 0.5,
-                 pixel_max: float = 255.0, false_alarm: float = 5.0, calibration_images: int = 1000,
+                 pixel_max: float | None = None, false_alarm: float = 5.0, calibration_images: int = 1000,
                  seed: int = 0, batch_size: int = 1024) -> None:
         if copies < 1 or calibration_images < 1:
             raise ValueError("copies and calibration_images must be at least 1")
@@ -67,7 +74,11 @@ class Strip(Detector):
             raise ValueError(f"alpha must be between 0 and 1, not {alpha}")
         checked_false_alarm(false_alarm)
         self.copies, self.alpha, self.false_alarm = int(copies), float(alpha), float(false_alarm)
-        self.blend_mode, self.pixel_max = blend, float(pixel_max)
+        if pixel_max is not None and not pixel_max > 0:
+            raise ValueError(f"pixel_max must be positive, not {pixel_max}")
+        self.blend_mode = blend
+        self.pixel_max = None if pixel_max is None else float(pixel_max)
+        self.pixel_top: float | None = self.pixel_max  # the range in use: the setting, or the data's at fit
         self.calibration_images = int(calibration_images)
         self.seed, self.batch_size = int(seed), int(batch_size)
         self.model: Any = None
@@ -85,14 +96,19 @@ class Strip(Detector):
         # per class, round-robin: the overlays cover the classes evenly
         by_class = [order[y[order] == c] for c in np.unique(y)]
         interleaved = np.array([i for group in _round_robin(by_class) for i in group], dtype=np.int64)
-        n_overlays = min(self.copies, len(x) - 1)
+        n_overlays = min(self.copies, len(x) // 2)
         overlay_idx, rest = interleaved[:n_overlays], interleaved[n_overlays:]
         self.model = model
+        self.pixel_top = self.pixel_max if self.pixel_max is not None else pixel_range(x)
         self.overlays = np.asarray(x[np.sort(overlay_idx)], np.float32)
         calib = np.sort(rng.permutation(rest)[: self.calibration_images])
         self.calibration_entropy = self.entropy(np.asarray(x[calib], np.float32))
         # flag the lowest false_alarm % of held-out clean entropies
         self.threshold = float(np.quantile(self.calibration_entropy, self.false_alarm / 100.0, method="lower"))
+        self.calibration_warning = calibration_note(
+            self.name, len(calib), int(np.sum(self.calibration_entropy <= self.threshold)), self.false_alarm)
+        if self.calibration_warning:
+            log.warning(self.calibration_warning)
         return self
 
     def entropy(self, x: np.ndarray) -> np.ndarray:
@@ -115,7 +131,7 @@ class Strip(Detector):
     def superimpose(self, x: np.ndarray, clean: np.ndarray) -> np.ndarray:
         """The inputs ``x`` superimposed on clean images (broadcasting), by ``blend``."""
         if self.blend_mode == "add":
-            return np.minimum(x + clean, self.pixel_max)
+            return np.minimum(x + clean, self._top())
         return self.alpha * x + (1.0 - self.alpha) * clean
 
     def scores(self, x: np.ndarray) -> np.ndarray:
@@ -142,20 +158,27 @@ class Strip(Detector):
             raise ValueError("fit the detector before building its GoodNet")
         strip_b = renamed_copy(detector_model(self.model, scale), f"{prefix}_strip_badnet")
         blend = Superimpose(self.overlays.shape, mode=self.blend_mode, alpha=self.alpha,
-                            pixel_max=self.pixel_max * scale, name=f"{prefix}_superimpose")
+                            pixel_max=self._top() * scale, name=f"{prefix}_superimpose")
         flags = EntropyAlarm(len(self.overlays), self.threshold, name=f"{prefix}_alarm")(strip_b(blend(x)))
         blend.overlays.assign((self.overlays * scale).astype("float32"))
         return flags
 
+    def _top(self) -> float:
+        if self.pixel_top is None:
+            raise RuntimeError("call fit(model, clean) first")
+        return self.pixel_top
+
     def state(self) -> dict[str, np.ndarray]:
-        """The overlays, the threshold and the calibration entropies."""
+        """The overlays, the threshold, the calibration entropies and the pixel range in use."""
         if self.overlays is None or self.threshold is None or self.calibration_entropy is None:
             raise ValueError("fit the detector before saving it")
         return {"overlays": self.overlays, "threshold": np.asarray(self.threshold, np.float64),
-                "calibration_entropy": self.calibration_entropy}
+                "calibration_entropy": self.calibration_entropy, "pixel_max": np.asarray(self._top(), np.float64)}
 
     def restore(self, model: Any, state: dict[str, np.ndarray]) -> Strip:
         self.model = model
+        # a state saved before the range was stored: the setting, else the lab's raw pixels
+        self.pixel_top = float(state["pixel_max"]) if "pixel_max" in state else (self.pixel_max or 255.0)
         self.overlays = np.asarray(state["overlays"], np.float32)
         self.threshold = float(state["threshold"])
         self.calibration_entropy = np.asarray(state["calibration_entropy"], np.float64)

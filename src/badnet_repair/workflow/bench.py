@@ -495,7 +495,7 @@ def _detection_cell(cell: Cell, b: Any, valid: Any, files: Mapping[str, str]) ->
     from ..formats.data import poisoned_labels
     from ..metrics import evaluate_predictions
     from ..nets.models import load_data_for, predict_classes
-    from .detect import detector_evaluations, fit_detectors
+    from .detect import detection_warnings, detector_evaluations, fit_detectors
 
     spec = cell.defense.settings
     parts, seconds, scan = fit_detectors(b, valid, spec["detectors"], false_alarm=spec["false_alarm"],
@@ -506,7 +506,9 @@ def _detection_cell(cell: Cell, b: Any, valid: Any, files: Mapping[str, str]) ->
     base = evaluate_predictions(model="B", kind="badnet", clean_pred=predict_classes(b, test.x), clean_labels=test.y,
                                 poisoned_pred=predict_classes(b, bd_test.x), poisoned_labels=bd_test.y)
     rows = detector_evaluations(b, parts, test, bd_test)
-    extra = {} if scan is None else {"scan": scan_summary(scan, bd_test.y)}
+    extra: dict[str, Any] = {"warnings": detection_warnings(parts, rows)}
+    if scan is not None:
+        extra["scan"] = scan_summary(scan, bd_test.y)
     return {"status": "ok", "kind": "detection", "target": target, "fit_seconds": seconds, **extra,
             "settings": {**dict(spec), "detectors": {n: d.get_params() for n, d in parts.items()}},
             "badnet_clean_accuracy": base.clean_accuracy, "badnet_attack_success": base.attack_success_rate,

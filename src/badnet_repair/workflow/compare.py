@@ -6,6 +6,7 @@ validation data; the test sets are read after every repair is done.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from .run import low_attack_warnings, open_badnet, open_evaluation_sets
 __all__ = ["DefenseComparison", "compare_defenses", "compare_file", "default_defenses", "evaluate_repairs",
            "write_comparison"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DefenseComparison:
@@ -34,11 +37,14 @@ class DefenseComparison:
         warnings: repaired model's label -> its defense's loud lines (a result that fell more than
             the clean-accuracy budget below B on the defense's held-out images, and what was returned
             instead); only labels with lines.
+        detection_warnings: the loud lines of the GoodNets from detectors, where there are some
+            (:func:`~badnet_repair.workflow.detect.detection_warnings`).
     """
 
     badnet: str
     evaluations: tuple[Evaluation, ...]
     warnings: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    detection_warnings: tuple[str, ...] = ()
 
 
 def default_defenses(*, thresholds: Sequence[float] = (2.0, 4.0, 10.0), layer: str | None = None,
@@ -155,7 +161,7 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
     Returns:
         DefenseComparison.
     """
-    from .detect import detector_evaluations, fit_detectors
+    from .detect import detection_warnings, detector_evaluations, fit_detectors
 
     b, clean = open_badnet(model, valid, trust_model=trust_model, input_scale=input_scale)
     repairs = [d.repair(b, clean, progress=progress) for d in defenses]  # each logs its budget lines
@@ -166,8 +172,11 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
     comparison = evaluate_repairs(b, repairs, ev.sets["test"], ev.sets["bd_test"], name=name)
     if parts:
         extra = detector_evaluations(b, parts, ev.sets["test"], ev.sets["bd_test"])
+        loud = tuple(detection_warnings(parts, extra))
+        for line in loud[len([d for d in parts.values() if d.calibration_warning]):]:
+            log.warning(line)  # the detectors logged their own lines when fitted
         comparison = DefenseComparison(badnet=name, evaluations=(*comparison.evaluations, *extra),
-                                       warnings=comparison.warnings)
+                                       warnings=comparison.warnings, detection_warnings=loud)
     low_attack_warnings({f"{name}: bd_test": comparison.evaluations[0].attack_success_rate}, target=ev.target)
     return comparison
 
@@ -189,6 +198,10 @@ def write_comparison(comparisons: Sequence[DefenseComparison], out_dir: str | os
         if c.warnings:
             md += ["", "**Warnings** (the defenses' own checks on their held-out clean images):", ""]
             md += [f"- {label}: {line}" for label, lines in c.warnings.items() for line in lines]
+        if c.detection_warnings:
+            md += ["", "**Detection warnings** (the detectors' thresholds and G's false alarm on the clean test set):",
+                   ""]
+            md += [f"- {line}" for line in c.detection_warnings]
     fig = Figure(figsize=(max(7.0, 0.6 * len(comparisons[0].evaluations) + 2), 3.8 * len(comparisons)),
                  layout="constrained", dpi=100)
     for ax, c in zip(fig.subplots(len(comparisons), 1, squeeze=False)[:, 0], comparisons, strict=True):

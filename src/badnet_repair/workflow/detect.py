@@ -19,7 +19,7 @@ from ..formats.data import Dataset
 from ..metrics import Evaluation, auroc, evaluate_predictions
 from ..nets.models import num_classes, predict_classes
 
-__all__ = ["DetectionResult", "detect_paths", "detector_evaluations", "fit_detectors",
+__all__ = ["DetectionResult", "detect_paths", "detection_warnings", "detector_evaluations", "fit_detectors",
            "make_detectors", "run_detection", "write_detection"]
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,33 @@ def detector_evaluations(model: Any, parts: Mapping[str, Detector], test: Datase
             for name, fc, fb, area in rows]
 
 
+def detection_warnings(parts: Mapping[str, Detector], rows: Sequence[Evaluation]) -> list[str]:
+    """The loud lines of a GoodNet from detectors: each detector whose threshold rests on too few
+    clean images (its ``calibration_warning``), and each G (a detector alone, or all combined)
+    that flags clean test images far beyond its false-alarm budget: more than twice the budget
+    and 2 points over it. The combination's budget is the sum of its detectors' rates, a detector
+    without one (the reversed trigger) counted at their mean, as :func:`make_detectors` splits it.
+
+    Args:
+        parts: the fitted detectors, by name.
+        rows: their rows on the test sets (:func:`detector_evaluations`).
+
+    Returns:
+        The lines, detectors' first.
+    """
+    lines = [d.calibration_warning for d in parts.values() if d.calibration_warning]
+    budgets = {f"G ({name})": float(fa) for name, d in parts.items()
+               if isinstance(fa := getattr(d, "false_alarm", None), (int, float))}
+    if len(parts) > 1 and budgets:  # a detector without a rate (the reversed trigger) had an equal share
+        budgets[f"G ({' + '.join(parts)})"] = sum(budgets.values()) * len(parts) / len(budgets)
+    for e in rows:
+        budget, measured = budgets.get(e.model), e.false_alarm_rate
+        if budget is not None and measured is not None and measured > max(2.0 * budget, budget + 2.0):
+            lines.append(f"{e.model} flags {measured:.2f} % of the clean test images, far beyond its "
+                         f"false-alarm budget of {budget:.2f} %: its outputs on clean inputs are not to be trusted")
+    return lines
+
+
 def detect_paths(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """The files :func:`write_detection` may write: ``json``, ``md``, ``goodnet`` (G as one Keras
     model, or of the detectors with a Keras form), and, for detectors without one, ``goodnet_model``
@@ -189,6 +216,10 @@ def write_detection(result: DetectionResult, test: Dataset, bd_test: Dataset, ou
           "Every detector was fitted on the clean validation data only; the rows are G (B's class, or the "
           "alarm class N where the detector flags the input) on the test sets.", "",
           evaluation_table([e.as_dict() for e in rows])]
+    warnings = detection_warnings(result.parts, rows)
+    for line in warnings[len([d for d in result.parts.values() if d.calibration_warning]):]:
+        log.warning(line)  # the detectors logged their own lines when fitted
+    md += [f"\n**Warning: {line}.**" for line in warnings]
     if flagged is not None:
         md += ["", f"Neural Cleanse flagged: {', '.join(map(str, flagged)) or 'nothing'}."]
     if result.goodnet is None:
@@ -197,7 +228,7 @@ def write_detection(result: DetectionResult, test: Dataset, bd_test: Dataset, ou
                "(`goodnet_detect.detectors.npz`); `badnet_repair.detectors.goodnet.load_split_goodnet` reads them."]
     summary = {"badnet": title, "detectors": list(result.parts), "seconds": result.seconds,
                "settings": {name: d.get_params() for name, d in result.parts.items()},
-               "neural_cleanse_flagged": flagged, "rows": [e.as_dict() for e in rows]}
+               "neural_cleanse_flagged": flagged, "warnings": warnings, "rows": [e.as_dict() for e in rows]}
     if result.goodnet is not None:
         save_model(result.goodnet, out_dir, "goodnet_detect", formats=("keras",), overwrite=overwrite)
         written = {"goodnet": paths["goodnet"]}
