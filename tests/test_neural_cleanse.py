@@ -185,6 +185,38 @@ def test_reversed_trigger_detector_and_its_goodnet(scans, tmp_path):
     assert (want[:30] == K).all()
 
 
+def test_the_detector_unlearns_without_the_budget_and_takes_no_model_a_repair_gave_back(scans, monkeypatch):
+    """A removal defense that fell outside its clean-accuracy budget returns B; B as the
+    detector's unlearned model would flag nothing. The detector keeps such a repair's scan and
+    unlearns again, without the budget."""
+    from types import SimpleNamespace
+
+    b, unlearned = hand_built({"bottom-right": 3}), hand_built({})
+    gave_b_back = SimpleNamespace(defense="nc-unlearning", model=b, artifacts={"scan": scans["one"]},
+                                  warnings=("WARNING: nc-unlearning fell 5.0 points below the BadNet ...",))
+    seen: dict[str, object] = {}
+
+    def fake_repair(self, model, clean, *, progress=False, scan=None):  # type: ignore[no-untyped-def]
+        seen.update(budget=self.budget, scan=scan, seed=self.seed)
+        return SimpleNamespace(model=unlearned, artifacts={"scan": scan})
+
+    monkeypatch.setattr(br.NeuralCleanseUnlearning, "repair", fake_repair)
+    det = ReversedTriggerDetector(seed=4)
+    det.reuse([gave_b_back])
+    assert det.scan is scans["one"] and det.repaired is None
+    det.fit(b, faces(10, seed=3))
+    assert seen == {"budget": None, "scan": scans["one"], "seed": 4} and det.repaired is unlearned
+    x = stamp(faces(20, seed=4).x, "bottom-right")
+    assert det.flags(x)[br.predict_classes(unlearned, x) != 3].all()
+    # a repair within its budget serves as it is: no unlearning again
+    seen.clear()
+    within = SimpleNamespace(defense="nc-unlearning", model=unlearned, artifacts={"scan": scans["one"]}, warnings=())
+    det = ReversedTriggerDetector()
+    det.reuse([within])
+    det.fit(b, faces(10, seed=3))
+    assert not seen and det.repaired is unlearned
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="reference"):
         NeuralCleanse(reference=2)

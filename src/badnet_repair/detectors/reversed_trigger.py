@@ -45,20 +45,31 @@ class ReversedTriggerDetector(Disagreement):
         self.seed = int(seed)
 
     def reuse(self, repairs: Sequence[Any]) -> None:
-        """Take the model and scan of a finished Neural Cleanse unlearning of B, where one is
-        among ``repairs`` and this detector has none yet (saves running the scan twice)."""
+        """Take the scan of a finished Neural Cleanse unlearning of B, where one is among
+        ``repairs`` and this detector has none yet (saves running the scan twice), and its
+        unlearned model unless the repair gave B back (it fell outside its clean-accuracy
+        budget: ``fit`` then unlearns again without one)."""
         from ..defenses.cleanse import NeuralCleanseUnlearning
 
         done = next((r for r in repairs if r.defense == NeuralCleanseUnlearning.name), None)
         if done is not None and self.scan is None:
-            self.repaired, self.scan = done.model, done.artifacts["scan"]
+            self.scan = done.artifacts["scan"]
+            if not done.warnings:
+                self.repaired = done.model
 
     def fit(self, model: Any, clean: Dataset) -> ReversedTriggerDetector:
-        """Keep B; scan it and unlearn the reversed triggers where no repaired model was given."""
-        if self.scan is None:
+        """Keep B; scan it (unless a scan was given) and unlearn the reversed triggers (unless
+        an unlearned model was given).
+
+        The unlearning runs without the removal defenses' clean-accuracy budget: a model that
+        fell outside it is no repair to hand back, but it is what tells a triggered input here
+        (only inputs B puts in a flagged class are judged), while B itself, which the budget
+        would return, flags nothing."""
+        if self.repaired is None:
             from ..defenses.cleanse import NeuralCleanseUnlearning
 
-            unlearned = NeuralCleanseUnlearning(seed=self.seed).repair(model, clean, progress=self.progress)
+            unlearned = NeuralCleanseUnlearning(seed=self.seed, budget=None).repair(
+                model, clean, progress=self.progress, scan=self.scan)
             self.repaired, self.scan = unlearned.model, unlearned.artifacts["scan"]
         super().fit(model, clean)
         return self
