@@ -215,6 +215,13 @@ def test_the_detector_unlearns_without_the_budget_and_takes_no_model_a_repair_ga
     det.reuse([within])
     det.fit(b, faces(10, seed=3))
     assert not seen and det.repaired is unlearned
+    # a scan that flags nothing leaves nothing to unlearn: B stands in, and nothing is flagged
+    assert not scans["clean"].flagged
+    det = ReversedTriggerDetector(seed=0)
+    det.reuse([SimpleNamespace(defense="nc-unlearning", model=b, artifacts={"scan": scans["clean"]},
+                               warnings=("gave B back",))])
+    det.fit(b, faces(10, seed=3))
+    assert not seen and det.repaired is b and not det.flags(x).any()
 
 
 def test_settings_are_checked():

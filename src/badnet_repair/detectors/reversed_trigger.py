@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -12,6 +13,8 @@ from .disagreement import Disagreement
 from .neural_cleanse import CleanseScan
 
 __all__ = ["ReversedTriggerDetector"]
+
+log = logging.getLogger(__name__)
 
 
 class ReversedTriggerDetector(Disagreement):
@@ -64,13 +67,19 @@ class ReversedTriggerDetector(Disagreement):
         The unlearning runs without the removal defenses' clean-accuracy budget: a model that
         fell outside it is no repair to hand back, but it is what tells a triggered input here
         (only inputs B puts in a flagged class are judged), while B itself, which the budget
-        would return, flags nothing."""
+        would return, flags nothing. Where the scan flags no class there is nothing to unlearn
+        and nothing to flag: B stands in for the unlearned model."""
         if self.repaired is None:
             from ..defenses.cleanse import NeuralCleanseUnlearning
 
-            unlearned = NeuralCleanseUnlearning(seed=self.seed, budget=None).repair(
-                model, clean, progress=self.progress, scan=self.scan)
-            self.repaired, self.scan = unlearned.model, unlearned.artifacts["scan"]
+            unlearning = NeuralCleanseUnlearning(seed=self.seed, budget=None)
+            if self.scan is None:
+                self.scan = unlearning.scanner().scan(model, clean, progress=self.progress)
+            if self.scan.flagged:
+                self.repaired = unlearning.repair(model, clean, progress=self.progress, scan=self.scan).model
+            else:
+                log.info("reversed-trigger: Neural Cleanse flagged no class; nothing to unlearn, nothing flagged")
+                self.repaired = model
         super().fit(model, clean)
         return self
 
