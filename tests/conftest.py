@@ -128,3 +128,21 @@ class LoggedRepair:
         out = super().repair(model, clean, progress=progress, **kw)  # type: ignore[misc]
         SpyArray.log.append("end")
         return out
+
+
+class NullDetector(br.Detector):
+    """A detector that flags nothing and has no Keras form; ``false_alarm`` is its budget."""
+
+    name, summary = "null", "flags nothing"
+
+    def __init__(self, *, false_alarm: float = 5.0) -> None:
+        self.false_alarm = false_alarm
+
+    def fit(self, model, clean):  # type: ignore[no-untyped-def]
+        return self
+
+    def scores(self, x):  # type: ignore[no-untyped-def]
+        return np.zeros(len(x))
+
+    def flags(self, x):  # type: ignore[no-untyped-def]
+        return np.zeros(len(x), bool)

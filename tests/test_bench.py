@@ -302,19 +302,19 @@ def test_a_detector_entry_with_mistakes_is_refused_with_each_named(small_demo, t
 
 
 def test_a_scan_summary_places_each_target_in_the_preselection_and_the_screen():
-    from types import SimpleNamespace
-
+    from badnet_repair.detectors.neural_cleanse import CleanseScan
     from badnet_repair.workflow.bench import scan_summary
 
     nan = float("nan")
     # 6 classes: the pre-selection passed 4, 2, 0, 5 on (in that order); the screen's norms rank
     # them 5 (1.0), 0 (2.0), 4 (3.0), 2 (9.0); classes 5 and 0 were optimised fully
-    scan = SimpleNamespace(
+    scan = CleanseScan(
         flagged=(5,), seconds=12.34, preselected=(4, 2, 0, 5),
+        preselect_share=np.array([0.5, 0.0, 0.6, 0.1, 0.9, 0.4]),
         screen_norms=np.array([2.0, nan, 9.0, nan, 3.0, 1.0]),
         norms=np.array([2.5, nan, 9.0, nan, 3.0, 0.5]),
         anomaly=np.array([0.7, nan, nan, nan, nan, 4.2]),
-        triggers={0: None, 5: None})
+        candidates=(5, 0), reference=(), triggers={0: None, 5: None}, screened=True)  # type: ignore[dict-item]
     got = scan_summary(scan, np.array([0, 0, 3, 0]))
     assert got["flagged"] == [5] and got["seconds"] == 12.3
     assert got["targets"]["0"] == {"preselection_place": 3, "screen_place": 2, "optimised": True,

@@ -14,6 +14,8 @@ import pytest
 import badnet_repair as br
 from badnet_repair.cli import main
 
+from .conftest import NullDetector
+
 
 def test_cleanse_writes_the_scan_and_refuses_to_overwrite(small_demo, tmp_path, capsys):
     out = tmp_path / "nc"
@@ -107,24 +109,9 @@ def test_detection_warnings_name_a_coarse_threshold_and_a_false_alarm_far_beyond
     from badnet_repair.metrics import evaluate_predictions
     from badnet_repair.workflow.detect import detection_warnings
 
-    class Toy(br.Detector):
-        name, summary = "toy", "a toy"
-
-        def __init__(self, *, false_alarm: float = 5.0) -> None:
-            self.false_alarm = false_alarm
-
-        def fit(self, model, clean):
-            return self
-
-        def scores(self, x):
-            return np.zeros(len(x))
-
-        def flags(self, x):
-            return np.zeros(len(x), bool)
-
-    coarse = Toy(false_alarm=1.0)
-    coarse.calibration_warning = "toy: its threshold rests on 3 clean images"
-    parts = {"a": coarse, "b": Toy(false_alarm=2.0)}
+    coarse = NullDetector(false_alarm=1.0)
+    coarse.calibration_warning = "null: its threshold rests on 3 clean images"
+    parts = {"a": coarse, "b": NullDetector(false_alarm=2.0)}
     labels = np.zeros(100, np.int64)
 
     def row(model: str, flagged: int):  # G's row: `flagged` of 100 clean test images get the alarm class 9

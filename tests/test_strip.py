@@ -11,6 +11,8 @@ import badnet_repair as br
 from badnet_repair.detectors import REGISTRY
 from badnet_repair.detectors.strip import Strip, prediction_entropy
 
+from .conftest import NullDetector
+
 K, SIDE, TARGET = 8, 16, 3
 
 
@@ -134,17 +136,5 @@ def test_strips_goodnet_is_one_keras_model_that_reloads_and_equals_the_detector(
     assert out["kind"] == "goodnet"
     assert out["detection_rate"] == pytest.approx(100 * (want[:30] == K).mean())
     assert out["false_alarm_rate"] == pytest.approx(100 * (want[30:] == K).mean())
-    class Formless(br.Detector):
-        name, summary = "formless", "a detector without a Keras form"
-
-        def fit(self, model, clean):
-            return self
-
-        def scores(self, x):
-            return np.zeros(len(x))
-
-        def flags(self, x):
-            return np.zeros(len(x), bool)
-
     with pytest.raises(br.NoKerasForm, match="no Keras form"):
-        build_detector_goodnet(b, Formless())
+        build_detector_goodnet(b, NullDetector())

@@ -50,6 +50,14 @@ class Detector(abc.ABC):
     #: rate (:func:`calibration_note`): a line for the user, else None
     calibration_warning: str | None = None
 
+    def note_calibration(self, images: int, at_or_beyond: int, false_alarm: float) -> None:
+        """Set and log :attr:`calibration_warning` for a threshold set on ``images`` clean images
+        for a ``false_alarm`` % rate, ``at_or_beyond`` of them at the threshold or on its flagged
+        side (:func:`calibration_note`)."""
+        self.calibration_warning = calibration_note(self.name, images, at_or_beyond, false_alarm)
+        if self.calibration_warning:
+            log.warning(self.calibration_warning)
+
     @abc.abstractmethod
     def fit(self, model: Any, clean: Dataset) -> Detector:
         """Prepare on the BadNet and clean labelled data; returns ``self``."""
@@ -204,11 +212,8 @@ class ThresholdDetector(Detector):
         rate, say so (:func:`calibration_note`, kept as :attr:`calibration_warning`)."""
         self.calibration_scores = np.asarray(clean_scores, np.float64)
         self.threshold = threshold_at(self.calibration_scores, self.false_alarm)
-        self.calibration_warning = calibration_note(
-            self.name, self.calibration_scores.size, int(np.sum(self.calibration_scores >= self.threshold)),
-            self.false_alarm)
-        if self.calibration_warning:
-            log.warning(self.calibration_warning)
+        self.note_calibration(self.calibration_scores.size, int(np.sum(self.calibration_scores >= self.threshold)),
+                              self.false_alarm)
 
     def flags(self, x: np.ndarray) -> np.ndarray:
         """(N,) bool: score above the threshold set on clean data."""

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from ..formats.data import Dataset, pixel_range
-from .base import Detector, calibration_note, checked_false_alarm, detector_model
+from .base import Detector, checked_false_alarm, detector_model
 
 __all__ = ["Strip", "prediction_entropy"]
-
-log = logging.getLogger(__name__)
 
 
 def prediction_entropy(probs: np.ndarray) -> np.ndarray:
@@ -105,10 +102,7 @@ class Strip(Detector):
         self.calibration_entropy = self.entropy(np.asarray(x[calib], np.float32))
         # flag the lowest false_alarm % of held-out clean entropies
         self.threshold = float(np.quantile(self.calibration_entropy, self.false_alarm / 100.0, method="lower"))
-        self.calibration_warning = calibration_note(
-            self.name, len(calib), int(np.sum(self.calibration_entropy <= self.threshold)), self.false_alarm)
-        if self.calibration_warning:
-            log.warning(self.calibration_warning)
+        self.note_calibration(len(calib), int(np.sum(self.calibration_entropy <= self.threshold)), self.false_alarm)
         return self
 
     def entropy(self, x: np.ndarray) -> np.ndarray:

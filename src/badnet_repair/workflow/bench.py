@@ -519,27 +519,23 @@ def _detection_cell(cell: Cell, b: Any, valid: Any, files: Mapping[str, str]) ->
 def scan_summary(scan: Any, target: Any) -> dict[str, Any]:
     """What a Neural Cleanse scan did with the attack's target(s), for the record (the scan
     itself never saw them): the classes it flagged and, per target, its place in the label
-    pre-selection and the screen (1 = first; None where it was left out), whether it was
-    optimised fully, and its norm and anomaly index."""
+    pre-selection and the screen (:meth:`~badnet_repair.detectors.neural_cleanse.CleanseScan.preselect_rank`,
+    :meth:`~badnet_repair.detectors.neural_cleanse.CleanseScan.screen_rank`; None where it was left
+    out), whether it was optimised fully, and its norm and anomaly index."""
     import numpy as np
-
-    targets = sorted({int(t) for t in np.atleast_1d(np.asarray(target))})
-    screen = np.asarray(scan.screen_norms, float)
-    screened = np.flatnonzero(np.isfinite(screen))
-    by_screen = screened[np.argsort(screen[screened], kind="stable")].tolist()
-    pre = None if scan.preselected is None else [int(c) for c in scan.preselected]
-    full = {int(c) for c in scan.triggers}
-
-    def place(seq: Sequence[int] | None, c: int) -> int | None:
-        return None if seq is None or c not in seq else list(seq).index(c) + 1
 
     def number(v: Any) -> float | None:
         return None if not np.isfinite(v) else round(float(v), 3)
 
+    def places(t: int) -> dict[str, Any]:
+        chosen = scan.preselected is not None and t in scan.preselected
+        return {"preselection_place": scan.preselect_rank(t) if chosen else None,
+                "screen_place": scan.screen_rank(t) if np.isfinite(scan.screen_norms[t]) else None,
+                "optimised": t in scan.triggers, "norm": number(scan.norms[t]), "anomaly": number(scan.anomaly[t])}
+
+    targets = sorted({int(t) for t in np.atleast_1d(np.asarray(target))})
     return {"flagged": [int(c) for c in scan.flagged], "seconds": round(float(scan.seconds), 1),
-            "targets": {str(t): {"preselection_place": place(pre, t), "screen_place": place(by_screen, t),
-                                 "optimised": t in full, "norm": number(scan.norms[t]),
-                                 "anomaly": number(scan.anomaly[t])} for t in targets}}
+            "targets": {str(t): places(t) for t in targets}}
 
 
 def _peak_rss_mib() -> float | None:

@@ -6,7 +6,6 @@ validation data; the test sets are read after every repair is done.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from .run import low_attack_warnings, open_badnet, open_evaluation_sets
 
 __all__ = ["DefenseComparison", "compare_defenses", "compare_file", "default_defenses", "evaluate_repairs",
            "write_comparison"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -172,11 +169,9 @@ def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], t
     comparison = evaluate_repairs(b, repairs, ev.sets["test"], ev.sets["bd_test"], name=name)
     if parts:
         extra = detector_evaluations(b, parts, ev.sets["test"], ev.sets["bd_test"])
-        loud = tuple(detection_warnings(parts, extra))
-        for line in loud[len([d for d in parts.values() if d.calibration_warning]):]:
-            log.warning(line)  # the detectors logged their own lines when fitted
         comparison = DefenseComparison(badnet=name, evaluations=(*comparison.evaluations, *extra),
-                                       warnings=comparison.warnings, detection_warnings=loud)
+                                       warnings=comparison.warnings,
+                                       detection_warnings=tuple(detection_warnings(parts, extra)))
     low_attack_warnings({f"{name}: bd_test": comparison.evaluations[0].attack_success_rate}, target=ev.target)
     return comparison
 

@@ -166,7 +166,8 @@ def detection_warnings(parts: Mapping[str, Detector], rows: Sequence[Evaluation]
         rows: their rows on the test sets (:func:`detector_evaluations`).
 
     Returns:
-        The lines, detectors' first.
+        The lines, detectors' first. The G lines are logged as warnings here; the detectors
+        logged theirs when fitted.
     """
     lines = [d.calibration_warning for d in parts.values() if d.calibration_warning]
     budgets = {f"G ({name})": float(fa) for name, d in parts.items()
@@ -176,8 +177,10 @@ def detection_warnings(parts: Mapping[str, Detector], rows: Sequence[Evaluation]
     for e in rows:
         budget, measured = budgets.get(e.model), e.false_alarm_rate
         if budget is not None and measured is not None and measured > max(2.0 * budget, budget + 2.0):
-            lines.append(f"{e.model} flags {measured:.2f} % of the clean test images, far beyond its "
-                         f"false-alarm budget of {budget:.2f} %: its outputs on clean inputs are not to be trusted")
+            line = (f"{e.model} flags {measured:.2f} % of the clean test images, far beyond its false-alarm "
+                    f"budget of {budget:.2f} %: its outputs on clean inputs are not to be trusted")
+            log.warning(line)
+            lines.append(line)
     return lines
 
 
@@ -217,8 +220,6 @@ def write_detection(result: DetectionResult, test: Dataset, bd_test: Dataset, ou
           "alarm class N where the detector flags the input) on the test sets.", "",
           evaluation_table([e.as_dict() for e in rows])]
     warnings = detection_warnings(result.parts, rows)
-    for line in warnings[len([d for d in result.parts.values() if d.calibration_warning]):]:
-        log.warning(line)  # the detectors logged their own lines when fitted
     md += [f"\n**Warning: {line}.**" for line in warnings]
     if flagged is not None:
         md += ["", f"Neural Cleanse flagged: {', '.join(map(str, flagged)) or 'nothing'}."]
