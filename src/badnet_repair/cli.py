@@ -14,7 +14,7 @@ from typing import Any
 from .defaults import INPUT_SCALE_HELP, LAYER_HELP, parse_input_scale, setting_problem
 from .defenses import REGISTRY as DEFENSES
 from .demo.make import DEMO_BADNETS
-from .detectors import DEFAULT_DETECTORS
+from .detectors import DEFAULT_DETECTORS, DEFAULT_FALSE_ALARM
 from .detectors import REGISTRY as DETECTORS
 from .workflow.layout import LAB_FILES, ResolvedInputs
 
@@ -212,7 +212,8 @@ def _int_or_none(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a whole number or 'none', not {text!r}") from None
 
 
-FALSE_ALARM_HELP = ("G's false-alarm budget, %% of clean inputs (default 5): split equally among the detectors, "
+FALSE_ALARM_HELP = (f"G's false-alarm budget, %% of clean inputs (default {DEFAULT_FALSE_ALARM:g}): "
+                    "split equally among the detectors, "
                     "each with a threshold set to flag at most its share of held-out clean validation images")
 
 
@@ -319,7 +320,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--detectors", nargs="+", default=[], choices=list(DETECTORS), metavar="NAME",
                     help="also GoodNets of B from these detectors, each alone and combined (default none; "
                     + "; ".join(f"{n}: {cls.summary}" for n, cls in DETECTORS.items()) + ")")
-    cp.add_argument("--false-alarm", type=float, default=5.0, help=FALSE_ALARM_HELP)
+    cp.add_argument("--false-alarm", type=float, default=DEFAULT_FALSE_ALARM, help=FALSE_ALARM_HELP)
     _add_settings(cp, DEFENSES["fine-pruning"], given_only=True)
     cp.add_argument("--set", action="append", type=_any_setting, default=[], metavar="NAME.SETTING=VALUE",
                     help="one defense's or detector's setting, over the flags above (repeatable; e.g. "
@@ -381,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
     dt.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS), choices=list(DETECTORS),
                     metavar="NAME", help=f"the detectors, combined (default {' '.join(DEFAULT_DETECTORS)}; "
                     + "; ".join(f"{n}: {cls.summary}" for n, cls in DETECTORS.items()) + ")")
-    dt.add_argument("--false-alarm", type=float, default=5.0, help=FALSE_ALARM_HELP)
+    dt.add_argument("--false-alarm", type=float, default=DEFAULT_FALSE_ALARM, help=FALSE_ALARM_HELP)
     dt.add_argument("--seed", type=int, default=0, help="the detectors' seed (default 0)")
     dt.add_argument("--set", action="append", type=_detector_setting, default=[], metavar="DETECTOR.SETTING=VALUE",
                     help="one detector's setting (repeatable; e.g. strip.copies=64, disagreement.accuracy_drop=10); "

@@ -16,7 +16,7 @@ from .combine import AnyOf
 from .disagreement import Disagreement
 from .features import FeatureDistance
 from .neural_cleanse import CleanseScan, NeuralCleanse, ReversedTrigger, anomaly_index
-from .registry import DEFAULT_DETECTORS, REGISTRY, make_detector, register_detector
+from .registry import DEFAULT_DETECTORS, DEFAULT_FALSE_ALARM, REGISTRY, make_detector, register_detector
 from .reversed_trigger import ReversedTriggerDetector
 from .scaleup import ScaleUp
 from .strip import Strip
@@ -24,6 +24,7 @@ from .teco import TeCo
 
 __all__ = [
     "DEFAULT_DETECTORS",
+    "DEFAULT_FALSE_ALARM",
     "REGISTRY",
     "AnyOf",
     "CleanseScan",

@@ -12,7 +12,7 @@ from .scaleup import ScaleUp
 from .strip import Strip
 from .teco import TeCo
 
-__all__ = ["DEFAULT_DETECTORS", "REGISTRY", "make_detector", "register_detector"]
+__all__ = ["DEFAULT_DETECTORS", "DEFAULT_FALSE_ALARM", "REGISTRY", "make_detector", "register_detector"]
 
 #: Registry name -> detector class, in the order tables list them. Each is made from keyword
 #: settings alone (:meth:`~badnet_repair.detectors.Detector.settings`) and builds what else it
@@ -24,6 +24,10 @@ REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
 #: declared candidates on tuning BadNets by a rule declared before the runs
 #: (docs/research/detection32.md).
 DEFAULT_DETECTORS: tuple[str, ...] = ("strip", "reversed-trigger", "feature-distance")
+
+#: G's false-alarm budget, % of clean inputs, when none is given: split equally among its detectors
+#: (``workflow.detect.make_detectors``). The target's 5 % unless the rule above chose less.
+DEFAULT_FALSE_ALARM: float = 5.0
 
 
 def register_detector(cls: type[Detector], *, replace: bool = False) -> type[Detector]:

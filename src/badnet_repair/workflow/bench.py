@@ -67,6 +67,7 @@ from typing import Any
 
 from ..defaults import parse_input_scale, setting_problem
 from ..defenses import REGISTRY, make_defense
+from ..detectors import DEFAULT_FALSE_ALARM
 from ..detectors import REGISTRY as DETECTORS
 from ..errors import BadNetRepairError
 from ..formats.files import atomic_path, versions, write_json
@@ -381,7 +382,7 @@ def _detector_spec(entry: Mapping[str, Any], errors: list[str], where: str) -> D
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         errors.append(f"{where}: detectors must be a list of registry names ({', '.join(DETECTORS)})")
         return None
-    budget = entry.get("false_alarm", 5.0)
+    budget = entry.get("false_alarm", DEFAULT_FALSE_ALARM)
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 <= budget <= 100:
         errors.append(f"{where}: false_alarm must be a percentage, not {budget!r}")
         return None

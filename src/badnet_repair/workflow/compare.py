@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..defenses import Defense, FineTuning, Repair, make_defense
+from ..detectors import DEFAULT_FALSE_ALARM
 from ..formats.data import Dataset
 from ..formats.files import write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
@@ -130,7 +131,7 @@ def evaluate_repairs(model: Any, repairs: Sequence[Repair], test: Dataset, bd_te
 def compare_file(model: str | os.PathLike[str], valid: str | os.PathLike[str], test: str | os.PathLike[str],
                  bd_test: str | os.PathLike[str], *, defenses: Sequence[Defense], name: str = "BadNet",
                  target: int | None = None, trust_model: bool = False, progress: bool = False,
-                 detectors: Sequence[str] = (), false_alarm: float = 5.0,
+                 detectors: Sequence[str] = (), false_alarm: float = DEFAULT_FALSE_ALARM,
                  detector_settings: Mapping[str, Mapping[str, Any]] | None = None, several_targets: bool = False,
                  input_scale: float | str = 1.0) -> DefenseComparison:
     """:func:`compare_defenses` on files: every defense repairs B from the clean validation

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..defenses import Repair
-from ..detectors import DEFAULT_DETECTORS, REGISTRY, AnyOf, Detector, make_detector
+from ..detectors import DEFAULT_DETECTORS, DEFAULT_FALSE_ALARM, REGISTRY, AnyOf, Detector, make_detector
 from ..formats.data import Dataset
 from ..metrics import Evaluation, auroc, evaluate_predictions
 from ..nets.models import num_classes, predict_classes
@@ -46,7 +46,7 @@ class DetectionResult:
     seconds: dict[str, float]
 
 
-def make_detectors(names: Sequence[str], *, false_alarm: float = 5.0, seed: int = 0,
+def make_detectors(names: Sequence[str], *, false_alarm: float = DEFAULT_FALSE_ALARM, seed: int = 0,
                    settings: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Detector]:
     """The registered detectors ``names``, with G's false-alarm budget spent across them.
 
@@ -59,7 +59,8 @@ def make_detectors(names: Sequence[str], *, false_alarm: float = 5.0, seed: int 
 
     Args:
         names: registry names (:data:`~badnet_repair.detectors.REGISTRY`), in table order.
-        false_alarm: G's false-alarm budget on held-out clean data, %, default 5 (the target's).
+        false_alarm: G's false-alarm budget on held-out clean data, %, default
+            :data:`~badnet_repair.detectors.DEFAULT_FALSE_ALARM`.
         seed: the detectors' seed, default 0.
         settings: name -> {setting: value}, over the above.
 
@@ -85,9 +86,9 @@ def make_detectors(names: Sequence[str], *, false_alarm: float = 5.0, seed: int 
 
 
 def fit_detectors(model: Any, valid: Dataset, detectors: Sequence[str] | Mapping[str, Detector], *,
-                  false_alarm: float = 5.0, seed: int = 0, settings: Mapping[str, Mapping[str, Any]] | None = None,
-                  repairs: Sequence[Repair] = (), progress: bool = False,
-                  ) -> tuple[dict[str, Detector], dict[str, float], Any]:
+                  false_alarm: float = DEFAULT_FALSE_ALARM, seed: int = 0,
+                  settings: Mapping[str, Mapping[str, Any]] | None = None, repairs: Sequence[Repair] = (),
+                  progress: bool = False) -> tuple[dict[str, Detector], dict[str, float], Any]:
     """Fit the detectors on B and the clean data (nothing else is read).
 
     Args:
@@ -119,8 +120,8 @@ def fit_detectors(model: Any, valid: Dataset, detectors: Sequence[str] | Mapping
 
 
 def run_detection(model: Any, valid: Dataset, *, detectors: Sequence[str] | Mapping[str, Detector] = DEFAULT_DETECTORS,
-                  false_alarm: float = 5.0, seed: int = 0, settings: Mapping[str, Mapping[str, Any]] | None = None,
-                  progress: bool = False) -> DetectionResult:
+                  false_alarm: float = DEFAULT_FALSE_ALARM, seed: int = 0,
+                  settings: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False) -> DetectionResult:
     """Fit the detectors (:func:`fit_detectors`), combine them (an input is flagged where any
     flags it) and build G as one Keras model where every detector has a Keras form
     (:func:`~badnet_repair.detectors.goodnet.build_detector_goodnet`)."""
