@@ -10,6 +10,7 @@ from badnet_repair.cli import main
 from badnet_repair.defenses.finetuning import Distillation, FineTuning, Member, fine_prune
 from badnet_repair.defenses.fst import FeatureShift
 from badnet_repair.defenses.tuning import check_budget, split_clean
+from badnet_repair.errors import DataError
 from badnet_repair.formats import data as data_module
 from badnet_repair.nets.trainer import Trainer, Warmup
 
@@ -322,3 +323,13 @@ def test_every_training_defense_respects_the_budget_with_two_clean_images_per_cl
         repair = defense.as_repair(result)
         assert repair.warnings == result.warnings
     assert fell  # the rate is high enough that some repair had to fall back
+
+
+def test_split_with_one_image_per_class_holds_out_images_at_random(caplog):
+    ds = br.Dataset(np.zeros((7, 2, 2, 3), np.float32), np.arange(7), "valid1.h5")
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        tune, hold, ti, hi = split_clean(ds, holdout_fraction=0.2, seed=0)
+    assert len(hold) == 1 and len(tune) == 6 and sorted([*ti, *hi]) == list(range(7))
+    assert "held out 1 of 7 clean images at random" in caplog.text
+    with pytest.raises(DataError, match="valid1.h5: 1 clean image"):
+        split_clean(br.Dataset(np.zeros((1, 2, 2, 3), np.float32), np.array([0]), "valid1.h5"))

@@ -10,6 +10,7 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.errors import ModelError, UnsafeModelError
+from badnet_repair.nets.models import conv_layer, default_conv_layer
 
 from .conftest import random_faces
 
@@ -235,3 +236,24 @@ def test_keras2_config_by_hand():
     assert out["layers"][1]["inbound_nodes"] == [[["a", 0, 0, {}]]]
     with pytest.raises(br.ModelError, match="functional"):
         keras2_config({"class_name": "Sequential", "config": {}})
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_a_saved_sequential_model_loads_as_a_graph_the_pruning_defense_can_cut(tmp_path, suffix):
+    # a loaded Keras 3 Sequential model's layers carry one call per rebuild of its graph, which
+    # made every conv look shared and the model look conv-less to the pruning defense
+    keras.utils.set_random_seed(3)
+    seq = keras.Sequential([keras.Input((12, 10, 3)), keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
+                            keras.layers.MaxPooling2D(name="p1"), keras.layers.Dropout(0.1, name="drop"),
+                            keras.layers.Conv2D(6, 3, activation="relu", name="c2"),
+                            keras.layers.MaxPooling2D(name="p2"), keras.layers.Flatten(name="flat"),
+                            keras.layers.Dense(3, activation="softmax", name="head")])
+    seq.save(tmp_path / f"seq{suffix}")
+    with pytest.raises(ModelError, match="Sequential model; pass badnet_repair.nets.models.as_functional"):
+        default_conv_layer(keras.models.load_model(tmp_path / f"seq{suffix}", compile=False))
+    model = br.load_model(tmp_path / f"seq{suffix}")
+    x = np.random.default_rng(0).uniform(0, 255, (40, 12, 10, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x, verbose=0), seq.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert default_conv_layer(model) == "c2" and conv_layer(model, "c1").name == "c1"
+    sweep = br.prune_sweep(model, br.Dataset(x, br.predict_classes(model, x), "valid"))
+    assert len(sweep.ranking.order) == 6

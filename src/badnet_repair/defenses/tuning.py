@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import DataError
 from ..formats.data import Dataset
 
 __all__ = ["BudgetCheck", "FinePruneResult", "FineTuned", "check_budget", "split_clean"]
@@ -196,11 +197,19 @@ def split_clean(data: Dataset, *, holdout_fraction: float = 0.2, seed: int = 0
         log.warning("held out %d of %d clean images (%.1f%%, %.0f%% asked): classes too small for %.0f%% "
                     "keep at least one image on each side (%s)", len(hold_idx), len(data),
                     100.0 * len(hold_idx) / len(data), 100 * holdout_fraction, 100 * holdout_fraction, cases)
+    if len(hold_idx) == 0 or len(hold_idx) == len(data):
+        # every class has one image: no class can be split, so images are held out at random (their
+        # classes then have no tuning image, and the held-out accuracy measures what tuning keeps)
+        if len(data) < 2:
+            raise DataError(f"{data.name}: {len(data)} clean image(s); a repair that trains needs at least 2 "
+                            "(one to tune on, one to hold out to choose the epoch and check the budget)")
+        k = min(max(round(holdout_fraction * len(data)), 1), len(data) - 1)
+        hold_idx = np.sort(rng.permutation(len(data))[:k])
+        log.warning("held out %d of %d clean images at random: no class has two images to split (classes of "
+                    "held-out images are not tuned on)", k, len(data))
     mask = np.ones(len(data), bool)
     mask[hold_idx] = False
     tune_idx = np.flatnonzero(mask)
-    if len(hold_idx) == 0 or len(tune_idx) == 0:
-        raise ValueError(f"cannot split {len(data)} images into tuning and held-out parts")
     x = np.asarray(data.x[:]) if not isinstance(data.x, np.ndarray) else data.x
     return (Dataset(x[tune_idx], data.y[tune_idx], name="tune"),
             Dataset(x[hold_idx], data.y[hold_idx], name="holdout"), tune_idx, hold_idx)

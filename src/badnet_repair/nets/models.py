@@ -21,6 +21,7 @@ from ..formats.files import atomic_path, check_writable
 __all__ = [
     "INPUT_SCALE_LAYER",
     "ChannelChain",
+    "as_functional",
     "channel_chain",
     "classifier_head",
     "common_input_scale",
@@ -147,6 +148,30 @@ def _called_once(model: Any, layer: Any) -> bool:
     return sum(1 for n in getattr(layer, "_inbound_nodes", []) if id(n.operation) in ours) <= 1
 
 
+def as_functional(model: Any) -> Any:
+    """``model`` as a functional model with the same weights: a Sequential one rebuilt from fresh
+    copies of its layers, each called once (pruning cuts the graph at a layer, and a loaded
+    Sequential model's layers carry one call per rebuild of its graph); any other model as it is."""
+    import keras
+
+    graph = getattr(model, "_functional", None)
+    if not isinstance(model, keras.Sequential) or graph is None:
+        return model
+    clone = keras.models.clone_model(graph)
+    clone.set_weights(model.get_weights())
+    return keras.Model(clone.inputs, clone.outputs, name=model.name)
+
+
+def _graph_model(model: Any) -> Any:
+    """``model``, checked to be a graph the surgery can address layer by layer."""
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        raise ModelError(f"model {model.name!r} is a Sequential model; pass "
+                         "badnet_repair.nets.models.as_functional(model) (load_model does this for files)")
+    return model
+
+
 def _named_layer(model: Any, layer: str) -> Any:
     """``model``'s layer called ``layer``, or an error that lists the names it has."""
     try:
@@ -161,7 +186,7 @@ def conv_layer(model: Any, layer: str | None = None) -> Any:
     with a clear error if it is not one."""
     if layer is None:
         return model.get_layer(default_conv_layer(model))
-    found = _named_layer(model, layer)
+    found = _named_layer(_graph_model(model), layer)
     if not _is_conv(found):
         raise ModelError(
             f"layer {layer!r} of model {model.name!r} is a {type(found).__name__}, not a "
@@ -199,7 +224,7 @@ def default_conv_layer(model: Any) -> str:
     Returns:
         The layer's name.
     """
-    convs = [lyr for lyr in _layers_in_order(model) if _is_conv(lyr) and _called_once(model, lyr)]
+    convs = [lyr for lyr in _layers_in_order(_graph_model(model)) if _is_conv(lyr) and _called_once(model, lyr)]
     if not convs:
         raise ModelError(f"model {model.name!r} has no convolution layer to prune")
     pooled = [c for c in convs if _pooling_of(model, c) is not None]
@@ -918,7 +943,7 @@ def _load_full(path: Path, config: Any, trust: bool) -> Any:
     # array. The same layers with a plain input behave identically and do not.
     if len(model.inputs) == 1 and len(model.outputs) == 1 and isinstance(getattr(model, "_inputs_struct", None), list):
         model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
-    return model
+    return as_functional(model)
 
 
 # ----------------------------------------------------------------------------- saving
