@@ -86,6 +86,19 @@ def test_detect_fits_on_clean_data_then_scores_g_and_saves_it(small_demo, tmp_pa
     assert 100 * np.mean(br.predict_classes(g, test.x) == n) == pytest.approx(both["false_alarm_rate"])
 
 
+def test_detect_without_detectors_fits_the_default_g_at_its_budget(small_demo, tmp_path):
+    from badnet_repair.detectors import DEFAULT_DETECTORS, DEFAULT_FALSE_ALARM
+
+    out = tmp_path / "default"
+    assert main(["detect", "-q", "--demo", "baseline", "--demo-dir", str(small_demo.root), "--out", str(out)]) == 0
+    summary = json.loads((out / "detect.json").read_text())
+    assert list(summary["settings"]) == list(DEFAULT_DETECTORS)
+    # G's budget is split equally among its detectors
+    for name in DEFAULT_DETECTORS:
+        assert summary["settings"][name]["false_alarm"] == pytest.approx(DEFAULT_FALSE_ALARM / len(DEFAULT_DETECTORS))
+    assert f"G ({' + '.join(DEFAULT_DETECTORS)})" in {r["model"] for r in summary["rows"]}
+
+
 def test_compare_adds_detector_rows(small_demo, tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", "-q", "--demo", "--demo-dir", str(small_demo.root), "--out", str(out),

@@ -371,11 +371,13 @@ def _parser() -> argparse.ArgumentParser:
 
     dt = sub.add_parser(
         "detect", parents=[common],
-        help="a GoodNet from detectors (STRIP, the reversed trigger, disagreement); its detection and false alarms",
+        help="a GoodNet from detectors (any registered: the feature distance by default, STRIP, the reversed "
+        "trigger, ...); its detection and false alarms",
         description="Fit the detectors on the clean validation data only, combine them (an input is flagged "
         "where any flags it), save G (B's class, or class N where flagged) as goodnet_detect.keras, then "
         "score G on the test files: clean accuracy, false alarms, detection. The reversed-trigger detector "
-        "runs Neural Cleanse and unlearns its reversed triggers (nc-unlearning); its scan is written too.",
+        "(named with --detectors) runs Neural Cleanse and unlearns its reversed triggers (nc-unlearning); "
+        "its scan is written too.",
     )
     dt.add_argument("--model", help="the BadNet (default the lab's model/bd_net.h5)")
     _add_inputs(dt, ["valid", "test", "bd_test"])
