@@ -272,3 +272,22 @@ def test_fine_prune_prints_and_records_the_budget_line(small_demo, tmp_path, cap
     assert main(["fine-prune", "-q", "--model", str(small_demo.model), "--valid", str(small_demo.valid),
                  "--method", "fine-tuning", "--accuracy-drop", "2", "--out", str(tmp_path / "o2")]) == 1
     assert "--accuracy-drop: not a setting of --method fine-tuning" in capsys.readouterr().err
+
+
+def test_log_and_warning_lines_read_once_and_on_one_line():
+    import logging
+    import warnings
+
+    from badnet_repair.cli import _one_line_warning, _OneLineFormatter
+    from badnet_repair.errors import DataWarning
+
+    fmt = _OneLineFormatter("%(levelname)s: %(message)s")
+    loud = logging.LogRecord("badnet_repair", logging.WARNING, "f.py", 1, "WARNING: fine-tuning fell 30.0 points",
+                             None, None)
+    assert fmt.format(loud) == "WARNING: fine-tuning fell 30.0 points"
+    plain = logging.LogRecord("badnet_repair", logging.WARNING, "f.py", 1, "held out 5 of 16", None, None)
+    assert fmt.format(plain) == "WARNING: held out 5 of 16"
+    line = _one_line_warning(DataWarning("valid.h5: every pixel is in 0..1"), DataWarning, "/x/data.py", 9, "code")
+    assert line == "valid.h5: every pixel is in 0..1"
+    assert _one_line_warning(UserWarning("odd"), UserWarning, "/x.py", 1) == "UserWarning: odd"
+    assert "\n" not in line and warnings.formatwarning is not _one_line_warning  # only main() installs it

@@ -184,3 +184,14 @@ def test_a_multi_target_poisoned_set_keeps_each_inputs_target():
     kept, first = br.poisoned_labels(ds, None, several=True)
     assert first == 0 and kept.y.tolist() == [0, 33, 66, 0]
     assert br.poisoned_labels(ds, 5)[0].y.tolist() == [5] * 4
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from badnet_repair.formats.files import check_writable
+
+    (tmp_path / "afile").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(br.OutputExistsError, match="afile: is a file, not a folder"):
+            check_writable([tmp_path / "afile" / "results.json"], overwrite=overwrite)
+    assert (tmp_path / "afile").read_text() == "mine"
+    check_writable([tmp_path / "new" / "results.json"])  # a folder still to make is fine

@@ -257,3 +257,12 @@ def test_a_saved_sequential_model_loads_as_a_graph_the_pruning_defense_can_cut(t
     assert default_conv_layer(model) == "c2" and conv_layer(model, "c1").name == "c1"
     sweep = br.prune_sweep(model, br.Dataset(x, br.predict_classes(model, x), "valid"))
     assert len(sweep.ranking.order) == 6
+
+
+def test_a_model_with_two_outputs_is_refused_in_one_line(tmp_path):
+    x = keras.Input((8, 8, 3))
+    f = keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(x))
+    two = keras.Model(x, [keras.layers.Dense(5, activation="softmax")(f), keras.layers.Dense(2)(f)])
+    two.save(tmp_path / "two.keras")
+    with pytest.raises(ModelError, match=r"two.keras: the model has 1 input\(s\) and 2 output\(s\)"):
+        br.load_model(tmp_path / "two.keras")

@@ -872,18 +872,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler])
     logging.captureWarnings(True)
+    import warnings
+
+    # a warning about the user's input is one line, as errors are (not Python's file:line and source);
+    # put back after the command, for a caller running main() in its own process
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     if args.quiet:
         # -q: only our own warnings; Keras's and TensorFlow's (a Keras 2 file's input structure, say)
         # are about their internals, not the user's results
-        import warnings
-
         for module in ("keras", "tensorflow", "tf_keras"):
             warnings.filterwarnings("ignore", module=module)
-    with _SigintSeen() as sigint:
-        return _run(args, argv, parser, sigint)
+    try:
+        with _SigintSeen() as sigint:
+            return _run(args, argv, parser, sigint)
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 class _SigintSeen:
@@ -913,6 +920,23 @@ class _SigintSeen:
 
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """``LEVEL: message``, without the level twice where the message already starts with it (the
+    repairs' loud lines begin with ``WARNING:`` so that they read alone in results.json and reports)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        doubled = f"{record.levelname}: {record.levelname}: "
+        return text.replace(doubled, f"{record.levelname}: ", 1) if text.startswith(doubled) else text
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    from .errors import DataWarning
+
+    return str(message) if issubclass(category, DataWarning) else f"{category.__name__}: {message}"
 
 
 def _run(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser, sigint: _SigintSeen) -> int:

@@ -29,9 +29,14 @@ def check_writable(paths: Iterable[str | os.PathLike[str]], *, overwrite: bool =
     Called before any work starts, so a run that would clobber earlier results fails in a
     second instead of after the sweep.
     """
+    outputs = [Path(p) for p in paths]
+    for p in outputs:  # an output folder that is a file: found now, not by the first write after the work
+        blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+        if blocked is not None:
+            raise OutputExistsError(f"{blocked}: is a file, not a folder; choose another output folder")
     if overwrite:
         return
-    existing = [str(p) for p in paths if Path(p).exists()]
+    existing = [str(p) for p in outputs if p.exists()]
     if existing:
         listed = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         raise OutputExistsError(

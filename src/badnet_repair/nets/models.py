@@ -941,7 +941,10 @@ def _load_full(path: Path, config: Any, trust: bool) -> Any:
         raise ModelError(f"{path}: Keras could not load this model: {exc}") from None
     # Keras 2 files declare their one input as a list; Keras 3 then warns at every call with an
     # array. The same layers with a plain input behave identically and do not.
-    if len(model.inputs) == 1 and len(model.outputs) == 1 and isinstance(getattr(model, "_inputs_struct", None), list):
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelError(f"{path}: the model has {len(model.inputs)} input(s) and {len(model.outputs)} output(s); "
+                         "badnet-repair takes a classifier with one image input and one output of class scores")
+    if isinstance(getattr(model, "_inputs_struct", None), list):
         model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
     return as_functional(model)
 
