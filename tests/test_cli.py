@@ -139,6 +139,24 @@ def test_low_attack_warnings_by_hand(caplog):
     assert low_attack_warnings({"bd_test": 50.0}) == []
 
 
+def test_coverage_and_selection_warnings_by_hand(caplog):
+    from types import SimpleNamespace
+
+    from badnet_repair.workflow.run import coverage_warnings, selection_warnings
+
+    x = np.zeros((6, 2, 2, 3), np.float32)
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        # 3 images of class 3 for a 7-class model: below half the classes
+        (line,) = coverage_warnings(br.Dataset(x[:3], np.array([3, 3, 3]), "valid"), 7, file="v.h5")
+    assert line.startswith("WARNING: v.h5: clean images of only 1 of the model's 7 classes") and line in caplog.text
+    assert coverage_warnings(br.Dataset(x[:4], np.array([0, 1, 2, 2]), "valid"), 6) == []  # half of 6
+    # 21 images: one is 4.76 points; X=2 first passed at 14.29 points (far past), X=10 at 14.29 (not)
+    sel = {2.0: SimpleNamespace(accuracy_drop=14.29), 10.0: SimpleNamespace(accuracy_drop=14.29), 4.0: None}
+    (far,) = selection_warnings(sel, images=21)
+    assert far.startswith("WARNING: B'_2 is 14.29 points below B on validation, not about 2") and "4.76 points" in far
+    assert selection_warnings({4.0: SimpleNamespace(accuracy_drop=6.9)}, images=1000) == []  # within X + 3
+
+
 def test_prune_warns_when_the_badnet_ignores_the_poisoned_files(lab_files, tmp_path, caplog):
     out = tmp_path / "o"
     with caplog.at_level("WARNING", logger="badnet_repair"):

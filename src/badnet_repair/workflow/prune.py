@@ -19,7 +19,7 @@ from ..formats.files import check_writable, sha256_file, versions, write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import input_scale_of, num_classes, predict_classes, prune_channels, saved_model_paths
 from ..reporting.report import render_report, selections_of, sweep_rows
-from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair
+from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair, selection_warnings
 
 __all__ = [
     "DefenseResult",
@@ -288,7 +288,7 @@ def lab_results(sweep: SweepResult, evaluations: Sequence[Evaluation], *, model_
         demo: the run is on the built-in demo, not the user's files (the report says so first).
 
     Returns:
-        A JSON-able dict; warnings (B's attack success below 50 % on a poisoned set) under
+        A JSON-able dict; warnings (a B'_X far past X; B's attack success below 50 % on a poisoned set) under
         ``"warnings"``.
     """
     files = {"model": Path(model_file), **{d.name: Path(d.path) for d in datasets if d.path}}
@@ -301,7 +301,8 @@ def lab_results(sweep: SweepResult, evaluations: Sequence[Evaluation], *, model_
                                        if sweep.kinds.get(name) == "poisoned"}
     if base is not None and bd_set is not None:
         attack[bd_set] = base.attack_success_rate
-    warnings = low_attack_warnings(attack, target=target)
+    warnings = [*selection_warnings(sweep.selections, images=sizes.get(sweep.valid_set, 0)),
+                *low_attack_warnings(attack, target=target)]
     thresholds = [float(x) for x in sweep.selections]
     results = _results_dict(sweep, evaluations, models or {}, files, sizes, sweep.num_classes, target,
                             dict(thresholds=thresholds, layer=sweep.layer, at=sweep.ranking.measured_at,

@@ -19,20 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..defenses import Repair
 from ..defenses.tuning import FinePruneResult
 from ..detectors.goodnet import build_goodnet, build_portable_goodnet
 from ..formats.data import Dataset, Layout, poisoned_labels
 from ..formats.files import atomic_path
-from ..nets.models import load_data_for, load_model, save_model, without_input_scale
+from ..nets.models import load_data_for, load_model, num_classes, save_model, without_input_scale
 
 __all__ = [
     "EvaluationSets",
+    "coverage_warnings",
     "low_attack_warnings",
     "open_badnet",
     "open_evaluation_sets",
     "repair_warnings",
     "save_repair",
+    "selection_warnings",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,7 +63,51 @@ def open_badnet(model: str | os.PathLike[str], valid: str | os.PathLike[str], *,
         (B, the clean Dataset named ``"valid"``).
     """
     b = load_model(model, trust=trust_model, input_scale=input_scale)
-    return b, load_data_for(b, valid, layout=layout, name="valid", lazy=lazy)
+    clean = load_data_for(b, valid, layout=layout, name="valid", lazy=lazy)
+    coverage_warnings(clean, num_classes(b), file=valid)
+    return b, clean
+
+
+def coverage_warnings(clean: Dataset, classes: int, *, file: str | os.PathLike[str] | None = None) -> list[str]:
+    """A loud line where the clean data holds images of fewer than half of B's classes: a defense
+    sees, and its held-out check measures, only those; the others can lose accuracy unseen.
+    Logged as a warning.
+
+    Args:
+        clean: the clean data a defense repairs from.
+        classes: B's number of classes.
+        file: the data's file, named in the line.
+
+    Returns:
+        The line, or nothing where half the classes or more have images.
+    """
+    present = int(np.unique(np.asarray(clean.y)).size)
+    if 2 * present >= classes:
+        return []
+    line = (f"WARNING: {file or clean.name}: clean images of only {present} of the model's {classes} classes; a "
+            "repair is tuned and checked on those alone, and may lose accuracy on the others unseen")
+    log.warning("%s", line)
+    return [line]
+
+
+def selection_warnings(selections: Mapping[float, Any], *, images: int) -> list[str]:
+    """A loud line for each B'_X whose validation drop far exceeds X (more than X + 3 points and
+    twice X): on few clean images one image is several points, and the first pruning step past X
+    can land far beyond it. Logged as warnings.
+
+    Args:
+        selections: X -> the sweep's selection (``accuracy_drop`` in points), or None.
+        images: the validation images the drops were measured on.
+    """
+    out = []
+    for x, sel in selections.items():
+        if sel is None or not (sel.accuracy_drop > x + 3.0 and sel.accuracy_drop > 2 * x):
+            continue
+        out.append(f"WARNING: B'_{x:g} is {sel.accuracy_drop:.2f} points below B on validation, not about {x:g}: the "
+                   f"first pruning step past {x:g} points lands there ({images} validation images, one image is "
+                   f"{100.0 / max(images, 1):.2f} points)")
+        log.warning("%s", out[-1])
+    return out
 
 
 def save_repair(badnet: Any, repaired: Any, out_dir: str | os.PathLike[str], stem: str, *,
