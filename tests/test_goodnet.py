@@ -57,6 +57,11 @@ def test_portable_goodnet_equals_the_rule_and_loads_in_keras_2_and_3(tmp_path, s
     saved = save_repair(small_deepid, repaired, tmp_path, "bd_2", formats=(), goodnet_h5=tmp_path / "goodnet_2.h5")
     k3 = keras.models.load_model(saved["goodnet_h5"], compile=False)
     np.testing.assert_allclose(k3.predict(x, verbose=0), got, rtol=1e-5, atol=1e-6)
+    # eval knows the saved file for a GoodNet (its false alarms and detection), as it knows the .keras one
+    from badnet_repair.detectors.goodnet import is_goodnet
+
+    assert is_goodnet(br.load_model(saved["goodnet_h5"])) and is_goodnet(br.build_goodnet(small_deepid, repaired))
+    assert not is_goodnet(small_deepid) and not is_goodnet(repaired)
     tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
     k2 = tf_keras.models.load_model(saved["goodnet_h5"], compile=False)
     np.testing.assert_allclose(k2.predict(x, verbose=0), got, rtol=1e-5, atol=1e-6)

@@ -43,3 +43,24 @@ def test_collect_handin_copies_the_lab_layout_and_lists_it(tmp_path):
                    "fixed_models/goodnet_4.h5", "fixed_models/results.json", "hw.ipynb"]
     readme = (handin / "README.md").read_text()
     assert "`fixed_models/goodnet_4.h5`" in readme and ".keras" not in readme
+
+
+def test_collect_handin_leaves_out_models_an_earlier_run_left(tmp_path, caplog):
+    import json
+
+    out = tmp_path / "fixed_models"
+    out.mkdir()
+    for name in ("bd_2.h5", "goodnet_2.h5", "bd_4.h5", "bd_4_weights.h5", "goodnet_4.h5"):
+        (out / name).write_text(name)
+    # this run (X=4 only) wrote results.json listing its models
+    models = {"4": {"h5": str(out / "bd_4.h5"), "weights": str(out / "bd_4_weights.h5"),
+                    "goodnet_h5": str(out / "goodnet_4.h5")}}
+    (out / "results.json").write_text(json.dumps({"models": models}))
+    (tmp_path / "Lab2_report.md").write_text("report")
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        files = collect_handin(tmp_path / "handin", notebook=None, notebook_html=None,
+                               report=tmp_path / "Lab2_report.md", out_dir=out)
+    got = sorted(p.name for p in files if p.parent.name == "fixed_models")
+    assert got == ["bd_4.h5", "bd_4_weights.h5", "goodnet_4.h5", "results.json"]
+    assert "bd_2.h5, goodnet_2.h5" in caplog.text and "not written by this run" in caplog.text
+    assert (out / "bd_2.h5").exists()  # left where it was, not deleted

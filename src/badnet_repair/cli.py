@@ -525,12 +525,6 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _is_goodnet(model: Any) -> bool:
-    from .nets.layers import AlarmCombine, GoodNetCombine
-
-    return any(isinstance(lyr, GoodNetCombine | AlarmCombine) for lyr in model.layers)
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .formats.data import poisoned_labels
     from .metrics import evaluate_predictions
@@ -538,7 +532,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, trust=args.trust_model, input_scale=args.input_scale)
     n = num_classes(model)
-    goodnet = _is_goodnet(model)
+    from .detectors.goodnet import is_goodnet
+
+    goodnet = is_goodnet(model)
     clean = load_data_for(model, args.clean, layout=args.layout, lazy=True)
     bd = None
     if args.poisoned:

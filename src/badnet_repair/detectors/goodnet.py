@@ -34,7 +34,8 @@ from .base import Detector
 from .combine import AnyOf
 
 __all__ = ["GoodNetCombine", "SplitGoodNet", "build_detector_goodnet", "build_goodnet", "build_portable_goodnet",
-           "goodnet_predict", "has_keras_form", "load_split_goodnet", "save_split_goodnet", "split_goodnet_paths"]
+           "goodnet_predict", "has_keras_form", "is_goodnet", "load_split_goodnet", "save_split_goodnet",
+           "split_goodnet_paths"]
 
 import keras
 
@@ -73,6 +74,17 @@ def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
 #: of a model's top class (at least 1/N) is far below -1, so the clipped ``gap * scale + 1``
 #: is exactly 1 at the top class and exactly 0 elsewhere.
 _TOP_SCALE = float(2**50)
+
+
+def is_goodnet(model: Any) -> bool:
+    """Whether ``model`` is a GoodNet this package built (its last class is the alarm class N): one
+    with the package's combining layer (:func:`build_goodnet`, :func:`build_detector_goodnet`) or
+    the portable one of standard layers (:func:`build_portable_goodnet`, ``goodnet_X.h5``, found by
+    its output layer's name, which no layer of B's can take)."""
+    if any(isinstance(lyr, GoodNetCombine | AlarmCombine) for lyr in model.layers):
+        return True
+    history = getattr(model.outputs[0], "_keras_history", None) if len(model.outputs) == 1 else None
+    return history is not None and history.operation.name == "goodnet_output"
 
 
 def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:

@@ -9,6 +9,8 @@ the lab's Keras 2 ``eval.py`` loads, in the lab's layout and outside every ignor
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -18,10 +20,24 @@ from ..formats.files import write_text
 
 __all__ = ["HANDIN_MODELS", "collect_handin"]
 
+log = logging.getLogger(__name__)
+
 #: The files of the output folder that are handed in (glob patterns): the models in the formats
 #: the lab's Keras 2 grader loads, and the results.
 HANDIN_MODELS = ("bd_*.h5", "goodnet_*.h5", "results.json", "results.csv", "sweep.csv", "pruning_curves.png",
                  "comparison/*")
+
+
+def _models_of_this_run(out: Path) -> set[str] | None:
+    """The file names of the models the run that wrote ``out/results.json`` saved; None where it
+    does not say (no results.json, or one without ``models``)."""
+    try:
+        models = json.loads((out / "results.json").read_text()).get("models")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(models, dict):
+        return None
+    return {Path(p).name for formats in models.values() if isinstance(formats, dict) for p in formats.values()}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -68,10 +84,20 @@ def collect_handin(handin: str | os.PathLike[str], *, notebook: str | os.PathLik
         if figures.is_dir():
             files += [_copy(f, root / figures.name / f.name) for f in sorted(figures.iterdir()) if f.is_file()]
     out = Path(out_dir)
+    written = _models_of_this_run(out)
+    stale: list[str] = []
     for pattern in patterns:
         for f in sorted(out.glob(pattern)):
-            if f.is_file():
-                files.append(_copy(f, root / "fixed_models" / f.relative_to(out)))
+            if not f.is_file():
+                continue
+            if written is not None and f.parent == out and f.name.startswith(("bd_", "goodnet_")) \
+                    and f.name not in written:
+                stale.append(f.name)  # an earlier run's model (another X), not this run's results
+                continue
+            files.append(_copy(f, root / "fixed_models" / f.relative_to(out)))
+    if stale:
+        log.warning("left out of the hand-in: %s in %s were not written by this run (its results.json)",
+                    ", ".join(stale), out)
     lines = ["# Hand-in", "",
              "Made by `badnet-repair report`: the notebook as run, the report, and the repaired models.", "",
              "| file | size |", "|---|---:|"]
