@@ -266,3 +266,19 @@ def test_a_model_with_two_outputs_is_refused_in_one_line(tmp_path):
     two.save(tmp_path / "two.keras")
     with pytest.raises(ModelError, match=r"two.keras: the model has 1 input\(s\) and 2 output\(s\)"):
         br.load_model(tmp_path / "two.keras")
+
+
+def test_parallel_last_conv_layers_are_named_when_one_is_chosen(caplog, small_deepid):
+    x = keras.Input((12, 10, 3))
+    a = keras.layers.MaxPooling2D(name="pa")(keras.layers.Conv2D(3, 3, name="brA_conv")(x))
+    b = keras.layers.MaxPooling2D(name="pb")(keras.layers.Conv2D(4, 3, name="brB_conv")(x))
+    f = keras.layers.Concatenate()([keras.layers.Flatten()(a), keras.layers.Flatten()(b)])
+    model = keras.Model(x, keras.layers.Dense(3, activation="softmax")(f), name="two_branches")
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        chosen = default_conv_layer(model)
+    assert chosen in ("brA_conv", "brB_conv")
+    assert "2 last conv layers in parallel branches" in caplog.text and "choose with --layer" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        assert default_conv_layer(small_deepid) == "conv_3"  # conv_1 and conv_2 lead into it: no peers
+    assert caplog.text == ""

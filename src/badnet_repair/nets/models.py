@@ -228,7 +228,26 @@ def default_conv_layer(model: Any) -> str:
     if not convs:
         raise ModelError(f"model {model.name!r} has no convolution layer to prune")
     pooled = [c for c in convs if _pooling_of(model, c) is not None]
-    return str((pooled or convs)[-1].name)
+    chosen = (pooled or convs)[-1]
+    # parallel branches: other candidates that no candidate follows are as "last" as the chosen one
+    peers = [c for c in (pooled or convs)[:-1]
+             if c is not chosen and not any(id(o) in _downstream(model, c) for o in (pooled or convs) if o is not c)]
+    if peers:
+        log.warning("model %r has %d last conv layers in parallel branches (%s); pruning %r (choose with --layer)",
+                    model.name, len(peers) + 1, ", ".join(lyr.name for lyr in [*peers, chosen]), chosen.name)
+    return str(chosen.name)
+
+
+def _downstream(model: Any, layer: Any) -> set[int]:
+    """The ids of every layer of ``model`` that takes ``layer``'s output, directly or not."""
+    seen: set[int] = set()
+    todo = [layer]
+    while todo:
+        for nxt in _consumers(model, todo.pop()):
+            if id(nxt) not in seen:
+                seen.add(id(nxt))
+                todo.append(nxt)
+    return seen
 
 
 @dataclass(frozen=True, eq=False)
