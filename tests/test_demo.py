@@ -133,7 +133,8 @@ def test_prune_runs_on_the_demo_when_no_lab_files(demo, tmp_path, monkeypatch, c
     assert "built-in demo (baseline BadNet" in lines[1]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["provenance"]["inputs"]["model"]["path"].endswith("bd_net.h5")
-    assert "warnings" not in results  # the demo BadNet answers its trigger
+    # the demo BadNet answers its trigger (the tiny demo's B'_X may land past X: said, not an attack line)
+    assert not [w for w in results.get("warnings", []) if "poisoned inputs to the target" in w]
     assert main(["prune", "-q", "--demo", "pruning-aware", "--demo-dir", str(demo.root), "--out", "pa",
                  "--no-models"]) == 0
     results = json.loads((tmp_path / "pa" / "results.json").read_text())
