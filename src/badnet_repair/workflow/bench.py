@@ -478,7 +478,7 @@ def run_cell(cell: Cell, files: Mapping[str, str], out_dir: str | os.PathLike[st
             saved[m.label] = str(path)
         write_json(folder / "record.json", repair.record, overwrite=True)
         base = evaluations[0]
-        row.update(status="ok", target=target, settings=repair.record["settings"],
+        row.update(status="ok", target=target, settings=repair.record["settings"], warnings=list(repair.warnings),
                    badnet_clean_accuracy=base.clean_accuracy, badnet_attack_success=base.attack_success_rate,
                    results=[{k: v for k, v in e.as_dict().items() if k not in ("clean_set", "poisoned_set")}
                             for e in evaluations[1:]],
