@@ -98,6 +98,9 @@ def selection_warnings(selections: Mapping[float, Any], *, images: int) -> list[
     Args:
         selections: X -> the sweep's selection (``accuracy_drop`` in points), or None.
         images: the validation images the drops were measured on.
+
+    Returns:
+        The lines, one per such X (empty where every B'_X lands near its X).
     """
     out = []
     for x, sel in selections.items():
