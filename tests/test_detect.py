@@ -41,6 +41,7 @@ def test_detect_fits_on_clean_data_then_scores_g_and_saves_it(small_demo, tmp_pa
     from badnet_repair.detectors import Strip
     from badnet_repair.detectors.neural_cleanse import NeuralCleanse
     from badnet_repair.nets import models
+    from badnet_repair.workflow import run
 
     events: list[str] = []
     real_load, real_scan, real_fit = models.load_data_for, NeuralCleanse.scan, Strip.fit
@@ -58,6 +59,7 @@ def test_detect_fits_on_clean_data_then_scores_g_and_saves_it(small_demo, tmp_pa
         return real_fit(self, model, clean)
 
     monkeypatch.setattr(models, "load_data_for", spy_load)
+    monkeypatch.setattr(run, "load_data_for", spy_load)  # the validation file opens through run.open_badnet
     monkeypatch.setattr(NeuralCleanse, "scan", spy_scan)
     monkeypatch.setattr(Strip, "fit", spy_fit)
     out = tmp_path / "detect"

@@ -676,9 +676,10 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     from .errors import DataError
     from .formats.data import poisoned_labels
     from .formats.files import check_writable
-    from .nets.models import load_data_for, load_model
+    from .nets.models import load_data_for
     from .reporting.analysis import trigger_response
     from .reporting.report import trigger_response_paths, write_trigger_response
+    from .workflow.run import open_badnet
 
     # refuse before loading and sweeping, not after
     check_writable(trigger_response_paths(args.out).values(), overwrite=args.overwrite)
@@ -686,8 +687,8 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
     files = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
     if not files.get("test") or not files.get("bd_test"):
         raise DataError("trigger-response needs --test and --bd-test")
-    b = load_model(files["model"], trust=args.trust_model, input_scale=args.input_scale)  # type: ignore[arg-type]
-    valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
+    b, valid = open_badnet(files["model"], files["valid"], trust_model=args.trust_model,  # type: ignore[arg-type]
+                           input_scale=args.input_scale)
     test = load_data_for(b, files["test"], name="test")  # type: ignore[arg-type]
     bd, target = poisoned_labels(load_data_for(b, files["bd_test"], name="bd_test"), args.target,  # type: ignore[arg-type]
                                  several=args.multi_target or args.demo == "multi-target")
@@ -705,14 +706,14 @@ def _cmd_trigger_response(args: argparse.Namespace) -> int:
 def _cmd_cleanse(args: argparse.Namespace) -> int:
     from .detectors.neural_cleanse import NeuralCleanse
     from .formats.files import check_writable
-    from .nets.models import load_data_for, load_model
     from .reporting.cleanse import cleanse_paths, write_cleanse
+    from .workflow.run import open_badnet
 
     check_writable(cleanse_paths(args.out).values(), overwrite=args.overwrite)
     given = {"model": args.model, "valid": args.valid}
     files = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
-    b = load_model(files["model"], trust=args.trust_model, input_scale=args.input_scale)  # type: ignore[arg-type]
-    valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
+    b, valid = open_badnet(files["model"], files["valid"], trust_model=args.trust_model,  # type: ignore[arg-type]
+                           input_scale=args.input_scale)
     extra = {} if args.anomaly_threshold is None else {"anomaly_threshold": args.anomaly_threshold}
     if "preselect" in args:
         extra["preselect"] = args.preselect
@@ -728,9 +729,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from .errors import DataError
     from .formats.data import poisoned_labels
     from .formats.files import check_writable
-    from .nets.models import load_data_for, load_model
+    from .nets.models import load_data_for
     from .reporting.cleanse import cleanse_paths
     from .workflow.detect import detect_paths, run_detection, write_detection
+    from .workflow.run import open_badnet
 
     wanted = detect_paths(args.out)
     if "reversed-trigger" in args.detectors:
@@ -740,8 +742,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     files = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet).files
     if not files.get("test") or not files.get("bd_test"):
         raise DataError("detect needs --test and --bd-test to score G")
-    b = load_model(files["model"], trust=args.trust_model, input_scale=args.input_scale)  # type: ignore[arg-type]
-    valid = load_data_for(b, files["valid"], name="valid")  # type: ignore[arg-type]
+    b, valid = open_badnet(files["model"], files["valid"], trust_model=args.trust_model,  # type: ignore[arg-type]
+                           input_scale=args.input_scale)
     result = run_detection(b, valid, detectors=args.detectors, false_alarm=args.false_alarm, seed=args.seed,
                            settings=_settings_by_name(args.set, args.detectors, "--detectors"),
                            progress=not args.quiet)

@@ -70,7 +70,8 @@ def open_badnet(model: str | os.PathLike[str], valid: str | os.PathLike[str], *,
 
 def coverage_warnings(clean: Dataset, classes: int, *, file: str | os.PathLike[str] | None = None) -> list[str]:
     """A loud line where the clean data holds images of fewer than half of B's classes: a defense
-    sees, and its held-out check measures, only those; the others can lose accuracy unseen.
+    or detector sees, and its held-out check measures, only those; the others can lose accuracy
+    or raise false alarms unseen.
     Logged as a warning.
 
     Args:
@@ -84,8 +85,9 @@ def coverage_warnings(clean: Dataset, classes: int, *, file: str | os.PathLike[s
     present = int(np.unique(np.asarray(clean.y)).size)
     if 2 * present >= classes:
         return []
-    line = (f"WARNING: {file or clean.name}: clean images of only {present} of the model's {classes} classes; a "
-            "repair is tuned and checked on those alone, and may lose accuracy on the others unseen")
+    line = (f"WARNING: {file or clean.name}: clean images of only {present} of the model's {classes} classes; "
+            "defenses and detectors fit and check on those alone, and the others may lose accuracy or raise "
+            "false alarms unseen")
     log.warning("%s", line)
     return [line]
 
