@@ -195,3 +195,35 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
             check_writable([tmp_path / "afile" / "results.json"], overwrite=overwrite)
     assert (tmp_path / "afile").read_text() == "mine"
     check_writable([tmp_path / "new" / "results.json"])  # a folder still to make is fine
+
+
+def _hold_lock(folder: str, log: str, name: str) -> None:
+    import time
+
+    from badnet_repair.formats.files import folder_lock
+
+    with folder_lock(folder):
+        with open(log, "a") as f:
+            f.write(f"{name} in\n")
+        time.sleep(2.0)  # far longer than the two processes' start-up gap
+        with open(log, "a") as f:
+            f.write(f"{name} out\n")
+
+
+def test_folder_lock_makes_processes_take_turns(tmp_path):
+    """Two processes making files in one folder (a benchmark's workers making BadNets of one
+    demo) never hold it at once: each one's in/out lines are adjacent in the shared log."""
+    import multiprocessing
+
+    log = tmp_path / "log.txt"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hold_lock, args=(str(tmp_path / "demo"), str(log), n)) for n in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = log.read_text().split()  # e.g. "b in b out a in a out"
+    assert len(lines) == 8 and {lines[0], lines[4]} == {"a", "b"}
+    for start in (0, 4):  # one process in and out, then the other
+        assert lines[start] == lines[start + 2] and lines[start + 1] == "in" and lines[start + 3] == "out"

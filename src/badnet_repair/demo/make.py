@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import BadNetRepairError
 from ..formats.data import Dataset, save_h5
-from ..formats.files import write_json
+from ..formats.files import folder_lock, write_json
 
 __all__ = ["DEMO_BADNETS", "DemoConfig", "DemoPaths", "demo_paths", "load_demo_manifest", "make_demo"]
 
@@ -171,7 +171,14 @@ def make_demo(
     """
     wanted = _check_badnets(badnets)
     paths = demo_paths(root)
-    manifest = None if regenerate else load_demo_manifest(root)
+    # one maker at a time: a benchmark's workers may ask for two BadNets of one demo at once
+    with folder_lock(paths.root):
+        return _make_locked(paths, config, regenerate, progress, wanted)
+
+
+def _make_locked(paths: DemoPaths, config: DemoConfig | None, regenerate: bool, progress: bool,
+                 wanted: Sequence[str]) -> DemoPaths:
+    manifest = None if regenerate else load_demo_manifest(paths.root)
     if manifest is not None:
         if config is not None and manifest.get("config") != asdict(config):
             raise BadNetRepairError(

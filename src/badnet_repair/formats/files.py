@@ -19,8 +19,8 @@ import numpy as np
 from .. import __version__
 from ..errors import OutputExistsError
 
-__all__ = ["atomic_path", "check_writable", "sha256_file", "to_csv", "versions", "write_json", "write_results",
-           "write_text"]
+__all__ = ["atomic_path", "check_writable", "folder_lock", "sha256_file", "to_csv", "versions", "write_json",
+           "write_results", "write_text"]
 
 
 def check_writable(paths: Iterable[str | os.PathLike[str]], *, overwrite: bool = False) -> None:
@@ -69,6 +69,43 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if missing) while the block runs.
+
+    Processes that make the same files (a benchmark's workers making BadNets of one demo)
+    take turns: the second waits, then finds the first one's files. The lock is the
+    operating system's on ``folder/.lock`` (``fcntl`` on POSIX, ``msvcrt`` on Windows), so a
+    process that dies releases it. Yields the folder.
+    """
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+b") as handle:
+        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+            import msvcrt
+
+            handle.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
+                    break
+                except OSError:  # LK_LOCK gives up after 10 s; keep waiting
+                    continue
+            try:
+                yield root
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield root
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def write_text(path: str | os.PathLike[str], text: str, *, overwrite: bool = False) -> Path:
