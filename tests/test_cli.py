@@ -169,6 +169,19 @@ def test_prune_warns_when_the_badnet_ignores_the_poisoned_files(lab_files, tmp_p
     assert (out / "Lab2_report.md").read_text().count("> **Warning:**") == len(low)
 
 
+def test_prune_records_the_few_classes_line_in_results(lab_files, tmp_path, caplog):
+    valid = br.load_h5(lab_files["valid"])
+    two = np.isin(valid.y, np.unique(valid.y)[:2])  # 2 of the model's 7 classes
+    few = br.save_h5(tmp_path / "few.h5", valid.x[two], valid.y[two], dtype="float64")
+    out = tmp_path / "o"
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        assert run_prune({**lab_files, "valid": few}, out, "--thresholds", "4", "--no-models") == 0
+    lines = [w for w in json.loads((out / "results.json").read_text())["warnings"] if "clean images of only" in w]
+    assert lines == [f"WARNING: {few}: clean images of only 2 of the model's 7 classes; defenses and detectors "
+                     "fit and check on those alone, and the others may lose accuracy or raise false alarms unseen"]
+    assert caplog.text.count("clean images of only") == 1  # logged once, by open_badnet
+
+
 def test_compare_set_gives_one_defense_a_typed_setting_over_the_shared_flags(lab_files, tmp_path, monkeypatch,
                                                                             capsys):
     from badnet_repair.workflow import compare

@@ -282,3 +282,19 @@ def test_parallel_last_conv_layers_are_named_when_one_is_chosen(caplog, small_de
     with caplog.at_level("WARNING", logger="badnet_repair"):
         assert default_conv_layer(small_deepid) == "conv_3"  # conv_1 and conv_2 lead into it: no peers
     assert caplog.text == ""
+
+
+def test_a_conv_layer_that_another_branch_conv_follows_is_no_peer(caplog):
+    # branch A: a1 -> pool -> a2 -> pool; branch B: b -> pool. a1 leads into a2, so the last
+    # ones are a2 and b (the plain rule: no other candidate lies downstream of a peer)
+    x = keras.Input((16, 14, 3))
+    a = keras.layers.MaxPooling2D(name="pa1")(keras.layers.Conv2D(3, 3, padding="same", name="a1")(x))
+    a = keras.layers.MaxPooling2D(name="pa2")(keras.layers.Conv2D(3, 3, padding="same", name="a2")(a))
+    b = keras.layers.MaxPooling2D(name="pb")(keras.layers.Conv2D(4, 3, padding="same", name="b")(x))
+    f = keras.layers.Concatenate()([keras.layers.Flatten()(a), keras.layers.Flatten()(b)])
+    model = keras.Model(x, keras.layers.Dense(3, activation="softmax")(f), name="three_convs")
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        chosen = default_conv_layer(model)
+    assert chosen in ("a2", "b")
+    named = caplog.text.split("(")[1].split(")")[0]
+    assert "2 last conv layers" in caplog.text and sorted(named.split(", ")) == ["a2", "b"]

@@ -228,26 +228,30 @@ def default_conv_layer(model: Any) -> str:
     if not convs:
         raise ModelError(f"model {model.name!r} has no convolution layer to prune")
     pooled = [c for c in convs if _pooling_of(model, c) is not None]
-    chosen = (pooled or convs)[-1]
+    candidates = pooled or convs
+    chosen = candidates[-1]
     # parallel branches: other candidates that no candidate follows are as "last" as the chosen one
-    peers = [c for c in (pooled or convs)[:-1]
-             if c is not chosen and not any(id(o) in _downstream(model, c) for o in (pooled or convs) if o is not c)]
+    followed = _followed_by_any(model, candidates)
+    peers = [c for c in candidates[:-1] if id(c) not in followed]
     if peers:
         log.warning("model %r has %d last conv layers in parallel branches (%s); pruning %r (choose with --layer)",
                     model.name, len(peers) + 1, ", ".join(lyr.name for lyr in [*peers, chosen]), chosen.name)
     return str(chosen.name)
 
 
-def _downstream(model: Any, layer: Any) -> set[int]:
-    """The ids of every layer of ``model`` that takes ``layer``'s output, directly or not."""
-    seen: set[int] = set()
-    todo = [layer]
-    while todo:
-        for nxt in _consumers(model, todo.pop()):
-            if id(nxt) not in seen:
-                seen.add(id(nxt))
-                todo.append(nxt)
-    return seen
+def _followed_by_any(model: Any, layers: list[Any]) -> set[int]:
+    """The ids of those of ``layers`` whose output another of them takes, directly or not.
+
+    One pass over the graph from output to input (a layer's consumers come after it in
+    :func:`_layers_in_order`), so deep networks with hundreds of convolutions cost one walk.
+    """
+    ours = {id(lyr) for lyr in model.layers}
+    wanted = {id(lyr) for lyr in layers}
+    leads_to_one: dict[int, bool] = {}  # a layer's output reaches one of ``layers``
+    for lyr in reversed(_layers_in_order(_graph_model(model))):
+        after = [n.operation for n in getattr(lyr, "_outbound_nodes", []) if id(n.operation) in ours]
+        leads_to_one[id(lyr)] = any(id(n) in wanted or leads_to_one.get(id(n), False) for n in after)
+    return {i for i in wanted if leads_to_one.get(i, False)}
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,14 @@ from ..formats.files import check_writable, sha256_file, versions, write_results
 from ..metrics import Evaluation, evaluate_predictions, evaluate_repair
 from ..nets.models import input_scale_of, num_classes, predict_classes, prune_channels, saved_model_paths
 from ..reporting.report import render_report, selections_of, sweep_rows
-from .run import low_attack_warnings, open_badnet, open_evaluation_sets, save_repair, selection_warnings
+from .run import (
+    coverage_warnings,
+    low_attack_warnings,
+    open_badnet,
+    open_evaluation_sets,
+    save_repair,
+    selection_warnings,
+)
 
 __all__ = [
     "DefenseResult",
@@ -288,8 +295,8 @@ def lab_results(sweep: SweepResult, evaluations: Sequence[Evaluation], *, model_
         demo: the run is on the built-in demo, not the user's files (the report says so first).
 
     Returns:
-        A JSON-able dict; warnings (a B'_X far past X; B's attack success below 50 % on a poisoned set) under
-        ``"warnings"``.
+        A JSON-able dict; warnings (clean images of fewer than half the classes; a B'_X far past X; B's
+        attack success below 50 % on a poisoned set) under ``"warnings"``.
     """
     files = {"model": Path(model_file), **{d.name: Path(d.path) for d in datasets if d.path}}
     sizes = {d.name: len(d) for d in datasets}
@@ -301,7 +308,9 @@ def lab_results(sweep: SweepResult, evaluations: Sequence[Evaluation], *, model_
                                        if sweep.kinds.get(name) == "poisoned"}
     if base is not None and bd_set is not None:
         attack[bd_set] = base.attack_success_rate
-    warnings = [*selection_warnings(sweep.selections, images=sizes.get(sweep.valid_set, 0)),
+    valid = next((d for d in datasets if d.name == sweep.valid_set), None)
+    warnings = [*([] if valid is None else coverage_warnings(valid, sweep.num_classes, file=valid.path, quiet=True)),
+                *selection_warnings(sweep.selections, images=sizes.get(sweep.valid_set, 0)),
                 *low_attack_warnings(attack, target=target)]
     thresholds = [float(x) for x in sweep.selections]
     results = _results_dict(sweep, evaluations, models or {}, files, sizes, sweep.num_classes, target,

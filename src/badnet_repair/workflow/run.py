@@ -68,7 +68,8 @@ def open_badnet(model: str | os.PathLike[str], valid: str | os.PathLike[str], *,
     return b, clean
 
 
-def coverage_warnings(clean: Dataset, classes: int, *, file: str | os.PathLike[str] | None = None) -> list[str]:
+def coverage_warnings(clean: Dataset, classes: int, *, file: str | os.PathLike[str] | None = None,
+                      quiet: bool = False) -> list[str]:
     """A loud line where the clean data holds images of fewer than half of B's classes: a defense
     or detector sees, and its held-out check measures, only those; the others can lose accuracy
     or raise false alarms unseen.
@@ -78,6 +79,8 @@ def coverage_warnings(clean: Dataset, classes: int, *, file: str | os.PathLike[s
         clean: the clean data a defense repairs from.
         classes: B's number of classes.
         file: the data's file, named in the line.
+        quiet: return the line without logging it (for a record, where :func:`open_badnet` has
+            said it already).
 
     Returns:
         The line, or nothing where half the classes or more have images.
@@ -88,7 +91,8 @@ def coverage_warnings(clean: Dataset, classes: int, *, file: str | os.PathLike[s
     line = (f"WARNING: {file or clean.name}: clean images of only {present} of the model's {classes} classes; "
             "defenses and detectors fit and check on those alone, and the others may lose accuracy or raise "
             "false alarms unseen")
-    log.warning("%s", line)
+    if not quiet:
+        log.warning("%s", line)
     return [line]
 
 
