@@ -227,3 +227,22 @@ def test_folder_lock_makes_processes_take_turns(tmp_path):
     assert len(lines) == 8 and {lines[0], lines[4]} == {"a", "b"}
     for start in (0, 4):  # one process in and out, then the other
         assert lines[start] == lines[start + 2] and lines[start + 1] == "in" and lines[start + 3] == "out"
+
+
+def test_folder_lock_on_a_folder_it_cannot_write_runs_the_block_unlocked(tmp_path, monkeypatch):
+    import builtins
+
+    from badnet_repair.formats.files import folder_lock
+
+    real_open = builtins.open
+
+    def read_only(file, *args, **kwargs):
+        if str(file).endswith(".lock"):
+            raise PermissionError(13, "Read-only file system", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    ran = []
+    with folder_lock(tmp_path / "demo") as root:
+        ran.append(root)
+    assert ran == [tmp_path / "demo"] and not (tmp_path / "demo" / ".lock").exists()

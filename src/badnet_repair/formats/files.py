@@ -78,11 +78,17 @@ def folder_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
     Processes that make the same files (a benchmark's workers making BadNets of one demo)
     take turns: the second waits, then finds the first one's files. The lock is the
     operating system's on ``folder/.lock`` (``fcntl`` on POSIX, ``msvcrt`` on Windows), so a
-    process that dies releases it. Yields the folder.
+    process that dies releases it. A folder where the lock file cannot be written (read-only) is
+    one no process can write to either: the block then runs without a lock. Yields the folder.
     """
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a+b") as handle:
+    try:
+        handle = open(root / ".lock", "a+b")
+    except OSError:
+        yield root
+        return
+    with handle:
         if os.name == "nt":  # pragma: no cover - exercised on Windows only
             import msvcrt
 
