@@ -135,9 +135,10 @@ def _is_conv(layer: Any) -> bool:
     return isinstance(layer, (layers.Conv1D, layers.Conv2D, layers.Conv3D))
 
 
-def _consumers(model: Any, layer: Any) -> list[Any]:
-    """The layers of ``model`` that take ``layer``'s output."""
-    ours = {id(lyr) for lyr in model.layers}
+def _consumers(model: Any, layer: Any, ours: set[int] | None = None) -> list[Any]:
+    """The layers of ``model`` that take ``layer``'s output (``ours``: the ids of ``model.layers``,
+    for callers that ask for many layers)."""
+    ours = {id(lyr) for lyr in model.layers} if ours is None else ours
     found = {id(n.operation): n.operation for n in getattr(layer, "_outbound_nodes", [])
              if id(n.operation) in ours}
     return list(found.values())
@@ -224,14 +225,15 @@ def default_conv_layer(model: Any) -> str:
     Returns:
         The layer's name.
     """
-    convs = [lyr for lyr in _layers_in_order(_graph_model(model)) if _is_conv(lyr) and _called_once(model, lyr)]
+    order = _layers_in_order(_graph_model(model))
+    convs = [lyr for lyr in order if _is_conv(lyr) and _called_once(model, lyr)]
     if not convs:
         raise ModelError(f"model {model.name!r} has no convolution layer to prune")
     pooled = [c for c in convs if _pooling_of(model, c) is not None]
     candidates = pooled or convs
     chosen = candidates[-1]
     # parallel branches: other candidates that no candidate follows are as "last" as the chosen one
-    followed = _followed_by_any(model, candidates)
+    followed = _followed_by_any(model, order, candidates)
     peers = [c for c in candidates[:-1] if id(c) not in followed]
     if peers:
         log.warning("model %r has %d last conv layers in parallel branches (%s); pruning %r (choose with --layer)",
@@ -239,18 +241,18 @@ def default_conv_layer(model: Any) -> str:
     return str(chosen.name)
 
 
-def _followed_by_any(model: Any, layers: list[Any]) -> set[int]:
+def _followed_by_any(model: Any, order: list[Any], layers: list[Any]) -> set[int]:
     """The ids of those of ``layers`` whose output another of them takes, directly or not.
 
-    One pass over the graph from output to input (a layer's consumers come after it in
-    :func:`_layers_in_order`), so deep networks with hundreds of convolutions cost one walk.
+    One pass over the graph from output to input (``order``, :func:`_layers_in_order`: a
+    layer's consumers come after it), so deep networks with hundreds of convolutions cost one walk.
     """
     ours = {id(lyr) for lyr in model.layers}
     wanted = {id(lyr) for lyr in layers}
     leads_to_one: dict[int, bool] = {}  # a layer's output reaches one of ``layers``
-    for lyr in reversed(_layers_in_order(_graph_model(model))):
-        after = [n.operation for n in getattr(lyr, "_outbound_nodes", []) if id(n.operation) in ours]
-        leads_to_one[id(lyr)] = any(id(n) in wanted or leads_to_one.get(id(n), False) for n in after)
+    for lyr in reversed(order):
+        leads_to_one[id(lyr)] = any(id(n) in wanted or leads_to_one.get(id(n), False)
+                                    for n in _consumers(model, lyr, ours))
     return {i for i in wanted if leads_to_one.get(i, False)}
 
 
