@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 
 import badnet_repair as br
+from badnet_repair.detectors import features
 from badnet_repair.detectors.base import calibration_split
-from badnet_repair.detectors.features import FeatureDistance, ledoit_wolf, mahalanobis_sq, robust_location_scale
+from badnet_repair.detectors.features import (
+    FeatureDistance,
+    FeatureEnsemble,
+    feature_tensor,
+    ledoit_wolf,
+    mahalanobis_sq,
+    robust_location_scale,
+)
 from badnet_repair.nets.layers import FeatureDistanceAlarm
 
 from .conftest import random_faces
@@ -223,20 +231,85 @@ def test_threshold_keeps_the_calibration_false_alarm(small_deepid):
 
 def test_settings_and_their_validation():
     assert FeatureDistance.name == "feature-distance" and FeatureDistance.summary
-    assert list(FeatureDistance.settings()) == ["share", "per_class_min", "shrinkage", "false_alarm", "seed",
-                                                "batch_size"]
-    assert FeatureDistance().get_params() == {"share": 0.3, "per_class_min": 5, "shrinkage": None,
+    assert list(FeatureDistance.settings()) == ["layer", "share", "per_class_min", "shrinkage", "false_alarm",
+                                                "seed", "batch_size"]
+    assert FeatureDistance().get_params() == {"layer": "head", "share": 0.3, "per_class_min": 5, "shrinkage": None,
                                               "false_alarm": 5.0, "seed": 0, "batch_size": 1024}
     for bad, match in [({"share": 0.0}, "share"), ({"share": 1.0}, "share"), ({"per_class_min": 1}, "per_class_min"),
                        ({"per_class_min": 2.5}, "per_class_min"), ({"shrinkage": 1.5}, "shrinkage"),
                        ({"shrinkage": -0.1}, "shrinkage"), ({"false_alarm": 101.0}, "percentage"),
-                       ({"batch_size": 0}, "batch_size")]:
+                       ({"batch_size": 0}, "batch_size"), ({"layer": ""}, "layer")]:
         with pytest.raises(ValueError, match=match):
             FeatureDistance(**bad)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="fit"):
         FeatureDistance().scores(np.zeros((1, 1, 1, D), np.float32))
     with pytest.raises(ValueError, match="labels"):
         FeatureDistance().fit(pixel_model(), br.Dataset(np.zeros((2, 1, 1, D), np.float32), np.array([0, 9])))
+
+
+def test_feature_layers_head_conv_and_by_name(small_deepid, monkeypatch):
+    x = random_faces(6, seed=3)
+    conv = small_deepid.get_layer(br.default_conv_layer(small_deepid))
+    maps = keras.ops.convert_to_numpy(keras.Model(small_deepid.inputs[0], conv.output)(x))
+    n, (h, w, c) = len(x), maps.shape[1:]
+    assert (h % 2, w % 2) == (0, 0)  # 2 x 2 windows tile the map (the expected values below assume it)
+
+    def conv_features() -> np.ndarray:
+        return keras.ops.convert_to_numpy(keras.Model(small_deepid.inputs[0], feature_tensor(small_deepid, "conv"))(x))
+
+    monkeypatch.setattr(features, "MAX_FEATURES", maps[0].size)  # fits: flattened
+    np.testing.assert_allclose(conv_features(), maps.reshape(n, -1), rtol=1e-6)
+    assert tuple(feature_tensor(small_deepid, conv.name).shape) == (None, maps[0].size)
+    # too large by a little: averaged over the smallest s x s windows that fit (s = 2)
+    monkeypatch.setattr(features, "MAX_FEATURES", maps[0].size // 4)
+    want = [maps[:, i:i + 2, j:j + 2].mean(axis=(1, 2)) for i in range(0, h, 2) for j in range(0, w, 2)]
+    np.testing.assert_allclose(conv_features(), np.stack(want, axis=1).reshape(n, -1), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(features, "MAX_FEATURES", c - 1)  # even one value a channel is too many: the average
+    np.testing.assert_allclose(conv_features(), maps.mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    assert tuple(feature_tensor(small_deepid, "head").shape) == (None, 160)
+    with pytest.raises(br.ModelError, match="no layer 'sunglasses'.*'conv'"):
+        feature_tensor(small_deepid, "sunglasses")
+
+
+def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path):
+    x = random_faces(7 * 12, seed=5)
+    clean = br.Dataset(x, br.predict_classes(small_deepid, x))
+    ens = FeatureEnsemble(layers=("head", "conv"), false_alarm=30.0).fit(small_deepid, clean)
+    # the plain computation: each layer's detector on its own, the same split, scores added
+    head = FeatureDistance(layer="head").fit(small_deepid, clean)
+    conv = FeatureDistance(layer="conv").fit(small_deepid, clean)
+    assert conv.means is not None and conv.means.shape[1] == feature_tensor(small_deepid, "conv").shape[-1]
+    rng = np.random.default_rng(7)
+    probe = np.concatenate([random_faces(40, seed=8), rng.uniform(0, 255, (8, 55, 47, 3)).astype(np.float32)])
+    np.testing.assert_allclose(ens.scores(probe), head.scores(probe) + conv.scores(probe), rtol=1e-9)
+    cal = head.calibration_scores + conv.calibration_scores
+    assert ens.threshold == pytest.approx(np.quantile(cal, 0.70, method="higher"), rel=1e-9)
+    assert 100.0 * np.mean(ens.calibration_scores > ens.threshold) <= 30.0
+    want = ens.flags(probe)
+    assert 0 < want.sum() < len(want)
+    inp = keras.Input((55, 47, 3))
+    g = keras.Model(inp, ens.keras_flags(inp, prefix="e"))
+    np.testing.assert_array_equal(np.asarray(g(probe)) > 0.5, want)
+    g.save(tmp_path / "g.keras")
+    again = keras.models.load_model(tmp_path / "g.keras")
+    np.testing.assert_array_equal(np.asarray(again(probe)) > 0.5, want)
+    # one layer: the feature distance itself
+    one = FeatureEnsemble(layers=["head"]).fit(small_deepid, clean)
+    np.testing.assert_allclose(one.scores(probe), head.scores(probe), rtol=1e-12)
+
+
+def test_the_ensembles_settings_and_registry_entry():
+    assert br.make_detector("feature-ensemble").get_params() == {
+        "layers": ["head", "conv"], "share": 0.3, "per_class_min": 5, "shrinkage": None, "false_alarm": 5.0,
+        "seed": 0, "batch_size": 1024}
+    det = br.make_detector("feature-ensemble", layers="head", per_class_min=3)
+    assert det.get_params()["layers"] == ["head"] and det.members[0].per_class_min == 3  # type: ignore[attr-defined]
+    for bad, match in [({"layers": []}, "layers"), ({"layers": ["head", "head"]}, "distinct"),
+                       ({"share": 1.0}, "share"), ({"false_alarm": -1.0}, "percentage")]:
+        with pytest.raises(ValueError, match=match):
+            FeatureEnsemble(**bad)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="fit"):
+        FeatureEnsemble().scores(np.zeros((1, 55, 47, 3), np.float32))
 
 
 def auroc(negative: np.ndarray, positive: np.ndarray) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from .base import Detector, NoKerasForm, ThresholdDetector, calibration_split, goodnet_classes, threshold_at
 from .combine import AnyOf
 from .disagreement import Disagreement
-from .features import FeatureDistance
+from .features import FeatureDistance, FeatureEnsemble
 from .neural_cleanse import CleanseScan, NeuralCleanse, ReversedTrigger, anomaly_index
 from .registry import DEFAULT_DETECTORS, DEFAULT_FALSE_ALARM, REGISTRY, make_detector, register_detector
 from .reversed_trigger import ReversedTriggerDetector
@@ -31,6 +31,7 @@ __all__ = [
     "Detector",
     "Disagreement",
     "FeatureDistance",
+    "FeatureEnsemble",
     "NeuralCleanse",
     "NoKerasForm",
     "ReversedTrigger",

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import ModelError
 from ..formats.data import Dataset
 from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model
 
-__all__ = ["FeatureDistance", "ledoit_wolf", "mahalanobis_sq", "robust_location_scale"]
+__all__ = ["MAX_FEATURES", "FeatureDistance", "FeatureEnsemble", "feature_tensor", "ledoit_wolf", "mahalanobis_sq",
+           "robust_location_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def mahalanobis_sq(features: np.ndarray, means: np.ndarray, precision: np.ndarra
     """(N,) squared Mahalanobis distances ``(f_i - m_i)^T P (f_i - m_i)`` of (N, D) features
     to (N, D) means (one per row, or one (D,) for all) under the (D, D) precision ``P``."""
     diff = np.asarray(features, np.float64) - np.asarray(means, np.float64)
-    return np.einsum("nd,de,ne->n", diff, np.asarray(precision, np.float64), diff)
+    return np.sum((diff @ np.asarray(precision, np.float64)) * diff, axis=1)  # a BLAS product, not an einsum loop
 
 
 def robust_location_scale(values: np.ndarray) -> tuple[float, float]:
@@ -143,14 +147,18 @@ class FeatureDistance(ThresholdDetector):
     summary: ClassVar[str] = ("B's penultimate features are far from its class's clean mean "
                               "(tied-covariance Mahalanobis; Lee et al. 2018, Beatrix 2023)")
 
+    layer: str
     share: float
     per_class_min: int
     shrinkage: float | None
     seed: int
     batch_size: int
 
-    def __init__(self, *, share: float = 0.3, per_class_min: int = 5, shrinkage: float | None = None,
-                 false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024) -> None:
+    def __init__(self, *, layer: str = "head", share: float = 0.3, per_class_min: int = 5,
+                 shrinkage: float | None = None, false_alarm: float = 5.0, seed: int = 0,
+                 batch_size: int = 1024) -> None:
+        if not isinstance(layer, str) or not layer:
+            raise ValueError(f"layer must be 'head', 'conv' or a layer's name, not {layer!r}")
         if not 0.0 < share < 1.0:
             raise ValueError(f"share must be between 0 and 1, not {share}")
         if int(per_class_min) != per_class_min or per_class_min < 2:
@@ -161,6 +169,7 @@ class FeatureDistance(ThresholdDetector):
         checked_false_alarm(false_alarm)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self.layer = layer
         self.share, self.per_class_min = float(share), int(per_class_min)
         self.shrinkage = None if shrinkage is None else float(shrinkage)
         self.false_alarm, self.seed, self.batch_size = float(false_alarm), int(seed), int(batch_size)
@@ -187,7 +196,7 @@ class FeatureDistance(ThresholdDetector):
         import keras
 
         x = np.asarray(x, np.float32)
-        d = int(self._features_model.outputs[0].shape[-1])
+        d = int(np.prod(self._features_model.outputs[0].shape[1:]))
         feats, classes = np.empty((len(x), d), np.float64), np.empty(len(x), np.int64)
         for i in range(0, len(x), self.batch_size):
             f, p = self._features_model(x[i : i + self.batch_size], training=False)
@@ -195,15 +204,12 @@ class FeatureDistance(ThresholdDetector):
             classes[i : i + self.batch_size] = np.argmax(keras.ops.convert_to_numpy(p), axis=-1)
         return feats, classes
 
-    @staticmethod
-    def _features_of(model: Any) -> Any:
-        """A model from B's input to (its head's input, its output)."""
+    def _features_of(self, model: Any) -> Any:
+        """A model from B's input to (the features of :attr:`layer`, its output)."""
         import keras
 
-        from ..nets.models import classifier_head
-
-        head = classifier_head(model)
-        return keras.Model(model.inputs[0], [head.input, model.outputs[0]], name=f"{model.name}_features")
+        return keras.Model(model.inputs[0], [feature_tensor(model, self.layer), model.outputs[0]],
+                           name=f"{model.name}_features")
 
     # ------------------------------------------------------------------ fit
 
@@ -318,20 +324,158 @@ class FeatureDistance(ThresholdDetector):
         """(N,) 0/1 flags on G's input ``x`` (file pixels times ``scale``): a copy of B (its
         features and output) and a :class:`~badnet_repair.nets.layers.FeatureDistanceAlarm` holding
         the fitted statistics."""
+        if self.threshold is None:
+            raise RuntimeError("call fit(model, clean) before keras_flags() (FeatureDistance)")
+        return self.keras_scores(x, prefix=prefix, scale=scale, threshold=self.threshold)
+
+    def keras_scores(self, x: Any, *, prefix: str, scale: float = 1.0, threshold: float | None = None) -> Any:
+        """(N,) float64 :meth:`scores` on G's input ``x`` (file pixels times ``scale``), or 0/1
+        flags where ``threshold`` is given: what :meth:`keras_flags` and the feature ensemble build on."""
         from ..nets.layers import FeatureDistanceAlarm
         from ..nets.models import renamed_copy
 
-        if self.threshold is None or self.means is None:
-            raise RuntimeError("call fit(model, clean) before keras_flags() (FeatureDistance)")
+        if self.means is None or self.model is None:
+            raise RuntimeError("call fit(model, clean) before keras_scores() (FeatureDistance)")
         assert self.has_mean is not None and self.precision is not None
         assert self.loc is not None and self.spread is not None
         b = renamed_copy(detector_model(self.model, scale), f"{prefix}_badnet")
         feats, probs = self._features_of(b)(x)
         alarm = FeatureDistanceAlarm(num_classes=len(self.means), dim=self.means.shape[1],
-                                     threshold=self.threshold, name=f"{prefix}_feature_distance")
+                                     threshold=threshold, name=f"{prefix}_feature_distance")
         alarm.build([tuple(feats.shape), tuple(probs.shape)])
         alarm.set_weights([self.means, self.has_mean.astype(np.float64), self.precision, self.loc, self.spread])
         return alarm([feats, probs])
+
+
+class FeatureEnsemble(ThresholdDetector):
+    """Feature distances at several layers of B, summed: Lee et al.'s feature ensemble.
+
+    Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+    Adversarial Attacks" (NeurIPS 2018), Section 2.2: the class-conditional Mahalanobis score
+    at several layers combined. Each layer is a
+    :class:`FeatureDistance` (its class means, tied shrunk covariance and per-class or pooled
+    normalisation, on the same fit/calibration split); an input's score is the sum of its
+    normalised scores, thresholded on the calibration images' sums (``false_alarm`` % above).
+    A trigger that reaches the target through features the penultimate layer maps near the
+    target's clean ones can still leave the last conv layer's channels unlike any clean image's.
+
+    Deviations from the paper: Lee et al. weight the layers by a logistic regression fitted on
+    out-of-distribution or adversarial examples; a defender has none of the poisoned kind, so
+    the layers count equally (each score is already in units of its clean spread). They average
+    each conv map over space; here small maps are flattened (:func:`feature_tensor`).
+
+    Args:
+        layers: the layers (:func:`feature_tensor`), each ``"head"`` (the classifier head's
+            input), ``"conv"`` (the last conv layer's map) or a layer's name, default
+            ``("head", "conv")``.
+        share, per_class_min, shrinkage, seed, batch_size: each layer's
+            :class:`FeatureDistance` settings, the same defaults (0.3, 5, None, 0, 1024).
+        false_alarm: the share of held-out clean images flagged, in %, default 5.
+    """
+
+    name: ClassVar[str] = "feature-ensemble"
+    summary: ClassVar[str] = ("feature distances at several of B's layers, summed "
+                              "(Lee et al. 2018's feature ensemble)")
+
+    layers: tuple[str, ...]
+
+    def __init__(self, *, layers: Sequence[str] = ("head", "conv"), share: float = 0.3, per_class_min: int = 5,
+                 shrinkage: float | None = None, false_alarm: float = 5.0, seed: int = 0,
+                 batch_size: int = 1024) -> None:
+        if isinstance(layers, str):
+            layers = (layers,)
+        layers = tuple(layers)
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must name one or more distinct layers, not {list(layers)}")
+        self.false_alarm = checked_false_alarm(false_alarm)
+        # The members' own thresholds are never used (the sum is thresholded); at 100 % they
+        # set none that could warn about its calibration.
+        self.members = [FeatureDistance(layer=lyr, share=share, per_class_min=per_class_min, shrinkage=shrinkage,
+                                        false_alarm=100.0, seed=seed, batch_size=batch_size) for lyr in layers]
+        first = self.members[0]
+        self.layers, self.share, self.per_class_min = layers, first.share, first.per_class_min
+        self.shrinkage, self.seed, self.batch_size = first.shrinkage, first.seed, first.batch_size
+
+    def fit(self, model: Any, clean: Dataset) -> FeatureEnsemble:
+        """Each layer's statistics on the fit part of the clean data; the threshold on the sums
+        of the held-out part's normalised scores."""
+        for member in self.members:
+            member.fit(model, clean)
+        cal = [np.asarray(m.calibration_scores) for m in self.members]
+        assert all(c.shape == cal[0].shape for c in cal)  # one split: the same images in the same order
+        self.calibrate(np.sum(cal, axis=0))
+        return self
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """(N,) float64 sums of the layers' normalised distances: higher = more likely triggered."""
+        if self.threshold is None:
+            raise RuntimeError("call fit(model, clean) first (FeatureEnsemble)")
+        return np.sum([m.scores(x) for m in self.members], axis=0)
+
+    def keras_flags(self, x: Any, *, prefix: str, scale: float = 1.0) -> Any:
+        """(N,) 0/1 flags on G's input ``x``: each layer's
+        :meth:`FeatureDistance.keras_scores`, summed and thresholded by a
+        :class:`~badnet_repair.nets.layers.ScoreAlarm`."""
+        from ..nets.layers import ScoreAlarm
+
+        if self.threshold is None:
+            raise RuntimeError("call fit(model, clean) before keras_flags() (FeatureEnsemble)")
+        parts = [m.keras_scores(x, prefix=f"{prefix}_{i}", scale=scale) for i, m in enumerate(self.members)]
+        return ScoreAlarm(threshold=self.threshold, name=f"{prefix}_feature_ensemble")(parts)
+
+
+#: the most values a feature detector reads from one layer: a (D, D) precision of 4096 features is
+#: 134 MB in float64; larger conv maps are average-pooled over space until they fit.
+MAX_FEATURES = 4096
+
+
+def feature_tensor(model: Any, layer: str) -> Any:
+    """The Keras tensor a feature detector reads from ``model``: ``"head"``, the input of its
+    classifier head (the penultimate features); ``"conv"``, the output of its last conv layer
+    (:func:`~badnet_repair.nets.models.default_conv_layer`); any other string, the output of
+    the layer of that name.
+
+    A (N, H, W, C) map is flattened, keeping where on the image a channel fires (a small
+    trigger lights a few positions, which an average over the map dilutes); one with more than
+    :data:`MAX_FEATURES` values is first average-pooled over s x s windows, ``s`` the smallest
+    that brings it within (down to one value a channel, as Lee et al. 2018 take intermediate
+    features). Other maps (1-D, 3-D convolutions) are averaged over space.
+
+    Raises:
+        ModelError: no layer of that name (naming the model's layers), or an output that is not
+            (N, D) features or (N, ..., channels) maps.
+    """
+    import keras
+
+    from ..nets.models import classifier_head, default_conv_layer
+
+    tag = f"{model.name}_{layer}_features"  # B's own layers may hold the names Keras would pick
+    if layer == "head":
+        out = classifier_head(model).input
+        return out if len(out.shape) == 2 else keras.layers.Flatten(name=f"{tag}_flat")(out)
+    name = default_conv_layer(model) if layer == "conv" else layer
+    names = [lyr.name for lyr in model.layers]
+    if name not in names:
+        raise ModelError(f"model {model.name!r} has no layer {name!r} to take features from "
+                         f"(use 'head', 'conv' or one of: {', '.join(names)})")
+    out = model.get_layer(name).output
+    shape = tuple(out.shape)
+    if len(shape) == 2:
+        return out
+    if len(shape) == 4 and None not in shape[1:]:
+        h, w, c = (int(v) for v in shape[1:])
+        side = 1
+        while side < max(h, w) and math.ceil(h / side) * math.ceil(w / side) * c > MAX_FEATURES:
+            side += 1
+        if side > 1:
+            out = keras.layers.AveragePooling2D(pool_size=side, padding="same", name=f"{tag}_pool")(out)
+        return keras.layers.Flatten(name=f"{tag}_flat")(out)
+    pooling = {3: keras.layers.GlobalAveragePooling1D, 4: keras.layers.GlobalAveragePooling2D,
+               5: keras.layers.GlobalAveragePooling3D}
+    if len(shape) not in pooling:
+        raise ModelError(f"layer {name!r} of model {model.name!r} gives features of shape {shape}: "
+                         f"a feature detector reads (N, D) features or (N, ..., channels) maps")
+    return pooling[len(shape)](name=f"{tag}_mean")(out)
 
 
 def _raw_distances(feats: np.ndarray, classes: np.ndarray, means: np.ndarray, has_mean: np.ndarray,

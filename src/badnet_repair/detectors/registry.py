@@ -6,7 +6,7 @@ from typing import Any
 
 from .base import Detector
 from .disagreement import Disagreement
-from .features import FeatureDistance
+from .features import FeatureDistance, FeatureEnsemble
 from .reversed_trigger import ReversedTriggerDetector
 from .scaleup import ScaleUp
 from .strip import Strip
@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_DETECTORS", "DEFAULT_FALSE_ALARM", "REGISTRY", "make_detecto
 #: settings alone (:meth:`~badnet_repair.detectors.Detector.settings`) and builds what else it
 #: needs in ``fit``.
 REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    Disagreement, Strip, ReversedTriggerDetector, FeatureDistance, ScaleUp, TeCo)}
+    Disagreement, Strip, ReversedTriggerDetector, FeatureDistance, FeatureEnsemble, ScaleUp, TeCo)}
 
 #: The detectors a GoodNet combines when none are named (``detect``, the notebook), and G's
 #: false-alarm budget when none is given (% of held-out clean images, split equally among its

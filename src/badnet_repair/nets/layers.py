@@ -15,7 +15,7 @@ import numpy as np
 from .. import _backend  # noqa: F401
 
 __all__ = ["AlarmCombine", "Disagree", "EntropyAlarm", "FeatureDistanceAlarm", "GeometricMean", "GoodNetCombine",
-           "ScaleUpAlarm", "Superimpose"]
+           "ScaleUpAlarm", "ScoreAlarm", "Superimpose"]
 
 import keras
 from keras import ops
@@ -219,6 +219,28 @@ class FeatureDistanceAlarm(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_classes": self.num_classes, "dim": self.dim,
                 "threshold": self.threshold}
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class ScoreAlarm(keras.layers.Layer):
+    """Flags from several (N,) scores: 1.0 where their sum (in float64) is above ``threshold``
+    (the feature ensemble's decision)."""
+
+    def __init__(self, threshold: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.threshold = float(threshold)
+
+    def call(self, inputs: Any) -> Any:
+        total = ops.cast(inputs[0], "float64")
+        for score in inputs[1:]:
+            total = total + ops.cast(score, "float64")
+        return ops.cast(total > self.threshold, "float32")
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (input_shape[0][0],)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "threshold": self.threshold}
 
 
 @keras.saving.register_keras_serializable(package="badnet_repair")
