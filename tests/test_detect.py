@@ -101,6 +101,21 @@ def test_detect_without_detectors_fits_the_default_g_at_its_budget(small_demo, t
     assert f"G ({' + '.join(DEFAULT_DETECTORS)})" in {r["model"] for r in summary["rows"]}
 
 
+def test_detect_saves_the_feature_ensemble_as_one_model(small_demo, tmp_path):
+    out = tmp_path / "ensemble"
+    assert main(["detect", "-q", "--demo", "baseline", "--demo-dir", str(small_demo.root), "--out", str(out),
+                 "--detectors", "feature-ensemble", "--false-alarm", "5",
+                 "--set", "feature-ensemble.layers=['head', 'conv']"]) == 0
+    summary = json.loads((out / "detect.json").read_text())
+    assert summary["settings"]["feature-ensemble"]["layers"] == ["head", "conv"]
+    row = next(r for r in summary["rows"] if r["model"] == "G (feature-ensemble)")
+    g = keras.models.load_model(out / "goodnet_detect.keras")
+    test, bd = br.load_h5(small_demo.test), br.load_h5(small_demo.bd_test)
+    n = br.num_classes(g) - 1
+    assert 100 * np.mean(br.predict_classes(g, bd.x) == n) == pytest.approx(row["detection_rate"])
+    assert 100 * np.mean(br.predict_classes(g, test.x) == n) == pytest.approx(row["false_alarm_rate"])
+
+
 def test_compare_adds_detector_rows(small_demo, tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", "-q", "--demo", "--demo-dir", str(small_demo.root), "--out", str(out),

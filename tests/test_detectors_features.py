@@ -111,8 +111,10 @@ def test_the_score_is_the_papers_formula_on_features_known_by_hand():
         c = feats.argmax(axis=1)  # B's class: the brightest pixel
         return np.array([(v - means[k]) @ prec @ (v - means[k]) for v, k in zip(feats, c, strict=True)])
 
-    # 5 calibration images a class < per_class_min 5? 20 * 0.3 = 6 >= 5, so force pooled here
-    pooled = FeatureDistance(per_class_min=1000).fit(pixel_model(), clean)
+    # pooled (the default, None) and a count no class reaches flag the same way
+    pooled = FeatureDistance().fit(pixel_model(), clean)
+    np.testing.assert_array_equal(pooled.scores(clean.x),
+                                  FeatureDistance(per_class_min=1000).fit(pixel_model(), clean).scores(clean.x))
     cal_raw = raw(f[cal])
     med = np.median(cal_raw)
     mad = 1.4826 * np.median(np.abs(cal_raw - med))
@@ -233,7 +235,7 @@ def test_settings_and_their_validation():
     assert FeatureDistance.name == "feature-distance" and FeatureDistance.summary
     assert list(FeatureDistance.settings()) == ["layer", "share", "per_class_min", "shrinkage", "false_alarm",
                                                 "seed", "batch_size"]
-    assert FeatureDistance().get_params() == {"layer": "head", "share": 0.3, "per_class_min": 5, "shrinkage": None,
+    assert FeatureDistance().get_params() == {"layer": "head", "share": 0.3, "per_class_min": None, "shrinkage": None,
                                               "false_alarm": 5.0, "seed": 0, "batch_size": 1024}
     for bad, match in [({"share": 0.0}, "share"), ({"share": 1.0}, "share"), ({"per_class_min": 1}, "per_class_min"),
                        ({"per_class_min": 2.5}, "per_class_min"), ({"shrinkage": 1.5}, "shrinkage"),
@@ -300,7 +302,7 @@ def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path)
 
 def test_the_ensembles_settings_and_registry_entry():
     assert br.make_detector("feature-ensemble").get_params() == {
-        "layers": ["head", "conv"], "share": 0.3, "per_class_min": 5, "shrinkage": None, "false_alarm": 5.0,
+        "layers": ["head", "conv"], "share": 0.3, "per_class_min": None, "shrinkage": None, "false_alarm": 5.0,
         "seed": 0, "batch_size": 1024}
     det = br.make_detector("feature-ensemble", layers="head", per_class_min=3)
     assert det.get_params()["layers"] == ["head"] and det.members[0].per_class_min == 3  # type: ignore[attr-defined]

@@ -13,10 +13,15 @@ from ..errors import ModelError
 from ..formats.data import Dataset
 from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model
 
-__all__ = ["MAX_FEATURES", "FeatureDistance", "FeatureEnsemble", "feature_tensor", "ledoit_wolf", "mahalanobis_sq",
-           "robust_location_scale"]
+__all__ = ["DEFAULT_PER_CLASS_MIN", "MAX_FEATURES", "FeatureDistance", "FeatureEnsemble", "feature_tensor",
+           "ledoit_wolf", "mahalanobis_sq", "robust_location_scale"]
 
 log = logging.getLogger(__name__)
+
+#: The feature detectors' ``per_class_min`` (their one home): None, every class normalised by
+#: the pooled median and spread of the calibration scores (chosen in round 5,
+#: docs/research/detection32.md).
+DEFAULT_PER_CLASS_MIN: int | None = None
 
 #: MAD times this estimates a normal distribution's standard deviation.
 _MAD_TO_SD = 1.4826
@@ -111,12 +116,13 @@ class FeatureDistance(ThresholdDetector):
     and its score is ``(r(x) - median_c) / spread_c``, where ``median_c`` and ``spread_c``
     (1.4826 MAD) are those of the raw scores of the held-out calibration images B predicts as
     ``c`` if there are at least ``per_class_min`` of them, and of all calibration images
-    otherwise (pooled). Beatrix normalises each class's deviations by its own median and MAD; but
-    the lab's clean data has 9 images a class, so 3 held out (2 with fewer images), whose median and MAD are noise:
-    per-class normalisation needs ``per_class_min`` (default 5) and the lab's data is pooled,
-    where the score is the raw distance up to one affine map. The threshold is set on the
-    calibration scores (``false_alarm`` % above it); where classes are normalised on their own,
-    the same images give their median, MAD and the threshold (there are too few to split again).
+    otherwise (pooled; by default always). Beatrix normalises each class's deviations by its own
+    median and MAD; but the lab's clean data has 9 images a class, so 3 held out, whose median and
+    MAD are noise, and where a class has enough, its own spread can still set its threshold far
+    out (the choice: docs/research/detection32.md, round 5). Pooled, the score is the raw
+    distance up to one affine map. The threshold is set on the calibration scores
+    (``false_alarm`` % above it); where classes are normalised on their own, the same images
+    give their median, MAD and the threshold (there are too few to split again).
 
     Degenerate cases, never an error: a class with no fit image has no mean, and an input B
     predicts as one scores by its distance to the nearest class mean (under ``P``); where no
@@ -132,10 +138,11 @@ class FeatureDistance(ThresholdDetector):
     which fits the lab's few clean images a class (a 160-unit Gram matrix has 12880 entries).
 
     Args:
+        layer: where the features come from (:func:`feature_tensor`): ``"head"`` (default, the
+            classifier head's input), ``"conv"`` (the last conv layer's map) or a layer's name.
         share: the share of each class's clean images held out to calibrate, default 0.3.
-        per_class_min: calibration images a class needs for its own median and MAD, else the
-            pooled ones, default 5 (at least 2): the fewest for which two odd images move
-            neither (the median and MAD break down at half the sample).
+        per_class_min: calibration images a class needs for its own median and MAD (at least
+            2), else the pooled ones; default None (:data:`DEFAULT_PER_CLASS_MIN`): always pooled.
         shrinkage: the covariance's shrinkage towards the scaled identity, 0..1, or None
             (default) for the Ledoit-Wolf estimate.
         false_alarm: the share of held-out clean images flagged, in %, default 5.
@@ -149,19 +156,19 @@ class FeatureDistance(ThresholdDetector):
 
     layer: str
     share: float
-    per_class_min: int
+    per_class_min: int | None
     shrinkage: float | None
     seed: int
     batch_size: int
 
-    def __init__(self, *, layer: str = "head", share: float = 0.3, per_class_min: int = 5,
-                 shrinkage: float | None = None, false_alarm: float = 5.0, seed: int = 0,
-                 batch_size: int = 1024) -> None:
+    def __init__(self, *, layer: str = "head", share: float = 0.3,
+                 per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
+                 false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024) -> None:
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"layer must be 'head', 'conv' or a layer's name, not {layer!r}")
         if not 0.0 < share < 1.0:
             raise ValueError(f"share must be between 0 and 1, not {share}")
-        if int(per_class_min) != per_class_min or per_class_min < 2:
+        if per_class_min is not None and (int(per_class_min) != per_class_min or per_class_min < 2):
             raise ValueError(f"per_class_min must be a whole number >= 2 (a median and MAD need two), "
                              f"not {per_class_min}")
         if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
@@ -170,7 +177,8 @@ class FeatureDistance(ThresholdDetector):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         self.layer = layer
-        self.share, self.per_class_min = float(share), int(per_class_min)
+        self.share = float(share)
+        self.per_class_min = None if per_class_min is None else int(per_class_min)
         self.shrinkage = None if shrinkage is None else float(shrinkage)
         self.false_alarm, self.seed, self.batch_size = float(false_alarm), int(seed), int(batch_size)
         self.model: Any = None
@@ -241,7 +249,8 @@ class FeatureDistance(ThresholdDetector):
         self.loc, self.spread = np.full(k, pooled_loc), np.full(k, pooled_spread)
         self.per_class = np.zeros(k, bool)
         cal_counts = np.bincount(pred_cal, minlength=k)
-        for c in np.flatnonzero(cal_counts >= self.per_class_min):
+        own = np.zeros(k, bool) if self.per_class_min is None else cal_counts >= self.per_class_min
+        for c in np.flatnonzero(own):
             loc, spread = robust_location_scale(raw_cal[pred_cal == c])
             if spread > 1e-12 * max(1.0, abs(loc)):  # else keep the pooled spread (ties)
                 self.loc[c], self.spread[c], self.per_class[c] = loc, spread, True
@@ -369,7 +378,7 @@ class FeatureEnsemble(ThresholdDetector):
             input), ``"conv"`` (the last conv layer's map) or a layer's name, default
             ``("head", "conv")``.
         share, per_class_min, shrinkage, seed, batch_size: each layer's
-            :class:`FeatureDistance` settings, the same defaults (0.3, 5, None, 0, 1024).
+            :class:`FeatureDistance` settings, the same defaults (0.3, None, None, 0, 1024).
         false_alarm: the share of held-out clean images flagged, in %, default 5.
     """
 
@@ -379,9 +388,9 @@ class FeatureEnsemble(ThresholdDetector):
 
     layers: tuple[str, ...]
 
-    def __init__(self, *, layers: Sequence[str] = ("head", "conv"), share: float = 0.3, per_class_min: int = 5,
-                 shrinkage: float | None = None, false_alarm: float = 5.0, seed: int = 0,
-                 batch_size: int = 1024) -> None:
+    def __init__(self, *, layers: Sequence[str] = ("head", "conv"), share: float = 0.3,
+                 per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
+                 false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024) -> None:
         if isinstance(layers, str):
             layers = (layers,)
         layers = tuple(layers)

@@ -23,10 +23,10 @@ REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (
 #: The detectors a GoodNet combines when none are named (``detect``, the notebook), and G's
 #: false-alarm budget when none is given (% of held-out clean images, split equally among its
 #: detectors by ``workflow.detect.make_detectors``): chosen together among declared candidates on
-#: tuning BadNets by a rule declared before the runs (docs/research/detection32.md, round 4). The
+#: tuning BadNets by a rule declared before the runs (docs/research/detection32.md, round 5). The
 #: budget sits under the 5 % target because thresholds set on a few clean images a class flag more
 #: of the test images than of the images they were set on.
-DEFAULT_DETECTORS: tuple[str, ...] = ("feature-distance",)
+DEFAULT_DETECTORS: tuple[str, ...] = ("feature-ensemble",)
 DEFAULT_FALSE_ALARM: float = 1.67
 
 
