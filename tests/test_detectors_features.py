@@ -139,6 +139,46 @@ def test_the_score_is_the_papers_formula_on_features_known_by_hand():
             assert det2.spread[c] == pytest.approx(1.4826 * np.median(np.abs(mine - m)), rel=1e-6)
 
 
+def test_fold_ids_deal_each_class_round_the_folds():
+    y = np.repeat(np.arange(5), [1, 2, 7, 12, 3])
+    ids = features.fold_ids(y, 4, seed=3)
+    assert ids.min() >= 0 and ids.max() <= 3
+    for c in range(5):
+        counts = np.bincount(ids[y == c], minlength=4)
+        assert counts.max() - counts.min() <= 1  # as even as the class's size allows
+    np.testing.assert_array_equal(ids, features.fold_ids(y, 4, seed=3))  # seeded
+
+
+def test_cross_fitted_calibration_is_the_plain_out_of_fold_computation():
+    clean = pixel_data(9, seed=6)
+    det = FeatureDistance(folds=3, false_alarm=10.0).fit(pixel_model(), clean)
+    f, y = clean.x.reshape(-1, D).astype(np.float64), clean.y
+    ids = features.fold_ids(y, 3, 0)
+
+    def stats(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        means = np.stack([f[rows][y[rows] == c].mean(axis=0) for c in range(D)])
+        cov, _ = textbook_ledoit_wolf(f[rows] - means[y[rows]])
+        return means, np.linalg.inv(cov)
+
+    raw = np.empty(len(f))
+    for fold in range(3):
+        means, prec = stats(ids != fold)
+        for i in np.flatnonzero(ids == fold):
+            m = means[f[i].argmax()]  # B's class: the brightest pixel
+            raw[i] = (f[i] - m) @ prec @ (f[i] - m)
+    med = np.median(raw)
+    mad = 1.4826 * np.median(np.abs(raw - med))
+    # every clean image calibrates, out of fold; the statistics that score new inputs use them all
+    np.testing.assert_allclose(det.calibration_scores, (raw - med) / mad, rtol=1e-6)
+    assert det.threshold == pytest.approx(np.quantile((raw - med) / mad, 0.90, method="higher"), rel=1e-6)
+    means, prec = stats(np.ones(len(f), bool))
+    np.testing.assert_allclose(det.means, means, rtol=1e-6)
+    np.testing.assert_allclose(det.precision, prec, rtol=1e-6)
+    # one image a class: too few to fill two folds' statistics, still a finite threshold
+    tiny = FeatureDistance(folds=5).fit(pixel_model(), pixel_data(1, seed=4))
+    assert np.isfinite(tiny.threshold) and tiny.calibration_scores.shape == (D,)
+
+
 def test_fixed_shrinkage_and_the_class_without_a_mean():
     clean = pixel_data(10, seed=2, classes=range(3))  # no clean image of class 3
     det = FeatureDistance(shrinkage=0.25).fit(pixel_model(), clean)
@@ -234,13 +274,14 @@ def test_threshold_keeps_the_calibration_false_alarm(small_deepid):
 def test_settings_and_their_validation():
     assert FeatureDistance.name == "feature-distance" and FeatureDistance.summary
     assert list(FeatureDistance.settings()) == ["layer", "share", "per_class_min", "shrinkage", "false_alarm",
-                                                "seed", "batch_size"]
+                                                "seed", "batch_size", "folds"]
     assert FeatureDistance().get_params() == {"layer": "head", "share": 0.3, "per_class_min": None, "shrinkage": None,
-                                              "false_alarm": 5.0, "seed": 0, "batch_size": 1024}
+                                              "false_alarm": 5.0, "seed": 0, "batch_size": 1024, "folds": None}
     for bad, match in [({"share": 0.0}, "share"), ({"share": 1.0}, "share"), ({"per_class_min": 1}, "per_class_min"),
                        ({"per_class_min": 2.5}, "per_class_min"), ({"shrinkage": 1.5}, "shrinkage"),
                        ({"shrinkage": -0.1}, "shrinkage"), ({"false_alarm": 101.0}, "percentage"),
-                       ({"batch_size": 0}, "batch_size"), ({"layer": ""}, "layer")]:
+                       ({"batch_size": 0}, "batch_size"), ({"layer": ""}, "layer"), ({"folds": 1}, "folds"),
+                       ({"folds": 2.5}, "folds")]:
         with pytest.raises(ValueError, match=match):
             FeatureDistance(**bad)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="fit"):
@@ -273,13 +314,14 @@ def test_feature_layers_head_conv_and_by_name(small_deepid, monkeypatch):
         feature_tensor(small_deepid, "sunglasses")
 
 
-def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path):
+@pytest.mark.parametrize("folds", [None, 3])
+def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path, folds):
     x = random_faces(7 * 12, seed=5)
     clean = br.Dataset(x, br.predict_classes(small_deepid, x))
-    ens = FeatureEnsemble(layers=("head", "conv"), false_alarm=30.0).fit(small_deepid, clean)
+    ens = FeatureEnsemble(layers=("head", "conv"), false_alarm=30.0, folds=folds).fit(small_deepid, clean)
     # the plain computation: each layer's detector on its own, the same split, scores added
-    head = FeatureDistance(layer="head").fit(small_deepid, clean)
-    conv = FeatureDistance(layer="conv").fit(small_deepid, clean)
+    head = FeatureDistance(layer="head", folds=folds).fit(small_deepid, clean)
+    conv = FeatureDistance(layer="conv", folds=folds).fit(small_deepid, clean)
     assert conv.means is not None and conv.means.shape[1] == feature_tensor(small_deepid, "conv").shape[-1]
     rng = np.random.default_rng(7)
     probe = np.concatenate([random_faces(40, seed=8), rng.uniform(0, 255, (8, 55, 47, 3)).astype(np.float32)])
@@ -296,16 +338,17 @@ def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path)
     again = keras.models.load_model(tmp_path / "g.keras")
     np.testing.assert_array_equal(np.asarray(again(probe)) > 0.5, want)
     # one layer: the feature distance itself
-    one = FeatureEnsemble(layers=["head"]).fit(small_deepid, clean)
+    one = FeatureEnsemble(layers=["head"], folds=folds).fit(small_deepid, clean)
     np.testing.assert_allclose(one.scores(probe), head.scores(probe), rtol=1e-12)
 
 
 def test_the_ensembles_settings_and_registry_entry():
     assert br.make_detector("feature-ensemble").get_params() == {
         "layers": ["head", "conv"], "share": 0.3, "per_class_min": None, "shrinkage": None, "false_alarm": 5.0,
-        "seed": 0, "batch_size": 1024}
-    det = br.make_detector("feature-ensemble", layers="head", per_class_min=3)
+        "seed": 0, "batch_size": 1024, "folds": None}
+    det = br.make_detector("feature-ensemble", layers="head", per_class_min=3, folds=4)
     assert det.get_params()["layers"] == ["head"] and det.members[0].per_class_min == 3  # type: ignore[attr-defined]
+    assert det.get_params()["folds"] == 4 and det.members[0].folds == 4  # type: ignore[attr-defined]
     for bad, match in [({"layers": []}, "layers"), ({"layers": ["head", "head"]}, "distinct"),
                        ({"share": 1.0}, "share"), ({"false_alarm": -1.0}, "percentage")]:
         with pytest.raises(ValueError, match=match):

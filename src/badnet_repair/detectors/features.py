@@ -13,8 +13,8 @@ from ..errors import ModelError
 from ..formats.data import Dataset
 from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model
 
-__all__ = ["DEFAULT_PER_CLASS_MIN", "MAX_FEATURES", "FeatureDistance", "FeatureEnsemble", "feature_tensor",
-           "ledoit_wolf", "mahalanobis_sq", "robust_location_scale"]
+__all__ = ["DEFAULT_FOLDS", "DEFAULT_PER_CLASS_MIN", "MAX_FEATURES", "FeatureDistance", "FeatureEnsemble",
+           "feature_tensor", "fold_ids", "ledoit_wolf", "mahalanobis_sq", "robust_location_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 #: the pooled median and spread of the calibration scores (chosen in round 5,
 #: docs/research/detection32.md).
 DEFAULT_PER_CLASS_MIN: int | None = None
+
+#: The feature detectors' ``folds`` (their one home): None, the threshold set on one held-out
+#: ``share`` of the clean images; K, on out-of-fold scores of all of them (K-fold cross-fitting).
+DEFAULT_FOLDS: int | None = None
 
 #: MAD times this estimates a normal distribution's standard deviation.
 _MAD_TO_SD = 1.4826
@@ -148,6 +152,12 @@ class FeatureDistance(ThresholdDetector):
         false_alarm: the share of held-out clean images flagged, in %, default 5.
         seed: the fit/calibration split, default 0.
         batch_size: images per forward pass, default 1024.
+        folds: None (default, :data:`DEFAULT_FOLDS`): the statistics on the fit part, the
+            normalisation and threshold on the ``share`` held out; K >= 2: cross-fitted, each
+            clean image scored by statistics of the K - 1 folds without it (folds dealt per
+            class, :func:`fold_ids`), the normalisation and threshold on all N out-of-fold scores
+            (a 1.67 % threshold then rests on N images, not 0.3 N), the statistics that score new
+            inputs on all the clean images (``share`` unused).
     """
 
     name: ClassVar[str] = "feature-distance"
@@ -160,10 +170,12 @@ class FeatureDistance(ThresholdDetector):
     shrinkage: float | None
     seed: int
     batch_size: int
+    folds: int | None
 
     def __init__(self, *, layer: str = "head", share: float = 0.3,
                  per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
-                 false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024) -> None:
+                 false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024,
+                 folds: int | None = DEFAULT_FOLDS) -> None:
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"layer must be 'head', 'conv' or a layer's name, not {layer!r}")
         if not 0.0 < share < 1.0:
@@ -176,6 +188,9 @@ class FeatureDistance(ThresholdDetector):
         checked_false_alarm(false_alarm)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if folds is not None and (int(folds) != folds or folds < 2):
+            raise ValueError(f"folds must be a whole number >= 2 (or None for one held-out share), not {folds}")
+        self.folds = None if folds is None else int(folds)
         self.layer = layer
         self.share = float(share)
         self.per_class_min = None if per_class_min is None else int(per_class_min)
@@ -233,15 +248,19 @@ class FeatureDistance(ThresholdDetector):
         if y.min() < 0 or y.max() >= k:
             raise ValueError(f"clean labels must be classes 0..{k - 1} of the model, got {y.min()}..{y.max()}")
         self.model, self._features_model = model, self._features_of(model)
-        fit_idx, cal_idx = calibration_split(y, self.share, self.seed)
         feats, pred = self.features(x)
-        stats = self._statistics(feats[fit_idx], y[fit_idx], k)
-        self.means, self.has_mean, self.precision, self.shrinkage_used = stats
-
-        if len(cal_idx):
-            raw_cal, pred_cal = _raw_distances(feats[cal_idx], pred[cal_idx], *stats[:3]), pred[cal_idx]
+        if self.folds is not None:
+            stats = self._statistics(feats, y, k)
+            raw_cal, pred_cal, calibrating = self._out_of_fold(feats, y, pred, k), pred, len(x)
         else:
-            raw_cal, pred_cal = self._cross_fitted(feats[fit_idx], y[fit_idx], pred[fit_idx], k), pred[fit_idx]
+            fit_idx, cal_idx = calibration_split(y, self.share, self.seed)
+            stats = self._statistics(feats[fit_idx], y[fit_idx], k)
+            calibrating = len(cal_idx)
+            if len(cal_idx):
+                raw_cal, pred_cal = _raw_distances(feats[cal_idx], pred[cal_idx], *stats[:3]), pred[cal_idx]
+            else:
+                raw_cal, pred_cal = self._cross_fitted(feats[fit_idx], y[fit_idx], pred[fit_idx], k), pred[fit_idx]
+        self.means, self.has_mean, self.precision, self.shrinkage_used = stats
 
         pooled_loc, pooled_spread = robust_location_scale(raw_cal)
         if pooled_spread <= 1e-12 * max(1.0, abs(pooled_loc)):
@@ -256,7 +275,7 @@ class FeatureDistance(ThresholdDetector):
                 self.loc[c], self.spread[c], self.per_class[c] = loc, spread, True
         log.info("feature distance: %d features, %d classes with a mean, shrinkage %.3f, %d of %d clean images "
                  "calibrate, %d classes normalised on their own", feats.shape[1], int(self.has_mean.sum()),
-                 self.shrinkage_used, len(cal_idx), len(x), int(self.per_class.sum()))
+                 self.shrinkage_used, calibrating, len(x), int(self.per_class.sum()))
         self.calibrate(self._normalised(raw_cal, pred_cal))
         return self
 
@@ -301,6 +320,21 @@ class FeatureDistance(ThresholdDetector):
             means, has_mean, precision, _ = self._statistics(feats[~out], labels[~out], k)
             raw[out] = _raw_distances(feats[out], pred[out], means, has_mean, precision)
         log.info("no clean image left to calibrate on: cross-fitted distances of the fit images set the threshold")
+        return raw
+
+    def _out_of_fold(self, feats: np.ndarray, labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+        """(N,) raw distances of all the clean images, each from the statistics of the other
+        ``folds`` - 1 folds (:func:`fold_ids`); where the images fill fewer than two folds (a
+        handful of images), the one-image-a-class cross-fitting (:meth:`_cross_fitted`)."""
+        assert self.folds is not None
+        ids = fold_ids(labels, self.folds, self.seed)
+        if len(np.unique(ids)) < 2:
+            return self._cross_fitted(feats, labels, pred, k)
+        raw = np.empty(len(feats))
+        for fold in np.unique(ids):
+            out = ids == fold
+            means, has_mean, precision, _ = self._statistics(feats[~out], labels[~out], k)
+            raw[out] = _raw_distances(feats[out], pred[out], means, has_mean, precision)
         return raw
 
     # ------------------------------------------------------------------ scores
@@ -377,8 +411,8 @@ class FeatureEnsemble(ThresholdDetector):
         layers: the layers (:func:`feature_tensor`), each ``"head"`` (the classifier head's
             input), ``"conv"`` (the last conv layer's map) or a layer's name, default
             ``("head", "conv")``.
-        share, per_class_min, shrinkage, seed, batch_size: each layer's
-            :class:`FeatureDistance` settings, the same defaults (0.3, None, None, 0, 1024).
+        share, per_class_min, shrinkage, seed, batch_size, folds: each layer's
+            :class:`FeatureDistance` settings, the same defaults (0.3, None, None, 0, 1024, None).
         false_alarm: the share of held-out clean images flagged, in %, default 5.
     """
 
@@ -390,7 +424,8 @@ class FeatureEnsemble(ThresholdDetector):
 
     def __init__(self, *, layers: Sequence[str] = ("head", "conv"), share: float = 0.3,
                  per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
-                 false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024) -> None:
+                 false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024,
+                 folds: int | None = DEFAULT_FOLDS) -> None:
         if isinstance(layers, str):
             layers = (layers,)
         layers = tuple(layers)
@@ -400,10 +435,12 @@ class FeatureEnsemble(ThresholdDetector):
         # The members' own thresholds are never used (the sum is thresholded); at 100 % they
         # set none that could warn about its calibration.
         self.members = [FeatureDistance(layer=lyr, share=share, per_class_min=per_class_min, shrinkage=shrinkage,
-                                        false_alarm=100.0, seed=seed, batch_size=batch_size) for lyr in layers]
+                                        false_alarm=100.0, seed=seed, batch_size=batch_size, folds=folds)
+                        for lyr in layers]
         first = self.members[0]
         self.layers, self.share, self.per_class_min = layers, first.share, first.per_class_min
         self.shrinkage, self.seed, self.batch_size = first.shrinkage, first.seed, first.batch_size
+        self.folds = first.folds
 
     def fit(self, model: Any, clean: Dataset) -> FeatureEnsemble:
         """Each layer's statistics on the fit part of the clean data; the threshold on the sums
@@ -436,6 +473,19 @@ class FeatureEnsemble(ThresholdDetector):
 #: the most values a feature detector reads from one layer: a (D, D) precision of 4096 features is
 #: 134 MB in float64; larger conv maps are average-pooled over space until they fit.
 MAX_FEATURES = 4096
+
+
+def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N,) int64 fold of each image, 0..folds-1, dealt per class: a class's images in a random
+    order go round the folds from a random first fold, so every fold holds about 1 / folds of
+    each class (a class with fewer images than folds leaves some folds without it)."""
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    ids = np.empty(len(y), np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        ids[idx] = (np.arange(len(idx)) + int(rng.integers(folds))) % folds
+    return ids
 
 
 def feature_tensor(model: Any, layer: str) -> Any:
