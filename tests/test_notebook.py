@@ -247,17 +247,20 @@ def test_notebook_detection_section_shows_each_detector_and_both(executed):
 
 
 @pytest.mark.slow
-def test_notebook_beyond_the_lab_section_estimates_then_shows_fine_pruning_and_strip(executed):
+def test_notebook_beyond_the_lab_section_estimates_then_shows_fine_pruning_and_the_default_detector_g(executed):
+    from badnet_repair.detectors import DEFAULT_DETECTORS
+
     nb, _, _ = executed
     text = _stream(nb, "stdout")
-    assert "Running fine-pruning: about" in text and "Running STRIP: about" in text
+    assert "Running fine-pruning: about" in text and "fitted on the clean validation data in" in text
     tables = notebook_outputs(nb, "text/markdown")
     fp = [t for t in tables if "| fine-pruning |" in t and "| G (fine-pruning) |" in t and "| ft-sam |" not in t]
     assert len(fp) == 1
     assert [r[0] for r in markdown_rows(fp[0][fp[0].index("| model |"):])] == ["no defense", "fine-pruning",
                                                                               "G (fine-pruning)"]
-    strip = [t for t in tables if t.startswith("| model |") and "| G (strip) |" in t and "reversed" not in t]
-    assert len(strip) == 1 and [r[0] for r in markdown_rows(strip[0])] == ["G (strip)"]
+    default_g = f"G ({' + '.join(DEFAULT_DETECTORS)})"
+    g = [t for t in tables if t.startswith("| model |") and f"| {default_g} |" in t]
+    assert len(g) == 1 and [r[0] for r in markdown_rows(g[0])][-1] == default_g
 
 
 @pytest.mark.slow
