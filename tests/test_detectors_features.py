@@ -243,6 +243,20 @@ def test_keras_form_of_a_model_with_an_input_scale(small_deepid):
         det.keras_flags(inp, prefix="e", scale=1.0)
 
 
+def test_the_ensemble_on_a_model_that_takes_inputs_in_0_to_1(small_deepid):
+    scaled = br.with_input_scale(small_deepid, 1 / 255)
+    x = random_faces(70, seed=5)
+    clean = br.Dataset(x, br.predict_classes(scaled, x))
+    ens = FeatureEnsemble(false_alarm=30.0).fit(scaled, clean)
+    plain = FeatureEnsemble(false_alarm=30.0).fit(small_deepid, clean)
+    probe = random_faces(30, seed=9)
+    # the scale is inside the model: the same features as the unscaled model on 0..255 pixels
+    np.testing.assert_allclose(ens.scores(probe), plain.scores(probe), rtol=1e-4, atol=1e-4)  # float32 pixels
+    inp = keras.Input((55, 47, 3))
+    g = keras.Model(inp, ens.keras_flags(inp, prefix="s", scale=1 / 255))
+    np.testing.assert_array_equal(np.asarray(g(probe / 255.0)) > 0.5, ens.flags(probe))
+
+
 @pytest.mark.parametrize("per_class", [1, 2])
 def test_tiny_clean_sets_do_not_crash(small_deepid, per_class):
     det = fitted_on_small_deepid(small_deepid, per_class=per_class)
@@ -312,6 +326,9 @@ def test_feature_layers_head_conv_and_by_name(small_deepid, monkeypatch):
     assert tuple(feature_tensor(small_deepid, "head").shape) == (None, 160)
     with pytest.raises(br.ModelError, match="no layer 'sunglasses'.*'conv'"):
         feature_tensor(small_deepid, "sunglasses")
+    with pytest.raises(br.ModelError, match="no conv layer to take 'conv' features.*'head'"):
+        FeatureEnsemble().fit(pixel_model(), pixel_data(5, seed=1))  # a model without convolutions
+    assert np.isfinite(FeatureEnsemble(layers=["head"]).fit(pixel_model(), pixel_data(5, seed=1)).threshold)
 
 
 @pytest.mark.parametrize("folds", [None, 3])

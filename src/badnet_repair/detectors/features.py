@@ -443,8 +443,8 @@ class FeatureEnsemble(ThresholdDetector):
         self.folds = first.folds
 
     def fit(self, model: Any, clean: Dataset) -> FeatureEnsemble:
-        """Each layer's statistics on the fit part of the clean data; the threshold on the sums
-        of the held-out part's normalised scores."""
+        """Each layer's :meth:`FeatureDistance.fit` (one split or one set of folds for all); the
+        threshold on the sums of their calibration images' normalised scores."""
         for member in self.members:
             member.fit(model, clean)
         cal = [np.asarray(m.calibration_scores) for m in self.members]
@@ -512,7 +512,14 @@ def feature_tensor(model: Any, layer: str) -> Any:
     if layer == "head":
         out = classifier_head(model).input
         return out if len(out.shape) == 2 else keras.layers.Flatten(name=f"{tag}_flat")(out)
-    name = default_conv_layer(model) if layer == "conv" else layer
+    if layer == "conv":
+        try:
+            name = default_conv_layer(model)
+        except ModelError as err:
+            raise ModelError(f"model {model.name!r} has no conv layer to take 'conv' features from ({err}); name "
+                             "another layer, or use only 'head' (e.g. --set feature-ensemble.layers=head)") from err
+    else:
+        name = layer
     names = [lyr.name for lyr in model.layers]
     if name not in names:
         raise ModelError(f"model {model.name!r} has no layer {name!r} to take features from "
