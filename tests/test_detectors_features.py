@@ -208,25 +208,37 @@ def fitted_on_small_deepid(small_deepid: keras.Model, per_class: int = 12, **set
     return FeatureDistance(**settings).fit(small_deepid, br.Dataset(x, y))
 
 
-def test_keras_form_equals_flags_and_survives_save_and_load(small_deepid, tmp_path):
-    det = fitted_on_small_deepid(small_deepid, false_alarm=30.0)
-    rng = np.random.default_rng(7)
-    probe = np.concatenate([random_faces(40, seed=8), rng.uniform(0, 255, (8, 55, 47, 3)).astype(np.float32)])
+def mixed_probe() -> np.ndarray:
+    """Face-like images and pure noise: inputs on both sides of a threshold."""
+    noise = np.random.default_rng(7).uniform(0, 255, (8, 55, 47, 3)).astype(np.float32)
+    return np.concatenate([random_faces(40, seed=8), noise])
+
+
+def keras_form_after_save_and_load(det: FeatureDistance | FeatureEnsemble, probe: np.ndarray, path, prefix: str):
+    """G's alarm alone, built from ``det``'s Keras form, checked to flag ``probe`` as ``det``
+    does before and after a save and load; returns the loaded model."""
     want = det.flags(probe)
     assert 0 < want.sum() < len(want)  # both answers occur, so agreement means something
     x = keras.Input((55, 47, 3))
-    g = keras.Model(x, det.keras_flags(x, prefix="d"))
+    g = keras.Model(x, det.keras_flags(x, prefix=prefix))
     np.testing.assert_array_equal(np.asarray(g(probe)) > 0.5, want)
-    g.save(tmp_path / "g.keras")
-    again = keras.models.load_model(tmp_path / "g.keras")
+    g.save(path)
+    again = keras.models.load_model(path)
     np.testing.assert_array_equal(np.asarray(again(probe)) > 0.5, want)
+    return again
+
+
+def test_keras_form_equals_flags_and_survives_save_and_load(small_deepid, tmp_path):
+    det = fitted_on_small_deepid(small_deepid, false_alarm=30.0)
+    probe = mixed_probe()
+    again = keras_form_after_save_and_load(det, probe, tmp_path / "g.keras", "d")
     assert {lyr.name for lyr in again.layers} >= {"d_feature_distance"}
     # the layer's scores (threshold None) are the detector's scores
     feats, classes = det.features(probe)
     layer = FeatureDistanceAlarm(num_classes=7, dim=160)
     probs = np.eye(7, dtype=np.float32)[classes]
     layer.build([feats.shape, probs.shape])
-    layer.set_weights(g.get_layer("d_feature_distance").get_weights())
+    layer.set_weights(again.get_layer("d_feature_distance").get_weights())
     np.testing.assert_allclose(np.asarray(layer([feats.astype(np.float32), probs])), det.scores(probe),
                                rtol=1e-5, atol=1e-5)
 
@@ -340,20 +352,12 @@ def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path,
     head = FeatureDistance(layer="head", folds=folds).fit(small_deepid, clean)
     conv = FeatureDistance(layer="conv", folds=folds).fit(small_deepid, clean)
     assert conv.means is not None and conv.means.shape[1] == feature_tensor(small_deepid, "conv").shape[-1]
-    rng = np.random.default_rng(7)
-    probe = np.concatenate([random_faces(40, seed=8), rng.uniform(0, 255, (8, 55, 47, 3)).astype(np.float32)])
+    probe = mixed_probe()
     np.testing.assert_allclose(ens.scores(probe), head.scores(probe) + conv.scores(probe), rtol=1e-9)
     cal = head.calibration_scores + conv.calibration_scores
     assert ens.threshold == pytest.approx(np.quantile(cal, 0.70, method="higher"), rel=1e-9)
     assert 100.0 * np.mean(ens.calibration_scores > ens.threshold) <= 30.0
-    want = ens.flags(probe)
-    assert 0 < want.sum() < len(want)
-    inp = keras.Input((55, 47, 3))
-    g = keras.Model(inp, ens.keras_flags(inp, prefix="e"))
-    np.testing.assert_array_equal(np.asarray(g(probe)) > 0.5, want)
-    g.save(tmp_path / "g.keras")
-    again = keras.models.load_model(tmp_path / "g.keras")
-    np.testing.assert_array_equal(np.asarray(again(probe)) > 0.5, want)
+    keras_form_after_save_and_load(ens, probe, tmp_path / "g.keras", "e")
     # one layer: the feature distance itself
     one = FeatureEnsemble(layers=["head"], folds=folds).fit(small_deepid, clean)
     np.testing.assert_allclose(one.scores(probe), head.scores(probe), rtol=1e-12)

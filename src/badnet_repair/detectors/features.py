@@ -14,7 +14,8 @@ from ..formats.data import Dataset
 from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model
 
 __all__ = ["DEFAULT_FOLDS", "DEFAULT_PER_CLASS_MIN", "MAX_FEATURES", "FeatureDistance", "FeatureEnsemble",
-           "feature_tensor", "fold_ids", "ledoit_wolf", "mahalanobis_sq", "robust_location_scale"]
+           "feature_tensor", "features_model", "fold_ids", "ledoit_wolf", "mahalanobis_sq", "robust_location_scale",
+           "run_features"]
 
 log = logging.getLogger(__name__)
 
@@ -209,49 +210,43 @@ class FeatureDistance(ThresholdDetector):
     # ------------------------------------------------------------------ features
 
     def features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """B's penultimate features and predicted classes on file-pixel inputs.
+        """B's features at :attr:`layer` and predicted classes on file-pixel inputs.
 
         Returns:
             ((N, D) float64 features, (N,) int64 classes).
         """
         if self._features_model is None:
             raise RuntimeError("call fit(model, clean) first (FeatureDistance)")
-        import keras
-
-        x = np.asarray(x, np.float32)
-        d = int(np.prod(self._features_model.outputs[0].shape[1:]))
-        feats, classes = np.empty((len(x), d), np.float64), np.empty(len(x), np.int64)
-        for i in range(0, len(x), self.batch_size):
-            f, p = self._features_model(x[i : i + self.batch_size], training=False)
-            feats[i : i + self.batch_size] = keras.ops.convert_to_numpy(f).reshape(len(f), d)
-            classes[i : i + self.batch_size] = np.argmax(keras.ops.convert_to_numpy(p), axis=-1)
+        (feats,), classes = run_features(self._features_model, x, self.batch_size)
         return feats, classes
 
     def _features_of(self, model: Any) -> Any:
         """A model from B's input to (the features of :attr:`layer`, its output)."""
-        import keras
-
-        return keras.Model(model.inputs[0], [feature_tensor(model, self.layer), model.outputs[0]],
-                           name=f"{model.name}_features")
+        return features_model(model, [self.layer])
 
     # ------------------------------------------------------------------ fit
 
     def fit(self, model: Any, clean: Dataset) -> FeatureDistance:
         """Class means and the shrunk tied covariance on the fit part of the clean data; the
         normalisation and threshold on the held-out part."""
+        _check_clean(model, clean)
+        self.model, self._features_model = model, self._features_of(model)
+        feats, pred = self.features(clean.x)
+        return self.fit_features(model, feats, pred, np.asarray(clean.y, np.int64))
+
+    def fit_features(self, model: Any, feats: np.ndarray, pred: np.ndarray, y: np.ndarray) -> FeatureDistance:
+        """:meth:`fit` on the clean images' (N, D) features at :attr:`layer`, B's (N,) classes
+        for them and their (N,) labels, already computed (the feature ensemble runs B once for
+        all its layers)."""
         from ..nets.models import num_classes
 
-        x, y = np.asarray(clean.x), np.asarray(clean.y, np.int64)
-        if len(x) == 0:
-            raise ValueError("FeatureDistance needs clean images to fit on")
         k = num_classes(model)
-        if y.min() < 0 or y.max() >= k:
-            raise ValueError(f"clean labels must be classes 0..{k - 1} of the model, got {y.min()}..{y.max()}")
-        self.model, self._features_model = model, self._features_of(model)
-        feats, pred = self.features(x)
+        if self._features_model is None:
+            self.model, self._features_model = model, self._features_of(model)
+        n_clean = len(feats)
         if self.folds is not None:
             stats = self._statistics(feats, y, k)
-            raw_cal, pred_cal, calibrating = self._out_of_fold(feats, y, pred, k), pred, len(x)
+            raw_cal, pred_cal, calibrating = self._out_of_fold(feats, y, pred, k), pred, n_clean
         else:
             fit_idx, cal_idx = calibration_split(y, self.share, self.seed)
             stats = self._statistics(feats[fit_idx], y[fit_idx], k)
@@ -273,9 +268,9 @@ class FeatureDistance(ThresholdDetector):
             loc, spread = robust_location_scale(raw_cal[pred_cal == c])
             if spread > 1e-12 * max(1.0, abs(loc)):  # else keep the pooled spread (ties)
                 self.loc[c], self.spread[c], self.per_class[c] = loc, spread, True
-        log.info("feature distance: %d features, %d classes with a mean, shrinkage %.3f, %d of %d clean images "
-                 "calibrate, %d classes normalised on their own", feats.shape[1], int(self.has_mean.sum()),
-                 self.shrinkage_used, calibrating, len(x), int(self.per_class.sum()))
+        log.info("feature distance at %s: %d features, %d classes with a mean, shrinkage %.3f, %d of %d clean "
+                 "images calibrate, %d classes normalised on their own", self.layer, feats.shape[1],
+                 int(self.has_mean.sum()), self.shrinkage_used, calibrating, n_clean, int(self.per_class.sum()))
         self.calibrate(self._normalised(raw_cal, pred_cal))
         return self
 
@@ -357,8 +352,12 @@ class FeatureDistance(ThresholdDetector):
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """(N,) float64 normalised distances: higher = more likely triggered."""
+        self._fitted()
+        return self.scores_of(*self.features(x))
+
+    def scores_of(self, feats: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """:meth:`scores` from (N, D) features at :attr:`layer` and B's (N,) classes."""
         stats = self._fitted()
-        feats, classes = self.features(x)
         return self._normalised(_raw_distances(feats, classes, *stats), classes)
 
     # ------------------------------------------------------------------ Keras form
@@ -437,16 +436,22 @@ class FeatureEnsemble(ThresholdDetector):
         self.members = [FeatureDistance(layer=lyr, share=share, per_class_min=per_class_min, shrinkage=shrinkage,
                                         false_alarm=100.0, seed=seed, batch_size=batch_size, folds=folds)
                         for lyr in layers]
+        self._features_model: Any = None
         first = self.members[0]
         self.layers, self.share, self.per_class_min = layers, first.share, first.per_class_min
         self.shrinkage, self.seed, self.batch_size = first.shrinkage, first.seed, first.batch_size
         self.folds = first.folds
 
     def fit(self, model: Any, clean: Dataset) -> FeatureEnsemble:
-        """Each layer's :meth:`FeatureDistance.fit` (one split or one set of folds for all); the
-        threshold on the sums of their calibration images' normalised scores."""
-        for member in self.members:
-            member.fit(model, clean)
+        """Each layer's :meth:`FeatureDistance.fit` (one split or one set of folds for all), on
+        features of one pass of B; the threshold on the sums of their calibration images'
+        normalised scores."""
+        _check_clean(model, clean)
+        self._features_model = features_model(model, self.layers)
+        feats, pred = run_features(self._features_model, clean.x, self.batch_size)
+        y = np.asarray(clean.y, np.int64)
+        for member, f in zip(self.members, feats, strict=True):
+            member.fit_features(model, f, pred, y)
         cal = [np.asarray(m.calibration_scores) for m in self.members]
         assert all(c.shape == cal[0].shape for c in cal)  # one split: the same images in the same order
         self.calibrate(np.sum(cal, axis=0))
@@ -456,7 +461,8 @@ class FeatureEnsemble(ThresholdDetector):
         """(N,) float64 sums of the layers' normalised distances: higher = more likely triggered."""
         if self.threshold is None:
             raise RuntimeError("call fit(model, clean) first (FeatureEnsemble)")
-        return np.sum([m.scores(x) for m in self.members], axis=0)
+        feats, classes = run_features(self._features_model, x, self.batch_size)
+        return np.sum([m.scores_of(f, classes) for m, f in zip(self.members, feats, strict=True)], axis=0)
 
     def keras_flags(self, x: Any, *, prefix: str, scale: float = 1.0) -> Any:
         """(N,) 0/1 flags on G's input ``x``: each layer's
@@ -473,6 +479,43 @@ class FeatureEnsemble(ThresholdDetector):
 #: the most values a feature detector reads from one layer: a (D, D) precision of 4096 features is
 #: 134 MB in float64; larger conv maps are average-pooled over space until they fit.
 MAX_FEATURES = 4096
+
+
+def _check_clean(model: Any, clean: Dataset) -> None:
+    """ValueError for no clean images or labels outside the model's classes."""
+    from ..nets.models import num_classes
+
+    y, k = np.asarray(clean.y, np.int64), num_classes(model)
+    if len(y) == 0:
+        raise ValueError("a feature detector needs clean images to fit on")
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"clean labels must be classes 0..{k - 1} of the model, got {y.min()}..{y.max()}")
+
+
+def features_model(model: Any, layers: Sequence[str]) -> Any:
+    """A model from B's input to the features of each of ``layers`` (:func:`feature_tensor`)
+    and B's output: one pass of B for all of them."""
+    import keras
+
+    return keras.Model(model.inputs[0], [*(feature_tensor(model, lyr) for lyr in layers), model.outputs[0]],
+                       name=f"{model.name}_features")
+
+
+def run_features(features: Any, x: np.ndarray, batch_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """A :func:`features_model`'s (N, D_l) float64 features, one array a layer, and B's (N,)
+    int64 classes on the file-pixel inputs ``x``, ``batch_size`` at a time."""
+    import keras
+
+    x = np.asarray(x, np.float32)
+    dims = [int(np.prod(t.shape[1:])) for t in features.outputs[:-1]]
+    feats = [np.empty((len(x), d), np.float64) for d in dims]
+    classes = np.empty(len(x), np.int64)
+    for i in range(0, len(x), batch_size):
+        *fs, p = features(x[i : i + batch_size], training=False)
+        for out, f, d in zip(feats, fs, dims, strict=True):
+            out[i : i + batch_size] = keras.ops.convert_to_numpy(f).reshape(len(f), d)
+        classes[i : i + batch_size] = np.argmax(keras.ops.convert_to_numpy(p), axis=-1)
+    return feats, classes
 
 
 def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
