@@ -215,8 +215,10 @@ class FeatureDistance(ThresholdDetector):
         Returns:
             ((N, D) float64 features, (N,) int64 classes).
         """
-        if self._features_model is None:
+        if self.model is None:
             raise RuntimeError("call fit(model, clean) first (FeatureDistance)")
+        if self._features_model is None:  # fitted on features given (fit_features): built on first use
+            self._features_model = self._features_of(self.model)
         (feats,), classes = run_features(self._features_model, x, self.batch_size)
         return feats, classes
 
@@ -241,8 +243,8 @@ class FeatureDistance(ThresholdDetector):
         from ..nets.models import num_classes
 
         k = num_classes(model)
-        if self._features_model is None:
-            self.model, self._features_model = model, self._features_of(model)
+        if model is not self.model:
+            self.model, self._features_model = model, None
         n_clean = len(feats)
         if self.folds is not None:
             stats = self._statistics(feats, y, k)
@@ -366,24 +368,26 @@ class FeatureDistance(ThresholdDetector):
         """(N,) 0/1 flags on G's input ``x`` (file pixels times ``scale``): a copy of B (its
         features and output) and a :class:`~badnet_repair.nets.layers.FeatureDistanceAlarm` holding
         the fitted statistics."""
-        if self.threshold is None:
-            raise RuntimeError("call fit(model, clean) before keras_flags() (FeatureDistance)")
-        return self.keras_scores(x, prefix=prefix, scale=scale, threshold=self.threshold)
-
-    def keras_scores(self, x: Any, *, prefix: str, scale: float = 1.0, threshold: float | None = None) -> Any:
-        """(N,) float64 :meth:`scores` on G's input ``x`` (file pixels times ``scale``), or 0/1
-        flags where ``threshold`` is given: what :meth:`keras_flags` and the feature ensemble build on."""
-        from ..nets.layers import FeatureDistanceAlarm
         from ..nets.models import renamed_copy
 
-        if self.means is None or self.model is None:
-            raise RuntimeError("call fit(model, clean) before keras_scores() (FeatureDistance)")
-        assert self.has_mean is not None and self.precision is not None
-        assert self.loc is not None and self.spread is not None
+        if self.threshold is None or self.model is None:
+            raise RuntimeError("call fit(model, clean) before keras_flags() (FeatureDistance)")
         b = renamed_copy(detector_model(self.model, scale), f"{prefix}_badnet")
         feats, probs = self._features_of(b)(x)
+        return self.keras_alarm(feats, probs, name=f"{prefix}_feature_distance", threshold=self.threshold)
+
+    def keras_alarm(self, feats: Any, probs: Any, *, name: str, threshold: float | None = None) -> Any:
+        """The fitted statistics as a :class:`~badnet_repair.nets.layers.FeatureDistanceAlarm`
+        on Keras tensors of B's features at :attr:`layer` and its (N, K) output: (N,) float64
+        :meth:`scores`, or 0/1 flags where ``threshold`` is given."""
+        from ..nets.layers import FeatureDistanceAlarm
+
+        if self.means is None:
+            raise RuntimeError("call fit(model, clean) before keras_alarm() (FeatureDistance)")
+        assert self.has_mean is not None and self.precision is not None
+        assert self.loc is not None and self.spread is not None
         alarm = FeatureDistanceAlarm(num_classes=len(self.means), dim=self.means.shape[1],
-                                     threshold=threshold, name=f"{prefix}_feature_distance")
+                                     threshold=threshold, name=name)
         alarm.build([tuple(feats.shape), tuple(probs.shape)])
         alarm.set_weights([self.means, self.has_mean.astype(np.float64), self.precision, self.loc, self.spread])
         return alarm([feats, probs])
@@ -465,14 +469,18 @@ class FeatureEnsemble(ThresholdDetector):
         return np.sum([m.scores_of(f, classes) for m, f in zip(self.members, feats, strict=True)], axis=0)
 
     def keras_flags(self, x: Any, *, prefix: str, scale: float = 1.0) -> Any:
-        """(N,) 0/1 flags on G's input ``x``: each layer's
-        :meth:`FeatureDistance.keras_scores`, summed and thresholded by a
-        :class:`~badnet_repair.nets.layers.ScoreAlarm`."""
+        """(N,) 0/1 flags on G's input ``x`` (file pixels times ``scale``): one copy of B giving
+        every layer's features, each layer's :meth:`FeatureDistance.keras_alarm` scores, summed
+        and thresholded by a :class:`~badnet_repair.nets.layers.ScoreAlarm`."""
         from ..nets.layers import ScoreAlarm
+        from ..nets.models import renamed_copy
 
-        if self.threshold is None:
+        if self.threshold is None or self.members[0].model is None:
             raise RuntimeError("call fit(model, clean) before keras_flags() (FeatureEnsemble)")
-        parts = [m.keras_scores(x, prefix=f"{prefix}_{i}", scale=scale) for i, m in enumerate(self.members)]
+        b = renamed_copy(detector_model(self.members[0].model, scale), f"{prefix}_badnet")
+        *feats, probs = features_model(b, self.layers)(x)
+        parts = [m.keras_alarm(f, probs, name=f"{prefix}_{i}_feature_distance")
+                 for i, (m, f) in enumerate(zip(self.members, feats, strict=True))]
         return ScoreAlarm(threshold=self.threshold, name=f"{prefix}_feature_ensemble")(parts)
 
 
