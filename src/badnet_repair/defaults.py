@@ -12,8 +12,9 @@ from typing import Any
 __all__ = ["BUDGET_HELP", "ENSEMBLE_MEANS", "INPUT_SCALE_HELP", "LAYER_HELP", "parse_input_scale", "setting",
            "setting_problem"]
 
-#: How several fine-pruned members' probabilities can be combined (the first is the default).
-ENSEMBLE_MEANS = ("geometric", "arithmetic")
+#: How several fine-pruned members are combined (the first is the default): their probabilities'
+#: geometric or arithmetic mean (an ensemble of networks), or their weights' mean (a soup: one network).
+ENSEMBLE_MEANS = ("geometric", "arithmetic", "soup")
 
 #: What ``layer`` means wherever a defense takes one.
 LAYER_HELP = ("conv layer to prune (default: found from the graph, the last conv layer followed by pooling; "

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 # TensorFlow is imported when a repair runs, so the command line can list these classes'
 # settings without loading it.
 
-__all__ = ["Distillation", "FinePruning", "FineTuning", "FrozenChannels", "TrainingPlan", "fine_prune"]
+__all__ = ["Distillation", "FinePruning", "FineTuning", "FrozenChannels", "TrainingPlan", "fine_prune",
+           "soup_member_split"]
 
 class Distillation(Part):
     """Training targets that mix in a teacher's predictions (Hinton et al., 2015).
@@ -139,7 +140,11 @@ class FineTuning(TrainingSettings, Defense):
         holdout_fraction: share of the clean data held out to choose the epoch, default 0.2.
         members: networks tuned on different splits and averaged, default 1 (the paper's).
         ensemble_mean: ``"geometric"`` (default; the normalised product of the members'
-            probabilities, so a member that kept the backdoor is outvoted) or ``"arithmetic"``.
+            probabilities, so a member that kept the backdoor is outvoted), ``"arithmetic"``, or
+            ``"soup"``: one network with the mean of the members' weights (a uniform model soup;
+            Wortsman et al., ICML 2022; :func:`~badnet_repair.nets.models.weight_soup`). A soup's
+            members all hold out one shared half of ``holdout_fraction`` and each a half of its own
+            (:func:`soup_member_split`); the budget holds the soup, on the shared half.
         distill: weight of B's own correct predictions in the targets, default 0 (off;
             :class:`Distillation`).
         budget: the clean-accuracy budget in points, default 3 (None = off): a network that falls
@@ -161,9 +166,9 @@ class FineTuning(TrainingSettings, Defense):
     holdout_fraction: float = setting(0.2, "validation share held out to choose the prune amount and epoch")
     members: int = setting(1, "networks tuned on different splits of the clean data and averaged "
                               "(1 = a single network, as in the paper)")
-    ensemble_mean: Literal["geometric", "arithmetic"] = setting(
-        "geometric", "how several members' probabilities are averaged (geometric: a member that kept the "
-                     "backdoor is outvoted)")
+    ensemble_mean: Literal["geometric", "arithmetic", "soup"] = setting(
+        "geometric", "how several members are combined: their probabilities averaged (geometric: a member that "
+                     "kept the backdoor is outvoted; arithmetic), or their weights (soup: one network)")
     distill: float = setting(0.0, "weight of the BadNet's own correct predictions on the clean tuning images in the "
                                   "targets (0 = labels only)")
     budget: float | None = setting(3.0, BUDGET_HELP)
@@ -248,10 +253,21 @@ class FineTuning(TrainingSettings, Defense):
         label = desc or self.name
         tuned: list[FineTuned] = []
         scale = pixel_range(clean.x)
+        soup = self.members > 1 and self.ensemble_mean == "soup"
+        rest_idx, shared_idx = np.arange(len(clean)), np.zeros(0, np.int64)
+        if soup:
+            # The soup learns from every member's tuning part, so only images no member tuned on can
+            # hold its budget: half the held-out share is held out by all members alike.
+            _, _, rest_idx, shared_idx = split_clean(clean, holdout_fraction=self.holdout_fraction / 2,
+                                                     seed=self.seed)
         for i in range(self.members):
             member_seed = self.seed + 1000 * i
-            tune, holdout, tune_idx, hold_idx = split_clean(clean, holdout_fraction=self.holdout_fraction,
-                                                            seed=member_seed)
+            if soup:
+                tune, holdout, tune_idx, hold_idx = soup_member_split(clean, rest_idx, shared_idx,
+                                                                      self.holdout_fraction, seed=member_seed)
+            else:
+                tune, holdout, tune_idx, hold_idx = split_clean(clean, holdout_fraction=self.holdout_fraction,
+                                                                seed=member_seed)
             member = Member(badnet=model, tune=tune, holdout=holdout, layer=layer, seed=member_seed, index=i,
                             pixel_scale=scale, progress=progress,
                             desc=label + (f" {i + 1}/{self.members}" if self.members > 1 else ""))
@@ -268,7 +284,9 @@ class FineTuning(TrainingSettings, Defense):
             # the start is a fallback where it is not B (nor B itself copied: a pruning that pruned nothing)
             own_start = start is not model and not (self.prunes and not pruned)
             candidates = ([(self.start_label, start_acc)] if own_start else []) + [("B", base_acc)]
-            check = check_budget(who, trained.holdout_accuracy, base_acc, self.budget, candidates)
+            # a soup's members are not checked one by one (a member given back as B would put the
+            # backdoor back into the soup): the soup is checked as a whole, below
+            check = check_budget(who, trained.holdout_accuracy, base_acc, None if soup else self.budget, candidates)
             net, epoch = trained.model, trained.kept_epoch
             if check.fallback == self.start_label:
                 net, epoch = start, 0
@@ -279,9 +297,19 @@ class FineTuning(TrainingSettings, Defense):
                                    pruned_holdout_accuracy=start_acc, history=trained.history,
                                    tune_index=tune_idx, holdout_index=hold_idx, budget=check,
                                    notes=dict(member.notes)))
-        repaired = tuned[0].model if self.members == 1 else average_models(
-            [t.model for t in tuned], name=f"{self.name.replace('-', '_')}_ensemble", mean=self.ensemble_mean)
-        return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned))
+        stem = self.name.replace("-", "_")
+        if not soup:
+            repaired = tuned[0].model if self.members == 1 else average_models(
+                [t.model for t in tuned], name=f"{stem}_ensemble", mean=self.ensemble_mean)
+            return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned))
+        repaired = average_models([t.model for t in tuned], name=f"{stem}_soup", mean="soup")
+        shared = clean.subset(shared_idx)
+        base_acc = accuracy(model, shared)
+        check = check_budget(f"{self.name} (a soup of {self.members})", accuracy(repaired, shared), base_acc,
+                             self.budget, [("B", base_acc)])
+        if check.fallback == "B":
+            repaired = model
+        return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned), budget=check)
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them); the members' budget
@@ -290,11 +318,38 @@ class FineTuning(TrainingSettings, Defense):
 
     def as_repair(self, result: FinePruneResult) -> Repair:
         """A :class:`FinePruneResult` as this defense's :class:`Repair`."""
-        choices = {"layer": result.layer, "members": member_choices(result)}
+        choices: dict[str, Any] = {"layer": result.layer, "members": member_choices(result)}
+        if result.budget is not None:
+            choices["soup"] = result.budget.as_dict()
         history = [[dict(h) for h in m.history] for m in result.members]
         repaired = Repaired(label=self.name, model=result.model, channels_pruned=result.channels_pruned)
         return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, history),
                       warnings=result.warnings)
+
+
+def soup_member_split(clean: Dataset, rest_idx: np.ndarray, shared_idx: np.ndarray, holdout_fraction: float,
+                      *, seed: int) -> tuple[Dataset, Dataset, np.ndarray, np.ndarray]:
+    """One soup member's split: it holds out the part all members hold out (``shared_idx``,
+    half of ``holdout_fraction``) and a part of its own of the rest, as large again; it tunes on
+    what is left, a different share of the clean images for each member.
+
+    Args:
+        clean: the clean data.
+        rest_idx: indices of the images not in the shared part.
+        shared_idx: indices of the shared held-out part.
+        holdout_fraction: the member's whole held-out share, in (0, 1).
+        seed: the member's seed.
+
+    Returns:
+        (tune, holdout, tune_index, holdout_index), the indices into ``clean``, sorted.
+    """
+    from .tuning import split_clean
+
+    own = (holdout_fraction / 2) / (1 - holdout_fraction / 2)
+    _, _, tune_rel, hold_rel = split_clean(clean.subset(rest_idx), holdout_fraction=own, seed=seed)
+    tune_idx = np.sort(rest_idx[tune_rel])
+    hold_idx = np.sort(np.concatenate([shared_idx, rest_idx[hold_rel]]))
+    return clean.subset(tune_idx), clean.subset(hold_idx), tune_idx, hold_idx
 
 
 def member_choices(result: FinePruneResult) -> list[dict[str, Any]]:

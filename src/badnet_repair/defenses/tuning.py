@@ -137,16 +137,21 @@ class FinePruneResult:
 
     Attributes:
         model: the repaired model: the single member's network, or with several members a
-            model averaging their probabilities (:func:`~badnet_repair.nets.models.average_models`).
+            model averaging their probabilities or their weights
+            (:func:`~badnet_repair.nets.models.average_models`).
         method: the defense's name (``"fine-pruning"``, ``"fine-tuning"``, ``"fst"``...).
         layer: the pruned layer.
         members: the tuned networks, each with its own split, pruning and kept epoch.
+        budget: the clean-accuracy budget's check of the combined model, where it is checked as a
+            whole (a weight soup, on the part every member held out); None where each member
+            was checked alone.
     """
 
     model: Any
     method: str
     layer: str
     members: tuple[FineTuned, ...]
+    budget: BudgetCheck | None = None
 
     @property
     def channels_pruned(self) -> int:
@@ -160,8 +165,10 @@ class FinePruneResult:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """The members' clean-accuracy budget lines (loud: the user must see them)."""
-        return tuple(m.budget.warning for m in self.members if m.budget is not None and m.budget.warning)
+        """The clean-accuracy budget's lines, the members' and the whole's (loud: the user must
+        see them)."""
+        checks = [m.budget for m in self.members] + [self.budget]
+        return tuple(c.warning for c in checks if c is not None and c.warning)
 
 
 def split_clean(data: Dataset, *, holdout_fraction: float = 0.2, seed: int = 0

@@ -42,6 +42,7 @@ __all__ = [
     "save_model",
     "save_weights_h5",
     "saved_model_paths",
+    "weight_soup",
     "with_input_scale",
     "without_input_scale",
     "zero_channels",
@@ -709,8 +710,47 @@ def without_input_scale(model: Any) -> Any:
     return _rebuilt(model, x, call)
 
 
+def weight_soup(models: Sequence[Any], *, name: str = "soup") -> Any:
+    """One network whose weights are the mean of the given networks' weights: a uniform model
+    soup (Wortsman et al., "Model soups", ICML 2022).
+
+    Networks fine-tuned from the same start on different splits of a few clean images stay in
+    one basin of the loss, so the mean of their weights is itself a good network, and usually a
+    better one than each: it has learned from every split, at one network's cost to run. The
+    models must share an architecture (the same layers, by name, with weights of the same
+    shapes) and input scale; nothing of theirs is shared with or changed by the result.
+
+    Args:
+        models: one or more networks of one architecture.
+        name: the result's name, default ``"soup"``.
+
+    Returns:
+        A ``keras.Model`` of the first model's architecture with the mean weights.
+    """
+    import keras
+
+    models = list(models)
+    if not models:
+        raise ValueError("weight_soup needs at least one model")
+    scale = common_input_scale(models)
+    models = [without_input_scale(m) for m in models]
+    first = models[0]
+    shapes = [(layer.name, [tuple(w.shape) for w in layer.get_weights()]) for layer in first.layers]
+    for m in models[1:]:
+        if [(layer.name, [tuple(w.shape) for w in layer.get_weights()]) for layer in m.layers] != shapes:
+            raise ModelError(f"weight_soup: model {m.name!r} does not have {first.name!r}'s architecture "
+                             "(its layers or weight shapes differ); weights can only be averaged between copies "
+                             "of one network")
+    clone = keras.models.clone_model(first)
+    weights = [m.get_weights() for m in models]
+    clone.set_weights([np.mean([w[i] for w in weights], axis=0, dtype=np.float64).astype(weights[0][i].dtype)
+                       for i in range(len(weights[0]))])
+    soup = keras.Model(clone.inputs[0], clone.outputs[0], name=name)
+    return with_input_scale(soup, scale)
+
+
 def average_models(models: Sequence[Any], *, name: str = "ensemble",
-                   mean: Literal["arithmetic", "geometric"] = "arithmetic") -> Any:
+                   mean: Literal["arithmetic", "geometric", "soup"] = "arithmetic") -> Any:
     """One Keras model whose output is the mean of the given models' output probabilities.
 
     Used to combine fine-pruned networks (see :func:`badnet_repair.fine_prune`'s
@@ -727,6 +767,8 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble",
         mean: ``"arithmetic"`` (default; the mean of the probabilities) or ``"geometric"``
             (their normalised geometric mean, :class:`~badnet_repair.nets.layers.GeometricMean`:
             a member that keeps a backdoor is outvoted by members that do not).
+            ``"soup"``: not an ensemble but one network with the mean of the members' weights
+            (:func:`weight_soup`).
 
     Returns:
         A ``keras.Model`` mapping (N, H, W, C) inputs to (N, K) mean probabilities.
@@ -740,6 +782,8 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble",
     models = list(models)
     if not models:
         raise ValueError("average_models needs at least one model")
+    if mean == "soup":
+        return weight_soup(models, name=name)
     # one scaling in front of the whole, none inside: save_model then strips it in one place
     scale = common_input_scale(models)
     models = [without_input_scale(m) for m in models]
