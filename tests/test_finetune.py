@@ -333,3 +333,53 @@ def test_split_with_one_image_per_class_holds_out_images_at_random(caplog):
     assert "held out 1 of 7 clean images at random" in caplog.text
     with pytest.raises(DataError, match="valid1.h5: 1 clean image"):
         split_clean(br.Dataset(np.zeros((1, 2, 2, 3), np.float32), np.array([0]), "valid1.h5"))
+
+
+@pytest.mark.slow
+def test_a_soup_is_one_network_of_mean_weights_held_to_the_budget_on_a_part_every_member_held_out(small_demo):
+    from badnet_repair.nets.trainer import accuracy
+
+    b = br.load_model(small_demo.model)
+    valid = br.load_h5(small_demo.valid)
+    opts = dict(members=3, ensemble_mean="soup", epochs=2, holdout_fraction=0.34, seed=4)
+    r = FineTuning(**opts, budget=None).tune(b, valid)  # type: ignore[arg-type]
+    # one network of B's architecture whose weights are the members' mean
+    assert [layer.name for layer in r.model.layers] == [layer.name for layer in b.layers]
+    for got, *members in zip(r.model.get_weights(), *(m.model.get_weights() for m in r.members), strict=True):
+        np.testing.assert_allclose(got, np.mean(members, axis=0), rtol=1e-6, atol=1e-7)
+    # every member holds out the shared part (half the held-out share, drawn with the defense's seed)
+    # and a part of its own; none tunes on the shared part, and each tunes on different images
+    shared = split_clean(valid, holdout_fraction=0.17, seed=4)[3]
+    assert np.array_equal(np.sort(shared), sorted(set.intersection(*(set(m.holdout_index) for m in r.members))))
+    assert len(shared) == 5  # one image of each of the 5 identities
+    for m in r.members:
+        assert not set(m.tune_index) & set(m.holdout_index)
+        assert sorted([*m.tune_index, *m.holdout_index]) == list(range(len(valid)))
+        assert m.budget is not None and m.budget.budget is None  # not checked one by one
+    assert len({tuple(m.tune_index) for m in r.members}) == 3
+    # the soup itself is measured against B on the shared part
+    part = valid.subset(shared)
+    assert r.budget is not None and r.budget.budget is None and r.budget.fallback is None
+    assert r.budget.base_accuracy == accuracy(b, part) and r.budget.accuracy == accuracy(r.model, part)
+    # a soup wrecked by a rate far too high falls back to B, and says so
+    wrecked = FineTuning(**{**opts, "learning_rate": 5.0, "clipnorm": None, "budget": 0.0}).tune(b, valid)  # type: ignore[arg-type]
+    assert wrecked.model is b and wrecked.budget is not None and wrecked.budget.fallback == "B"
+    (line,) = wrecked.warnings
+    assert "fine-tuning (a soup of 3)" in line and "returned the BadNet unchanged" in line
+    rep = FineTuning(**{**opts, "learning_rate": 5.0, "clipnorm": None, "budget": 0.0}).repair(b, valid)  # type: ignore[arg-type]
+    assert rep.warnings == wrecked.warnings and rep.record["choices"]["soup"]["fallback"] == "B"
+
+
+@pytest.mark.slow
+def test_fine_prune_command_saves_a_soup_as_one_network(small_demo, tmp_path):
+    out = tmp_path / "o"
+    assert main(["fine-prune", "-q", "--method", "fine-tuning", "--model", str(small_demo.model),
+                 "--valid", str(small_demo.valid), "--test", str(small_demo.test), "--bd-test",
+                 str(small_demo.bd_test), "--members", "2", "--ensemble-mean", "soup", "--epochs", "1",
+                 "--holdout-fraction", "0.34", "--budget", "none", "--out", str(out)]) == 0
+    results = json.loads((out / "ft_results.json").read_text())
+    assert results["parameters"]["ensemble_mean"] == "soup" and results["soup_budget"]["budget"] is None
+    soup = br.load_model(out / "ft_weights.h5")  # the lab's weights-only layout: one DeepID
+    members = [br.load_model(out / f"ft_member_{i}_weights.h5") for i in range(2)]
+    for got, u, v in zip(soup.get_weights(), members[0].get_weights(), members[1].get_weights(), strict=True):
+        np.testing.assert_allclose(got, (u + v) / 2, rtol=1e-6, atol=1e-7)

@@ -298,3 +298,43 @@ def test_a_conv_layer_that_another_branch_conv_follows_is_no_peer(caplog):
     assert chosen in ("a2", "b")
     named = caplog.text.split("(")[1].split(")")[0]
     assert "2 last conv layers" in caplog.text and sorted(named.split(", ")) == ["a2", "b"]
+
+
+def _dense_net(seed: int, units: int = 4, name: str = "net"):
+    import keras
+
+    rng = np.random.default_rng(seed)
+    x = keras.Input(shape=(3,), name="input")
+    h = keras.layers.Dense(units, activation="relu", name="hidden")(x)
+    y = keras.layers.Dense(2, activation="softmax", name="output")(h)
+    m = keras.Model(x, y, name=name)
+    m.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in m.get_weights()])
+    return m
+
+
+def test_weight_soup_is_one_network_with_the_mean_weights():
+    from badnet_repair.nets.models import average_models, input_scale_of, weight_soup, with_input_scale
+
+    nets = [_dense_net(s, name=f"n{s}") for s in range(3)]
+    soup = weight_soup(nets, name="soup")
+    assert [layer.name for layer in soup.layers] == [layer.name for layer in nets[0].layers]
+    (w1, b1, w2, b2) = (np.mean([n.get_weights()[i] for n in nets], axis=0) for i in range(4))
+    x = np.random.default_rng(9).normal(size=(5, 3)).astype(np.float32)
+    # the plain forward pass with the averaged weights
+    logits = np.maximum(x @ w1 + b1, 0.0) @ w2 + b2
+    want = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(soup.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+    # average_models's "soup" is the same network; the members are not shared or changed
+    np.testing.assert_allclose(average_models(nets, mean="soup").predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+    before = nets[0].get_weights()
+    soup.get_layer("hidden").set_weights([np.zeros((3, 4), np.float32), np.zeros(4, np.float32)])
+    assert all(np.array_equal(u, v) for u, v in zip(before, nets[0].get_weights(), strict=True))
+    # members with an input scale: the soup takes it in front, once
+    scaled = weight_soup([with_input_scale(n, 0.5) for n in nets])
+    assert input_scale_of(scaled) == 0.5
+    np.testing.assert_allclose(scaled.predict(2 * x, verbose=0), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(br.ModelError, match="architecture"):
+        weight_soup([nets[0], _dense_net(5, units=6)])
+    with pytest.raises(ValueError, match="at least one"):
+        weight_soup([])

@@ -371,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
 
     dt = sub.add_parser(
         "detect", parents=[common],
-        help="a GoodNet from detectors (any registered: the feature distance by default, STRIP, the reversed "
+        help="a GoodNet from detectors (any registered: the feature ensemble by default, STRIP, the reversed "
         "trigger, ...); its detection and false alarms",
         description="Fit the detectors on the clean validation data only, combine them (an input is flagged "
         "where any flags it), save G (B's class, or class N where flagged) as goodnet_detect.keras, then "

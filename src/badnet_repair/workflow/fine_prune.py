@@ -42,7 +42,8 @@ def run_fine_pruning(
     ``goodnet_fp.keras`` (``ft`` instead of ``fp`` for fine-tuning) and ``fp_results.json``.
     With several ``members``, ``fp.h5`` and ``fp.keras`` hold the averaging model, and each
     member's weights go to ``fp_member_{i}_weights.h5`` (lab layout, loadable into DeepID)
-    instead of ``fp_weights.h5``.
+    instead of ``fp_weights.h5``; a soup (``ensemble_mean="soup"``) is one network, saved as
+    one network is, its members beside it.
 
     Args:
         model: the BadNet's file.
@@ -76,8 +77,9 @@ def run_fine_pruning(
     stem = "fp" if method == "fine-pruning" else "ft"
     out = Path(out_dir)
     members = defense.members
-    # an averaged model has no lab-style weights-only file; each member gets one instead
-    model_paths = {k: v for k, v in saved_model_paths(out, stem).items() if members == 1 or k != "weights"}
+    # an ensemble has no lab-style weights-only file (each member gets one instead); a soup is one network
+    one_network = members == 1 or defense.ensemble_mean == "soup"
+    model_paths = {k: v for k, v in saved_model_paths(out, stem).items() if one_network or k != "weights"}
     member_paths = {f"member_{i}_weights": saved_model_paths(out, f"{stem}_member_{i}")["weights"]
                     for i in range(members)} if members > 1 else {}
     paths = {**model_paths, **member_paths, "goodnet": out / f"goodnet_{stem}.keras",
@@ -130,6 +132,8 @@ def run_fine_pruning(
         "evaluations": evaluations,
         "models": {k: str(v) for k, v in paths.items() if k != "results"},
     }
+    if result.budget is not None:  # a soup, checked as a whole on the part every member held out
+        results["soup_budget"] = result.budget.as_dict()
     if warnings or drops:
         results["warnings"] = [*drops, *warnings]
     write_results({paths["results"]: results}, overwrite=overwrite)
