@@ -323,6 +323,17 @@ def test_every_training_defense_respects_the_budget_with_two_clean_images_per_cl
         repair = defense.as_repair(result)
         assert repair.warnings == result.warnings
     assert fell  # the rate is high enough that some repair had to fall back
+    # a soup: every member holds out one image of each class, none tunes on it, and the soup is held there
+    soup = FineTuning(members=2, ensemble_mean="soup", epochs=3, learning_rate=5e-2).tune(b, tiny)
+    shared = set(split_clean(tiny, holdout_fraction=0.1, seed=0)[3].tolist())
+    assert sorted(tiny.y[sorted(shared)]) == sorted(np.unique(tiny.y))
+    assert all(shared <= set(m.holdout_index) for m in soup.members)
+    assert all(not set(m.tune_index) & shared for m in soup.members)
+    assert soup.budget is not None and soup.budget.budget == 3.0
+    if soup.budget.fallback == "B":
+        assert soup.model is b and soup.warnings == (soup.budget.warning,)
+    else:
+        assert soup.budget.base_accuracy - soup.budget.accuracy <= 3.0 and not soup.warnings
 
 
 def test_split_with_one_image_per_class_holds_out_images_at_random(caplog):
