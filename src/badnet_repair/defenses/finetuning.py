@@ -144,7 +144,8 @@ class FineTuning(TrainingSettings, Defense):
             ``"soup"``: one network with the mean of the members' weights (a uniform model soup;
             Wortsman et al., ICML 2022; :func:`~badnet_repair.nets.models.weight_soup`). A soup's
             members all hold out one shared half of ``holdout_fraction`` and each a half of its own
-            (:func:`soup_member_split`); the budget holds the soup, on the shared half.
+            (:func:`soup_member_split`); the budget holds the soup, on the shared half. (Members
+            that prune prune different channels; their soup holds none of them at zero.)
         distill: weight of B's own correct predictions in the targets, default 0 (off;
             :class:`Distillation`).
         budget: the clean-accuracy budget in points, default 3 (None = off): a network that falls

@@ -714,11 +714,12 @@ def weight_soup(models: Sequence[Any], *, name: str = "soup") -> Any:
     """One network whose weights are the mean of the given networks' weights: a uniform model
     soup (Wortsman et al., "Model soups", ICML 2022).
 
-    Networks fine-tuned from the same start on different splits of a few clean images stay in
-    one basin of the loss, so the mean of their weights is itself a good network, and usually a
-    better one than each: it has learned from every split, at one network's cost to run. The
-    models must share an architecture (the same layers, by name, with weights of the same
-    shapes) and input scale; nothing of theirs is shared with or changed by the result.
+    Networks fine-tuned from one start on different splits of a few clean images, where they
+    stay in one basin of the loss, average to a network that has learned from every split, at
+    one network's cost to run; where they travel farther apart the mean can be worse than each,
+    so a caller holds the soup to held-out data (``FineTuning``'s budget does). The models must
+    share an architecture (the same layers, by name, with weights of the same shapes) and input
+    scale; nothing of theirs is shared with or changed by the result.
 
     Args:
         models: one or more networks of one architecture.
