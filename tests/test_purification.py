@@ -255,3 +255,9 @@ def test_ibau_returns_the_last_round_within_the_budget(small_deepid, caplog):
         assert r.model is small_deepid
     off = IBAU(budget=None, **kw).repair(small_deepid, clean)
     assert off.warnings == () and off.record["choices"]["kept_round"] == len(rounds) - 1
+
+
+def test_fst_fp_refuses_a_soup_of_two_methods_networks():
+    with pytest.raises(ValueError, match="fst-fp averages two methods"):
+        FeatureShiftFinePruning(ensemble_mean="soup")
+    assert FeatureShiftFinePruning(ensemble_mean="arithmetic").ensemble_mean == "arithmetic"

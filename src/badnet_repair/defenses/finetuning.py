@@ -187,6 +187,11 @@ class FineTuning(TrainingSettings, Defense):
             raise ValueError(f"budget must be >= 0 points or None, not {self.budget}")
         self.trainer()  # the trainer's own checks (epochs, weight decay...)
 
+    @property
+    def soup(self) -> bool:
+        """Whether the members are combined into one network by their weights (a soup)."""
+        return self.members > 1 and self.ensemble_mean == "soup"
+
     # -- what a subclass changes ---------------------------------------------------------------
 
     def start(self, member: Member) -> tuple[Any, tuple[int, ...]]:
@@ -254,7 +259,7 @@ class FineTuning(TrainingSettings, Defense):
         label = desc or self.name
         tuned: list[FineTuned] = []
         scale = pixel_range(clean.x)
-        soup = self.members > 1 and self.ensemble_mean == "soup"
+        soup = self.soup
         rest_idx, shared_idx = np.arange(len(clean)), np.zeros(0, np.int64)
         if soup:
             # The soup learns from every member's tuning part, so only images no member tuned on can

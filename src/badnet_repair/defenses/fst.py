@@ -166,6 +166,14 @@ class FeatureShiftFinePruning(_FeatureShiftSettings, FinePruning):
 
     members: int = setting(3, "networks of each method (FST and fine-pruning)")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ensemble_mean == "soup":
+            # FST's networks have a new head, fine-pruning's pruned channels: their weights lie
+            # apart, and their mean is no classifier (nor held to any budget)
+            raise ValueError("fst-fp averages two methods' networks' probabilities; its ensemble_mean must be "
+                             "'geometric' or 'arithmetic', not 'soup'")
+
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The average of the FST networks and the fine-pruned ones; the two ensembles in
         :attr:`Repair.artifacts` (``"fst"``, ``"fine-pruning"``, each a FinePruneResult)."""

@@ -736,9 +736,13 @@ def weight_soup(models: Sequence[Any], *, name: str = "soup") -> Any:
     scale = common_input_scale(models)
     models = [without_input_scale(m) for m in models]
     first = models[0]
-    shapes = [(layer.name, [tuple(w.shape) for w in layer.get_weights()]) for layer in first.layers]
+
+    def layout(m: Any) -> list[tuple[str, list[tuple[int, ...]]]]:
+        return [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in m.layers]
+
+    shapes = layout(first)
     for m in models[1:]:
-        if [(layer.name, [tuple(w.shape) for w in layer.get_weights()]) for layer in m.layers] != shapes:
+        if layout(m) != shapes:
             raise ModelError(f"weight_soup: model {m.name!r} does not have {first.name!r}'s architecture "
                              "(its layers or weight shapes differ); weights can only be averaged between copies "
                              "of one network")

@@ -78,7 +78,7 @@ def run_fine_pruning(
     out = Path(out_dir)
     members = defense.members
     # an ensemble has no lab-style weights-only file (each member gets one instead); a soup is one network
-    one_network = members == 1 or defense.ensemble_mean == "soup"
+    one_network = members == 1 or defense.soup
     model_paths = {k: v for k, v in saved_model_paths(out, stem).items() if one_network or k != "weights"}
     member_paths = {f"member_{i}_weights": saved_model_paths(out, f"{stem}_member_{i}")["weights"]
                     for i in range(members)} if members > 1 else {}
