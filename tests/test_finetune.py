@@ -7,7 +7,7 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.cli import main
-from badnet_repair.defenses.finetuning import Distillation, FineTuning, Member, fine_prune
+from badnet_repair.defenses.finetuning import Distillation, FineTuning, Member, fine_prune, greedy_soup
 from badnet_repair.defenses.fst import FeatureShift
 from badnet_repair.defenses.tuning import check_budget, split_clean
 from badnet_repair.errors import DataError
@@ -379,6 +379,71 @@ def test_a_soup_is_one_network_of_mean_weights_held_to_the_budget_on_a_part_ever
     assert "fine-tuning (a soup of 3)" in line and "returned the BadNet unchanged" in line
     rep = FineTuning(**{**opts, "learning_rate": 5.0, "clipnorm": None, "budget": 0.0}).repair(b, valid)  # type: ignore[arg-type]
     assert rep.warnings == wrecked.warnings and rep.record["choices"]["soup"]["fallback"] == "B"
+
+
+def _linear_net(w: float, b0: float):
+    """A two-class softmax on two numbers: logits w * x + (b0, 0), worked out by hand below."""
+    import keras
+
+    x = keras.Input(shape=(1, 1, 2), name="input")
+    y = keras.layers.Dense(2, activation="softmax", name="output")(keras.layers.Flatten(name="flatten")(x))
+    m = keras.Model(x, y)
+    m.get_layer("output").set_weights([w * np.eye(2, dtype=np.float32), np.array([b0, 0.0], np.float32)])
+    return m
+
+
+def test_greedy_soup_adds_members_best_first_only_where_the_held_out_accuracy_does_not_fall():
+    # points labelled by their larger coordinate
+    x = np.array([[1, 0], [0, 1], [0.1, 0.5], [0.5, 0.1]], np.float32).reshape(4, 1, 1, 2)
+    holdout = br.Dataset(x, np.array([0, 1, 1, 0]), "held")
+    # m0 = identity: 100 %; m1 = identity with +0.6 on class 0: (0.7, 0.5) for (0.1, 0.5) is wrong, 75 %;
+    # m2 = -3 identity: 0 %
+    m0, m1, m2 = _linear_net(1.0, 0.0), _linear_net(1.0, 0.6), _linear_net(-3.0, 0.0)
+    kept, soup, acc = greedy_soup([m2, m1, m0], holdout)
+    # ranked m0 (100), m1 (75), m2 (0); soup(m0, m1) = identity, bias 0.3: all four right, a tie, so m1
+    # joins; with m2 the weights are -1/3 identity: accuracy falls, so m2 is left out
+    assert kept == (2, 1) and acc == 100.0
+    w, b = soup.get_layer("output").get_weights()
+    np.testing.assert_allclose(w, np.eye(2), atol=1e-7)
+    np.testing.assert_allclose(b, [0.3, 0.0], atol=1e-7)
+    # a soup that only falls keeps the best member alone, the model itself
+    kept, soup, acc = greedy_soup([m2, m0], holdout)
+    assert kept == (1,) and soup is m0 and acc == 100.0
+    with pytest.raises(ValueError, match="at least one"):
+        greedy_soup([], holdout)
+
+
+def test_greedy_soup_needs_a_soup():
+    with pytest.raises(ValueError, match="greedy_soup needs ensemble_mean='soup' and members > 1"):
+        FineTuning(members=3, greedy_soup=True)
+    with pytest.raises(ValueError, match="greedy_soup needs"):
+        FineTuning(members=1, ensemble_mean="soup", greedy_soup=True)
+
+
+@pytest.mark.slow
+def test_a_greedy_soup_holds_the_kept_members_mean_and_is_held_to_the_budget(small_demo):
+    from badnet_repair.nets.trainer import accuracy
+
+    b = br.load_model(small_demo.model)
+    valid = br.load_h5(small_demo.valid)
+    opts = dict(members=3, ensemble_mean="soup", greedy_soup=True, epochs=2, holdout_fraction=0.34, seed=4)
+    r = FineTuning(**opts, budget=None).tune(b, valid)  # type: ignore[arg-type]
+    shared = valid.subset(split_clean(valid, holdout_fraction=0.17, seed=4)[3])
+    # the plain computation: rank by accuracy on the shared part, add where the soup does not fall
+    alone = [accuracy(m.model, shared) for m in r.members]
+    first = int(np.argmax(alone))
+    assert r.soup_members[0] == first and len(set(r.soup_members)) == len(r.soup_members)
+    kept = [r.members[i].model for i in r.soup_members]
+    for got, *ws in zip(r.model.get_weights(), *(m.get_weights() for m in kept), strict=True):
+        np.testing.assert_allclose(got, np.mean(ws, axis=0), rtol=1e-6, atol=1e-7)
+    assert r.budget is not None and r.budget.accuracy == accuracy(r.model, shared) >= alone[first]
+    rep = FineTuning(**opts, budget=None).as_repair(r)  # type: ignore[arg-type]
+    assert rep.record["choices"]["soup"]["members"] == [i + 1 for i in r.soup_members]
+    # wrecked members: the greedy soup falls back to B like any soup, and its line says so
+    wrecked = FineTuning(**{**opts, "learning_rate": 5.0, "clipnorm": None, "budget": 0.0}).tune(b, valid)  # type: ignore[arg-type]
+    assert wrecked.model is b and wrecked.budget is not None and wrecked.budget.fallback == "B"
+    (line,) = wrecked.warnings
+    assert "fine-tuning (a greedy soup of" in line and "returned the BadNet unchanged" in line
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ Cleanse's unlearning subclass it with their own parts, in their own modules.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -25,11 +27,13 @@ from .base import Defense, Repair, Repaired
 if TYPE_CHECKING:
     from .tuning import FinePruneResult
 
+log = logging.getLogger(__name__)
+
 # TensorFlow is imported when a repair runs, so the command line can list these classes'
 # settings without loading it.
 
 __all__ = ["Distillation", "FinePruning", "FineTuning", "FrozenChannels", "TrainingPlan", "fine_prune",
-           "soup_member_split"]
+           "greedy_soup", "soup_member_split"]
 
 class Distillation(Part):
     """Training targets that mix in a teacher's predictions (Hinton et al., 2015).
@@ -146,6 +150,10 @@ class FineTuning(TrainingSettings, Defense):
             members all hold out one shared half of ``holdout_fraction`` and each a half of its own
             (:func:`soup_member_split`); the budget holds the soup, on the shared half. (Members
             that prune prune different channels; their soup holds none of them at zero.)
+        greedy_soup: with ``ensemble_mean="soup"``, a greedy soup (Wortsman et al., recipe 1):
+            the members ranked by accuracy on the shared half, each added, best first, only
+            where the soup's accuracy there does not fall (ties join), default False (all of
+            them; a uniform soup). The budget reads the same shared half.
         distill: weight of B's own correct predictions in the targets, default 0 (off;
             :class:`Distillation`).
         budget: the clean-accuracy budget in points, default 3 (None = off): a network that falls
@@ -170,6 +178,8 @@ class FineTuning(TrainingSettings, Defense):
     ensemble_mean: Literal["geometric", "arithmetic", "soup"] = setting(
         "geometric", "how several members are combined: their probabilities averaged (geometric: a member that "
                      "kept the backdoor is outvoted; arithmetic), or their weights (soup: one network)")
+    greedy_soup: bool = setting(False, "with ensemble_mean='soup': add the members best first, each only where the "
+                                       "soup's accuracy on the part they all held out does not fall (a greedy soup)")
     distill: float = setting(0.0, "weight of the BadNet's own correct predictions on the clean tuning images in the "
                                   "targets (0 = labels only)")
     budget: float | None = setting(3.0, BUDGET_HELP)
@@ -181,6 +191,9 @@ class FineTuning(TrainingSettings, Defense):
             raise ValueError(f"members must be >= 1, not {self.members}")
         if self.ensemble_mean not in ENSEMBLE_MEANS:
             raise ValueError(f"ensemble_mean must be one of {ENSEMBLE_MEANS}, not {self.ensemble_mean!r}")
+        if self.greedy_soup and not self.soup:
+            raise ValueError("greedy_soup needs ensemble_mean='soup' and members > 1 "
+                             f"(here {self.ensemble_mean!r}, {self.members} member(s))")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill must be in [0, 1], not {self.distill}")
         if self.budget is not None and not self.budget >= 0:
@@ -240,15 +253,12 @@ class FineTuning(TrainingSettings, Defense):
         Returns:
             FinePruneResult.
         """
-        import logging
-
         from ..errors import ModelError
         from ..formats.data import pixel_range
         from ..nets.models import average_models, conv_layer
         from ..nets.trainer import accuracy
         from .tuning import FinePruneResult, FineTuned, check_budget, split_clean
 
-        log = logging.getLogger(__name__)
         try:
             layer = str(conv_layer(model, self.layer).name)
         except ModelError:
@@ -308,14 +318,21 @@ class FineTuning(TrainingSettings, Defense):
             repaired = tuned[0].model if self.members == 1 else average_models(
                 [t.model for t in tuned], name=f"{stem}_ensemble", mean=self.ensemble_mean)
             return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned))
-        repaired = average_models([t.model for t in tuned], name=f"{stem}_soup", mean="soup")
         shared = clean.subset(shared_idx)
+        if self.greedy_soup:
+            kept, repaired, soup_acc = greedy_soup([t.model for t in tuned], shared, name=f"{stem}_soup")
+            who = f"{self.name} (a greedy soup of {len(kept)} of {self.members})"
+        else:
+            kept = tuple(range(self.members))
+            repaired = average_models([t.model for t in tuned], name=f"{stem}_soup", mean="soup")
+            soup_acc = accuracy(repaired, shared)
+            who = f"{self.name} (a soup of {self.members})"
         base_acc = accuracy(model, shared)
-        check = check_budget(f"{self.name} (a soup of {self.members})", accuracy(repaired, shared), base_acc,
-                             self.budget, [("B", base_acc)])
+        check = check_budget(who, soup_acc, base_acc, self.budget, [("B", base_acc)])
         if check.fallback == "B":
             repaired = model
-        return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned), budget=check)
+        return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned), budget=check,
+                               soup_members=kept)
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them); the members' budget
@@ -326,11 +343,45 @@ class FineTuning(TrainingSettings, Defense):
         """A :class:`FinePruneResult` as this defense's :class:`Repair`."""
         choices: dict[str, Any] = {"layer": result.layer, "members": member_choices(result)}
         if result.budget is not None:
-            choices["soup"] = result.budget.as_dict()
+            choices["soup"] = {**result.budget.as_dict(), "members": [i + 1 for i in result.soup_members]}
         history = [[dict(h) for h in m.history] for m in result.members]
         repaired = Repaired(label=self.name, model=result.model, channels_pruned=result.channels_pruned)
         return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, history),
                       warnings=result.warnings)
+
+
+def greedy_soup(models: Sequence[Any], holdout: Dataset, *, name: str = "soup") -> tuple[tuple[int, ...], Any, float]:
+    """A greedy weight soup (Wortsman et al., "Model soups", ICML 2022, recipe 1): the models
+    ranked by accuracy on ``holdout``, the best kept, each next one added where the soup of the
+    kept ones and it is at least as accurate on ``holdout`` as the soup without it.
+
+    Args:
+        models: networks of one architecture (fine-tuned from one start, so that their mean stays
+            in its basin where it can).
+        holdout: labelled images none of the models was trained on.
+        name: the soup's name, default ``"soup"``.
+
+    Returns:
+        (the indices kept, in the order added; the soup, one network (the best model itself where
+        no other joined it); its accuracy on ``holdout`` in %).
+    """
+    from ..nets.models import weight_soup
+    from ..nets.trainer import accuracy
+
+    models = list(models)
+    if not models:
+        raise ValueError("greedy_soup needs at least one model")
+    alone = [accuracy(m, holdout) for m in models]
+    order = sorted(range(len(models)), key=lambda i: -alone[i])  # stable: ties keep the members' order
+    kept, soup, best = [order[0]], models[order[0]], alone[order[0]]
+    for i in order[1:]:
+        candidate = weight_soup([models[j] for j in (*kept, i)], name=name)
+        acc = accuracy(candidate, holdout)
+        log.info("greedy soup: member %d %s (soup of %d: %.2f, without it %.2f)", i + 1,
+                 "joins" if acc >= best else "left out", len(kept) + 1, acc, best)
+        if acc >= best:
+            kept, soup, best = [*kept, i], candidate, acc
+    return tuple(kept), soup, best
 
 
 def soup_member_split(clean: Dataset, rest_idx: np.ndarray, shared_idx: np.ndarray, holdout_fraction: float,

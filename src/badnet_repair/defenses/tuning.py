@@ -145,6 +145,8 @@ class FinePruneResult:
         budget: the clean-accuracy budget's check of the combined model, where it is checked as a
             whole (a weight soup, on the part every member held out); None where each member
             was checked alone.
+        soup_members: the indices of the members a weight soup holds (all of them, or those a
+            greedy soup kept, in the order added); empty where the members are not a soup.
     """
 
     model: Any
@@ -152,6 +154,7 @@ class FinePruneResult:
     layer: str
     members: tuple[FineTuned, ...]
     budget: BudgetCheck | None = None
+    soup_members: tuple[int, ...] = ()
 
     @property
     def channels_pruned(self) -> int:
