@@ -455,6 +455,7 @@ def test_fine_prune_command_saves_a_soup_as_one_network(small_demo, tmp_path):
                  "--holdout-fraction", "0.34", "--budget", "none", "--out", str(out)]) == 0
     results = json.loads((out / "ft_results.json").read_text())
     assert results["parameters"]["ensemble_mean"] == "soup" and results["soup_budget"]["budget"] is None
+    assert results["soup_budget"]["members"] == [1, 2]  # a uniform soup holds every member
     soup = br.load_model(out / "ft_weights.h5")  # the lab's weights-only layout: one DeepID
     members = [br.load_model(out / f"ft_member_{i}_weights.h5") for i in range(2)]
     for got, u, v in zip(soup.get_weights(), members[0].get_weights(), members[1].get_weights(), strict=True):

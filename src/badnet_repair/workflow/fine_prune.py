@@ -133,7 +133,7 @@ def run_fine_pruning(
         "models": {k: str(v) for k, v in paths.items() if k != "results"},
     }
     if result.budget is not None:  # a soup, checked as a whole on the part every member held out
-        results["soup_budget"] = result.budget.as_dict()
+        results["soup_budget"] = {**result.budget.as_dict(), "members": [i + 1 for i in result.soup_members]}
     if warnings or drops:
         results["warnings"] = [*drops, *warnings]
     write_results({paths["results"]: results}, overwrite=overwrite)
