@@ -342,8 +342,9 @@ class FineTuning(TrainingSettings, Defense):
     def as_repair(self, result: FinePruneResult) -> Repair:
         """A :class:`FinePruneResult` as this defense's :class:`Repair`."""
         choices: dict[str, Any] = {"layer": result.layer, "members": member_choices(result)}
-        if result.budget is not None:
-            choices["soup"] = {**result.budget.as_dict(), "members": [i + 1 for i in result.soup_members]}
+        soup = result.soup_record()
+        if soup is not None:
+            choices["soup"] = soup
         history = [[dict(h) for h in m.history] for m in result.members]
         repaired = Repaired(label=self.name, model=result.model, channels_pruned=result.channels_pruned)
         return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, history),

@@ -156,6 +156,13 @@ class FinePruneResult:
     budget: BudgetCheck | None = None
     soup_members: tuple[int, ...] = ()
 
+    def soup_record(self) -> dict[str, Any] | None:
+        """The soup's budget check and the members it holds (1-based), for records and
+        results.json; None where the members are not a soup."""
+        if self.budget is None:
+            return None
+        return {**self.budget.as_dict(), "members": [i + 1 for i in self.soup_members]}
+
     @property
     def channels_pruned(self) -> int:
         """Channels pruned: the member's count, or the median over the members."""

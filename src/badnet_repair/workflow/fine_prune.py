@@ -132,8 +132,9 @@ def run_fine_pruning(
         "evaluations": evaluations,
         "models": {k: str(v) for k, v in paths.items() if k != "results"},
     }
-    if result.budget is not None:  # a soup, checked as a whole on the part every member held out
-        results["soup_budget"] = {**result.budget.as_dict(), "members": [i + 1 for i in result.soup_members]}
+    soup = result.soup_record()
+    if soup is not None:  # a soup, checked as a whole on the part every member held out
+        results["soup_budget"] = soup
     if warnings or drops:
         results["warnings"] = [*drops, *warnings]
     write_results({paths["results"]: results}, overwrite=overwrite)
