@@ -179,6 +179,44 @@ def test_cross_fitted_calibration_is_the_plain_out_of_fold_computation():
     assert np.isfinite(tiny.threshold) and tiny.calibration_scores.shape == (D,)
 
 
+def test_split_seeds_start_at_the_seed_and_differ_between_seeds():
+    assert features.split_seeds(4, 1) == [4]
+    three = features.split_seeds(4, 3)
+    assert three[0] == 4 and len(set(three)) == 3 and features.split_seeds(4, 3) == three  # seeded
+    assert not set(three[1:]) & set(features.split_seeds(5, 3))  # seed 4's extra splits are not seed 5's
+
+
+def test_the_threshold_of_several_splits_is_the_mean_of_their_plain_thresholds():
+    clean = pixel_data(15, seed=3)
+    det = FeatureDistance(splits=4, false_alarm=10.0).fit(pixel_model(), clean)
+    f, y = clean.x.reshape(-1, D).astype(np.float64), clean.y
+
+    def plain_threshold(seed: int) -> float:
+        """One split by hand: statistics on its fit part, the pooled median / MAD and the 90 %
+        quantile of its calibration part's distances."""
+        fit, cal = calibration_split(y, 0.3, seed)
+        means = np.stack([f[fit][y[fit] == c].mean(axis=0) for c in range(D)])
+        cov, _ = textbook_ledoit_wolf(f[fit] - means[y[fit]])
+        prec = np.linalg.inv(cov)
+        raw = np.array([(v - means[v.argmax()]) @ prec @ (v - means[v.argmax()]) for v in f[cal]])
+        med = np.median(raw)
+        return float(np.quantile((raw - med) / (1.4826 * np.median(np.abs(raw - med))), 0.90, method="higher"))
+
+    want = [plain_threshold(s) for s in features.split_seeds(0, 4)]
+    np.testing.assert_allclose(det.split_thresholds, want, rtol=1e-6)
+    assert det.threshold == pytest.approx(np.mean(want), rel=1e-6)
+    assert np.ptp(want) > 0  # the splits differ, so the mean is not any one of them
+    # new inputs are scored as by the first split's detector alone; only the threshold moves
+    one = FeatureDistance(false_alarm=10.0).fit(pixel_model(), clean)
+    probe = np.random.default_rng(1).normal(1.0, 2.0, (40, 1, 1, D)).astype(np.float32)
+    np.testing.assert_allclose(det.scores(probe), one.scores(probe), rtol=1e-12)
+    np.testing.assert_array_equal(det.flags(probe), one.scores(probe) > np.mean(want))
+    assert one.split_thresholds is None and one.threshold == pytest.approx(want[0], rel=1e-6)
+    # one image a class (no calibration part): every split cross-fits, still finite
+    tiny = FeatureDistance(splits=3).fit(pixel_model(), pixel_data(1, seed=4))
+    assert np.all(np.isfinite(tiny.split_thresholds)) and len(tiny.split_thresholds) == 3
+
+
 def test_fixed_shrinkage_and_the_class_without_a_mean():
     clean = pixel_data(10, seed=2, classes=range(3))  # no clean image of class 3
     det = FeatureDistance(shrinkage=0.25).fit(pixel_model(), clean)
@@ -300,14 +338,16 @@ def test_threshold_keeps_the_calibration_false_alarm(small_deepid):
 def test_settings_and_their_validation():
     assert FeatureDistance.name == "feature-distance" and FeatureDistance.summary
     assert list(FeatureDistance.settings()) == ["layer", "share", "per_class_min", "shrinkage", "false_alarm",
-                                                "seed", "batch_size", "folds"]
+                                                "seed", "batch_size", "folds", "splits"]
     assert FeatureDistance().get_params() == {"layer": "head", "share": 0.3, "per_class_min": None, "shrinkage": None,
-                                              "false_alarm": 5.0, "seed": 0, "batch_size": 1024, "folds": None}
+                                              "false_alarm": 5.0, "seed": 0, "batch_size": 1024, "folds": None,
+                                              "splits": 1}
     for bad, match in [({"share": 0.0}, "share"), ({"share": 1.0}, "share"), ({"per_class_min": 1}, "per_class_min"),
                        ({"per_class_min": 2.5}, "per_class_min"), ({"shrinkage": 1.5}, "shrinkage"),
                        ({"shrinkage": -0.1}, "shrinkage"), ({"false_alarm": 101.0}, "percentage"),
                        ({"batch_size": 0}, "batch_size"), ({"layer": ""}, "layer"), ({"folds": 1}, "folds"),
-                       ({"folds": 2.5}, "folds")]:
+                       ({"folds": 2.5}, "folds"), ({"splits": 0}, "splits"), ({"splits": 1.5}, "splits"),
+                       ({"splits": 3, "folds": 5}, "choose one")]:
         with pytest.raises(ValueError, match=match):
             FeatureDistance(**bad)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="fit"):
@@ -348,6 +388,7 @@ def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path,
     x = random_faces(7 * 12, seed=5)
     clean = br.Dataset(x, br.predict_classes(small_deepid, x))
     ens = FeatureEnsemble(layers=("head", "conv"), false_alarm=30.0, folds=folds).fit(small_deepid, clean)
+    assert ens.split_thresholds is None
     # the plain computation: each layer's detector on its own, the same split, scores added
     head = FeatureDistance(layer="head", folds=folds).fit(small_deepid, clean)
     conv = FeatureDistance(layer="conv", folds=folds).fit(small_deepid, clean)
@@ -363,15 +404,30 @@ def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path,
     np.testing.assert_allclose(one.scores(probe), head.scores(probe), rtol=1e-12)
 
 
+def test_the_ensembles_threshold_of_several_splits_is_the_mean_of_each_splits_ensemble(small_deepid, tmp_path):
+    x = random_faces(7 * 12, seed=5)
+    clean = br.Dataset(x, br.predict_classes(small_deepid, x))
+    ens = FeatureEnsemble(false_alarm=20.0, splits=3).fit(small_deepid, clean)
+    # the plain computation: one ensemble per split seed, each its own threshold, averaged
+    each = [FeatureEnsemble(false_alarm=20.0, seed=s).fit(small_deepid, clean) for s in features.split_seeds(0, 3)]
+    np.testing.assert_allclose(ens.split_thresholds, [e.threshold for e in each], rtol=1e-9)
+    assert ens.threshold == pytest.approx(np.mean([e.threshold for e in each]), rel=1e-9)
+    probe = mixed_probe()
+    np.testing.assert_allclose(ens.scores(probe), each[0].scores(probe), rtol=1e-9)  # the first split scores
+    keras_form_after_save_and_load(ens, probe, tmp_path / "g.keras", "m")  # the mean is G's threshold
+    assert ens.get_params()["splits"] == 3 and all(m.splits == 1 for m in ens.members)
+
+
 def test_the_ensembles_settings_and_registry_entry():
     assert br.make_detector("feature-ensemble").get_params() == {
         "layers": ["head", "conv"], "share": 0.3, "per_class_min": None, "shrinkage": None, "false_alarm": 5.0,
-        "seed": 0, "batch_size": 1024, "folds": None}
+        "seed": 0, "batch_size": 1024, "folds": None, "splits": 1}
     det = br.make_detector("feature-ensemble", layers="head", per_class_min=3, folds=4)
     assert det.get_params()["layers"] == ["head"] and det.members[0].per_class_min == 3  # type: ignore[attr-defined]
     assert det.get_params()["folds"] == 4 and det.members[0].folds == 4  # type: ignore[attr-defined]
     for bad, match in [({"layers": []}, "layers"), ({"layers": ["head", "head"]}, "distinct"),
-                       ({"share": 1.0}, "share"), ({"false_alarm": -1.0}, "percentage")]:
+                       ({"share": 1.0}, "share"), ({"false_alarm": -1.0}, "percentage"),
+                       ({"splits": 0}, "splits"), ({"splits": 2, "folds": 3}, "choose one")]:
         with pytest.raises(ValueError, match=match):
             FeatureEnsemble(**bad)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="fit"):

@@ -11,11 +11,11 @@ import numpy as np
 
 from ..errors import ModelError
 from ..formats.data import Dataset
-from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model
+from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model, threshold_at
 
-__all__ = ["DEFAULT_FOLDS", "DEFAULT_PER_CLASS_MIN", "MAX_FEATURES", "FeatureDistance", "FeatureEnsemble",
-           "feature_tensor", "features_model", "fold_ids", "ledoit_wolf", "mahalanobis_sq", "robust_location_scale",
-           "run_features"]
+__all__ = ["DEFAULT_FOLDS", "DEFAULT_PER_CLASS_MIN", "DEFAULT_SPLITS", "MAX_FEATURES", "FeatureDistance",
+           "FeatureEnsemble", "feature_tensor", "features_model", "fold_ids", "ledoit_wolf", "mahalanobis_sq",
+           "robust_location_scale", "run_features", "split_seeds"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ DEFAULT_PER_CLASS_MIN: int | None = None
 #: The feature detectors' ``folds`` (their one home): None, the threshold set on one held-out
 #: ``share`` of the clean images; K, on out-of-fold scores of all of them (K-fold cross-fitting).
 DEFAULT_FOLDS: int | None = None
+
+#: The feature detectors' ``splits`` (their one home): 1, the threshold of one fit/calibration
+#: split; R, the mean of R splits' thresholds (the first split's statistics score new inputs).
+DEFAULT_SPLITS: int = 1
 
 #: MAD times this estimates a normal distribution's standard deviation.
 _MAD_TO_SD = 1.4826
@@ -159,6 +163,12 @@ class FeatureDistance(ThresholdDetector):
             class, :func:`fold_ids`), the normalisation and threshold on all N out-of-fold scores
             (a 1.67 % threshold then rests on N images, not 0.3 N), the statistics that score new
             inputs on all the clean images (``share`` unused).
+        splits: 1 (default, :data:`DEFAULT_SPLITS`): the threshold of the one split; R >= 2:
+            the mean of the thresholds of R fit/calibration splits (:func:`split_seeds`, the
+            first is ``seed``'s), each in its own split's normalised units, so a split whose
+            held-out part happens to hold a few far-out clean images moves the threshold by
+            1 / R of what it would alone; the first split's statistics and normalisation score
+            new inputs. Not with ``folds``.
     """
 
     name: ClassVar[str] = "feature-distance"
@@ -172,11 +182,12 @@ class FeatureDistance(ThresholdDetector):
     seed: int
     batch_size: int
     folds: int | None
+    splits: int
 
     def __init__(self, *, layer: str = "head", share: float = 0.3,
                  per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
                  false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024,
-                 folds: int | None = DEFAULT_FOLDS) -> None:
+                 folds: int | None = DEFAULT_FOLDS, splits: int = DEFAULT_SPLITS) -> None:
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"layer must be 'head', 'conv' or a layer's name, not {layer!r}")
         if not 0.0 < share < 1.0:
@@ -192,6 +203,7 @@ class FeatureDistance(ThresholdDetector):
         if folds is not None and (int(folds) != folds or folds < 2):
             raise ValueError(f"folds must be a whole number >= 2 (or None for one held-out share), not {folds}")
         self.folds = None if folds is None else int(folds)
+        self.splits = checked_splits(splits, self.folds)
         self.layer = layer
         self.share = float(share)
         self.per_class_min = None if per_class_min is None else int(per_class_min)
@@ -206,6 +218,7 @@ class FeatureDistance(ThresholdDetector):
         self.spread: np.ndarray | None = None  # (K,) its spread (> 0)
         self.shrinkage_used: float | None = None
         self.per_class: np.ndarray | None = None  # (K,) bool: normalised by the class's own statistics
+        self.split_thresholds: np.ndarray | None = None  # (splits,) each split's threshold; the mean is used
 
     # ------------------------------------------------------------------ features
 
@@ -250,31 +263,63 @@ class FeatureDistance(ThresholdDetector):
             stats = self._statistics(feats, y, k)
             raw_cal, pred_cal, calibrating = self._out_of_fold(feats, y, pred, k), pred, n_clean
         else:
-            fit_idx, cal_idx = calibration_split(y, self.share, self.seed)
-            stats = self._statistics(feats[fit_idx], y[fit_idx], k)
-            calibrating = len(cal_idx)
-            if len(cal_idx):
-                raw_cal, pred_cal = _raw_distances(feats[cal_idx], pred[cal_idx], *stats[:3]), pred[cal_idx]
-            else:
-                raw_cal, pred_cal = self._cross_fitted(feats[fit_idx], y[fit_idx], pred[fit_idx], k), pred[fit_idx]
+            stats, raw_cal, pred_cal = self._split(feats, pred, y, k, self.seed)
+            calibrating = len(raw_cal) if len(raw_cal) < n_clean else 0
         self.means, self.has_mean, self.precision, self.shrinkage_used = stats
-
-        pooled_loc, pooled_spread = robust_location_scale(raw_cal)
-        if pooled_spread <= 1e-12 * max(1.0, abs(pooled_loc)):
-            pooled_spread = float(np.std(raw_cal)) or 1.0
-        self.loc, self.spread = np.full(k, pooled_loc), np.full(k, pooled_spread)
-        self.per_class = np.zeros(k, bool)
-        cal_counts = np.bincount(pred_cal, minlength=k)
-        own = np.zeros(k, bool) if self.per_class_min is None else cal_counts >= self.per_class_min
-        for c in np.flatnonzero(own):
-            loc, spread = robust_location_scale(raw_cal[pred_cal == c])
-            if spread > 1e-12 * max(1.0, abs(loc)):  # else keep the pooled spread (ties)
-                self.loc[c], self.spread[c], self.per_class[c] = loc, spread, True
+        self.loc, self.spread, self.per_class = self._normalisation(raw_cal, pred_cal, k)
         log.info("feature distance at %s: %d features, %d classes with a mean, shrinkage %.3f, %d of %d clean "
                  "images calibrate, %d classes normalised on their own", self.layer, feats.shape[1],
                  int(self.has_mean.sum()), self.shrinkage_used, calibrating, n_clean, int(self.per_class.sum()))
         self.calibrate(self._normalised(raw_cal, pred_cal))
+        if self.splits > 1:
+            assert self.threshold is not None
+            more = [threshold_at(self.split_calibration(feats, pred, y, s), self.false_alarm)
+                    for s in split_seeds(self.seed, self.splits)[1:]]
+            self.split_thresholds = np.array([self.threshold, *more])
+            self.threshold = float(self.split_thresholds.mean())
+            log.info("feature distance at %s: the mean of %d splits' thresholds, %.3f (%.3f..%.3f)", self.layer,
+                     self.splits, self.threshold, self.split_thresholds.min(), self.split_thresholds.max())
         return self
+
+    def _split(self, feats: np.ndarray, pred: np.ndarray, y: np.ndarray, k: int,
+               seed: int) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray, np.ndarray]:
+        """(statistics of the fit part, raw distances and B's classes of the calibration part) of
+        the fit/calibration split ``seed``; where no image is left to calibrate on, the fit
+        images' cross-fitted distances."""
+        fit_idx, cal_idx = calibration_split(y, self.share, seed)
+        stats = self._statistics(feats[fit_idx], y[fit_idx], k)
+        if len(cal_idx):
+            return stats, _raw_distances(feats[cal_idx], pred[cal_idx], *stats[:3]), pred[cal_idx]
+        return stats, self._cross_fitted(feats[fit_idx], y[fit_idx], pred[fit_idx], k, seed), pred[fit_idx]
+
+    def _normalisation(self, raw_cal: np.ndarray, pred_cal: np.ndarray,
+                       k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(loc (K,), spread (K,), per_class (K,) bool) from the calibration images' raw
+        distances: pooled, or a class's own where it has ``per_class_min`` of them."""
+        pooled_loc, pooled_spread = robust_location_scale(raw_cal)
+        if pooled_spread <= 1e-12 * max(1.0, abs(pooled_loc)):
+            pooled_spread = float(np.std(raw_cal)) or 1.0
+        loc, spread, per_class = np.full(k, pooled_loc), np.full(k, pooled_spread), np.zeros(k, bool)
+        cal_counts = np.bincount(pred_cal, minlength=k)
+        own = np.zeros(k, bool) if self.per_class_min is None else cal_counts >= self.per_class_min
+        for c in np.flatnonzero(own):
+            c_loc, c_spread = robust_location_scale(raw_cal[pred_cal == c])
+            if c_spread > 1e-12 * max(1.0, abs(c_loc)):  # else keep the pooled spread (ties)
+                loc[c], spread[c], per_class[c] = c_loc, c_spread, True
+        return loc, spread, per_class
+
+    def split_calibration(self, feats: np.ndarray, pred: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+        """The normalised calibration scores of the split ``seed``, each in that split's own
+        units (its statistics and normalisation), from the clean images' (N, D) features, B's
+        (N,) classes and their (N,) labels; the fitted detector is left as it is."""
+        from ..nets.models import num_classes
+
+        if self.model is None:
+            raise RuntimeError("call fit(model, clean) first (FeatureDistance)")
+        k = num_classes(self.model)
+        _, raw_cal, pred_cal = self._split(feats, pred, y, k, seed)
+        loc, spread, _ = self._normalisation(raw_cal, pred_cal, k)
+        return (raw_cal - loc[pred_cal]) / spread[pred_cal]
 
     def _statistics(self, feats: np.ndarray, labels: np.ndarray,
                     k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -301,7 +346,8 @@ class FeatureDistance(ThresholdDetector):
             cov = shrink * np.trace(s) / len(s) * np.eye(len(s)) + (1.0 - shrink) * s
         return means, counts > 0, _psd_inverse(cov), float(shrink)
 
-    def _cross_fitted(self, feats: np.ndarray, labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    def _cross_fitted(self, feats: np.ndarray, labels: np.ndarray, pred: np.ndarray, k: int,
+                      seed: int) -> np.ndarray:
         """Raw distances of the fit images where none is left to calibrate on (one image a
         class), each from statistics without it: 5 folds, each scored by the others' means and
         covariance (its own classes then have no mean: the nearest class's). Scoring the images
@@ -310,7 +356,7 @@ class FeatureDistance(ThresholdDetector):
         if n < 2:
             log.warning("one clean image: nothing to calibrate on; every input with features unlike it is flagged")
             return np.zeros(n)
-        folds = np.random.default_rng(self.seed).permutation(n) % min(5, n)
+        folds = np.random.default_rng(seed).permutation(n) % min(5, n)
         raw = np.empty(n)
         for fold in range(min(5, n)):
             out = folds == fold
@@ -326,7 +372,7 @@ class FeatureDistance(ThresholdDetector):
         assert self.folds is not None
         ids = fold_ids(labels, self.folds, self.seed)
         if len(np.unique(ids)) < 2:
-            return self._cross_fitted(feats, labels, pred, k)
+            return self._cross_fitted(feats, labels, pred, k, self.seed)
         raw = np.empty(len(feats))
         for fold in np.unique(ids):
             out = ids == fold
@@ -416,6 +462,8 @@ class FeatureEnsemble(ThresholdDetector):
             ``("head", "conv")``.
         share, per_class_min, shrinkage, seed, batch_size, folds: each layer's
             :class:`FeatureDistance` settings, the same defaults (0.3, None, None, 0, 1024, None).
+        splits: as :class:`FeatureDistance`'s, on the sums: the mean of R splits' thresholds,
+            each on the sums of that split's normalised scores; default 1.
         false_alarm: the share of held-out clean images flagged, in %, default 5.
     """
 
@@ -428,7 +476,7 @@ class FeatureEnsemble(ThresholdDetector):
     def __init__(self, *, layers: Sequence[str] = ("head", "conv"), share: float = 0.3,
                  per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
                  false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024,
-                 folds: int | None = DEFAULT_FOLDS) -> None:
+                 folds: int | None = DEFAULT_FOLDS, splits: int = DEFAULT_SPLITS) -> None:
         if isinstance(layers, str):
             layers = (layers,)
         layers = tuple(layers)
@@ -436,7 +484,7 @@ class FeatureEnsemble(ThresholdDetector):
             raise ValueError(f"layers must name one or more distinct layers, not {list(layers)}")
         self.false_alarm = checked_false_alarm(false_alarm)
         # The members' own thresholds are never used (the sum is thresholded); at 100 % they
-        # set none that could warn about its calibration.
+        # set none that could warn about its calibration, and with one split none is averaged.
         self.members = [FeatureDistance(layer=lyr, share=share, per_class_min=per_class_min, shrinkage=shrinkage,
                                         false_alarm=100.0, seed=seed, batch_size=batch_size, folds=folds)
                         for lyr in layers]
@@ -445,6 +493,8 @@ class FeatureEnsemble(ThresholdDetector):
         self.layers, self.share, self.per_class_min = layers, first.share, first.per_class_min
         self.shrinkage, self.seed, self.batch_size = first.shrinkage, first.seed, first.batch_size
         self.folds = first.folds
+        self.splits = checked_splits(splits, self.folds)
+        self.split_thresholds: np.ndarray | None = None  # (splits,) each split's threshold; the mean is used
 
     def fit(self, model: Any, clean: Dataset) -> FeatureEnsemble:
         """Each layer's :meth:`FeatureDistance.fit` (one split or one set of folds for all), on
@@ -459,6 +509,16 @@ class FeatureEnsemble(ThresholdDetector):
         cal = [np.asarray(m.calibration_scores) for m in self.members]
         assert all(c.shape == cal[0].shape for c in cal)  # one split: the same images in the same order
         self.calibrate(np.sum(cal, axis=0))
+        if self.splits > 1:
+            assert self.threshold is not None
+            more = [threshold_at(np.sum([m.split_calibration(f, pred, y, s) for m, f in zip(self.members, feats,
+                                                                                            strict=True)], axis=0),
+                                 self.false_alarm)
+                    for s in split_seeds(self.seed, self.splits)[1:]]
+            self.split_thresholds = np.array([self.threshold, *more])
+            self.threshold = float(self.split_thresholds.mean())
+            log.info("feature ensemble: the mean of %d splits' thresholds, %.3f (%.3f..%.3f)", self.splits,
+                     self.threshold, self.split_thresholds.min(), self.split_thresholds.max())
         return self
 
     def scores(self, x: np.ndarray) -> np.ndarray:
@@ -524,6 +584,21 @@ def run_features(features: Any, x: np.ndarray, batch_size: int) -> tuple[list[np
             out[i : i + batch_size] = keras.ops.convert_to_numpy(f).reshape(len(f), d)
         classes[i : i + batch_size] = np.argmax(keras.ops.convert_to_numpy(p), axis=-1)
     return feats, classes
+
+
+def checked_splits(splits: int, folds: int | None) -> int:
+    """``splits`` as an int, or the ValueError that names the problem."""
+    if isinstance(splits, bool) or int(splits) != splits or splits < 1:
+        raise ValueError(f"splits must be a whole number >= 1, not {splits}")
+    if splits > 1 and folds is not None:
+        raise ValueError(f"splits ({splits}) and folds ({folds}) are two ways to set the threshold; choose one")
+    return int(splits)
+
+
+def split_seeds(seed: int, splits: int) -> list[int]:
+    """The seeds of ``splits`` fit/calibration splits: ``seed`` first (one split is the plain
+    detector's), then seeds drawn from (``seed``, r), so that no two detector seeds share one."""
+    return [int(seed)] + [int(np.random.SeedSequence([int(seed), r]).generate_state(1)[0]) for r in range(1, splits)]
 
 
 def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
