@@ -303,6 +303,29 @@ def test_a_detector_entry_with_mistakes_is_refused_with_each_named(small_demo, t
     assert "false_alarm must be a percentage" in message
 
 
+def test_a_detector_setting_of_none_is_written_as_the_string_none(small_demo, tmp_path):
+    text = textwrap.dedent("""
+        [[badnet]]
+        name = "baseline"
+        split = "tuning"
+    """) + _files(small_demo) + textwrap.dedent("""
+        [[detector]]
+        label = "one split"
+        detectors = ["feature-ensemble"]
+        set = { feature-ensemble = { folds = "none", splits = 2 } }
+
+        [[detector]]
+        label = "five folds"
+        detectors = ["feature-ensemble"]
+        set = { feature-ensemble = { folds = 5 } }
+    """)
+    path = tmp_path / "none.toml"
+    path.write_text(text)
+    one, five = load_config(path).detectors
+    assert one.settings["set"] == {"feature-ensemble": {"folds": None, "splits": 2}}
+    assert five.settings["set"] == {"feature-ensemble": {"folds": 5}}
+
+
 def test_a_scan_summary_places_each_target_in_the_preselection_and_the_screen():
     from badnet_repair.detectors.neural_cleanse import CleanseScan
     from badnet_repair.workflow.bench import scan_summary

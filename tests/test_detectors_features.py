@@ -96,7 +96,7 @@ def pixel_data(per_class: int, seed: int, classes: range = range(D)) -> br.Datas
 
 def test_the_score_is_the_papers_formula_on_features_known_by_hand():
     clean = pixel_data(20, seed=0)
-    det = FeatureDistance().fit(pixel_model(), clean)
+    det = FeatureDistance(folds=None).fit(pixel_model(), clean)  # one split (the cross-fitted default: below)
     f, y = clean.x.reshape(-1, D).astype(np.float64), clean.y
     fit, cal = calibration_split(y, 0.3, 0)
     means = np.stack([f[fit][y[fit] == c].mean(axis=0) for c in range(D)])
@@ -112,9 +112,9 @@ def test_the_score_is_the_papers_formula_on_features_known_by_hand():
         return np.array([(v - means[k]) @ prec @ (v - means[k]) for v, k in zip(feats, c, strict=True)])
 
     # pooled (the default, None) and a count no class reaches flag the same way
-    pooled = FeatureDistance().fit(pixel_model(), clean)
-    np.testing.assert_array_equal(pooled.scores(clean.x),
-                                  FeatureDistance(per_class_min=1000).fit(pixel_model(), clean).scores(clean.x))
+    pooled = FeatureDistance(folds=None).fit(pixel_model(), clean)
+    never_own = FeatureDistance(per_class_min=1000, folds=None).fit(pixel_model(), clean)
+    np.testing.assert_array_equal(pooled.scores(clean.x), never_own.scores(clean.x))
     cal_raw = raw(f[cal])
     med = np.median(cal_raw)
     mad = 1.4826 * np.median(np.abs(cal_raw - med))
@@ -128,7 +128,7 @@ def test_the_score_is_the_papers_formula_on_features_known_by_hand():
     assert not pooled.per_class.any()
 
     # per class: each predicted class's own median and MAD where it has per_class_min calibration images
-    det2 = FeatureDistance(per_class_min=2).fit(pixel_model(), clean)
+    det2 = FeatureDistance(per_class_min=2, folds=None).fit(pixel_model(), clean)
     pred_cal = f[cal].argmax(axis=1)
     for c in range(D):
         mine = cal_raw[pred_cal == c]
@@ -188,7 +188,7 @@ def test_split_seeds_start_at_the_seed_and_differ_between_seeds():
 
 def test_the_threshold_of_several_splits_is_the_mean_of_their_plain_thresholds():
     clean = pixel_data(15, seed=3)
-    det = FeatureDistance(splits=4, false_alarm=10.0).fit(pixel_model(), clean)
+    det = FeatureDistance(splits=4, folds=None, false_alarm=10.0).fit(pixel_model(), clean)
     f, y = clean.x.reshape(-1, D).astype(np.float64), clean.y
 
     def plain_threshold(seed: int) -> float:
@@ -207,19 +207,19 @@ def test_the_threshold_of_several_splits_is_the_mean_of_their_plain_thresholds()
     assert det.threshold == pytest.approx(np.mean(want), rel=1e-6)
     assert np.ptp(want) > 0  # the splits differ, so the mean is not any one of them
     # new inputs are scored as by the first split's detector alone; only the threshold moves
-    one = FeatureDistance(false_alarm=10.0).fit(pixel_model(), clean)
+    one = FeatureDistance(folds=None, false_alarm=10.0).fit(pixel_model(), clean)
     probe = np.random.default_rng(1).normal(1.0, 2.0, (40, 1, 1, D)).astype(np.float32)
     np.testing.assert_allclose(det.scores(probe), one.scores(probe), rtol=1e-12)
     np.testing.assert_array_equal(det.flags(probe), one.scores(probe) > np.mean(want))
     assert one.split_thresholds is None and one.threshold == pytest.approx(want[0], rel=1e-6)
     # one image a class (no calibration part): every split cross-fits, still finite
-    tiny = FeatureDistance(splits=3).fit(pixel_model(), pixel_data(1, seed=4))
+    tiny = FeatureDistance(splits=3, folds=None).fit(pixel_model(), pixel_data(1, seed=4))
     assert np.all(np.isfinite(tiny.split_thresholds)) and len(tiny.split_thresholds) == 3
 
 
 def test_fixed_shrinkage_and_the_class_without_a_mean():
     clean = pixel_data(10, seed=2, classes=range(3))  # no clean image of class 3
-    det = FeatureDistance(shrinkage=0.25).fit(pixel_model(), clean)
+    det = FeatureDistance(shrinkage=0.25, folds=None).fit(pixel_model(), clean)
     f, y = clean.x.reshape(-1, D).astype(np.float64), clean.y
     fit, _ = calibration_split(y, 0.3, 0)
     means = np.stack([f[fit][y[fit] == c].mean(axis=0) for c in range(3)])
@@ -340,14 +340,14 @@ def test_settings_and_their_validation():
     assert list(FeatureDistance.settings()) == ["layer", "share", "per_class_min", "shrinkage", "false_alarm",
                                                 "seed", "batch_size", "folds", "splits"]
     assert FeatureDistance().get_params() == {"layer": "head", "share": 0.3, "per_class_min": None, "shrinkage": None,
-                                              "false_alarm": 5.0, "seed": 0, "batch_size": 1024, "folds": None,
+                                              "false_alarm": 5.0, "seed": 0, "batch_size": 1024, "folds": 5,
                                               "splits": 1}
     for bad, match in [({"share": 0.0}, "share"), ({"share": 1.0}, "share"), ({"per_class_min": 1}, "per_class_min"),
                        ({"per_class_min": 2.5}, "per_class_min"), ({"shrinkage": 1.5}, "shrinkage"),
                        ({"shrinkage": -0.1}, "shrinkage"), ({"false_alarm": 101.0}, "percentage"),
                        ({"batch_size": 0}, "batch_size"), ({"layer": ""}, "layer"), ({"folds": 1}, "folds"),
-                       ({"folds": 2.5}, "folds"), ({"splits": 0}, "splits"), ({"splits": 1.5}, "splits"),
-                       ({"splits": 3, "folds": 5}, "choose one")]:
+                       ({"folds": 2.5}, "folds"), ({"splits": 0}, "splits"), ({"splits": 1.5, "folds": None}, "splits"),
+                       ({"splits": 3}, "splits needs folds=None"), ({"splits": 3, "folds": 5}, "choose one")]:
         with pytest.raises(ValueError, match=match):
             FeatureDistance(**bad)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="fit"):
@@ -407,9 +407,10 @@ def test_the_ensemble_is_the_sum_of_its_layers_distances(small_deepid, tmp_path,
 def test_the_ensembles_threshold_of_several_splits_is_the_mean_of_each_splits_ensemble(small_deepid, tmp_path):
     x = random_faces(7 * 12, seed=5)
     clean = br.Dataset(x, br.predict_classes(small_deepid, x))
-    ens = FeatureEnsemble(false_alarm=20.0, splits=3).fit(small_deepid, clean)
+    ens = FeatureEnsemble(false_alarm=20.0, splits=3, folds=None).fit(small_deepid, clean)
     # the plain computation: one ensemble per split seed, each its own threshold, averaged
-    each = [FeatureEnsemble(false_alarm=20.0, seed=s).fit(small_deepid, clean) for s in features.split_seeds(0, 3)]
+    each = [FeatureEnsemble(false_alarm=20.0, seed=s, folds=None).fit(small_deepid, clean)
+            for s in features.split_seeds(0, 3)]
     np.testing.assert_allclose(ens.split_thresholds, [e.threshold for e in each], rtol=1e-9)
     assert ens.threshold == pytest.approx(np.mean([e.threshold for e in each]), rel=1e-9)
     probe = mixed_probe()
@@ -421,13 +422,13 @@ def test_the_ensembles_threshold_of_several_splits_is_the_mean_of_each_splits_en
 def test_the_ensembles_settings_and_registry_entry():
     assert br.make_detector("feature-ensemble").get_params() == {
         "layers": ["head", "conv"], "share": 0.3, "per_class_min": None, "shrinkage": None, "false_alarm": 5.0,
-        "seed": 0, "batch_size": 1024, "folds": None, "splits": 1}
+        "seed": 0, "batch_size": 1024, "folds": 5, "splits": 1}
     det = br.make_detector("feature-ensemble", layers="head", per_class_min=3, folds=4)
     assert det.get_params()["layers"] == ["head"] and det.members[0].per_class_min == 3  # type: ignore[attr-defined]
     assert det.get_params()["folds"] == 4 and det.members[0].folds == 4  # type: ignore[attr-defined]
     for bad, match in [({"layers": []}, "layers"), ({"layers": ["head", "head"]}, "distinct"),
                        ({"share": 1.0}, "share"), ({"false_alarm": -1.0}, "percentage"),
-                       ({"splits": 0}, "splits"), ({"splits": 2, "folds": 3}, "choose one")]:
+                       ({"splits": 0, "folds": None}, "splits"), ({"splits": 2, "folds": 3}, "choose one")]:
         with pytest.raises(ValueError, match=match):
             FeatureEnsemble(**bad)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="fit"):

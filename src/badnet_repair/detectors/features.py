@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 #: docs/research/detection32.md).
 DEFAULT_PER_CLASS_MIN: int | None = None
 
-#: The feature detectors' ``folds`` (their one home): None, the threshold set on one held-out
-#: ``share`` of the clean images; K, on out-of-fold scores of all of them (K-fold cross-fitting).
-DEFAULT_FOLDS: int | None = None
+#: The feature detectors' ``folds`` (their one home): 5, the threshold set on out-of-fold scores
+#: of all the clean images (5-fold cross-fitting; chosen in round 8, docs/research/detection32.md);
+#: None, on one held-out ``share`` of them.
+DEFAULT_FOLDS: int | None = 5
 
 #: The feature detectors' ``splits`` (their one home): 1, the threshold of one fit/calibration
 #: split; R, the mean of R splits' thresholds (the first split's statistics score new inputs).
@@ -157,18 +158,19 @@ class FeatureDistance(ThresholdDetector):
         false_alarm: the share of held-out clean images flagged, in %, default 5.
         seed: the fit/calibration split, default 0.
         batch_size: images per forward pass, default 1024.
-        folds: None (default, :data:`DEFAULT_FOLDS`): the statistics on the fit part, the
-            normalisation and threshold on the ``share`` held out; K >= 2: cross-fitted, each
-            clean image scored by statistics of the K - 1 folds without it (folds dealt per
-            class, :func:`fold_ids`), the normalisation and threshold on all N out-of-fold scores
-            (a 1.67 % threshold then rests on N images, not 0.3 N), the statistics that score new
-            inputs on all the clean images (``share`` unused).
-        splits: 1 (default, :data:`DEFAULT_SPLITS`): the threshold of the one split; R >= 2:
-            the mean of the thresholds of R fit/calibration splits (:func:`split_seeds`, the
-            first is ``seed``'s), each in its own split's normalised units, so a split whose
-            held-out part happens to hold a few far-out clean images moves the threshold by
-            1 / R of what it would alone; the first split's statistics and normalisation score
-            new inputs. Not with ``folds``.
+        folds: K >= 2 (default 5, :data:`DEFAULT_FOLDS`): cross-fitted, each clean image scored
+            by statistics of the K - 1 folds without it (folds dealt per class, :func:`fold_ids`),
+            the normalisation and threshold on all N out-of-fold scores (a 5 % threshold then rests
+            on N images, not 0.3 N), the statistics that score new inputs on all the clean images
+            (``share`` unused); the threshold errs high (new inputs meet statistics of all N, nearer
+            than the K - 1 folds' were), so fewer than ``false_alarm`` % of new clean inputs are
+            flagged. None: the statistics on the fit part, the normalisation and threshold on the
+            ``share`` held out.
+        splits: with ``folds = None``: 1 (default, :data:`DEFAULT_SPLITS`), the threshold of the
+            one split; R >= 2, the mean of the thresholds of R fit/calibration splits
+            (:func:`split_seeds`, the first is ``seed``'s), each in its own split's normalised
+            units; the first split's statistics and normalisation score new inputs. Not with
+            ``folds``.
     """
 
     name: ClassVar[str] = "feature-distance"
@@ -461,7 +463,7 @@ class FeatureEnsemble(ThresholdDetector):
             input), ``"conv"`` (the last conv layer's map) or a layer's name, default
             ``("head", "conv")``.
         share, per_class_min, shrinkage, seed, batch_size, folds: each layer's
-            :class:`FeatureDistance` settings, the same defaults (0.3, None, None, 0, 1024, None).
+            :class:`FeatureDistance` settings, the same defaults (0.3, None, None, 0, 1024, 5).
         splits: as :class:`FeatureDistance`'s, on the sums: the mean of R splits' thresholds,
             each on the sums of that split's normalised scores; default 1.
         false_alarm: the share of held-out clean images flagged, in %, default 5.
@@ -591,7 +593,8 @@ def checked_splits(splits: int, folds: int | None) -> int:
     if isinstance(splits, bool) or int(splits) != splits or splits < 1:
         raise ValueError(f"splits must be a whole number >= 1, not {splits}")
     if splits > 1 and folds is not None:
-        raise ValueError(f"splits ({splits}) and folds ({folds}) are two ways to set the threshold; choose one")
+        raise ValueError(f"splits ({splits}) and folds ({folds}) are two ways to set the threshold; choose one "
+                         "(splits needs folds=None)")
     return int(splits)
 
 

@@ -30,7 +30,7 @@ A TOML file declares the matrix (see ``benchmarks/demo.toml``)::
     [[detector]]                            # a GoodNet from detectors (registry names), combined;
     detectors = ["strip", "feature-distance"]   # each is reported alone too
     false_alarm = 5.0                       # G's false-alarm budget, split across them (default 5)
-    set = { strip = { copies = 64 } }       # optional: a detector's settings over the defaults
+    set = { strip = { copies = 64 } }       # optional: a detector's settings over the defaults ("none": None)
 
 A configuration may hold defenses, detectors or both; ``[target]`` also takes ``detection`` (at
 least this % of poisoned test inputs flagged, default 95) and ``false_alarm`` (at most this % of
@@ -390,6 +390,9 @@ def _detector_spec(entry: Mapping[str, Any], errors: list[str], where: str) -> D
     if not isinstance(chosen, dict) or not all(isinstance(v, dict) for v in chosen.values()):
         errors.append(f"{where}: set must be a table of tables, e.g. set = {{ strip = {{ copies = 64 }} }}")
         return None
+    # TOML has no null: "none" stands for None, as in the CLI's --set NAME.SETTING=none
+    chosen = {det: {k: None if isinstance(v, str) and v.lower() == "none" else v for k, v in values.items()}
+              for det, values in chosen.items()}
     try:
         make_detectors(names, false_alarm=float(budget), settings=chosen)
     except (TypeError, ValueError) as exc:
