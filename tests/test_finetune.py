@@ -336,6 +336,46 @@ def test_every_training_defense_respects_the_budget_with_two_clean_images_per_cl
         assert soup.budget.base_accuracy - soup.budget.accuracy <= 3.0 and not soup.warnings
 
 
+def test_budget_apart_chooses_on_one_half_and_checks_the_budget_on_the_other(small_deepid, monkeypatch, caplog):
+    """With ``budget_apart`` the trainer (the epoch choice) sees one half of the held-out part and
+    the budget compares B and the result on the other half only."""
+    from badnet_repair.nets.trainer import accuracy
+
+    from .conftest import random_faces
+
+    seen: list[br.Dataset] = []
+    real = Trainer.train
+
+    def spy(self, start, tune, holdout, **kw):
+        seen.append(holdout)
+        return real(self, start, tune, holdout, **kw)
+
+    monkeypatch.setattr(Trainer, "train", spy)
+    valid = br.Dataset(random_faces(84, seed=5), np.arange(84) % 7, "valid")
+    # the plain computation: the member's split, then its held-out part split per class, half and half
+    _, holdout, _, _ = split_clean(valid, holdout_fraction=0.5, seed=0)
+    choose, apart, _, _ = split_clean(holdout, holdout_fraction=0.5, seed=7)
+    assert len(choose) and len(apart) and len(choose) + len(apart) == len(holdout)
+    result = FineTuning(epochs=1, holdout_fraction=0.5, budget=None, budget_apart=True, shift=0,
+                        flip=False).tune(small_deepid, valid)
+    (m,) = result.members
+    np.testing.assert_array_equal(seen[0].x, choose.x)  # the epoch is chosen on one half
+    assert m.base_holdout_accuracy == pytest.approx(accuracy(small_deepid, apart))  # B on the other
+    assert m.holdout_accuracy == pytest.approx(accuracy(m.model, apart))  # and the result there too
+    # without it, all the held-out images do both
+    seen.clear()
+    plain = FineTuning(epochs=1, holdout_fraction=0.5, budget=None, shift=0, flip=False).tune(small_deepid, valid)
+    np.testing.assert_array_equal(seen[0].x, holdout.x)
+    assert plain.members[0].base_holdout_accuracy == pytest.approx(accuracy(small_deepid, holdout))
+    # one held-out image cannot be split: checked where chosen, and said
+    two = br.Dataset(random_faces(2, seed=6), np.array([0, 1]), "two")
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        FineTuning(epochs=1, budget=None, budget_apart=True, shift=0, flip=False).tune(small_deepid, two)
+    assert "too few to split" in caplog.text
+    with pytest.raises(ValueError, match="budget_apart"):
+        FineTuning(members=2, ensemble_mean="soup", budget_apart=True)
+
+
 def test_split_with_one_image_per_class_holds_out_images_at_random(caplog):
     ds = br.Dataset(np.zeros((7, 2, 2, 3), np.float32), np.arange(7), "valid1.h5")
     with caplog.at_level("WARNING", logger="badnet_repair"):

@@ -159,6 +159,13 @@ class FineTuning(TrainingSettings, Defense):
         budget: the clean-accuracy budget in points, default 3 (None = off): a network that falls
             more below B on its held-out images is replaced by the pruned start (where there is one
             and it is within the budget) or by B, and a loud line says so (:attr:`Repair.warnings`).
+        budget_apart: check the budget on half of each network's held-out images that nothing
+            else read, default False. The held-out part is split per class
+            (:func:`~badnet_repair.defenses.tuning.split_clean`, half and half): the prune amount
+            and the epoch are chosen on one half, the budget compares B and the result on the
+            other, so the choice's optimism (the best of many epochs on a few dozen images) does
+            not pass a network the test set then finds far below B. Each half is noisier than
+            the whole. Not with ``ensemble_mean="soup"`` (the soup's budget has its own part).
         layer: the conv layer pruned channels belong to, default found from the graph.
         seed: split, shuffling and augmentation seed, default 0.
     """
@@ -183,6 +190,8 @@ class FineTuning(TrainingSettings, Defense):
     distill: float = setting(0.0, "weight of the BadNet's own correct predictions on the clean tuning images in the "
                                   "targets (0 = labels only)")
     budget: float | None = setting(3.0, BUDGET_HELP)
+    budget_apart: bool = setting(False, "check the budget on half the held-out images, which the prune amount and "
+                                        "epoch choice never read (they read the other half)")
     layer: str | None = setting(None, LAYER_HELP)
     seed: int = setting(0, "split, shuffling and augmentation seed")
 
@@ -191,6 +200,9 @@ class FineTuning(TrainingSettings, Defense):
             raise ValueError(f"members must be >= 1, not {self.members}")
         if self.ensemble_mean not in ENSEMBLE_MEANS:
             raise ValueError(f"ensemble_mean must be one of {ENSEMBLE_MEANS}, not {self.ensemble_mean!r}")
+        if self.budget_apart and self.soup:
+            raise ValueError("budget_apart is for single networks and probability ensembles: a soup's budget is "
+                             "checked on the part all its members held out")
         if self.greedy_soup and not self.soup:
             raise ValueError("greedy_soup needs ensemble_mean='soup' and members > 1 "
                              f"(here {self.ensemble_mean!r}, {self.members} member(s))")
@@ -284,16 +296,18 @@ class FineTuning(TrainingSettings, Defense):
             else:
                 tune, holdout, tune_idx, hold_idx = split_clean(clean, holdout_fraction=self.holdout_fraction,
                                                                 seed=member_seed)
-            member = Member(badnet=model, tune=tune, holdout=holdout, layer=layer, seed=member_seed, index=i,
+            choose, apart = self._budget_halves(holdout, member_seed)
+            member = Member(badnet=model, tune=tune, holdout=choose, layer=layer, seed=member_seed, index=i,
                             pixel_scale=scale, progress=progress,
                             desc=label + (f" {i + 1}/{self.members}" if self.members > 1 else ""))
-            base_acc = accuracy(model, holdout)
+            checked_on = apart if apart is not None else choose  # the images the budget compares on
+            base_acc = accuracy(model, checked_on)
             start, pruned = self.start(member)
-            start_acc = base_acc if start is model else accuracy(start, holdout)
+            start_acc = base_acc if start is model else accuracy(start, checked_on)
             log.info("%s member %d/%d: %d channels of %s held at zero; held-out accuracy %.2f (B) -> %.2f (start)",
                      self.name, i + 1, self.members, len(pruned), layer or "(no conv layer)", base_acc, start_acc)
             plan = self.plan(member, start, pruned)
-            trained = trainer.train(start, tune, holdout, parts=(*plan.parts, *parts), step=plan.step,
+            trained = trainer.train(start, tune, choose, parts=(*plan.parts, *parts), step=plan.step,
                                     warmup=plan.warmup, seed=member_seed, keep_start=self.keeps_start(pruned),
                                     progress=progress, desc=member.desc)
             who = self.name if self.members == 1 else f"{self.name} member {i + 1}"
@@ -302,7 +316,8 @@ class FineTuning(TrainingSettings, Defense):
             candidates = ([(self.start_label, start_acc)] if own_start else []) + [("B", base_acc)]
             # a soup's members are not checked one by one (a member given back as B would put the
             # backdoor back into the soup): the soup is checked as a whole, below
-            check = check_budget(who, trained.holdout_accuracy, base_acc, None if soup else self.budget, candidates)
+            result_acc = trained.holdout_accuracy if apart is None else accuracy(trained.model, apart)
+            check = check_budget(who, result_acc, base_acc, None if soup else self.budget, candidates)
             net, epoch = trained.model, trained.kept_epoch
             if check.fallback == self.start_label:
                 net, epoch = start, 0
@@ -333,6 +348,23 @@ class FineTuning(TrainingSettings, Defense):
             repaired = model
         return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned), budget=check,
                                soup_members=kept)
+
+    def _budget_halves(self, holdout: Dataset, seed: int) -> tuple[Dataset, Dataset | None]:
+        """(the images the prune amount and epoch are chosen on, the images the budget is checked
+        on or None where they are the same): with ``budget_apart``, the held-out part split per
+        class, half and half; without it, or where it holds fewer than 2 images, all of it."""
+        from .tuning import split_clean
+
+        if not self.budget_apart:
+            return holdout, None
+        if len(holdout) < 2:
+            log.warning("%s: %d held-out image(s), too few to split: the budget is checked on the images the "
+                        "epoch was chosen on", self.name, len(holdout))
+            return holdout, None
+        choose, apart, _, _ = split_clean(holdout, holdout_fraction=0.5, seed=seed + 7)
+        log.info("%s: the epoch is chosen on %d held-out images, the budget checked on %d others", self.name,
+                 len(choose), len(apart))
+        return choose, apart
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """The fine-tuned model (or the average of ``members`` of them); the members' budget
