@@ -15,6 +15,11 @@ from badnet_repair.reporting.leaderboard import entries, leaderboard_markdown
 from badnet_repair.workflow.bench import ConfigError, load_config, read_store, run_bench
 
 
+def _tuning_badnet(demo) -> str:
+    """A ``[[badnet]]`` entry: the demo's baseline BadNet, split tuning."""
+    return '\n[[badnet]]\nname = "baseline"\nsplit = "tuning"\n' + _files(demo)
+
+
 def _files(demo, which: str = "model") -> str:
     model = demo.model if which == "model" else demo.pruning_aware_model
     return textwrap.dedent(f"""
@@ -27,11 +32,8 @@ def _files(demo, which: str = "model") -> str:
 
 @pytest.fixture
 def tiny_config(small_demo, tmp_path):
-    text = "seeds = [0, 1]\n[target]\nattack_success = 5.0\naccuracy_drop = 3.0\n" + textwrap.dedent("""
-        [[badnet]]
-        name = "baseline"
-        split = "tuning"
-    """) + _files(small_demo) + textwrap.dedent("""
+    text = ("seeds = [0, 1]\n[target]\nattack_success = 5.0\naccuracy_drop = 3.0\n" + _tuning_badnet(small_demo)
+            + textwrap.dedent("""
         [[badnet]]
         name = "pruning-aware"
         split = "held-out"
@@ -48,7 +50,7 @@ def tiny_config(small_demo, tmp_path):
         name = "pruning"
         label = "broken"
         layer = "no_such_layer"
-    """)
+    """))
     path = tmp_path / "tiny.toml"
     path.write_text(text)
     return path
@@ -239,16 +241,13 @@ def test_the_projects_benchmark_configs_load(config):
 def test_detector_cells_fit_on_clean_data_and_make_their_own_leaderboard(small_demo, tmp_path, capsys):
     from badnet_repair.reporting.leaderboard import detection_entries
 
-    text = "seeds = [0]\n[target]\ndetection = 90.0\nfalse_alarm = 10.0\n" + textwrap.dedent("""
-        [[badnet]]
-        name = "baseline"
-        split = "tuning"
-    """) + _files(small_demo) + textwrap.dedent("""
+    text = ("seeds = [0]\n[target]\ndetection = 90.0\nfalse_alarm = 10.0\n" + _tuning_badnet(small_demo)
+            + textwrap.dedent("""
         [[detector]]
         detectors = ["strip", "feature-distance"]
         false_alarm = 10.0
         set = { strip = { copies = 8, calibration_images = 200 } }
-    """)
+    """))
     path = tmp_path / "detect.toml"
     path.write_text(text)
     config = load_config(path)
@@ -278,11 +277,7 @@ def test_detector_cells_fit_on_clean_data_and_make_their_own_leaderboard(small_d
 
 
 def test_a_detector_entry_with_mistakes_is_refused_with_each_named(small_demo, tmp_path):
-    text = textwrap.dedent("""
-        [[badnet]]
-        name = "baseline"
-        split = "tuning"
-    """) + _files(small_demo) + textwrap.dedent("""
+    text = _tuning_badnet(small_demo) + textwrap.dedent("""
         [[detector]]
         detectors = ["strip", "nope"]
 
@@ -304,11 +299,7 @@ def test_a_detector_entry_with_mistakes_is_refused_with_each_named(small_demo, t
 
 
 def test_a_detector_setting_of_none_is_written_as_the_string_none(small_demo, tmp_path):
-    text = textwrap.dedent("""
-        [[badnet]]
-        name = "baseline"
-        split = "tuning"
-    """) + _files(small_demo) + textwrap.dedent("""
+    text = _tuning_badnet(small_demo) + textwrap.dedent("""
         [[detector]]
         label = "one split"
         detectors = ["feature-ensemble"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -15,7 +15,7 @@ from .base import ThresholdDetector, calibration_split, checked_false_alarm, det
 
 __all__ = ["DEFAULT_FOLDS", "DEFAULT_PER_CLASS_MIN", "DEFAULT_SPLITS", "MAX_FEATURES", "FeatureDistance",
            "FeatureEnsemble", "feature_tensor", "features_model", "fold_ids", "ledoit_wolf", "mahalanobis_sq",
-           "robust_location_scale", "run_features", "split_seeds"]
+           "robust_location_scale", "run_features", "split_seeds", "split_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -275,12 +275,10 @@ class FeatureDistance(ThresholdDetector):
         self.calibrate(self._normalised(raw_cal, pred_cal))
         if self.splits > 1:
             assert self.threshold is not None
-            more = [threshold_at(self.split_calibration(feats, pred, y, s), self.false_alarm)
-                    for s in split_seeds(self.seed, self.splits)[1:]]
-            self.split_thresholds = np.array([self.threshold, *more])
+            self.split_thresholds = split_thresholds(
+                f"feature distance at {self.layer}", self.threshold, self.false_alarm,
+                (self.split_calibration(feats, pred, y, s) for s in split_seeds(self.seed, self.splits)[1:]))
             self.threshold = float(self.split_thresholds.mean())
-            log.info("feature distance at %s: the mean of %d splits' thresholds, %.3f (%.3f..%.3f)", self.layer,
-                     self.splits, self.threshold, self.split_thresholds.min(), self.split_thresholds.max())
         return self
 
     def _split(self, feats: np.ndarray, pred: np.ndarray, y: np.ndarray, k: int,
@@ -321,7 +319,7 @@ class FeatureDistance(ThresholdDetector):
         k = num_classes(self.model)
         _, raw_cal, pred_cal = self._split(feats, pred, y, k, seed)
         loc, spread, _ = self._normalisation(raw_cal, pred_cal, k)
-        return (raw_cal - loc[pred_cal]) / spread[pred_cal]
+        return _normalise(raw_cal, pred_cal, loc, spread)
 
     def _statistics(self, feats: np.ndarray, labels: np.ndarray,
                     k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -386,7 +384,7 @@ class FeatureDistance(ThresholdDetector):
 
     def _normalised(self, raw: np.ndarray, classes: np.ndarray) -> np.ndarray:
         assert self.loc is not None and self.spread is not None
-        return (raw - self.loc[classes]) / self.spread[classes]
+        return _normalise(raw, classes, self.loc, self.spread)
 
     def _fitted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(means, has_mean, precision), or the error that says to fit first."""
@@ -513,14 +511,10 @@ class FeatureEnsemble(ThresholdDetector):
         self.calibrate(np.sum(cal, axis=0))
         if self.splits > 1:
             assert self.threshold is not None
-            more = [threshold_at(np.sum([m.split_calibration(f, pred, y, s) for m, f in zip(self.members, feats,
-                                                                                            strict=True)], axis=0),
-                                 self.false_alarm)
-                    for s in split_seeds(self.seed, self.splits)[1:]]
-            self.split_thresholds = np.array([self.threshold, *more])
+            sums = (np.sum([m.split_calibration(f, pred, y, s) for m, f in zip(self.members, feats, strict=True)],
+                           axis=0) for s in split_seeds(self.seed, self.splits)[1:])
+            self.split_thresholds = split_thresholds("feature ensemble", self.threshold, self.false_alarm, sums)
             self.threshold = float(self.split_thresholds.mean())
-            log.info("feature ensemble: the mean of %d splits' thresholds, %.3f (%.3f..%.3f)", self.splits,
-                     self.threshold, self.split_thresholds.min(), self.split_thresholds.max())
         return self
 
     def scores(self, x: np.ndarray) -> np.ndarray:
@@ -598,6 +592,16 @@ def checked_splits(splits: int, folds: int | None) -> int:
     return int(splits)
 
 
+def split_thresholds(who: str, first: float, false_alarm: float, calibrations: Iterable[np.ndarray]) -> np.ndarray:
+    """(R,) thresholds of R splits: ``first`` (the fitted split's) and, for each further split's
+    normalised calibration scores, the threshold that flags ``false_alarm`` % of them; their
+    mean is the threshold a detector with ``splits = R`` uses (logged for ``who``)."""
+    out = np.array([first, *(threshold_at(c, false_alarm) for c in calibrations)])
+    log.info("%s: the mean of %d splits' thresholds, %.3f (%.3f..%.3f)", who, len(out), out.mean(), out.min(),
+             out.max())
+    return out
+
+
 def split_seeds(seed: int, splits: int) -> list[int]:
     """The seeds of ``splits`` fit/calibration splits: ``seed`` first (one split is the plain
     detector's), then seeds drawn from (``seed``, r), so that no two detector seeds share one."""
@@ -671,6 +675,11 @@ def feature_tensor(model: Any, layer: str) -> Any:
         raise ModelError(f"layer {name!r} of model {model.name!r} gives features of shape {shape}: "
                          f"a feature detector reads (N, D) features or (N, ..., channels) maps")
     return pooling[len(shape)](name=f"{tag}_mean")(out)
+
+
+def _normalise(raw: np.ndarray, classes: np.ndarray, loc: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """(N,) raw distances in units of their class's calibration spread about its median."""
+    return (raw - loc[classes]) / spread[classes]
 
 
 def _raw_distances(feats: np.ndarray, classes: np.ndarray, means: np.ndarray, has_mean: np.ndarray,
