@@ -18,20 +18,21 @@ from .finetuning import FinePruning, FineTuning
 from .fst import FeatureShiftFinePruning, FeatureShiftTuning
 from .ibau import IBAU
 from .pruning import Pruning
+from .rnp import ReconstructiveNeuronPruning
 from .sam import FineTuningSAM
 from .sau import SharedAdversarialUnlearning
 from .tsbd import TwoStageBackdoorDefense
 
 __all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "Defense", "FeatureShiftFinePruning", "FeatureShiftTuning",
            "FinePruning", "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning",
-           "Repair", "Repaired", "SharedAdversarialUnlearning", "TwoStageBackdoorDefense", "make_defense",
-           "register_defense"]
+           "ReconstructiveNeuronPruning", "Repair", "Repaired", "SharedAdversarialUnlearning",
+           "TwoStageBackdoorDefense", "make_defense", "register_defense"]
 
 #: Registry name -> defense class, in the order tables list them.
 REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
     FeatureShiftTuning, FeatureShiftFinePruning, SharedAdversarialUnlearning, BTIDBFUnlearning,
-    TwoStageBackdoorDefense)}
+    TwoStageBackdoorDefense, ReconstructiveNeuronPruning)}
 
 
 def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:

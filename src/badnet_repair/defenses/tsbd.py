@@ -24,8 +24,8 @@ from ..formats.data import Dataset
 from ..nets.trainer import Step, gradients_at
 from .finetuning import FineTuning, Member, TrainingPlan
 
-__all__ = ["GradientAscentStep", "GradientNormStep", "Reinitialization", "TwoStageBackdoorDefense", "input_units",
-           "neuron_layers", "weight_changes", "zero_masks"]
+__all__ = ["GradientAscentStep", "GradientNormStep", "Reinitialization", "TwoStageBackdoorDefense", "clean_unlearning",
+           "input_units", "neuron_layers", "weight_changes", "zero_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,78 @@ def weight_changes(before: Any, after: Any, layers: Sequence[str],
         new = keras.ops.convert_to_numpy(after.get_layer(name).kernel).astype(np.float64)
         out[name] = float(scales.get(name, 1.0)) * np.abs(new - old)
     return out
+
+
+def clean_unlearning(model: Any, tune: Dataset, *, rate: float, stop_accuracy: float, max_epochs: int,
+                     clipnorm: float | None, batch_size: int, shift: int, flip: bool,
+                     scales: Mapping[str, float] | None = None, seed: int = 0, progress: bool = False,
+                     desc: str = "clean unlearning") -> tuple[Any, dict[str, Any]]:
+    """A copy of ``model`` after clean unlearning: SGD (momentum 0.9) climbs the cross-entropy of
+    the clean images ``tune``, an epoch at a time on freshly augmented images, until at most
+    ``stop_accuracy`` % of them are right (at most ``max_epochs`` epochs; the last epoch's weights
+    are kept). TSBD's stage 1 and RNP's first step.
+
+    Not the trainer's loop: unlearning keeps its last epoch, not the one best on held-out
+    data, stops on the tuning images' accuracy, and takes plain SGD, whose weight changes
+    follow the gradients' sizes (Adam's would follow only their signs). Its batches are the
+    trainer's wrapper with :class:`GradientAscentStep`.
+
+    Args:
+        model: the network (not changed).
+        tune: the clean images unlearnt.
+        rate: SGD's learning rate, in the units of ``scales``.
+        stop_accuracy: stop once at most this % of ``tune`` is right.
+        max_epochs: at most this many epochs (at least one runs).
+        clipnorm: each step's whole gradient scaled down to at most this norm (None: no clipping).
+        batch_size, shift, flip: batches and augmentation, as the trainer's.
+        scales: :func:`input_units` of ``model``, default none.
+        seed: shuffling and augmentation seed.
+
+    Returns:
+        (the unlearned copy, JSON-able: ``unlearn_epochs``, ``start_accuracy`` and
+        ``unlearned_accuracy`` (% of ``tune`` right), ``unlearning`` (per epoch: loss, accuracy)).
+    """
+    import keras
+
+    from ..nets.augment import augment_images
+    from ..nets.trainer import accuracy, training_model
+    from ..nets.training import EpochProgress, deterministic_ops
+
+    with deterministic_ops():
+        keras.utils.set_random_seed(seed)
+        rng = np.random.default_rng([seed, 31])
+        network = keras.models.clone_model(model)
+        network.set_weights(model.get_weights())
+        # clipped by the step, as a whole and in the units of the 0..1-pixel network
+        work = training_model(network, step=GradientAscentStep(scales, clipnorm))
+        work.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9),
+                     loss="categorical_crossentropy", metrics=["categorical_accuracy"])
+        x = np.asarray(tune.x, dtype=np.float32)
+        one_hot = np.eye(int(network.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
+        start = acc = accuracy(network, tune)
+        history: list[dict[str, float]] = []
+        bar = EpochProgress(max_epochs, desc, progress)
+        while len(history) < max_epochs:  # at least one epoch, as the authors'
+            before = network.get_weights()
+            epoch_x = augment_images(x, rng=rng, shift=shift, flip=flip) if shift or flip else x
+            h = work.fit(epoch_x, one_hot, epochs=1, batch_size=batch_size, shuffle=True, verbose=0)
+            if not all(np.isfinite(w).all() for w in network.get_weights()):
+                network.set_weights(before)
+                log.warning("%s: clean unlearning diverged in epoch %d (weights not finite); its last finite "
+                            "epoch is kept", desc, len(history) + 1)
+                break
+            acc = accuracy(network, tune)
+            history.append({"epoch": float(len(history) + 1), "loss": float(h.history["loss"][-1]),
+                            "accuracy": acc})
+            bar.on_epoch_end(len(history), {"accuracy": acc})
+            if acc <= stop_accuracy:
+                break
+        bar.on_train_end()
+    if acc > stop_accuracy:
+        log.warning("%s: after %d unlearning epochs %.2f%% of the tuning images are still right (stop at "
+                    "%g%%); the unlearning so far is used", desc, len(history), acc, stop_accuracy)
+    return network, {"unlearn_epochs": len(history), "start_accuracy": start, "unlearned_accuracy": acc,
+                     "unlearning": history}
 
 
 @dataclass(frozen=True, eq=False)
@@ -374,62 +446,13 @@ class TwoStageBackdoorDefense(FineTuning):
 
     def unlearn(self, model: Any, tune: Dataset, *, seed: int = 0, progress: bool = False,
                 desc: str = "tsbd unlearning") -> tuple[Any, dict[str, Any]]:
-        """A copy of ``model`` after clean unlearning on ``tune`` (step 1 of the class's description).
-
-        Not the trainer's loop: unlearning keeps its last epoch, not the one best on held-out
-        data, stops on the tuning images' accuracy, and takes plain SGD, whose weight changes
-        follow the gradients' sizes (Adam's would follow only their signs, and the neurons'
-        weight changes would no longer tell the neurons apart). Its batches are the trainer's
-        wrapper with :class:`GradientAscentStep`.
-
-        Returns:
-            (the unlearned copy, JSON-able: ``unlearn_epochs``, ``start_accuracy`` and
-            ``unlearned_accuracy`` (% of ``tune`` right), ``unlearning`` (per epoch: loss,
-            accuracy)).
-        """
-        import keras
-
-        from ..nets.augment import augment_images
-        from ..nets.trainer import accuracy, training_model
-        from ..nets.training import EpochProgress, deterministic_ops
-
-        with deterministic_ops():
-            keras.utils.set_random_seed(seed)
-            rng = np.random.default_rng([seed, 31])
-            network = keras.models.clone_model(model)
-            network.set_weights(model.get_weights())
-            # clipped by the step, as a whole and in the units of the 0..1-pixel network
-            work = training_model(network, step=GradientAscentStep(self.scales(model, tune), self.clipnorm or None))
-            work.compile(optimizer=keras.optimizers.SGD(self.tsbd_unlearn_rate, momentum=0.9),
-                         loss="categorical_crossentropy", metrics=["categorical_accuracy"])
-            x = np.asarray(tune.x, dtype=np.float32)
-            one_hot = np.eye(int(network.outputs[0].shape[-1]), dtype=np.float32)[tune.y]
-            start = acc = accuracy(network, tune)
-            history: list[dict[str, float]] = []
-            bar = EpochProgress(self.tsbd_unlearn_epochs, desc, progress)
-            while len(history) < self.tsbd_unlearn_epochs:  # at least one epoch, as the authors'
-                before = network.get_weights()
-                epoch_x = augment_images(x, rng=rng, shift=self.shift, flip=self.flip) if self.shift or self.flip \
-                    else x
-                h = work.fit(epoch_x, one_hot, epochs=1, batch_size=self.batch_size, shuffle=True, verbose=0)
-                if not all(np.isfinite(w).all() for w in network.get_weights()):
-                    network.set_weights(before)
-                    log.warning("%s: clean unlearning diverged in epoch %d (weights not finite); its last finite "
-                                "epoch is kept", desc, len(history) + 1)
-                    break
-                acc = accuracy(network, tune)
-                history.append({"epoch": float(len(history) + 1), "loss": float(h.history["loss"][-1]),
-                                "accuracy": acc})
-                bar.on_epoch_end(len(history), {"accuracy": acc})
-                if acc <= self.tsbd_unlearn_accuracy:
-                    break
-            bar.on_train_end()
-        if acc > self.tsbd_unlearn_accuracy:
-            log.warning("%s: after %d unlearning epochs %.2f%% of the tuning images are still right (stop at "
-                        "%g%%); the weight changes so far rank the neurons", desc, len(history), acc,
-                        self.tsbd_unlearn_accuracy)
-        return network, {"unlearn_epochs": len(history), "start_accuracy": start, "unlearned_accuracy": acc,
-                         "unlearning": history}
+        """A copy of ``model`` after clean unlearning on ``tune`` (step 1 of the class's description;
+        :func:`clean_unlearning` at this defense's settings, each step's gradient clipped as a whole
+        to the trainer's ``clipnorm``)."""
+        return clean_unlearning(model, tune, rate=self.tsbd_unlearn_rate, stop_accuracy=self.tsbd_unlearn_accuracy,
+                                max_epochs=self.tsbd_unlearn_epochs, clipnorm=self.clipnorm or None,
+                                batch_size=self.batch_size, shift=self.shift, flip=self.flip,
+                                scales=self.scales(model, tune), seed=seed, progress=progress, desc=desc)
 
     def reinitialize(self, model: Any, tune: Dataset, *, seed: int = 0, progress: bool = False,
                      desc: str = "tsbd unlearning") -> tuple[Any, dict[str, Any]]:
