@@ -171,6 +171,15 @@ def test_without_a_budget_the_threshold_is_kept_whatever_it_costs(small_deepid):
     assert not r.model.get_layer("conv_1").get_weights()[0].any()
 
 
+def test_where_no_mask_is_low_enough_b_comes_back_with_a_loud_line(small_deepid):
+    x = random_faces(30, seed=6)
+    clean = br.Dataset(x, br.predict_classes(small_deepid, x), "valid")
+    r = _FixedMasks(rnp_threshold=0.01).repair(small_deepid, clean)  # the lowest mask is 0.05
+    assert r.model is small_deepid and r.models[0].channels_pruned == 0
+    assert r.record["choices"]["threshold"] == pytest.approx(0.01) and r.record["choices"]["neurons_pruned"] == {}
+    assert len(r.warnings) == 1 and "nothing pruned" in r.warnings[0] and "NOT removed" in r.warnings[0]
+
+
 def test_settings_are_checked_and_the_defense_is_registered():
     for bad in (dict(rnp_threshold=1.5), dict(rnp_alpha=0), dict(rnp_recover_epochs=0), dict(holdout_fraction=1.0),
                 dict(rnp_unlearn_accuracy=101), dict(budget=-1), dict(shift=-1), dict(rnp_threshold_step=0)):

@@ -294,6 +294,12 @@ class ReconstructiveNeuronPruning(Defense):
             kept_t, neurons, net = next((t, n, m) for t, n, m, _ in tried if f"pruning at mask <= {t:g}" ==
                                         check.fallback)
         pruned = sum(len(u) for u in neurons.values())
+        warnings = [check.warning] if check.warning else []
+        if not first_neurons:
+            line = (f"WARNING: {self.name} found no neuron whose recovered mask is at most {self.rnp_threshold:g}: "
+                    "nothing pruned, returned the BadNet unchanged: the backdoor is NOT removed")
+            log.warning("%s", line)
+            warnings.append(line)
         log.info("%s: %d of %d conv neurons pruned (mask <= %s); held-out accuracy %.2f%% (B %.2f%%)", self.name,
                  pruned, sum(len(m) for m in masks.values()), "-" if kept_t is None else f"{kept_t:g}",
                  check.accuracy, base_acc)
@@ -306,4 +312,4 @@ class ReconstructiveNeuronPruning(Defense):
         history = {"unlearning": record["unlearning"], "recovering": record["recovering"]}
         repaired = Repaired(label=self.name, model=net, channels_pruned=pruned)
         return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, [history]),
-                      warnings=(check.warning,) if check.warning else ())
+                      warnings=tuple(warnings))
