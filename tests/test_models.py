@@ -10,7 +10,13 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.errors import ModelError, UnsafeModelError
-from badnet_repair.nets.models import conv_layer, default_conv_layer
+from badnet_repair.nets.models import (
+    conv_layer,
+    default_conv_layer,
+    inference_call,
+    predict_probabilities,
+    zero_channels,
+)
 
 from .conftest import random_faces
 
@@ -338,3 +344,24 @@ def test_weight_soup_is_one_network_with_the_mean_weights():
         weight_soup([nets[0], _dense_net(5, units=6)])
     with pytest.raises(ValueError, match="at least one"):
         weight_soup([])
+
+
+def test_the_traced_inference_call_gives_the_eager_calls_numbers_and_sees_changed_weights():
+    import gc
+    import weakref
+
+    keras.utils.set_random_seed(3)
+    model = br.deepid(num_classes=9)
+    x = random_faces(70, seed=8)
+    eager = np.concatenate([keras.ops.convert_to_numpy(model(x[i:i + 32], training=False)) for i in range(0, 70, 32)])
+    np.testing.assert_array_equal(predict_probabilities(model, x, batch_size=32), eager)  # same kernels, same bits
+    assert (br.predict_classes(model, x, batch_size=32) == eager.argmax(axis=1)).all()
+    assert inference_call(model) is inference_call(model)  # traced once per model
+    zero_channels(model, "conv_3", range(60))  # weights changed in place
+    changed = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_array_equal(predict_probabilities(model, x), changed)
+    assert not np.array_equal(changed, eager)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the cache does not keep the model alive

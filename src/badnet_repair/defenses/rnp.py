@@ -287,7 +287,8 @@ class ReconstructiveNeuronPruning(Defense):
         first_t, first_neurons, first_net, first_acc = tried[0]
         candidates = [(f"pruning at mask <= {t:g}", acc) for t, n, _, acc in tried[1:] if n] + [("B", base_acc)]
         check = check_budget(self.name, first_acc, base_acc, self.budget, candidates)
-        kept_t, neurons, net = first_t, first_neurons, first_net
+        kept_t: float | None = first_t
+        neurons, net = first_neurons, first_net
         if check.fallback == "B":
             kept_t, neurons, net = None, {}, model
         elif check.fallback is not None:
