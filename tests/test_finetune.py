@@ -9,7 +9,7 @@ import badnet_repair as br
 from badnet_repair.cli import main
 from badnet_repair.defenses.finetuning import Distillation, FineTuning, Member, fine_prune, greedy_soup
 from badnet_repair.defenses.fst import FeatureShift
-from badnet_repair.defenses.tuning import check_budget, split_clean
+from badnet_repair.defenses.tuning import check_budget, drop_upper_bound, split_clean
 from badnet_repair.errors import DataError
 from badnet_repair.formats import data as data_module
 from badnet_repair.nets.trainer import Trainer, Warmup
@@ -298,6 +298,38 @@ def test_the_budget_rule_falls_back_in_order_and_says_so(caplog):
         check_budget("fst", 10.0, 98.0, -1.0, [])
 
 
+def test_the_drop_bound_by_hand():
+    # 10 images: B right on all, the result wrong on 2 (b = 2, c = 0): mean 0.2, v = 3/10 - 0.04 = 0.26
+    base, res = np.ones(10, bool), np.array([0, 0] + [1] * 8, bool)
+    assert drop_upper_bound(base, res) == pytest.approx(100 * (0.2 + 1.645 * np.sqrt(0.26 / 10)))
+    # agreeing everywhere: one discordant image's worth of variance, 1 / n
+    for n in (5, 100, 10_000):
+        same = np.ones(n, bool)
+        assert drop_upper_bound(same, same) == pytest.approx(100 * 1.645 * np.sqrt(1 / n) / np.sqrt(n))
+    assert drop_upper_bound(np.ones(5, bool), np.ones(5, bool)) == pytest.approx(32.9)
+    # the result better than B: the bound can be below 0
+    assert drop_upper_bound(np.zeros(400, bool), np.ones(400, bool)) < 0
+    assert drop_upper_bound(np.zeros(0, bool), np.zeros(0, bool)) == np.inf
+    with pytest.raises(ValueError, match="shapes"):
+        drop_upper_bound(np.ones(3, bool), np.ones(4, bool))
+
+
+def test_a_result_kept_on_too_few_images_carries_a_caution(caplog):
+    few = (np.ones(20, bool), np.array([0] + [1] * 19, bool))  # 1 point in 20 images: 5 points down
+    many = (np.ones(4000, bool), np.array([0] * 40 + [1] * 3960, bool))  # 1 point in 4,000 images
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        weak = check_budget("fine-tuning", 93.0, 96.0, 3.0, [("B", 96.0)], paired=(few[0], few[1]))
+    assert weak.fallback is None and weak.warning is None and weak.drop_bound == pytest.approx(drop_upper_bound(*few))
+    assert weak.drop_bound > 3.0 and weak.caution in caplog.text and weak.lines == (weak.caution,)
+    assert "on the 20 clean images it held out" in weak.caution and f"up to {weak.drop_bound:.1f} points" in weak.caution
+    firm = check_budget("fine-tuning", 95.0, 96.0, 3.0, [("B", 96.0)], paired=many)
+    assert firm.drop_bound < 3.0 and firm.caution is None and firm.lines == ()
+    # a result beyond the budget falls back; the caution is for kept results only
+    back = check_budget("fine-tuning", 80.0, 96.0, 3.0, [("B", 96.0)], paired=few)
+    assert back.fallback == "B" and back.caution is None and back.drop_bound is None and back.lines == (back.warning,)
+    assert check_budget("fine-tuning", 80.0, 96.0, None, [], paired=few).lines == ()  # no budget, no check
+
+
 @pytest.mark.slow
 def test_every_training_defense_respects_the_budget_with_two_clean_images_per_class(small_demo):
     """Two clean images per class (one tuning, one held out): tuning from so little wrecks clean
@@ -320,6 +352,8 @@ def test_every_training_defense_respects_the_budget_with_two_clean_images_per_cl
             assert m.budget.warning and result.warnings == (m.budget.warning,)
             if m.budget.fallback == "B":
                 assert m.model is b
+        else:  # kept on one held-out image per class: too few to hold the budget, and it says so
+            assert m.budget.caution and result.warnings == m.budget.lines
         repair = defense.as_repair(result)
         assert repair.warnings == result.warnings
     assert fell  # the rate is high enough that some repair had to fall back
@@ -333,7 +367,8 @@ def test_every_training_defense_respects_the_budget_with_two_clean_images_per_cl
     if soup.budget.fallback == "B":
         assert soup.model is b and soup.warnings == (soup.budget.warning,)
     else:
-        assert soup.budget.base_accuracy - soup.budget.accuracy <= 3.0 and not soup.warnings
+        assert soup.budget.base_accuracy - soup.budget.accuracy <= 3.0
+        assert soup.budget.caution and soup.warnings == (soup.budget.caution,)  # 5 shared images: too few
 
 
 def test_budget_apart_chooses_on_one_half_and_checks_the_budget_on_the_other(small_deepid, monkeypatch, caplog):

@@ -268,7 +268,7 @@ class FineTuning(TrainingSettings, Defense):
         from ..errors import ModelError
         from ..formats.data import pixel_range
         from ..nets.models import average_models, conv_layer
-        from ..nets.trainer import accuracy
+        from ..nets.trainer import accuracy, right_on
         from .tuning import FinePruneResult, FineTuned, check_budget, split_clean
 
         try:
@@ -317,7 +317,8 @@ class FineTuning(TrainingSettings, Defense):
             # a soup's members are not checked one by one (a member given back as B would put the
             # backdoor back into the soup): the soup is checked as a whole, below
             result_acc = trained.holdout_accuracy if apart is None else accuracy(trained.model, apart)
-            check = check_budget(who, result_acc, base_acc, None if soup else self.budget, candidates)
+            paired = (right_on(model, checked_on), right_on(trained.model, checked_on))
+            check = check_budget(who, result_acc, base_acc, None if soup else self.budget, candidates, paired)
             net, epoch = trained.model, trained.kept_epoch
             if check.fallback == self.start_label:
                 net, epoch = start, 0
@@ -343,7 +344,8 @@ class FineTuning(TrainingSettings, Defense):
             soup_acc = accuracy(repaired, shared)
             who = f"{self.name} (a soup of {self.members})"
         base_acc = accuracy(model, shared)
-        check = check_budget(who, soup_acc, base_acc, self.budget, [("B", base_acc)])
+        check = check_budget(who, soup_acc, base_acc, self.budget, [("B", base_acc)],
+                             (right_on(model, shared), right_on(repaired, shared)))
         if check.fallback == "B":
             repaired = model
         return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned), budget=check,
@@ -447,7 +449,8 @@ def member_choices(result: FinePruneResult) -> list[dict[str, Any]]:
     return [{"seed": m.seed, "channels_pruned": len(m.pruned_channels), "kept_epoch": m.kept_epoch,
              "base_holdout_accuracy": m.base_holdout_accuracy, "pruned_holdout_accuracy": m.pruned_holdout_accuracy,
              "holdout_accuracy": m.holdout_accuracy,
-             "fallback": m.budget.fallback if m.budget is not None else None, **m.notes} for m in result.members]
+             "fallback": m.budget.fallback if m.budget is not None else None,
+             "drop_bound": m.budget.drop_bound if m.budget is not None else None, **m.notes} for m in result.members]
 
 
 @dataclass(frozen=True)

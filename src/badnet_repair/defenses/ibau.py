@@ -277,7 +277,7 @@ class IBAU(Defense):
         """The unlearned model, with its per-round history. Where the last round falls more than
         ``budget`` points below B on the held-out part, the last round within it is returned
         (round 0 is B itself), with a loud line in :attr:`Repair.warnings`."""
-        from ..nets.trainer import accuracy
+        from ..nets.trainer import accuracy, right_on
         from .tuning import check_budget, split_clean
 
         tune, holdout, _, _ = split_clean(clean, holdout_fraction=self.holdout_fraction, seed=self.seed)
@@ -288,11 +288,13 @@ class IBAU(Defense):
         last = history[-1]["holdout_accuracy"]
         within = [i for i, h in enumerate(history) if floor is None or h["holdout_accuracy"] >= floor]
         label = "B" if within[-1] == 0 else f"round {within[-1]}"
-        check = check_budget(self.name, last, base, self.budget, [(label, history[within[-1]]["holdout_accuracy"])])
+        # the paired scores are read only where the last round is kept, and then ``net`` is it
+        check = check_budget(self.name, last, base, self.budget, [(label, history[within[-1]]["holdout_accuracy"])],
+                             (right_on(model, holdout), right_on(net, holdout)))
         if check.fallback == "B":
             net = model
         choices = {"base_holdout_accuracy": history[0]["holdout_accuracy"], "holdout_accuracy": check.accuracy,
                    "kept_round": within[-1] if check.fallback else len(history) - 1, "fallback": check.fallback}
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, history),
-                      warnings=(check.warning,) if check.warning else ())
+                      warnings=check.lines)

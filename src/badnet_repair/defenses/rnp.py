@@ -269,7 +269,7 @@ class ReconstructiveNeuronPruning(Defense):
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B with the neurons RNP finds pruned (or the budget's fallback); the record holds the
         masks, the unlearning and recovering histories, the threshold kept and the budget check."""
-        from ..nets.trainer import accuracy
+        from ..nets.trainer import accuracy, right_on
         from .tuning import check_budget, split_clean
 
         tune, holdout, _, hold_idx = split_clean(clean, holdout_fraction=self.holdout_fraction, seed=self.seed)
@@ -286,7 +286,9 @@ class ReconstructiveNeuronPruning(Defense):
                 break  # the first within the budget is the one returned; lower ones are not needed
         first_t, first_neurons, first_net, first_acc = tried[0]
         candidates = [(f"pruning at mask <= {t:g}", acc) for t, n, _, acc in tried[1:] if n] + [("B", base_acc)]
-        check = check_budget(self.name, first_acc, base_acc, self.budget, candidates)
+        # B itself (nothing pruned) needs no bound on its drop
+        paired = (right_on(model, holdout), right_on(first_net, holdout)) if first_neurons else None
+        check = check_budget(self.name, first_acc, base_acc, self.budget, candidates, paired)
         kept_t: float | None = first_t
         neurons, net = first_neurons, first_net
         if check.fallback == "B":
@@ -295,7 +297,7 @@ class ReconstructiveNeuronPruning(Defense):
             kept_t, neurons, net = next((t, n, m) for t, n, m, _ in tried if f"pruning at mask <= {t:g}" ==
                                         check.fallback)
         pruned = sum(len(u) for u in neurons.values())
-        warnings = [check.warning] if check.warning else []
+        warnings = list(check.lines)
         if not first_neurons:
             line = (f"WARNING: {self.name} found no neuron whose recovered mask is at most {self.rnp_threshold:g}: "
                     "nothing pruned, returned the BadNet unchanged: the backdoor is NOT removed")

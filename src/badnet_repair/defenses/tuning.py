@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import DataError
 from ..formats.data import Dataset
 
-__all__ = ["BudgetCheck", "FinePruneResult", "FineTuned", "check_budget", "split_clean"]
+__all__ = ["BudgetCheck", "FinePruneResult", "FineTuned", "check_budget", "drop_upper_bound", "split_clean"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ class BudgetCheck:
             result was kept.
         warning: the loud line that says so, or that no candidate was within the budget; None
             where the result was within it.
+        drop_bound: for a result kept within the budget and checked image by image, the one-sided
+            95 % upper bound on its drop in points (:func:`drop_upper_bound`); None otherwise.
+        caution: the line that says the held-out images are too few to hold the budget, where
+            ``drop_bound`` is above it; None otherwise.
     """
 
     budget: float | None
@@ -45,14 +49,55 @@ class BudgetCheck:
     accuracy: float
     fallback: str | None = None
     warning: str | None = None
+    drop_bound: float | None = None
+    caution: str | None = None
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        """The lines the user must see: the warning and the caution, where there are any."""
+        return tuple(line for line in (self.warning, self.caution) if line)
 
     def as_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "base_holdout_accuracy": self.base_accuracy,
-                "holdout_accuracy": self.accuracy, "fallback": self.fallback, "warning": self.warning}
+                "holdout_accuracy": self.accuracy, "fallback": self.fallback, "warning": self.warning,
+                "drop_bound": self.drop_bound, "caution": self.caution}
+
+
+def drop_upper_bound(base_right: np.ndarray, right: np.ndarray, *, z: float = 1.645) -> float:
+    """A one-sided upper confidence bound (default 95 %) on how many points a result's clean
+    accuracy lies below B's, from the same images scored by both.
+
+    Each image gives ``d = [B right] - [result right]`` (1, 0 or -1); the bound is
+    ``100 (mean(d) + z sqrt(v / n))`` with ``v = (b + c + 1) / n - mean(d)^2``, ``b`` and ``c``
+    the images only B and only the result got right: the normal approximation to the paired
+    difference, with one discordant image added to the variance so that a few images on which
+    the two agree everywhere do not pass as proof of no drop (five agreeing images still allow
+    a drop of 33 points).
+
+    Args:
+        base_right: (n,) bool, B right on each image.
+        right: (n,) bool, the result right on each image.
+        z: the normal quantile, default 1.645 (one-sided 95 %).
+
+    Returns:
+        The bound in points (inf for no images).
+    """
+    base_right, right = np.asarray(base_right, bool), np.asarray(right, bool)
+    if base_right.shape != right.shape:
+        raise ValueError(f"paired scores of different shapes: {base_right.shape} and {right.shape}")
+    n = base_right.size
+    if n == 0:
+        return float("inf")
+    d = base_right.astype(np.float64) - right.astype(np.float64)
+    mean = float(d.mean())
+    discordant = float(np.count_nonzero(d))
+    v = max((discordant + 1.0) / n - mean**2, 0.0)
+    return 100.0 * (mean + z * np.sqrt(v / n))
 
 
 def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float | None,
-                 candidates: list[tuple[str, float]]) -> BudgetCheck:
+                 candidates: list[tuple[str, float]],
+                 paired: tuple[np.ndarray, np.ndarray] | None = None) -> BudgetCheck:
     """The clean-accuracy budget's rule: a result more than ``budget`` points below B on the
     held-out clean images is replaced by the first candidate within the budget, and either
     way the user is told in one loud line (also logged as a warning).
@@ -64,14 +109,29 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
         budget: points, or None (no budget: the result is kept without a check).
         candidates: ``(label, held-out accuracy)`` of the fallbacks in order of preference
             (for example the pruned start, then ``"B"`` itself at ``base_accuracy``).
+        paired: ``(B right, result right)``, (n,) bool each, on the held-out images: where the
+            result is kept within the budget, :func:`drop_upper_bound` of them; above the budget,
+            a caution line says the images are too few to hold it.
 
     Returns:
         BudgetCheck; its ``fallback`` names the candidate to return instead, if any.
     """
     if budget is not None and not budget >= 0:
         raise ValueError(f"budget must be >= 0 points or None, not {budget}")
-    if budget is None or base_accuracy - accuracy <= budget:
+    if budget is None:
         return BudgetCheck(budget, base_accuracy, accuracy)
+    if base_accuracy - accuracy <= budget:
+        if paired is None:
+            return BudgetCheck(budget, base_accuracy, accuracy)
+        bound = drop_upper_bound(*paired)
+        caution = None
+        if bound > budget:
+            caution = (f"CAUTION: {who} is {base_accuracy - accuracy:.1f} points below the BadNet on the "
+                       f"{len(paired[0])} clean images it held out, within the budget of {budget:g}, but so few "
+                       f"images allow a drop of up to {bound:.1f} points (one-sided 95 % bound): measure it on "
+                       "more clean data before relying on it")
+            log.warning("%s", caution)
+        return BudgetCheck(budget, base_accuracy, accuracy, drop_bound=bound, caution=caution)
     drop = base_accuracy - accuracy
     found = next(((label, acc) for label, acc in candidates if base_accuracy - acc <= budget), None)
     if found is None:
@@ -175,10 +235,10 @@ class FinePruneResult:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """The clean-accuracy budget's lines, the members' and the whole's (loud: the user must
-        see them)."""
+        """The clean-accuracy budget's lines (warnings and cautions), the members' and the
+        whole's (loud: the user must see them)."""
         checks = [m.budget for m in self.members] + [self.budget]
-        return tuple(c.warning for c in checks if c is not None and c.warning)
+        return tuple(line for c in checks if c is not None for line in c.lines)
 
 
 def split_clean(data: Dataset, *, holdout_fraction: float = 0.2, seed: int = 0

@@ -816,9 +816,9 @@ def inference_call(model: Any) -> Any:
     """``model``'s inference forward pass (``model(x, training=False)``) as one traced TensorFlow
     function, made once per model and kept while the model lives.
 
-    Run as a graph, a small CNN's forward pass on the CPU takes about half the time of the eager
-    call (docs/benchmarks.md), with the same kernels and so the same numbers (no XLA, which changes
-    them). The function reads the model's variables, so weights changed in place are seen. On
+    Run as a graph, a small CNN's forward pass on the CPU is faster than the eager call
+    (``benchmarks/bench_inference.py``), with the same kernels and so the same numbers (no XLA,
+    which changes them). The function reads the model's variables, so weights changed in place are seen. On
     another Keras backend, or for a model that cannot be held by a weak reference, the plain call.
     """
     import keras

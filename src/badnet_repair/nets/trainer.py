@@ -33,16 +33,21 @@ from ..defaults import setting
 from ..formats.data import Dataset
 
 __all__ = ["Part", "Step", "Trained", "Trainer", "TrainingSettings", "Warmup", "accuracy", "gradients_at",
-           "training_model"]
+           "right_on", "training_model"]
 
 log = logging.getLogger(__name__)
 
 
 def accuracy(model: Any, data: Dataset) -> float:
     """Top-1 accuracy (%) of ``model`` on ``data``."""
+    return float(100.0 * np.mean(right_on(model, data)))
+
+
+def right_on(model: Any, data: Dataset) -> np.ndarray:
+    """(N,) bool: whether ``model``'s top class is each image's label."""
     from .models import predict_classes
 
-    return float(100.0 * np.mean(predict_classes(model, data.x) == data.y))
+    return np.asarray(predict_classes(model, data.x) == data.y)
 
 
 class Part:
