@@ -321,7 +321,8 @@ def test_a_result_kept_on_too_few_images_carries_a_caution(caplog):
         weak = check_budget("fine-tuning", 93.0, 96.0, 3.0, [("B", 96.0)], paired=(few[0], few[1]))
     assert weak.fallback is None and weak.warning is None and weak.drop_bound == pytest.approx(drop_upper_bound(*few))
     assert weak.drop_bound > 3.0 and weak.caution in caplog.text and weak.lines == (weak.caution,)
-    assert "on the 20 clean images it held out" in weak.caution and f"up to {weak.drop_bound:.1f} points" in weak.caution
+    assert "on the 20 clean images it held out" in weak.caution
+    assert f"up to {weak.drop_bound:.1f} points" in weak.caution
     firm = check_budget("fine-tuning", 95.0, 96.0, 3.0, [("B", 96.0)], paired=many)
     assert firm.drop_bound < 3.0 and firm.caution is None and firm.lines == ()
     # a result beyond the budget falls back; the caution is for kept results only
