@@ -130,6 +130,23 @@ class LoggedRepair:
         return out
 
 
+def assert_no_test_or_poisoned_image_is_read_while_repairing(model: keras.Model, defenses: list[Any]) -> None:
+    """Run ``defenses`` (each a :class:`LoggedRepair`) through ``compare_defenses`` on random faces
+    of 7 classes, the test and poisoned images being :class:`SpyArray`: every repair starts and ends
+    before the first of them is read."""
+    from badnet_repair.workflow.compare import compare_defenses
+
+    x = random_faces(28, seed=3)
+    valid = br.Dataset(x, np.arange(28) % 7, "valid")
+    spy_x = random_faces(12, seed=4).view(SpyArray)
+    test = br.Dataset(spy_x, np.arange(12) % 7, "test")
+    bd = br.Dataset(spy_x, np.zeros(12, np.int64), "bd_test")
+    SpyArray.log.clear()
+    compare_defenses(model, valid, test, bd, defenses=defenses)
+    n = 2 * len(defenses)
+    assert SpyArray.log[:n] == ["start", "end"] * len(defenses) and "read" in SpyArray.log[n:]
+
+
 class NullDetector(br.Detector):
     """A detector that flags nothing and has no Keras form; ``false_alarm`` is its budget."""
 

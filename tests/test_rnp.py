@@ -21,9 +21,8 @@ from badnet_repair.defenses.rnp import (
     recover_masks,
 )
 from badnet_repair.defenses.tsbd import TwoStageBackdoorDefense, clean_unlearning
-from badnet_repair.workflow.compare import compare_defenses
 
-from .conftest import LoggedRepair, SpyArray, random_faces
+from .conftest import LoggedRepair, assert_no_test_or_poisoned_image_is_read_while_repairing, random_faces
 
 
 def _tiny(seed: int = 0) -> keras.Model:
@@ -198,16 +197,8 @@ class _LoggedRNP(LoggedRepair, ReconstructiveNeuronPruning):
 
 
 def test_no_test_or_poisoned_image_is_read_while_rnp_repairs(small_deepid):
-    x = random_faces(28, seed=3)
-    valid = br.Dataset(x, np.arange(28) % 7, "valid")
-    spy_x = random_faces(12, seed=4).view(SpyArray)
-    test = br.Dataset(spy_x, np.arange(12) % 7, "test")
-    bd = br.Dataset(spy_x, np.zeros(12, np.int64), "bd_test")
-    SpyArray.log.clear()
-    compare_defenses(small_deepid, valid, test, bd,
-                     defenses=[_LoggedRNP(rnp_unlearn_epochs=1, rnp_recover_epochs=1, shift=0)])
-    log = SpyArray.log
-    assert log[:2] == ["start", "end"] and "read" in log[2:]
+    assert_no_test_or_poisoned_image_is_read_while_repairing(
+        small_deepid, [_LoggedRNP(rnp_unlearn_epochs=1, rnp_recover_epochs=1, shift=0)])
 
 
 @pytest.mark.slow

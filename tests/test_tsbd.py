@@ -26,9 +26,8 @@ from badnet_repair.defenses.tsbd import (
 from badnet_repair.errors import ModelError
 from badnet_repair.nets.models import zero_kernel_entries
 from badnet_repair.nets.trainer import training_model
-from badnet_repair.workflow.compare import compare_defenses
 
-from .conftest import LoggedRepair, SpyArray, random_faces
+from .conftest import LoggedRepair, assert_no_test_or_poisoned_image_is_read_while_repairing
 
 
 def _tiny(seed: int = 0, dtype: str = "float32") -> keras.Model:
@@ -295,15 +294,8 @@ class _LoggedTSBD(LoggedRepair, TwoStageBackdoorDefense):
 
 
 def test_no_test_or_poisoned_image_is_read_while_tsbd_repairs(small_deepid):
-    x = random_faces(28, seed=3)
-    valid = br.Dataset(x, np.arange(28) % 7, "valid")
-    spy_x = random_faces(12, seed=4).view(SpyArray)
-    test = br.Dataset(spy_x, np.arange(12) % 7, "test")
-    bd = br.Dataset(spy_x, np.zeros(12, np.int64), "bd_test")
-    SpyArray.log.clear()
-    compare_defenses(small_deepid, valid, test, bd, defenses=[_LoggedTSBD(epochs=1, shift=0, tsbd_unlearn_epochs=1)])
-    log = SpyArray.log
-    assert log[:2] == ["start", "end"] and "read" in log[2:]
+    assert_no_test_or_poisoned_image_is_read_while_repairing(
+        small_deepid, [_LoggedTSBD(epochs=1, shift=0, tsbd_unlearn_epochs=1)])
 
 
 @pytest.mark.slow
