@@ -17,3 +17,5 @@ def test_append_section_adds_a_step_and_its_warnings_to_a_written_report(tmp_pat
     text = report.read_text()
     assert text.startswith("# Report\n\nthe lab's part\n")
     assert "## Beyond the lab: fine-pruning\n\n> **Warning:** WARNING: far below B.\n\n| a | b |" in text
+    append_section(report, "More", "body", warnings=["CAUTION: few images; bound 7.6 points."])
+    assert "## More\n\n> **Caution:** few images; bound 7.6 points.\n\nbody" in report.read_text()

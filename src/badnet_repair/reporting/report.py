@@ -298,6 +298,15 @@ def render_report(results: Mapping[str, Any], *, figure: str | None = "pruning_c
     return "\n".join(lines)
 
 
+def _loud(line: str) -> str:
+    """A loud line as a Markdown quote: a caution (a repair kept on too few held-out images to be
+    sure of its budget) as a caution, anything else as a warning."""
+    text = line.rstrip(".")
+    if text.startswith("CAUTION: "):
+        return f"> **Caution:** {text[len('CAUTION: '):]}."
+    return f"> **Warning:** {text}."
+
+
 def append_section(report: str | os.PathLike[str], heading: str, body: str, *,
                    warnings: Sequence[str] = ()) -> Path:
     """Add a section at the end of a written markdown report (a step after the lab's, such as
@@ -321,7 +330,7 @@ def append_section(report: str | os.PathLike[str], heading: str, body: str, *,
         raise DataError(f"{path}: no report to add the section {heading!r} to (write the report first)")
     text = path.read_text().rstrip("\n")
     lines = [text, "", f"## {heading}", ""]
-    lines += [line for w in warnings for line in (f"> **Warning:** {w.rstrip('.')}.", "")]
+    lines += [line for w in warnings for line in (_loud(w), "")]
     lines += [body.strip(), ""]
     with atomic_path(path, overwrite=True) as tmp:  # the report is being extended, not replaced
         tmp.write_text("\n".join(lines))
