@@ -346,17 +346,23 @@ def test_weight_soup_is_one_network_with_the_mean_weights():
         weight_soup([])
 
 
-def test_the_traced_inference_call_gives_the_eager_calls_numbers_and_sees_changed_weights():
+def test_the_traced_inference_call_gives_the_eager_calls_numbers_and_sees_changed_weights(monkeypatch):
     import gc
     import weakref
 
+    from badnet_repair.nets import models
+
+    monkeypatch.setattr(models, "TRACE_AFTER", 100)
     keras.utils.set_random_seed(3)
     model = br.deepid(num_classes=9)
-    x = random_faces(70, seed=8)
+    x = random_faces(70, seed=8).astype(np.float64)  # the call casts to the model's float32, as Keras does
     eager = np.concatenate([keras.ops.convert_to_numpy(model(x[i:i + 32], training=False)) for i in range(0, 70, 32)])
-    np.testing.assert_array_equal(predict_probabilities(model, x, batch_size=32), eager)  # same kernels, same bits
+    first = predict_probabilities(model, x, batch_size=32)  # 70 images: still the eager call
+    assert models._COMPILED[model][1] is None
+    np.testing.assert_array_equal(first, eager)
+    np.testing.assert_array_equal(predict_probabilities(model, x, batch_size=32), eager)  # traced: same bits
+    assert models._COMPILED[model][1] is not None and inference_call(model) is inference_call(model)
     assert (br.predict_classes(model, x, batch_size=32) == eager.argmax(axis=1)).all()
-    assert inference_call(model) is inference_call(model)  # traced once per model
     zero_channels(model, "conv_3", range(60))  # weights changed in place
     changed = keras.ops.convert_to_numpy(model(x, training=False))
     np.testing.assert_array_equal(predict_probabilities(model, x), changed)

@@ -21,6 +21,7 @@ from ..formats.files import atomic_path, check_writable
 
 __all__ = [
     "INPUT_SCALE_LAYER",
+    "TRACE_AFTER",
     "ChannelChain",
     "as_functional",
     "channel_chain",
@@ -809,40 +810,63 @@ def average_models(models: Sequence[Any], *, name: str = "ensemble",
     return with_input_scale(keras.Model(x, out, name=name), scale)
 
 
-_COMPILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: Images a model is called on through :func:`predict_probabilities` or :func:`predict_classes`
+#: before its forward pass is traced: tracing (once per batch shape) costs about a second, which
+#: only long work on one model repays (STRIP's and TeCo's copies; not a detector's one pass over
+#: the lab's files, where it measured slower).
+TRACE_AFTER = 32768
+
+# model -> [images it has been called on, its traced forward pass or None]
+_COMPILED: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 
 
-def inference_call(model: Any) -> Any:
-    """``model``'s inference forward pass (``model(x, training=False)``) as one traced TensorFlow
-    function, made once per model and kept while the model lives.
+def inference_call(model: Any, images: int = 0) -> Any:
+    """``model``'s inference forward pass (``model(x, training=False)``) for the next ``images``
+    inputs: the eager call until the model has been called on :data:`TRACE_AFTER` images, then
+    one traced TensorFlow function (traced again for a new batch shape, a few times at most),
+    made once per model and kept while the model lives.
 
     Run as a graph, a small CNN's forward pass on the CPU is faster than the eager call
     (``benchmarks/bench_inference.py``), with the same kernels and so the same numbers (no XLA,
-    which changes them). The function reads the model's variables, so weights changed in place are seen. On
-    another Keras backend, or for a model that cannot be held by a weak reference, the plain call.
+    which changes them); tracing it costs about a second, which only long work repays. The
+    function reads the model's variables, so weights changed in place are seen. On another Keras
+    backend, for a model of several inputs, or one that cannot be held by a weak reference, the
+    eager call.
     """
     import keras
 
-    if keras.backend.backend() != "tensorflow":
-        return lambda x: model(x, training=False)
+    def eager(x: Any) -> Any:
+        return model(x, training=False)
+
+    if keras.backend.backend() != "tensorflow" or len(model.inputs) != 1:
+        return eager
+    dtype = np.dtype(str(model.inputs[0].dtype))
+    if dtype.kind != "f":
+        return eager
     try:
-        fn = _COMPILED.get(model)
+        entry = _COMPILED.get(model)
     except TypeError:
-        return lambda x: model(x, training=False)
-    if fn is None:
+        return eager
+    if entry is None:
+        entry = _COMPILED[model] = [0, None]
+    entry[0] += int(images)
+    if entry[1] is None:
+        if entry[0] < TRACE_AFTER:
+            return eager
         import tensorflow as tf
 
         ref = weakref.ref(model)  # not the model itself: the cache must not keep it alive
-        fn = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True)  # type: ignore[misc]
-        _COMPILED[model] = fn
-    return fn
+        traced = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True)  # type: ignore[misc]
+        # the cast the eager call makes inside the model, made before the call
+        entry[1] = lambda x: traced(np.asarray(x, dtype))
+    return entry[1]
 
 
 def predict_classes(model: Any, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
     """Return (N,) int64 argmax predictions of ``model`` on (N, ...) inputs, in batches."""
     import keras
 
-    call = inference_call(model)
+    call = inference_call(model, len(x))
     out = np.empty(len(x), dtype=np.int64)
     for i in range(0, len(x), batch_size):
         scores = call(np.asarray(x[i : i + batch_size]))
@@ -854,7 +878,7 @@ def predict_probabilities(model: Any, x: np.ndarray, *, batch_size: int = 1024) 
     """Return (N, K) float32 outputs of ``model`` on (N, ...) inputs, in batches."""
     import keras
 
-    call = inference_call(model)
+    call = inference_call(model, len(x))
     parts = [keras.ops.convert_to_numpy(call(np.asarray(x[i : i + batch_size]))) for i in range(0, len(x),
                                                                                                  batch_size)]
     return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.empty((0, num_classes(model)),
