@@ -301,7 +301,8 @@ class FineTuning(TrainingSettings, Defense):
                             pixel_scale=scale, progress=progress,
                             desc=label + (f" {i + 1}/{self.members}" if self.members > 1 else ""))
             checked_on = apart if apart is not None else choose  # the images the budget compares on
-            base_acc = accuracy(model, checked_on)
+            base_right = right_on(model, checked_on)
+            base_acc = float(100.0 * np.mean(base_right))
             start, pruned = self.start(member)
             start_acc = base_acc if start is model else accuracy(start, checked_on)
             log.info("%s member %d/%d: %d channels of %s held at zero; held-out accuracy %.2f (B) -> %.2f (start)",
@@ -316,8 +317,10 @@ class FineTuning(TrainingSettings, Defense):
             candidates = ([(self.start_label, start_acc)] if own_start else []) + [("B", base_acc)]
             # a soup's members are not checked one by one (a member given back as B would put the
             # backdoor back into the soup): the soup is checked as a whole, below
-            result_acc = trained.holdout_accuracy if apart is None else accuracy(trained.model, apart)
-            paired = (right_on(model, checked_on), right_on(trained.model, checked_on))
+            # (B right, the result right) on the budget's images, for the bound on a kept result's drop
+            paired = None if soup else (base_right, right_on(trained.model, checked_on))
+            result_acc = trained.holdout_accuracy if paired is None or apart is None else \
+                float(100.0 * np.mean(paired[1]))
             check = check_budget(who, result_acc, base_acc, None if soup else self.budget, candidates, paired)
             net, epoch = trained.model, trained.kept_epoch
             if check.fallback == self.start_label:
@@ -341,11 +344,13 @@ class FineTuning(TrainingSettings, Defense):
         else:
             kept = tuple(range(self.members))
             repaired = average_models([t.model for t in tuned], name=f"{stem}_soup", mean="soup")
-            soup_acc = accuracy(repaired, shared)
+            soup_acc = None
             who = f"{self.name} (a soup of {self.members})"
-        base_acc = accuracy(model, shared)
-        check = check_budget(who, soup_acc, base_acc, self.budget, [("B", base_acc)],
-                             (right_on(model, shared), right_on(repaired, shared)))
+        paired = (right_on(model, shared), right_on(repaired, shared))
+        base_acc = float(100.0 * np.mean(paired[0]))
+        if soup_acc is None:
+            soup_acc = float(100.0 * np.mean(paired[1]))
+        check = check_budget(who, soup_acc, base_acc, self.budget, [("B", base_acc)], paired)
         if check.fallback == "B":
             repaired = model
         return FinePruneResult(model=repaired, method=self.name, layer=layer, members=tuple(tuned), budget=check,

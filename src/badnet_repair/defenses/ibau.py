@@ -277,11 +277,12 @@ class IBAU(Defense):
         """The unlearned model, with its per-round history. Where the last round falls more than
         ``budget`` points below B on the held-out part, the last round within it is returned
         (round 0 is B itself), with a loud line in :attr:`Repair.warnings`."""
-        from ..nets.trainer import accuracy, right_on
+        from ..nets.trainer import right_on
         from .tuning import check_budget, split_clean
 
         tune, holdout, _, _ = split_clean(clean, holdout_fraction=self.holdout_fraction, seed=self.seed)
-        base = accuracy(model, holdout)
+        base_right = right_on(model, holdout)
+        base = float(100.0 * np.mean(base_right))
         floor = None if self.budget is None else base - self.budget
         settings = {k: v for k, v in self.get_params().items() if k not in ("holdout_fraction", "budget")}
         net, history = ibau_unlearn(model, tune, holdout=holdout, floor=floor, progress=progress, **settings)
@@ -290,7 +291,7 @@ class IBAU(Defense):
         label = "B" if within[-1] == 0 else f"round {within[-1]}"
         # the paired scores are read only where the last round is kept, and then ``net`` is it
         check = check_budget(self.name, last, base, self.budget, [(label, history[within[-1]]["holdout_accuracy"])],
-                             (right_on(model, holdout), right_on(net, holdout)))
+                             (base_right, right_on(net, holdout)))
         if check.fallback == "B":
             net = model
         choices = {"base_holdout_accuracy": history[0]["holdout_accuracy"], "holdout_accuracy": check.accuracy,

@@ -269,33 +269,37 @@ class ReconstructiveNeuronPruning(Defense):
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B with the neurons RNP finds pruned (or the budget's fallback); the record holds the
         masks, the unlearning and recovering histories, the threshold kept and the budget check."""
-        from ..nets.trainer import accuracy, right_on
+        from ..nets.trainer import right_on
         from .tuning import check_budget, split_clean
+
+        def label(t: float) -> str:
+            return f"pruning at mask <= {t:g}"
 
         tune, holdout, _, hold_idx = split_clean(clean, holdout_fraction=self.holdout_fraction, seed=self.seed)
         masks, record = self.masks(model, tune, progress=progress)
-        base_acc = accuracy(model, holdout)
-        tried: list[tuple[float, dict[str, tuple[int, ...]], Any, float]] = []
+        base_right = right_on(model, holdout)
+        base_acc = float(100.0 * np.mean(base_right))
+        # (threshold, neurons pruned, network, its held-out images right), from rnp_threshold down
+        tried: list[tuple[float, dict[str, tuple[int, ...]], Any, np.ndarray]] = []
         for t in self.thresholds():
             neurons = neurons_at_most(masks, t)
             if tried and neurons == tried[-1][1]:
                 continue
             net = _pruned_copy(model, neurons) if neurons else model
-            tried.append((t, neurons, net, accuracy(net, holdout) if neurons else base_acc))
-            if self.budget is None or base_acc - tried[-1][3] <= self.budget:
+            tried.append((t, neurons, net, right_on(net, holdout) if neurons else base_right))
+            if self.budget is None or base_acc - 100.0 * np.mean(tried[-1][3]) <= self.budget:
                 break  # the first within the budget is the one returned; lower ones are not needed
-        first_t, first_neurons, first_net, first_acc = tried[0]
-        candidates = [(f"pruning at mask <= {t:g}", acc) for t, n, _, acc in tried[1:] if n] + [("B", base_acc)]
+        first_t, first_neurons, first_net, first_right = tried[0]
+        candidates = [(label(t), float(100.0 * np.mean(r))) for t, n, _, r in tried[1:] if n] + [("B", base_acc)]
         # B itself (nothing pruned) needs no bound on its drop
-        paired = (right_on(model, holdout), right_on(first_net, holdout)) if first_neurons else None
-        check = check_budget(self.name, first_acc, base_acc, self.budget, candidates, paired)
+        check = check_budget(self.name, float(100.0 * np.mean(first_right)), base_acc, self.budget, candidates,
+                             (base_right, first_right) if first_neurons else None)
         kept_t: float | None = first_t
         neurons, net = first_neurons, first_net
         if check.fallback == "B":
             kept_t, neurons, net = None, {}, model
         elif check.fallback is not None:
-            kept_t, neurons, net = next((t, n, m) for t, n, m, _ in tried if f"pruning at mask <= {t:g}" ==
-                                        check.fallback)
+            kept_t, neurons, net = next((t, n, m) for t, n, m, _ in tried if label(t) == check.fallback)
         pruned = sum(len(u) for u in neurons.values())
         warnings = list(check.lines)
         if not first_neurons:
@@ -309,8 +313,8 @@ class ReconstructiveNeuronPruning(Defense):
         choices = {**{k: v for k, v in record.items() if k not in ("unlearning", "recovering")},
                    "masks": {name: [round(float(v), 4) for v in m] for name, m in masks.items()},
                    "threshold": kept_t, "neurons_pruned": {name: list(u) for name, u in neurons.items()},
-                   "tried": [{"threshold": t, "neurons": sum(len(u) for u in n.values()), "holdout_accuracy": acc}
-                             for t, n, _, acc in tried],
+                   "tried": [{"threshold": t, "neurons": sum(len(u) for u in n.values()),
+                              "holdout_accuracy": float(100.0 * np.mean(r))} for t, n, _, r in tried],
                    "holdout_images": len(hold_idx), **check.as_dict()}
         history = {"unlearning": record["unlearning"], "recovering": record["recovering"]}
         repaired = Repaired(label=self.name, model=net, channels_pruned=pruned)
