@@ -180,6 +180,45 @@ def test_zoom_blur_matches_a_plain_linear_zoom():
     np.testing.assert_allclose(teco._clipped_zoom(chw, factor)[0, 0], want[:9, :7], atol=1e-12)
 
 
+def test_zoom_blur_is_the_mean_of_each_severitys_own_zooms():
+    # the distinct zooms are made once and shared across severities; each severity must equal
+    # the plain mean of the image and its own list of zooms, summed in the list's order
+    u = np.random.default_rng(11).uniform(0, 1, (2, 13, 11, 3)).astype(np.float32)
+    chw = u.transpose(0, 3, 1, 2).astype(np.float64)
+    got = teco._zoom_blur(u, [])
+    for s, zooms in enumerate((np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01), np.arange(1, 1.21, 0.02),
+                               np.arange(1, 1.26, 0.02), np.arange(1, 1.31, 0.03))):
+        total = chw + sum(teco._clipped_zoom(chw, float(z)) for z in zooms)
+        want = np.clip(total / (len(zooms) + 1), 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+        np.testing.assert_array_equal(got[s], want)
+
+
+def test_severities_ask_b_only_until_the_first_change_and_match_every_copy_classified(small_deepid, monkeypatch):
+    from badnet_repair.nets import models
+
+    x = random_faces(9, seed=12)
+    names = ("gaussian_noise", "motion_blur", "zoom_blur", "contrast", "jpeg_compression")
+    det = TeCo(corruptions=names, batch_size=16).fit(small_deepid, br.Dataset(x[:3], np.zeros(3, np.int64)))
+    # the plain computation: B's class on the input and on every corrupted copy
+    original = br.predict_classes(small_deepid, x)
+    every = np.stack([[br.predict_classes(small_deepid, copies) for copies in corrupt(x, c, pixel_max=255.0)]
+                      for c in names]).transpose(2, 0, 1)  # (N, T, 5)
+    want = first_change(original, every)
+    assert len(np.unique(want)) >= 3  # changes at several severities: the laziness is exercised
+    asked = []
+    plain = models.predict_classes
+
+    def counted(model, images, **kwargs):
+        asked.append(len(images))
+        return plain(model, images, **kwargs)
+
+    monkeypatch.setattr(models, "predict_classes", counted)
+    np.testing.assert_array_equal(det.severities(x), want)
+    # severity s is asked only of the copies unchanged at 1..s-1: sum(min(first, 5)) copies, plus the inputs
+    assert sum(asked) == len(x) + int(np.minimum(want, teco.SEVERITIES).sum())
+    assert sum(asked) < len(x) * (1 + len(names) * teco.SEVERITIES)
+
+
 def test_noise_is_deterministic_per_image_and_seeded():
     x = random_faces(5, seed=8)
     for name in ("gaussian_noise", "shot_noise", "impulse_noise", "motion_blur"):

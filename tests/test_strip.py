@@ -3,6 +3,8 @@ whose trigger STRIP must separate from clean inputs, fitted on clean data only."
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import badnet_repair as br
 from badnet_repair.detectors import REGISTRY
 from badnet_repair.detectors.strip import Strip, prediction_entropy
 
-from .conftest import NullDetector
+from .conftest import NullDetector, random_faces
 
 K, SIDE, TARGET = 8, 16, 3
 
@@ -21,10 +23,27 @@ def test_entropy_by_hand():
     np.testing.assert_allclose(prediction_entropy(probs), [2.0, 0.0, 1.0])
 
 
+def test_entropy_matches_the_plain_sum_with_zero_probabilities():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(50, 0.3), size=(4, 6)).astype(np.float32)
+    probs[probs < 0.01] = 0.0
+    plain = np.zeros(probs.shape[:-1])
+    for idx in np.ndindex(*probs.shape[:-1]):
+        plain[idx] = -sum(float(p) * math.log2(float(p)) for p in probs[idx] if p > 0)
+    np.testing.assert_allclose(prediction_entropy(probs), plain, rtol=1e-12)
+
+
 def test_superimposition_adds_and_saturates_or_mixes():
     x, c = np.array([100.0, 200.0]), np.array([100.0, 100.0])
     np.testing.assert_array_equal(Strip(pixel_max=255.0).superimpose(x, c), [200.0, 255.0])
     np.testing.assert_array_equal(Strip(blend="mix", alpha=0.75).superimpose(x, c), [100.0, 175.0])
+    # written into a buffer: the same numbers
+    images, overlays = random_faces(3, seed=1), random_faces(4, seed=2)
+    for det in (Strip(pixel_max=255.0), Strip(blend="mix", alpha=0.3)):
+        buffer = np.full((3, 4, 55, 47, 3), np.nan, np.float32)
+        got = det.superimpose(images[:, None], overlays[None], out=buffer)
+        assert got is buffer
+        np.testing.assert_array_equal(got, det.superimpose(images[:, None], overlays[None]))
     with pytest.raises(ValueError, match="blend"):
         Strip(blend="paint")  # type: ignore[arg-type]
 

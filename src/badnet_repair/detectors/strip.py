@@ -19,9 +19,9 @@ def prediction_entropy(probs: np.ndarray) -> np.ndarray:
         float64 of shape ``probs.shape[:-1]``.
     """
     p = np.clip(np.asarray(probs, np.float64), 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, -p * np.log2(p), 0.0)
-    return terms.sum(axis=-1)
+    logs = np.zeros_like(p)
+    np.log2(p, out=logs, where=p > 0)  # a zero's log is never taken: 0 log 0 = 0
+    return -np.einsum("...k,...k->...", p, logs)
 
 
 class Strip(Detector):
@@ -114,19 +114,28 @@ class Strip(Detector):
         x = np.asarray(x, np.float32)
         out = np.empty(len(x), np.float64)
         step = max(1, self.batch_size // len(self.overlays))
+        buffer = np.empty((min(step, len(x)), *self.overlays.shape), np.float32)  # reused: no fresh pages a chunk
         for start in range(0, len(x), step):
             chunk = x[start : start + step]
-            blended = self.superimpose(chunk[:, None], self.overlays[None])
+            blended = self.superimpose(chunk[:, None], self.overlays[None], out=buffer[: len(chunk)])
             probs = predict_probabilities(self.model, blended.reshape(-1, *x.shape[1:]), batch_size=self.batch_size)
             per_copy = prediction_entropy(probs).reshape(len(chunk), len(self.overlays))
             out[start : start + len(chunk)] = per_copy.mean(axis=1)
         return out
 
-    def superimpose(self, x: np.ndarray, clean: np.ndarray) -> np.ndarray:
-        """The inputs ``x`` superimposed on clean images (broadcasting), by ``blend``."""
+    def superimpose(self, x: np.ndarray, clean: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """The inputs ``x`` superimposed on clean images (broadcasting), by ``blend``; written
+        into ``out`` where given (of the broadcast shape)."""
         if self.blend_mode == "add":
-            return np.minimum(x + clean, self._top())
-        return self.alpha * x + (1.0 - self.alpha) * clean
+            if out is None:
+                return np.minimum(x + clean, self._top())
+            np.add(x, clean, out=out)
+            return np.minimum(out, self._top(), out=out)
+        if out is None:
+            return self.alpha * x + (1.0 - self.alpha) * clean
+        np.multiply(x, self.alpha, out=out)
+        out += (1.0 - self.alpha) * clean
+        return out
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """(N,) minus the mean entropy: higher = more likely triggered."""

@@ -881,8 +881,10 @@ def predict_probabilities(model: Any, x: np.ndarray, *, batch_size: int = 1024) 
     call = inference_call(model, len(x))
     parts = [keras.ops.convert_to_numpy(call(np.asarray(x[i : i + batch_size]))) for i in range(0, len(x),
                                                                                                  batch_size)]
-    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.empty((0, num_classes(model)),
-                                                                                          np.float32)
+    if not parts:
+        return np.empty((0, num_classes(model)), np.float32)
+    # one batch: its array as it is (a concatenation would only copy it)
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------- loading
