@@ -21,9 +21,11 @@ from .pruning import Pruning
 from .rnp import ReconstructiveNeuronPruning
 from .sam import FineTuningSAM
 from .sau import SharedAdversarialUnlearning
+from .subspace import CleanSubspaceProjection
 from .tsbd import TwoStageBackdoorDefense
 
-__all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "Defense", "FeatureShiftFinePruning", "FeatureShiftTuning",
+__all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "CleanSubspaceProjection",
+           "Defense", "FeatureShiftFinePruning", "FeatureShiftTuning",
            "FinePruning", "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning",
            "ReconstructiveNeuronPruning", "Repair", "Repaired", "SharedAdversarialUnlearning",
            "TwoStageBackdoorDefense", "make_defense", "register_defense"]
@@ -32,7 +34,7 @@ __all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "Defense", "FeatureShiftFineP
 REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
     FeatureShiftTuning, FeatureShiftFinePruning, SharedAdversarialUnlearning, BTIDBFUnlearning,
-    TwoStageBackdoorDefense, ReconstructiveNeuronPruning)}
+    TwoStageBackdoorDefense, ReconstructiveNeuronPruning, CleanSubspaceProjection)}
 
 
 def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:

@@ -31,6 +31,7 @@ __all__ = [
     "crossing_tensors",
     "deepid",
     "default_conv_layer",
+    "first_dense_layers",
     "inference_call",
     "inline_copy",
     "input_scale_of",
@@ -40,6 +41,7 @@ __all__ = [
     "pooling_after",
     "predict_classes",
     "predict_probabilities",
+    "project_dense_inputs",
     "prune_channels",
     "reinitialize_head",
     "save_model",
@@ -425,6 +427,80 @@ def reinitialize_head(model: Any, layer: str | None = None, *, seed: int = 0) ->
     rng = np.random.default_rng([seed, 23])
     head.set_weights([rng.uniform(-bound, bound, w.shape).astype(w.dtype) for w in old])
     return str(head.name), old[0]
+
+
+def _producers(model: Any, layer: Any, ours: set[int]) -> list[Any]:
+    """The layers of ``model`` whose outputs ``layer`` takes."""
+    found: dict[int, Any] = {}
+    for node in getattr(layer, "_inbound_nodes", []):
+        if id(node.operation) not in ours:
+            continue
+        for tensor in node.input_tensors:
+            history = getattr(tensor, "_keras_history", None)
+            op = history.operation if history is not None else None
+            if op is not None and id(op) in ours:
+                found[id(op)] = op
+    return list(found.values())
+
+
+def first_dense_layers(model: Any) -> list[str]:
+    """The Dense layers that no other Dense layer feeds, directly or not, found from the graph:
+    the first dense layers after the conv body, ``fc_1`` and ``fc_2`` in the lab's DeepID (both
+    read the flattened conv features), the hidden layer of a conv -> flatten -> dense -> dense
+    network, and the classifier itself where the conv features go straight to it.
+
+    Returns:
+        Their names, in graph order.
+    """
+    from keras import layers
+
+    model = _graph_model(model)
+    ours = {id(lyr) for lyr in model.layers}
+    after_dense: dict[int, bool] = {}  # a layer's input passed through a Dense layer
+    first: list[str] = []
+    for lyr in _layers_in_order(model):
+        upstream = _producers(model, lyr, ours)
+        fed = any(isinstance(u, layers.Dense) or after_dense.get(id(u), False) for u in upstream)
+        after_dense[id(lyr)] = fed
+        if isinstance(lyr, layers.Dense) and not fed:
+            if not _called_once(model, lyr):
+                raise ModelError(f"layer {lyr.name!r} of model {model.name!r} is shared (called more than once)")
+            first.append(str(lyr.name))
+    return first
+
+
+def project_dense_inputs(model: Any, layer: str, mean: np.ndarray, basis: np.ndarray) -> None:
+    """Make Dense ``layer`` of ``model`` itself read only the part of its input that lies in the
+    span of ``basis`` around ``mean``: its input ``a`` becomes ``mean + P (a - mean)``, folded into
+    the weights (kernel ``W`` -> ``P W``, bias ``b`` -> ``b + (mean - P mean) W``), ``P = basis
+    basis^T``. Where ``a`` lies in that affine span, the layer's output is unchanged. The one place
+    where weights are changed for a projection; callers pass a copy.
+
+    Args:
+        model: the network changed.
+        layer: a Dense layer's name.
+        mean: (d,) the centre, d the layer's input width.
+        basis: (d, k) orthonormal columns.
+    """
+    from keras import layers
+
+    found = _named_layer(_graph_model(model), layer)
+    if not isinstance(found, layers.Dense):
+        raise ModelError(f"layer {layer!r} of model {model.name!r} is a {type(found).__name__}, not a Dense layer")
+    weights = [np.asarray(w) for w in found.get_weights()]
+    kernel = weights[0].astype(np.float64)
+    mean, basis = np.asarray(mean, np.float64), np.asarray(basis, np.float64)
+    if mean.shape != (kernel.shape[0],) or basis.ndim != 2 or basis.shape[0] != kernel.shape[0]:
+        raise ModelError(f"layer {layer!r} takes {kernel.shape[0]} inputs; got a centre of shape {mean.shape} "
+                         f"and a basis of shape {basis.shape}")
+    projected = basis @ (basis.T @ kernel)
+    shift = (mean - basis @ (basis.T @ mean)) @ kernel
+    weights[0] = projected.astype(weights[0].dtype)
+    if found.use_bias:
+        weights[1] = (weights[1].astype(np.float64) + shift).astype(weights[1].dtype)
+    elif np.any(shift != 0):
+        raise ModelError(f"layer {layer!r} has no bias to take the projection's shift; project around 0")
+    found.set_weights(weights)
 
 
 def zero_channels(model: Any, layer: str, channels: Iterable[int]) -> None:
