@@ -21,20 +21,21 @@ from .pruning import Pruning
 from .rnp import ReconstructiveNeuronPruning
 from .sam import FineTuningSAM
 from .sau import SharedAdversarialUnlearning
-from .subspace import CleanSubspaceProjection
+from .subspace import CleanSubspaceProjection, SubspaceFineTuning
 from .tsbd import TwoStageBackdoorDefense
 
 __all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "CleanSubspaceProjection",
            "Defense", "FeatureShiftFinePruning", "FeatureShiftTuning",
            "FinePruning", "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning",
-           "ReconstructiveNeuronPruning", "Repair", "Repaired", "SharedAdversarialUnlearning",
+           "ReconstructiveNeuronPruning", "Repair", "Repaired", "SharedAdversarialUnlearning", "SubspaceFineTuning",
            "TwoStageBackdoorDefense", "make_defense", "register_defense"]
 
 #: Registry name -> defense class, in the order tables list them.
 REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
     FeatureShiftTuning, FeatureShiftFinePruning, SharedAdversarialUnlearning, BTIDBFUnlearning,
-    TwoStageBackdoorDefense, ReconstructiveNeuronPruning, CleanSubspaceProjection)}
+    TwoStageBackdoorDefense, ReconstructiveNeuronPruning, CleanSubspaceProjection,
+    SubspaceFineTuning)}
 
 
 def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:

@@ -20,9 +20,10 @@ import numpy as np
 from ..defaults import BUDGET_HELP, setting
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
+from .finetuning import FineTuning, Member
 
-__all__ = ["KEPT_VARIANCE", "CleanSubspaceProjection", "PrincipalDirections", "cross_fit_folds", "principal_directions",
-           "projected_copy"]
+__all__ = ["KEPT_VARIANCE", "CleanSubspaceProjection", "PrincipalDirections", "SubspaceFineTuning", "cross_fit_folds",
+           "dense_inputs", "principal_directions", "projected_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,29 @@ def projected_copy(model: Any, directions: Mapping[str, PrincipalDirections], ke
     for name, d in directions.items():
         project_dense_inputs(copy, name, d.mean, d.basis[:, : kept[name]])
     return copy
+
+
+def dense_inputs(model: Any, x: np.ndarray, layers: tuple[str, ...] | None = None, *, batch_size: int = 1024,
+                 who: str = "subspace") -> dict[str, np.ndarray]:
+    """(N, d) inputs of each of ``layers`` (default
+    :func:`~badnet_repair.nets.models.first_dense_layers`) on images ``x``, by layer name."""
+    import keras
+
+    from ..errors import ModelError
+    from ..nets.models import first_dense_layers
+
+    names = list(layers) if layers is not None else first_dense_layers(model)
+    if not names:
+        raise ModelError(f"{who}: model {model.name!r} has no Dense layer to project")
+    # one input tensor, not a list of one: the model is then called with an array as it expects
+    inputs = keras.Model(model.inputs[0] if len(model.inputs) == 1 else model.inputs,
+                         [model.get_layer(n).input for n in names])
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for start in range(0, len(x), batch_size):
+        out = inputs(np.asarray(x[start : start + batch_size], np.float32), training=False)
+        for i, value in enumerate(out if isinstance(out, (list, tuple)) else [out]):
+            parts[i].append(keras.ops.convert_to_numpy(value).reshape(len(value), -1))
+    return {n: np.concatenate(p) for n, p in zip(names, parts, strict=True)}
 
 
 def cross_fit_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -157,22 +181,8 @@ class CleanSubspaceProjection(Defense):
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
 
     def layer_inputs(self, model: Any, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Each projected layer's (N, d) inputs on images ``x``."""
-        import keras
-
-        from ..errors import ModelError
-        from ..nets.models import first_dense_layers
-
-        names = list(self.layers) if self.layers is not None else first_dense_layers(model)
-        if not names:
-            raise ModelError(f"{self.name}: model {model.name!r} has no Dense layer to project")
-        inputs = keras.Model(model.inputs, [model.get_layer(n).input for n in names])
-        parts: list[list[np.ndarray]] = [[] for _ in names]
-        for start in range(0, len(x), self.batch_size):
-            out = inputs(np.asarray(x[start : start + self.batch_size], np.float32), training=False)
-            for i, value in enumerate(out if isinstance(out, (list, tuple)) else [out]):
-                parts[i].append(keras.ops.convert_to_numpy(value).reshape(len(value), -1))
-        return {n: np.concatenate(p) for n, p in zip(names, parts, strict=True)}
+        """Each projected layer's (N, d) inputs on images ``x`` (:func:`dense_inputs`)."""
+        return dense_inputs(model, x, self.layers, batch_size=self.batch_size, who=self.name)
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B with its first dense layers projected (or B, with the loud line); the record holds
@@ -236,3 +246,49 @@ class CleanSubspaceProjection(Defense):
         repaired = Repaired(label=self.name, model=net)
         return Repair(defense=self.name, models=(repaired,), record=self.make_record(choices, tried),
                       warnings=tuple(warnings))
+
+
+@dataclass(frozen=True)
+class SubspaceFineTuning(FineTuning):
+    """Fine-tuning (Liu et al., RAID 2018, Section 5) from a clean-subspace projection of B.
+
+    Each member's start is B with its first dense layers reading only the fewest principal
+    directions of their inputs on the member's tuning images that hold ``kept_variance`` of the
+    variance (:class:`CleanSubspaceProjection`'s projection at one fixed share); fine-tuning on the
+    same images then wins back the accuracy the cut cost, with gradients that lie in the
+    directions the clean images move (a dense kernel's gradient is its inputs times the error).
+    The epoch choice on the held-out part, the budget and its fallback to B are fine-tuning's.
+
+    Settings: those of :class:`~badnet_repair.defenses.finetuning.FineTuning`, plus:
+
+    Args:
+        kept_variance: the share of the clean inputs' variance the start keeps, default 0.95.
+        project_layers: the Dense layers projected, default None (found from the graph).
+    """
+
+    name: ClassVar[str] = "subspace-ft"
+    summary: ClassVar[str] = ("project the first dense layers onto the clean inputs' principal directions, then "
+                              "fine-tune")
+    start_label: ClassVar[str] = "projected start"
+
+    kept_variance: float = setting(0.95, "share of the clean inputs' variance the projected start keeps")
+    project_layers: tuple[str, ...] | None = setting(None, "Dense layers projected (default: those no Dense layer "
+                                                           "feeds, found from the graph)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.kept_variance <= 1.0:
+            raise ValueError(f"kept_variance must be a share in (0, 1], not {self.kept_variance}")
+
+    def start(self, member: Member) -> tuple[Any, tuple[int, ...]]:
+        """B projected on the member's tuning images' principal directions (no channel pruned)."""
+        from ..nets.models import as_functional
+
+        graph = as_functional(member.badnet)
+        features = dense_inputs(graph, np.asarray(member.tune.x, np.float32), self.project_layers, who=self.name)
+        directions = {n: principal_directions(a) for n, a in features.items()}
+        counts = {n: d.directions_for(self.kept_variance) for n, d in directions.items()}
+        member.notes["projected_directions"] = counts
+        member.notes["input_widths"] = {n: int(a.shape[1]) for n, a in features.items()}
+        log.info("%s: start projected on %s directions (%g of the variance)", self.name, counts, self.kept_variance)
+        return projected_copy(graph, directions, counts), ()
