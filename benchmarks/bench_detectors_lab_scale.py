@@ -35,14 +35,9 @@ def main() -> None:
     assert spec and spec.loader
     lab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lab)
-    root = Path(args.out)
-    if not (root / "data" / "bd" / "bd_test.h5").exists():
-        print("making the lab-sized files:", lab.make_lab_files(root), flush=True)
+    b, valid, test, bd = lab.lab_task(Path(args.out))
     import badnet_repair as br
 
-    b = br.load_model(root / "model" / "bd_net.h5")
-    valid = br.load_h5(root / "data" / "cl" / "valid.h5")
-    test, bd = br.load_h5(root / "data" / "cl" / "test.h5"), br.load_h5(root / "data" / "bd" / "bd_test.h5")
     n = args.score_sample
     test_s = test if n is None else test.subset(slice(0, n))
     bd_s = bd if n is None else bd.subset(slice(0, n))

@@ -69,6 +69,23 @@ def make_lab_files(root: Path, *, identities: int = 1283, valid_per: int = 9, te
     return what
 
 
+def ensure_lab_files(root: Path) -> Path:
+    """``root``, with the lab's files made there first where they are not yet (:func:`make_lab_files`)."""
+    if not (root / "data" / "bd" / "bd_test.h5").exists():
+        print("making the lab-sized files:", make_lab_files(root), flush=True)
+    return root
+
+
+def lab_task(root: Path) -> tuple[object, object, object, object]:
+    """B and the clean validation, clean test and poisoned test sets of the lab's files under ``root``
+    (made first where they are not yet)."""
+    import badnet_repair as br
+
+    root = ensure_lab_files(root)
+    return (br.load_model(root / "model" / "bd_net.h5"), br.load_h5(root / "data" / "cl" / "valid.h5"),
+            br.load_h5(root / "data" / "cl" / "test.h5"), br.load_h5(root / "data" / "bd" / "bd_test.h5"))
+
+
 def section_times(executed: Path) -> list[tuple[str, float]]:
     """(section heading, seconds) for each section of an executed notebook, from nbclient's cell timings."""
     nb = json.loads(executed.read_text())

@@ -56,14 +56,11 @@ def main() -> None:
     lab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lab)
     root = Path(args.out)
-    if not (root / "data" / "bd" / "bd_test.h5").exists():
-        print("making the lab-sized files:", lab.make_lab_files(root), flush=True)
+    b, _, test, bd = lab.lab_task(root)
 
     import badnet_repair as br
     from badnet_repair.detectors.teco import TeCo
 
-    b = br.load_model(root / "model" / "bd_net.h5")
-    test, bd = br.load_h5(root / "data" / "cl" / "test.h5"), br.load_h5(root / "data" / "bd" / "bd_test.h5")
     x = np.concatenate([test.x[: args.images], bd.x[: args.images]])
     before_module = load_before(args.before)
     detectors = {"before": before_module.TeCo(), "now": TeCo()}  # type: ignore[attr-defined]
