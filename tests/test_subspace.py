@@ -216,3 +216,23 @@ class _LoggedSubspaceFT(LoggedRepair, SubspaceFineTuning):
 
 def test_no_test_or_poisoned_image_is_read_while_subspace_ft_repairs(small_deepid):
     assert_no_test_or_poisoned_image_is_read_while_repairing(small_deepid, [_LoggedSubspaceFT(epochs=1, budget=None)])
+
+
+def test_layers_called_in_another_graph_are_not_shared_in_b():
+    b = br.deepid(num_classes=5)
+    # another network built on B's own layer objects (as a detector may build one) calls them again
+    inp = keras.Input((55, 47, 3))
+    h = inp
+    for name in ("conv_1", "pool_1", "conv_2", "pool_2", "conv_3", "pool_3"):
+        h = b.get_layer(name)(h)
+    keras.Model(inp, b.get_layer("fc_1")(b.get_layer("flatten_1")(h)))
+    assert len(b.get_layer("fc_1")._inbound_nodes) == 2
+    assert first_dense_layers(b) == ["fc_1", "fc_2"]
+    assert br.default_conv_layer(b) == "conv_3"
+    # a Dense layer called twice in the model's own graph is still refused
+    x = keras.Input((4,))
+    twice = keras.layers.Dense(4, name="twice")
+    both = keras.layers.Concatenate()([twice(x), twice(keras.layers.Activation("relu")(x))])
+    shared = keras.Model(x, keras.layers.Dense(2)(both))
+    with pytest.raises(ModelError, match="shared"):
+        first_dense_layers(shared)

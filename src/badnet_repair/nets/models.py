@@ -151,6 +151,12 @@ def _consumers(model: Any, layer: Any, ours: set[int] | None = None) -> list[Any
 
 
 def _called_once(model: Any, layer: Any) -> bool:
+    """Whether ``layer`` is called at most once in ``model``'s own graph (calls of the same layer
+    object in other graphs, such as a network built on B's layers, do not count)."""
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if by_depth:
+        graph = {id(n) for nodes in by_depth.values() for n in nodes}
+        return sum(1 for n in getattr(layer, "_inbound_nodes", []) if id(n) in graph) <= 1
     ours = {id(lyr) for lyr in model.layers}
     return sum(1 for n in getattr(layer, "_inbound_nodes", []) if id(n.operation) in ours) <= 1
 
