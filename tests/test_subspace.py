@@ -149,6 +149,12 @@ def test_the_copy_projects_each_fold_without_touching_b():
     kernel = copy.get_layer("head").get_weights()[0]
     p = d.basis[:, :2] @ d.basis[:, :2].T
     np.testing.assert_allclose(kernel, p @ b.get_layer("head").get_weights()[0], atol=1e-5)
+    # reused for another level: the same weights as a fresh copy at that level
+    again = projected_copy(b, {"head": d}, {"head": 5}, into=copy)
+    fresh = projected_copy(b, {"head": d}, {"head": 5})
+    assert again is copy
+    for w, w0 in zip(again.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(w, w0)
 
 
 def test_settings_are_checked_and_the_defense_is_registered(small_deepid):

@@ -66,16 +66,24 @@ def principal_directions(features: np.ndarray) -> PrincipalDirections:
     return PrincipalDirections(mean=mean, basis=vt[keep].T, cumulative=cumulative)
 
 
-def projected_copy(model: Any, directions: Mapping[str, PrincipalDirections], kept: Mapping[str, int]) -> Any:
+def projected_copy(model: Any, directions: Mapping[str, PrincipalDirections], kept: Mapping[str, int], *,
+                   into: Any = None) -> Any:
     """A copy of ``model`` whose Dense layers (``directions``' keys) read their inputs projected
     onto their first ``kept[layer]`` principal directions
-    (:func:`~badnet_repair.nets.models.project_dense_inputs`)."""
+    (:func:`~badnet_repair.nets.models.project_dense_inputs`). ``into``: an earlier copy of
+    ``model`` to reuse (its projected layers are set back to ``model``'s weights first), so that a
+    sweep over levels clones the network once."""
     import keras
 
     from ..nets.models import project_dense_inputs
 
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
+    if into is None:
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+    else:
+        copy = into
+        for name in directions:
+            copy.get_layer(name).set_weights(model.get_layer(name).get_weights())
     for name, d in directions.items():
         project_dense_inputs(copy, name, d.mean, d.basis[:, : kept[name]])
     return copy
@@ -180,10 +188,6 @@ class CleanSubspaceProjection(Defense):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
 
-    def layer_inputs(self, model: Any, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Each projected layer's (N, d) inputs on images ``x`` (:func:`dense_inputs`)."""
-        return dense_inputs(model, x, self.layers, batch_size=self.batch_size, who=self.name)
-
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B with its first dense layers projected (or B, with the loud line); the record holds
         each level tried (directions kept, cross-fitted accuracy), the level kept and the budget check."""
@@ -196,7 +200,7 @@ class CleanSubspaceProjection(Defense):
                             "folds and needs at least one image in each")
         graph = as_functional(model)
         x, y = np.asarray(clean.x, np.float32), np.asarray(clean.y)
-        features = self.layer_inputs(graph, x)
+        features = dense_inputs(graph, x, self.layers, batch_size=self.batch_size, who=self.name)
         fold = cross_fit_folds(y, self.folds, self.seed)
         per_fold = [{n: principal_directions(a[fold != f]) for n, a in features.items()} for f in range(self.folds)]
         base_right = np.asarray(predict_classes(graph, x, batch_size=self.batch_size) == y)
@@ -204,6 +208,7 @@ class CleanSubspaceProjection(Defense):
         tried: list[dict[str, Any]] = []
         kept: tuple[float, np.ndarray] | None = None
         previous: list[dict[str, int]] | None = None
+        copies: list[Any] = [None] * self.folds  # one network per fold, projected again at each level
         for q in self.kept_variance:
             counts = [{n: d.directions_for(q) for n, d in directions.items()} for directions in per_fold]
             if counts == previous:
@@ -211,9 +216,9 @@ class CleanSubspaceProjection(Defense):
             previous = counts
             right = np.empty(len(x), bool)
             for f, directions in enumerate(per_fold):
-                net = projected_copy(graph, directions, counts[f])
+                copies[f] = projected_copy(graph, directions, counts[f], into=copies[f])
                 held = fold == f
-                right[held] = predict_classes(net, x[held], batch_size=self.batch_size) == y[held]
+                right[held] = predict_classes(copies[f], x[held], batch_size=self.batch_size) == y[held]
             acc = float(100.0 * np.mean(right))
             tried.append({"kept_variance": q, "directions": counts, "accuracy": acc})
             if base_acc - acc > self.drop:
