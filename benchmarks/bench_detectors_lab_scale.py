@@ -10,6 +10,7 @@ file and prints the time measured on them and, marked as such, the time scaled t
 
     python benchmarks/bench_detectors_lab_scale.py
     python benchmarks/bench_detectors_lab_scale.py --detectors teco --score-sample 1000
+    python benchmarks/bench_detectors_lab_scale.py --detectors strip --score-sample 2000 --set strip.copies=16
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import os
 import time
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +32,16 @@ def main() -> None:
     ap.add_argument("--detectors", nargs="+", default=["feature-distance", "scale-up", "strip", "teco"])
     ap.add_argument("--score-sample", type=int, default=None,
                     help="score only this many images of each test file (default all)")
+    ap.add_argument("--set", action="append", default=[], metavar="DETECTOR.SETTING=VALUE",
+                    help="a detector's setting, the value as TOML reads it (repeatable)")
     args = ap.parse_args()
+    settings: dict[str, dict[str, object]] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        name, dot, setting = key.partition(".")
+        if not (sep and dot and name and setting):
+            ap.error(f"--set {item!r}: expected DETECTOR.SETTING=VALUE")
+        settings.setdefault(name, {})[setting] = tomllib.loads(f"v = {value}")["v"]
 
     spec = importlib.util.spec_from_file_location("bench_lab_scale", ROOT / "benchmarks" / "bench_lab_scale.py")
     assert spec and spec.loader
@@ -47,7 +59,7 @@ def main() -> None:
     print("| detector | fit (s) | scoring (s) | scoring, scaled to the whole test files (s) | fit + scoring (s) |")
     print("|---|---:|---:|---:|---:|")
     for name in args.detectors:
-        det = br.make_detector(name)
+        det = br.make_detector(name, **settings.get(name, {}))
         start = time.perf_counter()
         det.fit(b, valid)
         fit = time.perf_counter() - start
@@ -56,7 +68,8 @@ def main() -> None:
         det.scores(bd_s.x)
         score = time.perf_counter() - start
         scaled = score * full / (len(test_s) + len(bd_s))
-        print(f"| {name} | {fit:.1f} | {score:.1f} | {scaled:.1f}{'' if n is None else ' (scaled)'} | "
+        shown = name + "".join(f", {k}={v}" for k, v in settings.get(name, {}).items())
+        print(f"| {shown} | {fit:.1f} | {score:.1f} | {scaled:.1f}{'' if n is None else ' (scaled)'} | "
               f"{fit + scaled:.1f} |", flush=True)
 
 
