@@ -331,6 +331,32 @@ def test_a_result_kept_on_too_few_images_carries_a_caution(caplog):
     assert check_budget("fine-tuning", 80.0, 96.0, None, [], paired=few).lines == ()  # no budget, no check
 
 
+
+def test_a_fallback_chosen_on_too_few_images_carries_a_caution(caplog):
+    base = np.ones(20, bool)
+    result = np.array([0] * 8 + [1] * 12, bool)  # 40 points down: beyond the budget
+    start = np.array([0] + [1] * 19, bool)  # the fallback: 5 points down on the same 20 images
+    start_acc = 100.0 * start.mean()
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        # budget 6: the start (5 points down) is within it, but 20 images allow far more
+        weak = check_budget("subspace-ft", 60.0, 100.0, 6.0, [("projected start", start_acc, start), ("B", 100.0)],
+                            paired=(base, result))
+    assert weak.fallback == "projected start" and weak.accuracy == start_acc
+    assert weak.drop_bound == pytest.approx(drop_upper_bound(base, start)) and weak.drop_bound > 6.0
+    assert weak.lines == (weak.warning, weak.caution) and weak.caution in caplog.text
+    assert "projected start that subspace-ft returned is 5.0 points below" in weak.caution
+    assert f"up to {weak.drop_bound:.1f} points" in weak.caution
+    # on 4,000 images the same 5-point drop is held by the bound: no caution
+    many_base, many_start = np.ones(4000, bool), np.array([0] * 200 + [1] * 3800, bool)
+    firm = check_budget("subspace-ft", 60.0, 100.0, 6.0, [("projected start", 95.0, many_start), ("B", 100.0)],
+                        paired=(many_base, np.zeros(4000, bool)))
+    assert firm.fallback == "projected start" and firm.drop_bound < 6.0 and firm.caution is None
+    # B given back, or a fallback without its images: no bound
+    b = check_budget("x", 60.0, 100.0, 3.0, [("projected start", start_acc, start), ("B", 100.0)], paired=(base, result))
+    assert b.fallback == "B" and b.drop_bound is None and b.caution is None
+    bare = check_budget("x", 60.0, 100.0, 6.0, [("projected start", start_acc), ("B", 100.0)], paired=(base, result))
+    assert bare.fallback == "projected start" and bare.drop_bound is None and bare.caution is None
+
 @pytest.mark.slow
 def test_every_training_defense_respects_the_budget_with_two_clean_images_per_class(small_demo):
     """Two clean images per class (one tuning, one held out): tuning from so little wrecks clean

@@ -153,9 +153,12 @@ def test_pruning_falls_back_to_a_lower_threshold_within_the_budget_and_says_so(s
         assert r.models[0].channels_pruned == 1
         kernel = r.model.get_layer("conv_3").get_weights()[0]
         assert not kernel[..., 7].any() and kernel[..., 6].any()
+        # a fallback chosen on a dozen held-out images: the bound on its drop says they are too few
+        assert len(r.warnings) == 2 and r.warnings[1].startswith("CAUTION: the pruning at mask <= 0.1 that rnp")
     else:  # the one neuron also fell past the budget on these images: B comes back
         assert choices["fallback"] == "B" and r.model is small_deepid
-    assert len(r.warnings) == 1 and "rnp fell" in r.warnings[0] and "budget of 3" in r.warnings[0]
+        assert len(r.warnings) == 1
+    assert "rnp fell" in r.warnings[0] and "budget of 3" in r.warnings[0]
     for w, w0 in zip(small_deepid.get_weights(), weights, strict=True):
         np.testing.assert_array_equal(w, w0)  # the caller's BadNet is untouched
 

@@ -268,7 +268,7 @@ class FineTuning(TrainingSettings, Defense):
         from ..errors import ModelError
         from ..formats.data import pixel_range
         from ..nets.models import average_models, conv_layer
-        from ..nets.trainer import accuracy, right_on
+        from ..nets.trainer import right_on
         from .tuning import FinePruneResult, FineTuned, check_budget, split_clean
 
         try:
@@ -304,7 +304,8 @@ class FineTuning(TrainingSettings, Defense):
             base_right = right_on(model, checked_on)
             base_acc = float(100.0 * np.mean(base_right))
             start, pruned = self.start(member)
-            start_acc = base_acc if start is model else accuracy(start, checked_on)
+            start_right = base_right if start is model else right_on(start, checked_on)
+            start_acc = float(100.0 * np.mean(start_right))
             log.info("%s member %d/%d: %d channels of %s held at zero; held-out accuracy %.2f (B) -> %.2f (start)",
                      self.name, i + 1, self.members, len(pruned), layer or "(no conv layer)", base_acc, start_acc)
             plan = self.plan(member, start, pruned)
@@ -314,7 +315,9 @@ class FineTuning(TrainingSettings, Defense):
             who = self.name if self.members == 1 else f"{self.name} member {i + 1}"
             # the start is a fallback where it is not B (nor B itself copied: a pruning that pruned nothing)
             own_start = start is not model and not (self.prunes and not pruned)
-            candidates = ([(self.start_label, start_acc)] if own_start else []) + [("B", base_acc)]
+            candidates: list[tuple[str, float] | tuple[str, float, np.ndarray | None]] = (
+                [(self.start_label, start_acc, start_right)] if own_start else [])
+            candidates.append(("B", base_acc))
             # a soup's members are not checked one by one (a member given back as B would put the
             # backdoor back into the soup): the soup is checked as a whole, below
             # (B right, the result right) on the budget's images, for the bound on a kept result's drop

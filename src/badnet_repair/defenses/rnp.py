@@ -290,7 +290,9 @@ class ReconstructiveNeuronPruning(Defense):
             if self.budget is None or base_acc - 100.0 * np.mean(tried[-1][3]) <= self.budget:
                 break  # the first within the budget is the one returned; lower ones are not needed
         first_t, first_neurons, first_net, first_right = tried[0]
-        candidates = [(label(t), float(100.0 * np.mean(r))) for t, n, _, r in tried[1:] if n] + [("B", base_acc)]
+        candidates: list[tuple[str, float] | tuple[str, float, np.ndarray | None]] = [
+            (label(t), float(100.0 * np.mean(r)), r) for t, n, _, r in tried[1:] if n]
+        candidates.append(("B", base_acc))
         # B itself (nothing pruned) needs no bound on its drop
         check = check_budget(self.name, float(100.0 * np.mean(first_right)), base_acc, self.budget, candidates,
                              (base_right, first_right) if first_neurons else None)

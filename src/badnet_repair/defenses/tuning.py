@@ -11,7 +11,7 @@ the held-out part alone; no test and no poisoned data is seen. The training itse
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +38,9 @@ class BudgetCheck:
             result was kept.
         warning: the loud line that says so, or that no candidate was within the budget; None
             where the result was within it.
-        drop_bound: for a result kept within the budget and checked image by image, the one-sided
-            95 % upper bound on its drop in points (:func:`drop_upper_bound`); None otherwise.
+        drop_bound: for a result kept within the budget, or a fallback other than B, checked image
+            by image, the one-sided 95 % upper bound on its drop in points
+            (:func:`drop_upper_bound`); None otherwise.
         caution: the line that says the held-out images are too few to hold the budget, where
             ``drop_bound`` is above it; None otherwise.
     """
@@ -96,7 +97,7 @@ def drop_upper_bound(base_right: np.ndarray, right: np.ndarray, *, z: float = 1.
 
 
 def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float | None,
-                 candidates: list[tuple[str, float]],
+                 candidates: Sequence[tuple[str, float] | tuple[str, float, np.ndarray | None]],
                  paired: tuple[np.ndarray, np.ndarray] | None = None) -> BudgetCheck:
     """The clean-accuracy budget's rule: a result more than ``budget`` points below B on the
     held-out clean images is replaced by the first candidate within the budget, and either
@@ -107,11 +108,14 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
         accuracy: the result's held-out accuracy (%).
         base_accuracy: B's held-out accuracy (%) on the same images.
         budget: points, or None (no budget: the result is kept without a check).
-        candidates: ``(label, held-out accuracy)`` of the fallbacks in order of preference
-            (for example the pruned start, then ``"B"`` itself at ``base_accuracy``).
+        candidates: ``(label, held-out accuracy)`` or ``(label, held-out accuracy, right)`` of the
+            fallbacks in order of preference (for example the pruned start, then ``"B"`` itself at
+            ``base_accuracy``); ``right``, (n,) bool, the candidate right on the same images as
+            ``paired``.
         paired: ``(B right, result right)``, (n,) bool each, on the held-out images: where the
             result is kept within the budget, :func:`drop_upper_bound` of them; above the budget,
-            a caution line says the images are too few to hold it.
+            a caution line says the images are too few to hold it. Where a fallback other than B
+            is returned and its ``right`` is given, the same bound and caution are of it.
 
     Returns:
         BudgetCheck; its ``fallback`` names the candidate to return instead, if any.
@@ -133,7 +137,7 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
             log.warning("%s", caution)
         return BudgetCheck(budget, base_accuracy, accuracy, drop_bound=bound, caution=caution)
     drop = base_accuracy - accuracy
-    found = next(((label, acc) for label, acc in candidates if base_accuracy - acc <= budget), None)
+    found = next((c for c in candidates if base_accuracy - c[1] <= budget), None)
     if found is None:
         line = (f"WARNING: {who} is {drop:.1f} points below the BadNet on the clean images it held out "
                 f"({accuracy:.2f}% against {base_accuracy:.2f}%), more than the budget of {budget:g}, and no "
@@ -141,7 +145,7 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
                 "without checking")
         log.warning("%s", line)
         return BudgetCheck(budget, base_accuracy, accuracy, warning=line)
-    label, acc = found
+    label, acc = found[0], found[1]
     if label == "B":
         what = "returned the BadNet unchanged: the backdoor is NOT removed"
     else:
@@ -150,7 +154,20 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
     line = (f"WARNING: {who} fell {drop:.1f} points below the BadNet on the clean images it held out "
             f"({accuracy:.2f}% against {base_accuracy:.2f}%), more than the budget of {budget:g}: {what}")
     log.warning("%s", line)
-    return BudgetCheck(budget, base_accuracy, acc, fallback=label, warning=line)
+    right = found[2] if len(found) > 2 else None
+    if label == "B" or right is None or paired is None:
+        return BudgetCheck(budget, base_accuracy, acc, fallback=label, warning=line)
+    # the fallback was chosen as the first within the budget on these images: as for a kept
+    # result, few images cannot show that it holds on new ones
+    bound = drop_upper_bound(paired[0], right)
+    caution = None
+    if bound > budget:
+        caution = (f"CAUTION: the {label} that {who} returned is {base_accuracy - acc:.1f} points below the BadNet "
+                   f"on the {len(right)} clean images it held out, within the budget of {budget:g}, but so few images "
+                   f"allow a drop of up to {bound:.1f} points (one-sided 95 % bound): measure it on more clean data "
+                   "before relying on it")
+        log.warning("%s", caution)
+    return BudgetCheck(budget, base_accuracy, acc, fallback=label, warning=line, drop_bound=bound, caution=caution)
 
 
 @dataclass(frozen=True, eq=False)
