@@ -352,7 +352,8 @@ def test_a_fallback_chosen_on_too_few_images_carries_a_caution(caplog):
                         paired=(many_base, np.zeros(4000, bool)))
     assert firm.fallback == "projected start" and firm.drop_bound < 6.0 and firm.caution is None
     # B given back, or a fallback without its images: no bound
-    b = check_budget("x", 60.0, 100.0, 3.0, [("projected start", start_acc, start), ("B", 100.0)], paired=(base, result))
+    b = check_budget("x", 60.0, 100.0, 3.0, [("projected start", start_acc, start), ("B", 100.0)],
+                     paired=(base, result))
     assert b.fallback == "B" and b.drop_bound is None and b.caution is None
     bare = check_budget("x", 60.0, 100.0, 6.0, [("projected start", start_acc), ("B", 100.0)], paired=(base, result))
     assert bare.fallback == "projected start" and bare.drop_bound is None and bare.caution is None

@@ -15,6 +15,7 @@ from badnet_repair.nets.models import (
     default_conv_layer,
     inference_call,
     predict_probabilities,
+    with_trainable_names,
     zero_channels,
 )
 
@@ -371,3 +372,26 @@ def test_the_traced_inference_call_gives_the_eager_calls_numbers_and_sees_change
     del model
     gc.collect()
     assert ref() is None  # the cache does not keep the model alive
+
+
+def test_layer_names_tensorflow_cannot_train_under_are_renamed_at_load(tmp_path, caplog):
+    inp = keras.Input((12, 10, 3))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="Conv 1!")(inp)
+    h = keras.layers.Flatten(name="flat")(h)
+    h = keras.layers.Dense(5, activation="relu", name="hidden dense")(h)
+    h = keras.layers.Dense(3, activation="softmax", name="Conv_1_")(h)  # the sanitised name is taken
+    model = keras.Model(inp, h)
+    path = tmp_path / "odd.keras"
+    model.save(path)
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        loaded = br.load_model(path)
+    names = [lyr.name for lyr in loaded.layers]
+    assert "Conv_1__2" in names and "hidden_dense" in names and "Conv_1_" in names and "flat" in names
+    assert "'Conv 1!' -> 'Conv_1__2'" in caplog.text and str(path) in caplog.text
+    x = np.random.default_rng(0).random((6, 12, 10, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.asarray(model(x)), rtol=1e-6)  # eager: no scope
+    # trainable now: one step of fine-tuning on the renamed copy runs (the original name stops TensorFlow)
+    loaded.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    loaded.fit(x, np.arange(6) % 3, epochs=1, verbose=0)
+    fine = keras.Model(inp, keras.layers.Dense(3, name="fine.name-1")(keras.layers.Flatten()(inp)))
+    assert with_trainable_names(fine) is fine  # valid names: the model itself

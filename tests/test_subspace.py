@@ -38,6 +38,11 @@ def test_the_first_dense_layers_are_found_from_the_graph():
     assert first_dense_layers(straight) == ["head"]
     convs_only = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inp)))
     assert first_dense_layers(convs_only) == []
+    # a Dense layer on a feature map works at each position, as a 1x1 convolution: part of the body
+    pointwise = keras.layers.Dense(5, name="pointwise")(keras.layers.Conv2D(4, 3)(inp))
+    per_position = keras.Model(inp, keras.layers.Dense(3, name="classifier")(
+        keras.layers.GlobalAveragePooling2D()(pointwise)))
+    assert first_dense_layers(per_position) == ["classifier"]
 
 
 def test_the_projection_folded_into_a_dense_layer_is_the_plain_computation():

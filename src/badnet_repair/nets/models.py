@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import weakref
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,6 +50,7 @@ __all__ = [
     "saved_model_paths",
     "weight_soup",
     "with_input_scale",
+    "with_trainable_names",
     "without_input_scale",
     "zero_channels",
     "zero_kernel_entries",
@@ -453,7 +455,8 @@ def first_dense_layers(model: Any) -> list[str]:
     """The Dense layers that no other Dense layer feeds, directly or not, found from the graph:
     the first dense layers after the conv body, ``fc_1`` and ``fc_2`` in the lab's DeepID (both
     read the flattened conv features), the hidden layer of a conv -> flatten -> dense -> dense
-    network, and the classifier itself where the conv features go straight to it.
+    network, and the classifier itself where the conv features go straight to it. A Dense layer
+    applied to a feature map (rank > 2, one output per position) counts as part of the body.
 
     Returns:
         Their names, in graph order.
@@ -462,13 +465,19 @@ def first_dense_layers(model: Any) -> list[str]:
 
     model = _graph_model(model)
     ours = {id(lyr) for lyr in model.layers}
+
+    def on_vectors(lyr: Any) -> bool:
+        # a Dense layer applied to a feature map acts at each position, as a 1x1 convolution
+        # does: part of the body, not a dense layer over the body's features
+        return isinstance(lyr, layers.Dense) and len(lyr.input.shape) == 2
+
     after_dense: dict[int, bool] = {}  # a layer's input passed through a Dense layer
     first: list[str] = []
     for lyr in _layers_in_order(model):
         upstream = _producers(model, lyr, ours)
-        fed = any(isinstance(u, layers.Dense) or after_dense.get(id(u), False) for u in upstream)
+        fed = any(on_vectors(u) or after_dense.get(id(u), False) for u in upstream)
         after_dense[id(lyr)] = fed
-        if isinstance(lyr, layers.Dense) and not fed:
+        if on_vectors(lyr) and not fed:
             if not _called_once(model, lyr):
                 raise ModelError(f"layer {lyr.name!r} of model {model.name!r} is shared (called more than once)")
             first.append(str(lyr.name))
@@ -1161,7 +1170,50 @@ def _load_full(path: Path, config: Any, trust: bool) -> Any:
                          "badnet-repair takes a classifier with one image input and one output of class scores")
     if isinstance(getattr(model, "_inputs_struct", None), list):
         model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
-    return as_functional(model)
+    return with_trainable_names(as_functional(model), where=str(path))
+
+
+#: A layer name TensorFlow accepts as a name scope, which training opens for every layer.
+_SCOPE_NAME = re.compile(r"^[A-Za-z0-9_.\\/>-]*$")
+
+
+def with_trainable_names(model: Any, *, where: str = "") -> Any:
+    """``model`` itself where TensorFlow can train under every layer's name; else a copy (the same
+    weights) whose layers with other names (a space, a ``!``: Keras builds and runs them, but
+    training stops at them) are renamed, each character outside ``A-Za-z0-9_.\\/>-`` replaced by
+    ``_``, with a warning that names the renamed layers."""
+    import keras
+
+    names = [str(lyr.name) for lyr in model.layers]
+    if all(_SCOPE_NAME.match(n) for n in names):
+        return model
+    taken = set(names)
+    renamed: dict[str, str] = {}
+    for n in names:
+        if _SCOPE_NAME.match(n):
+            continue
+        base = re.sub(r"[^A-Za-z0-9_.\\/>-]", "_", n)
+        new, i = base, 1
+        while new in taken:
+            i += 1
+            new = f"{base}_{i}"
+        taken.add(new)
+        renamed[n] = new
+
+    def clone(layer: Any) -> Any:
+        config = layer.get_config()
+        config["name"] = renamed.get(str(layer.name), str(layer.name))
+        return layer.__class__.from_config(config)
+
+    try:
+        copy = keras.models.clone_model(model, clone_function=clone)
+        copy.set_weights(model.get_weights())
+    except Exception as exc:
+        raise ModelError(f"{where or model.name}: layer names {sorted(renamed)} cannot be trained under by "
+                         f"TensorFlow, and renaming them failed: {exc}") from None
+    log.warning("%s: renamed layers whose names TensorFlow cannot train under: %s", where or model.name,
+                ", ".join(f"{a!r} -> {b!r}" for a, b in renamed.items()))
+    return copy
 
 
 # ----------------------------------------------------------------------------- saving
