@@ -50,6 +50,7 @@ __all__ = [
     "saved_model_paths",
     "weight_soup",
     "with_input_scale",
+    "with_linear_scores",
     "with_trainable_names",
     "without_input_scale",
     "zero_channels",
@@ -516,6 +517,65 @@ def project_dense_inputs(model: Any, layer: str, mean: np.ndarray, basis: np.nda
     elif np.any(shift != 0):
         raise ModelError(f"layer {layer!r} has no bias to take the projection's shift; project around 0")
     found.set_weights(weights)
+
+
+def _free_name(model: Any, base: str) -> str:
+    taken = {str(lyr.name) for lyr in model.layers}
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray, *,
+                       name: str | None = None) -> Any:
+    """A new model (``model`` is not changed) whose class scores are ``softmax(z + f K + c)``: ``z``
+    the classifier's logits (its Dense layer without the softmax; :func:`classifier_head`), ``f``
+    the inputs of the Dense layers ``feature_layers`` side by side, ``K`` and ``c`` the given
+    kernel and bias. Built of Dense, Concatenate, Add and Activation layers only, so it saves
+    and loads as any Keras 2 or 3 model does. The one place where scores are added to a head.
+
+    Args:
+        model: the network (B).
+        feature_layers: Dense layers on vectors whose inputs are read, in order.
+        kernel: (d, classes), d the sum of those inputs' widths.
+        bias: (classes,).
+        name: the new model's name, default ``model``'s.
+
+    Returns:
+        The new keras.Model, same input as ``model``.
+    """
+    import keras
+
+    graph = as_functional(model)
+    copy = keras.models.clone_model(graph)
+    copy.set_weights(graph.get_weights())
+    head = classifier_head(copy)
+    activation = keras.activations.serialize(head.activation)
+    act_name = activation if isinstance(activation, str) else activation.get("config", {}).get("name", activation)
+    if act_name not in ("softmax", "linear"):
+        raise ModelError(f"model {model.name!r}: its classifier {head.name!r} ends in {act_name!r}, not softmax; "
+                         "scores cannot be added to its logits")
+    classes = int(head.units)
+    feats = [_named_layer(copy, n).input for n in feature_layers]
+    if not feats or any(len(f.shape) != 2 for f in feats):
+        raise ModelError(f"model {model.name!r}: {list(feature_layers)} must name Dense layers on vectors")
+    width = sum(int(f.shape[-1]) for f in feats)
+    kernel, bias = np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
+    if kernel.shape != (width, classes) or bias.shape != (classes,):
+        raise ModelError(f"model {model.name!r}: a kernel of shape {(width, classes)} and a bias of ({classes},) "
+                         f"are needed, not {kernel.shape} and {bias.shape}")
+    logits = keras.layers.Dense(classes, name=_free_name(copy, f"{head.name}_logits"))
+    z = logits(head.input)
+    logits.set_weights(head.get_weights())
+    f = feats[0] if len(feats) == 1 else keras.layers.Concatenate(name=_free_name(copy, "joined_features"))(feats)
+    extra = keras.layers.Dense(classes, name=_free_name(copy, "added_scores"))
+    scores = extra(f)
+    extra.set_weights([kernel, bias])
+    total = keras.layers.Add(name=_free_name(copy, "summed_logits"))([z, scores])
+    out = keras.layers.Activation("softmax", name=_free_name(copy, "scores"))(total)
+    return keras.Model(copy.inputs[0], out, name=name or model.name)
 
 
 def zero_channels(model: Any, layer: str, channels: Iterable[int]) -> None:
