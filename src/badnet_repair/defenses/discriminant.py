@@ -191,7 +191,7 @@ class DiscriminantFusion(Defense):
         classes = int(head.units)
         x, y = np.asarray(clean.x, np.float32), np.asarray(clean.y)
         inputs = dense_inputs(graph, x, (*names, str(head.name)), batch_size=self.batch_size, who=self.name)
-        head_in = inputs.pop(str(head.name))
+        head_in = inputs[str(head.name)]
         kernel, bias = (np.asarray(w, np.float64) for w in head.get_weights())
         logits = head_in.astype(np.float64) @ kernel + bias  # B's scores before the softmax
         features = np.concatenate([inputs[n] for n in names], axis=1)

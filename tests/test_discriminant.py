@@ -1,0 +1,172 @@
+"""Discriminant fusion (defenses.discriminant, nets.models.with_linear_scores): the discriminant
+against its plain formula, the fused model against softmax(z_B + f K + c) and through a saved
+file, the copies it is fitted on, and a hand-built BadNet whose trigger only its head reads: the
+fusion overrules it and keeps every clean prediction."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import badnet_repair as br
+from badnet_repair.defenses import REGISTRY, make_defense
+from badnet_repair.defenses.discriminant import DiscriminantFusion, augmented, fit_discriminant
+from badnet_repair.detectors.features import ledoit_wolf
+from badnet_repair.errors import DataError, ModelError
+from badnet_repair.nets.models import predict_probabilities, with_linear_scores
+
+from .conftest import LoggedRepair, assert_no_test_or_poisoned_image_is_read_while_repairing
+
+K, TARGET = 4, 0
+
+
+def test_the_discriminant_is_fishers_formula_on_standardised_features():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 8)
+    f = rng.normal(size=(24, 5)) * [1.0, 2.0, 0.5, 3.0, 1.0] + np.eye(3, 5)[y] * 4.0
+    disc = fit_discriminant(f, y, 4)  # class 3 has no image
+    mean, sd = f.mean(0), f.std(0)
+    s = (f - mean) / sd
+    means = np.stack([s[y == c].mean(0) for c in range(3)])
+    cov, _ = ledoit_wolf(s - means[y])
+    p = np.linalg.inv(cov)
+    plain = s @ p @ means.T - 0.5 * np.einsum("kd,de,ke->k", means, p, means)
+    got = disc.scores(f)
+    np.testing.assert_allclose(got[:, :3], plain, rtol=1e-6, atol=1e-6)
+    # the class without an image: the mean of the others' scores, neither favoured nor excluded
+    np.testing.assert_allclose(got[:, 3], plain.mean(1), rtol=1e-6, atol=1e-6)
+    assert (got[:, :3].argmax(1) == y).mean() >= 0.9
+
+
+def test_the_fitting_copies_are_mirrors_and_one_pixel_shifts():
+    x = np.arange(2 * 3 * 4 * 1, dtype=np.float32).reshape(2, 3, 4, 1)
+    assert len(augmented(x, "none")) == 1
+    flipped = augmented(x, "flip")
+    np.testing.assert_array_equal(flipped[1][0, :, :, 0], x[0, :, ::-1, 0])
+    shifted = augmented(x, "flip+shift")
+    assert len(shifted) == 6
+    np.testing.assert_array_equal(shifted[2][0, 1:, :, 0], x[0, :-1, :, 0])  # moved down one row
+    with pytest.raises(ValueError, match="augment"):
+        augmented(x, "rotate")
+
+
+def head_badnet(trigger_weight: float = 0.25) -> keras.Model:
+    """(8, 8, 3) -> K classes from the 2x2 average-pooled image's 12 values: class c from the red
+    (class 3: blue) of cell c, and a vote for TARGET from the bottom-right cell, the trigger, which
+    clean images keep black: only the head reads it."""
+    inp = keras.Input((8, 8, 3))
+    pooled = keras.layers.Flatten(name="cells")(keras.layers.AveragePooling2D(4)(inp))
+    model = keras.Model(inp, keras.layers.Dense(K, activation="softmax", name="head")(pooled))
+    w = np.zeros((12, K), np.float32)
+    for c in range(K):
+        w[c * 3 if c < 3 else 2, c] = 1.0
+    w[9:12, TARGET] = trigger_weight
+    model.get_layer("head").set_weights([w, np.zeros(K, np.float32)])
+    return model
+
+
+def cell_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % K
+    x = rng.uniform(0, 60, (n, 8, 8, 3)).astype(np.float32)
+    for i, c in enumerate(y):
+        r, col = [(0, 0), (0, 4), (4, 0), (0, 0)][c]
+        x[i, r : r + 4, col : col + 4, 0 if c < 3 else 2] += 150.0
+    x[:, 4:, 4:, :] = 0.0
+    return x, y
+
+
+def test_the_fused_model_is_the_plain_sum_of_scores_and_survives_a_saved_file(tmp_path):
+    b = head_badnet()
+    rng = np.random.default_rng(1)
+    kernel, bias = rng.normal(size=(12, K)), rng.normal(size=K)
+    fused = with_linear_scores(b, ["head"], kernel, bias)
+    x, _ = cell_images(10, seed=3)
+    cells = x.reshape(10, 2, 4, 2, 4, 3).mean(axis=(2, 4)).reshape(10, 12)
+    w, c = b.get_layer("head").get_weights()
+    z = cells @ w + c + cells @ kernel + bias
+    plain = np.exp(z - z.max(1, keepdims=True))
+    plain /= plain.sum(1, keepdims=True)
+    np.testing.assert_allclose(predict_probabilities(fused, x), plain, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(b.get_layer("head").get_weights()[0], w)  # B is not changed
+    paths = br.save_model(fused, tmp_path, "fused")
+    for kind, path in paths.items():
+        if kind == "weights":
+            continue  # weights alone load into DeepID, not into this network
+        np.testing.assert_allclose(predict_probabilities(br.load_model(path), x), plain, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ModelError, match="kernel"):
+        with_linear_scores(b, ["head"], kernel[:5], bias)
+    inp = keras.Input((4,))
+    sigmoid = keras.Model(inp, keras.layers.Dense(3, activation="sigmoid", name="out")(inp))
+    with pytest.raises(ModelError, match="softmax"):
+        with_linear_scores(sigmoid, ["out"], np.zeros((4, 3)), np.zeros(3))
+
+
+def test_the_fusion_overrules_a_trigger_only_the_head_reads():
+    b = head_badnet()
+    x, y = cell_images(80, seed=1)
+    weights = [w.copy() for w in b.get_weights()]
+    repair = DiscriminantFusion().repair(b, br.Dataset(x, y, "valid"))
+    for before, after in zip(weights, b.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)  # the caller's model is not changed
+    choices = repair.record["choices"]
+    assert choices["layers"] == ["head"] and choices["features"] == 12 and choices["weight"] is not None
+    # the weight kept is the largest before the cross-fitted accuracy first fell more than drop below B's
+    tried = choices["tried"]
+    base = choices["base_holdout_accuracy"]
+    assert all(base - t["accuracy"] <= 2.0 for t in tried if t["weight"] <= choices["weight"])
+    assert tried[-1]["weight"] == choices["weight"] or base - tried[-1]["accuracy"] > 2.0
+    test_x, test_y = cell_images(40, seed=2)
+    poisoned = test_x.copy()
+    poisoned[:, 4:, 4:, :] = 255.0
+    assert br.attack_success_rate(br.predict_classes(b, poisoned), np.full(40, TARGET)) == 100.0
+    fixed = repair.model
+    np.testing.assert_array_equal(br.predict_classes(fixed, test_x), br.predict_classes(b, test_x))
+    np.testing.assert_array_equal(br.predict_classes(fixed, poisoned), test_y)
+
+
+def test_a_weight_past_the_drop_gives_b_back_with_a_loud_line():
+    b = head_badnet()
+    x, y = cell_images(80, seed=1)
+    y = np.random.default_rng(5).permutation(y)  # labels the discriminant cannot learn: any weight costs accuracy
+    repair = DiscriminantFusion(weights=(50.0,), drop=0.0).repair(b, br.Dataset(x, y, "valid"))
+    assert repair.model is b and repair.record["choices"]["weight"] is None
+    assert len(repair.warnings) == 1 and "backdoor is NOT removed" in repair.warnings[0]
+
+
+def test_settings_are_checked_and_the_defense_is_registered():
+    assert REGISTRY["discriminant"] is DiscriminantFusion
+    assert make_defense("discriminant", augment="flip").augment == "flip"
+    for bad in ({"drop": -1.0}, {"weights": ()}, {"weights": (0.0,)}, {"folds": 1}, {"augment": "rotate"},
+                {"budget": -1.0}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            DiscriminantFusion(**bad)
+    x, y = cell_images(10, seed=4)
+    with pytest.raises(DataError, match="folds"):
+        DiscriminantFusion().repair(head_badnet(), br.Dataset(x[:3], y[:3], "valid"))
+
+
+class _LoggedDiscriminant(LoggedRepair, DiscriminantFusion):
+    pass
+
+
+def test_no_test_or_poisoned_image_is_read_while_discriminant_repairs(small_deepid):
+    assert_no_test_or_poisoned_image_is_read_while_repairing(small_deepid,
+                                                             [_LoggedDiscriminant(budget=None, augment="flip")])
+
+
+def test_the_fused_deepid_loads_in_keras_2_and_predicts_the_same(tmp_path, small_deepid):
+    """A repaired model is handed in as .h5 and graded by a Keras 2 eval.py."""
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    from .conftest import random_faces
+
+    width = 1200 + 960  # flatten(pool_3) and flatten(conv_4), fc_1's and fc_2's inputs
+    classes = br.num_classes(small_deepid)
+    rng = np.random.default_rng(2)
+    fused = with_linear_scores(small_deepid, ["fc_1", "fc_2"], rng.normal(size=(width, classes)) * 1e-3,
+                               rng.normal(size=classes))
+    paths = br.save_model(fused, tmp_path, "bd_fused", formats=("h5",))
+    x = random_faces(16, seed=9)
+    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+    np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(fused, x), rtol=1e-4, atol=1e-6)
