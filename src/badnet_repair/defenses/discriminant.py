@@ -137,8 +137,8 @@ class DiscriminantFusion(Defense):
         drop: the cross-fitted accuracy drop, in points, the fusion may cost, default 2.
         weights: the weights tried, in order, default :data:`WEIGHTS` (0.001 up to 5).
         folds: cross-fitting folds, default 5.
-        augment: the copies the discriminant is also fitted on, default ``"none"``; ``"flip"``,
-            ``"flip+shift"`` (:data:`AUGMENTS`).
+        augment: the copies the discriminant is also fitted on, default ``"flip+shift"`` (issue 31's
+            round 9); ``"none"``, ``"flip"`` (:data:`AUGMENTS`).
         layers: the Dense layers whose inputs are the features, default None (found from the graph).
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
@@ -153,8 +153,9 @@ class DiscriminantFusion(Defense):
     weights: tuple[float, ...] = setting(WEIGHTS, "weights of the discriminant's scores tried, in order, weakest "
                                                   "first")
     folds: int = setting(5, "cross-fitting folds: each clean image is scored by a discriminant fitted without it")
-    augment: Literal["none", "flip", "flip+shift"] = setting("none", "copies of each clean image the discriminant "
-                                                                     "is also fitted on: none, flip, flip+shift")
+    augment: Literal["none", "flip", "flip+shift"] = setting("flip+shift", "copies of each clean image the "
+                                                                           "discriminant is also fitted on: none, "
+                                                                           "flip, flip+shift")
     layers: tuple[str, ...] | None = setting(None, "Dense layers whose inputs are the features (default: those no "
                                                    "Dense layer feeds, found from the graph)")
     budget: float | None = setting(3.0, BUDGET_HELP)
