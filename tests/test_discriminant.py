@@ -17,6 +17,7 @@ from badnet_repair.errors import DataError, ModelError
 from badnet_repair.nets.models import predict_probabilities, with_linear_scores
 
 from .conftest import LoggedRepair, assert_no_test_or_poisoned_image_is_read_while_repairing
+from .test_subspace import corner_images, corner_test_images
 
 K, TARGET = 4, 0
 
@@ -66,23 +67,12 @@ def head_badnet(trigger_weight: float = 0.25) -> keras.Model:
     return model
 
 
-def cell_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % K
-    x = rng.uniform(0, 60, (n, 8, 8, 3)).astype(np.float32)
-    for i, c in enumerate(y):
-        r, col = [(0, 0), (0, 4), (4, 0), (0, 0)][c]
-        x[i, r : r + 4, col : col + 4, 0 if c < 3 else 2] += 150.0
-    x[:, 4:, 4:, :] = 0.0
-    return x, y
-
-
 def test_the_fused_model_is_the_plain_sum_of_scores_and_survives_a_saved_file(tmp_path):
     b = head_badnet()
     rng = np.random.default_rng(1)
     kernel, bias = rng.normal(size=(12, K)), rng.normal(size=K)
     fused = with_linear_scores(b, ["head"], kernel, bias)
-    x, _ = cell_images(10, seed=3)
+    x, _ = corner_images(10, seed=3)
     cells = x.reshape(10, 2, 4, 2, 4, 3).mean(axis=(2, 4)).reshape(10, 12)
     w, c = b.get_layer("head").get_weights()
     z = cells @ w + c + cells @ kernel + bias
@@ -105,7 +95,7 @@ def test_the_fused_model_is_the_plain_sum_of_scores_and_survives_a_saved_file(tm
 
 def test_the_fusion_overrules_a_trigger_only_the_head_reads():
     b = head_badnet()
-    x, y = cell_images(80, seed=1)
+    x, y = corner_images(80, seed=1)
     weights = [w.copy() for w in b.get_weights()]
     # the cells are not mirror images of each other: the discriminant is fitted on the images alone
     repair = DiscriminantFusion(augment="none").repair(b, br.Dataset(x, y, "valid"))
@@ -118,9 +108,7 @@ def test_the_fusion_overrules_a_trigger_only_the_head_reads():
     base = choices["base_holdout_accuracy"]
     assert all(base - t["accuracy"] <= 2.0 for t in tried if t["weight"] <= choices["weight"])
     assert tried[-1]["weight"] == choices["weight"] or base - tried[-1]["accuracy"] > 2.0
-    test_x, test_y = cell_images(40, seed=2)
-    poisoned = test_x.copy()
-    poisoned[:, 4:, 4:, :] = 255.0
+    test_x, test_y, poisoned = corner_test_images()
     assert br.attack_success_rate(br.predict_classes(b, poisoned), np.full(40, TARGET)) == 100.0
     fixed = repair.model
     np.testing.assert_array_equal(br.predict_classes(fixed, test_x), br.predict_classes(b, test_x))
@@ -129,7 +117,7 @@ def test_the_fusion_overrules_a_trigger_only_the_head_reads():
 
 def test_a_weight_past_the_drop_gives_b_back_with_a_loud_line():
     b = head_badnet()
-    x, y = cell_images(80, seed=1)
+    x, y = corner_images(80, seed=1)
     assert (br.predict_classes(b, x) == y).all()  # B is right on every clean image
     # mirrored, class 0's bright cell sits where class 1's does: a discriminant fitted on the mirror images
     # confuses the two, and at a weight of 500 it overrules B on some of them
@@ -146,7 +134,7 @@ def test_settings_are_checked_and_the_defense_is_registered():
                 {"budget": -1.0}, {"batch_size": 0}):
         with pytest.raises(ValueError):
             DiscriminantFusion(**bad)
-    x, y = cell_images(10, seed=4)
+    x, y = corner_images(10, seed=4)
     with pytest.raises(DataError, match="folds"):
         DiscriminantFusion().repair(head_badnet(), br.Dataset(x[:3], y[:3], "valid"))
 

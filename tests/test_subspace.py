@@ -114,6 +114,14 @@ def corner_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def corner_test_images() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """40 clean test images, their labels, and the same images with the trigger cell white."""
+    test_x, test_y = corner_images(40, seed=2)
+    poisoned = test_x.copy()
+    poisoned[:, 4:, 4:, :] = 255.0
+    return test_x, test_y, poisoned
+
+
 def test_the_projection_cuts_a_trigger_clean_images_never_vary_along():
     b = corner_badnet()
     x, y = corner_images(80, seed=1)
@@ -124,9 +132,7 @@ def test_the_projection_cuts_a_trigger_clean_images_never_vary_along():
     choices = repair.record["choices"]
     assert choices["layers"] == ["head"] and choices["kept_variance"] is not None
     assert choices["directions"]["head"] <= 9  # the three trigger values hold no clean variance
-    test_x, test_y = corner_images(40, seed=2)
-    poisoned = test_x.copy()
-    poisoned[:, 4:, 4:, :] = 255.0
+    test_x, test_y, poisoned = corner_test_images()
     assert br.attack_success_rate(br.predict_classes(b, poisoned), np.full(40, TARGET)) == 100.0
     fixed = repair.model
     # every clean image keeps B's class, and the trigger no longer sends anything to the target
@@ -210,9 +216,7 @@ def test_fine_tuning_from_the_projected_start_keeps_the_trigger_cut():
     repair = d.repair(b, br.Dataset(x, y, "valid"))
     notes = repair.record["choices"]
     assert "projected_directions" in str(notes) and repair.model is not b
-    test_x, test_y = corner_images(40, seed=2)
-    poisoned = test_x.copy()
-    poisoned[:, 4:, 4:, :] = 255.0
+    test_x, test_y, poisoned = corner_test_images()
     # fine-tuning on clean images does not put back the directions the start cut
     assert br.attack_success_rate(br.predict_classes(repair.model, poisoned), np.full(40, TARGET)) <= 30.0
     assert 100 * np.mean(br.predict_classes(repair.model, test_x) == test_y) >= 90.0

@@ -128,13 +128,7 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
         if paired is None:
             return BudgetCheck(budget, base_accuracy, accuracy)
         bound = drop_upper_bound(*paired)
-        caution = None
-        if bound > budget:
-            caution = (f"CAUTION: {who} is {base_accuracy - accuracy:.1f} points below the BadNet on the "
-                       f"{len(paired[0])} clean images it held out, within the budget of {budget:g}, but so few "
-                       f"images allow a drop of up to {bound:.1f} points (one-sided 95 % bound): measure it on "
-                       "more clean data before relying on it")
-            log.warning("%s", caution)
+        caution = _caution(who, base_accuracy - accuracy, len(paired[0]), budget, bound)
         return BudgetCheck(budget, base_accuracy, accuracy, drop_bound=bound, caution=caution)
     drop = base_accuracy - accuracy
     found = next((c for c in candidates if base_accuracy - c[1] <= budget), None)
@@ -160,14 +154,19 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
     # the fallback was chosen as the first within the budget on these images: as for a kept
     # result, few images cannot show that it holds on new ones
     bound = drop_upper_bound(paired[0], right)
-    caution = None
-    if bound > budget:
-        caution = (f"CAUTION: the {label} that {who} returned is {base_accuracy - acc:.1f} points below the BadNet "
-                   f"on the {len(right)} clean images it held out, within the budget of {budget:g}, but so few images "
-                   f"allow a drop of up to {bound:.1f} points (one-sided 95 % bound): measure it on more clean data "
-                   "before relying on it")
-        log.warning("%s", caution)
+    caution = _caution(f"the {label} that {who} returned", base_accuracy - acc, len(right), budget, bound)
     return BudgetCheck(budget, base_accuracy, acc, fallback=label, warning=line, drop_bound=bound, caution=caution)
+
+
+def _caution(what: str, drop: float, images: int, budget: float, bound: float) -> str | None:
+    """The caution line (also logged) where ``bound`` is above the budget; None where it is not."""
+    if bound <= budget:
+        return None
+    line = (f"CAUTION: {what} is {drop:.1f} points below the BadNet on the {images} clean images it held out, "
+            f"within the budget of {budget:g}, but so few images allow a drop of up to {bound:.1f} points "
+            "(one-sided 95 % bound): measure it on more clean data before relying on it")
+    log.warning("%s", line)
+    return line
 
 
 @dataclass(frozen=True, eq=False)
