@@ -232,10 +232,11 @@ class DiscriminantFusion(Defense):
             weight, right = kept
             check = check_budget(self.name, float(100.0 * np.mean(right)), base_acc, self.budget, [("B", base_acc)],
                                  (base_right, right))
-            disc = fit_discriminant(np.concatenate(copies), np.concatenate([y] * len(copies)), classes)
-            net = with_linear_scores(graph, names, weight * disc.kernel, weight * disc.bias)
             if check.fallback == "B":
                 net, weight = model, None
+            else:  # refitted on every clean image only for the model returned
+                disc = fit_discriminant(np.concatenate(copies), np.concatenate([y] * len(copies)), classes)
+                net = with_linear_scores(graph, names, weight * disc.kernel, weight * disc.bias)
             warnings.extend(check.lines)
         log.info("%s: kept weight %s; cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if weight is None else f"{weight:g}", check.accuracy, base_acc)

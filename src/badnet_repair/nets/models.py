@@ -519,12 +519,13 @@ def project_dense_inputs(model: Any, layer: str, mean: np.ndarray, basis: np.nda
     found.set_weights(weights)
 
 
-def _free_name(model: Any, base: str) -> str:
-    taken = {str(lyr.name) for lyr in model.layers}
+def _free_name(taken: set[str], base: str) -> str:
+    """``base``, or ``base_2``, ``base_3``, ... : the first not in ``taken``, which it joins."""
     name, i = base, 1
     while name in taken:
         i += 1
         name = f"{base}_{i}"
+    taken.add(name)
     return name
 
 
@@ -552,11 +553,11 @@ def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.nda
     copy = keras.models.clone_model(graph)
     copy.set_weights(graph.get_weights())
     head = classifier_head(copy)
-    activation = keras.activations.serialize(head.activation)
-    act_name = activation if isinstance(activation, str) else activation.get("config", {}).get("name", activation)
-    if act_name not in ("softmax", "linear"):
-        raise ModelError(f"model {model.name!r}: its classifier {head.name!r} ends in {act_name!r}, not softmax; "
-                         "scores cannot be added to its logits")
+    if head.activation not in (keras.activations.softmax, keras.activations.linear):
+        raise ModelError(f"model {model.name!r}: its classifier {head.name!r} ends in "
+                         f"{getattr(head.activation, '__name__', head.activation)!r}, not softmax; scores cannot be "
+                         "added to its logits")
+    taken = {str(lyr.name) for lyr in copy.layers}
     classes = int(head.units)
     feats = [_named_layer(copy, n).input for n in feature_layers]
     if not feats or any(len(f.shape) != 2 for f in feats):
@@ -566,15 +567,15 @@ def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.nda
     if kernel.shape != (width, classes) or bias.shape != (classes,):
         raise ModelError(f"model {model.name!r}: a kernel of shape {(width, classes)} and a bias of ({classes},) "
                          f"are needed, not {kernel.shape} and {bias.shape}")
-    logits = keras.layers.Dense(classes, name=_free_name(copy, f"{head.name}_logits"))
+    logits = keras.layers.Dense(classes, name=_free_name(taken, f"{head.name}_logits"))
     z = logits(head.input)
     logits.set_weights(head.get_weights())
-    f = feats[0] if len(feats) == 1 else keras.layers.Concatenate(name=_free_name(copy, "joined_features"))(feats)
-    extra = keras.layers.Dense(classes, name=_free_name(copy, "added_scores"))
+    f = feats[0] if len(feats) == 1 else keras.layers.Concatenate(name=_free_name(taken, "joined_features"))(feats)
+    extra = keras.layers.Dense(classes, name=_free_name(taken, "added_scores"))
     scores = extra(f)
     extra.set_weights([kernel, bias])
-    total = keras.layers.Add(name=_free_name(copy, "summed_logits"))([z, scores])
-    out = keras.layers.Activation("softmax", name=_free_name(copy, "scores"))(total)
+    total = keras.layers.Add(name=_free_name(taken, "summed_logits"))([z, scores])
+    out = keras.layers.Activation("softmax", name=_free_name(taken, "scores"))(total)
     return keras.Model(copy.inputs[0], out, name=name or model.name)
 
 
@@ -1252,13 +1253,7 @@ def with_trainable_names(model: Any, *, where: str = "") -> Any:
     for n in names:
         if _SCOPE_NAME.match(n):
             continue
-        base = re.sub(r"[^A-Za-z0-9_.\\/>-]", "_", n)
-        new, i = base, 1
-        while new in taken:
-            i += 1
-            new = f"{base}_{i}"
-        taken.add(new)
-        renamed[n] = new
+        renamed[n] = _free_name(taken, re.sub(r"[^A-Za-z0-9_.\\/>-]", "_", n))
 
     def clone(layer: Any) -> Any:
         config = layer.get_config()
