@@ -1,7 +1,8 @@
-"""Discriminant fusion (defenses.discriminant, nets.models.with_linear_scores): the discriminant
-against its plain formula, the fused model against softmax(z_B + f K + c) and through a saved
-file, the copies it is fitted on, and a hand-built BadNet whose trigger only its head reads: the
-fusion overrules it and keeps every clean prediction."""
+"""Discriminant fusion and gate (defenses.discriminant, nets.models.with_linear_scores and
+with_gated_scores): the discriminant against its plain formula, the fused and gated models against
+their plain computations and through a saved file, the copies it is fitted on, and a hand-built
+BadNet whose trigger only its head reads: fusion and gate overrule it and keep every clean
+prediction."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.defenses import REGISTRY, make_defense
-from badnet_repair.defenses.discriminant import DiscriminantFusion, augmented, fit_discriminant
+from badnet_repair.defenses.discriminant import (
+    DiscriminantFusion,
+    DiscriminantGate,
+    augmented,
+    fit_discriminant,
+    gate_margins,
+    gated_classes,
+)
 from badnet_repair.detectors.features import ledoit_wolf
 from badnet_repair.errors import DataError, ModelError
-from badnet_repair.nets.models import predict_probabilities, with_linear_scores
+from badnet_repair.nets.models import predict_probabilities, with_gated_scores, with_linear_scores
 
 from .conftest import LoggedRepair, assert_no_test_or_poisoned_image_is_read_while_repairing
 from .test_subspace import corner_images, corner_test_images
@@ -143,9 +151,13 @@ class _LoggedDiscriminant(LoggedRepair, DiscriminantFusion):
     pass
 
 
+class _LoggedGate(LoggedRepair, DiscriminantGate):
+    pass
+
+
 def test_no_test_or_poisoned_image_is_read_while_discriminant_repairs(small_deepid):
-    assert_no_test_or_poisoned_image_is_read_while_repairing(small_deepid,
-                                                             [_LoggedDiscriminant(budget=None, augment="flip")])
+    assert_no_test_or_poisoned_image_is_read_while_repairing(
+        small_deepid, [_LoggedDiscriminant(budget=None, augment="flip"), _LoggedGate(budget=None, augment="flip")])
 
 
 def test_the_fused_deepid_loads_in_keras_2_and_predicts_the_same(tmp_path, small_deepid):
@@ -156,9 +168,98 @@ def test_the_fused_deepid_loads_in_keras_2_and_predicts_the_same(tmp_path, small
     width = 1200 + 960  # flatten(pool_3) and flatten(conv_4), fc_1's and fc_2's inputs
     classes = br.num_classes(small_deepid)
     rng = np.random.default_rng(2)
-    fused = with_linear_scores(small_deepid, ["fc_1", "fc_2"], rng.normal(size=(width, classes)) * 1e-3,
-                               rng.normal(size=classes))
-    paths = br.save_model(fused, tmp_path, "bd_fused", formats=("h5",))
+    kernel, bias = rng.normal(size=(width, classes)) * 1e-3, rng.normal(size=classes)
     x = random_faces(16, seed=9)
-    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
-    np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(fused, x), rtol=1e-4, atol=1e-6)
+    for label, net in (("bd_fused", with_linear_scores(small_deepid, ["fc_1", "fc_2"], kernel, bias)),
+                       ("bd_gated", with_gated_scores(small_deepid, ["fc_1", "fc_2"], kernel, bias, 0.5))):
+        paths = br.save_model(net, tmp_path, label, formats=("h5",))
+        k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+        np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(net, x), rtol=1e-4, atol=1e-6)
+
+
+def test_the_gate_overrules_b_where_the_margin_exceeds_the_threshold():
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0]])
+    scores = np.array([[0.0, 9.0, 1.0], [0.0, 2.5, 2.0], [4.0, 0.0, 3.9]])
+    # B's classes 0, 1, 2; the discriminant's best minus its score of B's class: 9, 0, 0.1
+    np.testing.assert_allclose(gate_margins(logits, scores), [9.0, 0.0, 0.1])
+    np.testing.assert_array_equal(gated_classes(logits, scores, 5.0), [1, 1, 2])
+    np.testing.assert_array_equal(gated_classes(logits, scores, 0.05), [1, 1, 0])
+    np.testing.assert_array_equal(gated_classes(logits, scores, 10.0), [0, 1, 2])
+
+
+def test_the_gated_model_is_the_plain_gate_and_survives_a_saved_file(tmp_path):
+    b = head_badnet()
+    rng = np.random.default_rng(1)
+    kernel, bias = rng.normal(size=(12, K)) * 0.05, rng.normal(size=K)
+    x, _ = corner_images(30, seed=3)
+    cells = x.reshape(30, 2, 4, 2, 4, 3).mean(axis=(2, 4)).reshape(30, 12)
+    w, c = b.get_layer("head").get_weights()
+    z, s = cells @ w + c, cells @ kernel + bias
+    margins = gate_margins(z, s)
+    threshold = float(np.median(margins))  # half the images overruled
+    over = margins > threshold
+    assert 0 < over.sum() < 30 and np.min(np.abs(margins - threshold)[margins != threshold]) > 1e-3
+
+    def softmax(v: np.ndarray) -> np.ndarray:
+        e = np.exp(v - v.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    plain = np.where(over[:, None], softmax(s), softmax(z))
+    gated = with_gated_scores(b, ["head"], kernel, bias, threshold)
+    at_threshold = margins == threshold  # the gate is half open exactly at the threshold
+    np.testing.assert_allclose(predict_probabilities(gated, x)[~at_threshold], plain[~at_threshold], rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_array_equal(br.predict_classes(gated, x), gated_classes(z, s, threshold))
+    np.testing.assert_array_equal(b.get_layer("head").get_weights()[0], w)  # B is not changed
+    paths = br.save_model(gated, tmp_path, "gated")
+    for kind, path in paths.items():
+        if kind == "weights":
+            continue
+        np.testing.assert_allclose(predict_probabilities(br.load_model(path), x), predict_probabilities(gated, x),
+                                   rtol=1e-4, atol=1e-6)
+    with pytest.raises(ModelError, match="threshold"):
+        with_gated_scores(b, ["head"], kernel, bias, float("nan"))
+
+
+def test_the_gate_overrules_a_trigger_only_the_head_reads():
+    b = head_badnet(trigger_weight=1.0)  # a strong trigger, which no small weight of fusion outvotes
+    x, y = corner_images(80, seed=1)
+    weights = [w.copy() for w in b.get_weights()]
+    repair = DiscriminantGate(augment="none").repair(b, br.Dataset(x, y, "valid"))
+    for before, after in zip(weights, b.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)  # the caller's model is not changed
+    choices = repair.record["choices"]
+    assert choices["layers"] == ["head"] and choices["quantile"] is not None and not repair.warnings
+    # the share kept is the largest before the cross-fitted accuracy first fell more than drop below B's
+    tried = choices["tried"]
+    base = choices["base_holdout_accuracy"]
+    assert all(base - t["accuracy"] <= 2.0 for t in tried if t["quantile"] <= choices["quantile"])
+    assert tried[-1]["quantile"] == choices["quantile"] or base - tried[-1]["accuracy"] > 2.0
+    test_x, test_y, poisoned = corner_test_images()
+    assert br.attack_success_rate(br.predict_classes(b, poisoned), np.full(40, TARGET)) == 100.0
+    fixed = repair.model
+    np.testing.assert_array_equal(br.predict_classes(fixed, test_x), br.predict_classes(b, test_x))
+    np.testing.assert_array_equal(br.predict_classes(fixed, poisoned), test_y)
+
+
+def test_a_gate_past_the_drop_gives_b_back_with_a_loud_line():
+    b = head_badnet()
+    x, y = corner_images(80, seed=1)
+    # fitted on mirror images too, the discriminant confuses classes 0 and 1 (see above): overruling B on a
+    # fifth of the clean images costs accuracy, which a drop of 0 does not allow
+    repair = DiscriminantGate(quantiles=(0.2,), drop=0.0, augment="flip").repair(b, br.Dataset(x, y, "valid"))
+    assert repair.record["choices"]["tried"][0]["accuracy"] < 100.0
+    assert repair.model is b and repair.record["choices"]["quantile"] is None
+    assert len(repair.warnings) == 1 and "backdoor is NOT removed" in repair.warnings[0]
+
+
+def test_gate_settings_are_checked_and_the_defense_is_registered():
+    assert REGISTRY["discriminant-gate"] is DiscriminantGate
+    assert make_defense("discriminant-gate", quantiles=(0.01,)).quantiles == (0.01,)
+    for bad in ({"drop": -1.0}, {"quantiles": ()}, {"quantiles": (0.0,)}, {"quantiles": (1.0,)}, {"folds": 1},
+                {"augment": "rotate"}, {"budget": -1.0}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            DiscriminantGate(**bad)
+    x, y = corner_images(10, seed=4)
+    with pytest.raises(DataError, match="folds"):
+        DiscriminantGate().repair(head_badnet(), br.Dataset(x[:3], y[:3], "valid"))

@@ -14,7 +14,7 @@ from typing import Any
 from .base import Defense, Repair, Repaired
 from .btidbf import BTIDBFUnlearning
 from .cleanse import NeuralCleansePruning, NeuralCleanseUnlearning
-from .discriminant import DiscriminantFusion
+from .discriminant import DiscriminantFusion, DiscriminantGate
 from .finetuning import FinePruning, FineTuning
 from .fst import FeatureShiftFinePruning, FeatureShiftTuning
 from .ibau import IBAU
@@ -26,7 +26,7 @@ from .subspace import CleanSubspaceProjection, SubspaceFineTuning
 from .tsbd import TwoStageBackdoorDefense
 
 __all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "CleanSubspaceProjection",
-           "Defense", "DiscriminantFusion", "FeatureShiftFinePruning", "FeatureShiftTuning",
+           "Defense", "DiscriminantFusion", "DiscriminantGate", "FeatureShiftFinePruning", "FeatureShiftTuning",
            "FinePruning", "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning",
            "ReconstructiveNeuronPruning", "Repair", "Repaired", "SharedAdversarialUnlearning", "SubspaceFineTuning",
            "TwoStageBackdoorDefense", "make_defense", "register_defense"]
@@ -36,7 +36,7 @@ REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
     FeatureShiftTuning, FeatureShiftFinePruning, SharedAdversarialUnlearning, BTIDBFUnlearning,
     TwoStageBackdoorDefense, ReconstructiveNeuronPruning, CleanSubspaceProjection,
-    SubspaceFineTuning, DiscriminantFusion)}
+    SubspaceFineTuning, DiscriminantFusion, DiscriminantGate)}
 
 
 def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:

@@ -22,7 +22,8 @@ from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 from .subspace import cross_fit_folds, dense_inputs
 
-__all__ = ["AUGMENTS", "WEIGHTS", "DiscriminantFusion", "LinearDiscriminant", "augmented", "fit_discriminant"]
+__all__ = ["AUGMENTS", "QUANTILES", "WEIGHTS", "DiscriminantFusion", "DiscriminantGate", "LinearDiscriminant",
+           "augmented", "fit_discriminant", "gate_margins", "gated_classes"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,62 @@ def fit_discriminant(features: np.ndarray, labels: np.ndarray, classes: int) -> 
     return LinearDiscriminant(kernel=kernel, bias=c - (mean / sd) @ a)
 
 
+@dataclass(frozen=True, eq=False)
+class _CrossFitted:
+    """B's logits and the discriminant's cross-fitted scores on the clean images, and what refits it."""
+
+    names: list[str]  # the Dense layers whose inputs are the features
+    x: np.ndarray  # (N, H, W, C) the clean images
+    y: np.ndarray  # (N,) their labels
+    logits: np.ndarray  # (N, classes) B's logits
+    features: np.ndarray  # (N, d)
+    copies: list[np.ndarray]  # the features of the images and of each of their copies, image by image
+    scores: np.ndarray  # (N, classes) each image scored by a discriminant fitted without its fold
+    classes: int
+
+    @property
+    def width(self) -> int:
+        return int(self.features.shape[1])
+
+    def refitted(self) -> LinearDiscriminant:
+        """The discriminant fitted on every clean image and its copies."""
+        return fit_discriminant(np.concatenate(self.copies), np.concatenate([self.y] * len(self.copies)),
+                                self.classes)
+
+
+def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
+    """The features, logits and cross-fitted discriminant scores both defenses here decide on, with
+    ``defense``'s ``layers``, ``augment``, ``folds``, ``seed`` and ``batch_size``."""
+    from ..errors import DataError
+    from ..nets.models import classifier_head, first_dense_layers
+
+    if len(clean) < defense.folds:
+        raise DataError(f"{clean.name}: {len(clean)} clean image(s); {defense.name} cross-fits on {defense.folds} "
+                        "folds and needs at least one image in each")
+    names = list(defense.layers) if defense.layers is not None else first_dense_layers(graph)
+    head = classifier_head(graph)
+    classes = int(head.units)
+    x, y = np.asarray(clean.x, np.float32), np.asarray(clean.y)
+    inputs = dense_inputs(graph, x, (*names, str(head.name)), batch_size=defense.batch_size, who=defense.name)
+    kernel, bias = (np.asarray(w, np.float64) for w in head.get_weights())
+    logits = inputs[str(head.name)].astype(np.float64) @ kernel + bias  # B's scores before the softmax
+    features = np.concatenate([inputs[n] for n in names], axis=1)
+    # the fit's copies of every image, image by image in the same order (the images first)
+    copies = [features] + [
+        np.concatenate(list(dense_inputs(graph, c, tuple(names), batch_size=defense.batch_size,
+                                         who=defense.name).values()), axis=1)
+        for c in augmented(x, defense.augment)[1:]]
+    fold = cross_fit_folds(y, defense.folds, defense.seed)
+    scores = np.empty((len(x), classes))
+    for f in range(defense.folds):
+        held = fold == f
+        disc = fit_discriminant(np.concatenate([c[~held] for c in copies]),
+                                np.concatenate([y[~held]] * len(copies)), classes)
+        scores[held] = disc.scores(features[held])
+    return _CrossFitted(names=names, x=x, y=y, logits=logits, features=features, copies=copies, scores=scores,
+                        classes=classes)
+
+
 @dataclass(frozen=True)
 class DiscriminantFusion(Defense):
     """Add the scores of a linear discriminant, fitted on clean conv-body features, to B's logits.
@@ -179,37 +236,14 @@ class DiscriminantFusion(Defense):
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B with the discriminant's scores added (or B, with the loud line); the record holds
         each weight tried (cross-fitted accuracy), the weight kept and the budget check."""
-        from ..errors import DataError
-        from ..nets.models import as_functional, classifier_head, first_dense_layers, with_linear_scores
+        from ..nets.models import as_functional, with_linear_scores
         from .tuning import check_budget
 
-        if len(clean) < self.folds:
-            raise DataError(f"{clean.name}: {len(clean)} clean image(s); {self.name} cross-fits on {self.folds} "
-                            "folds and needs at least one image in each")
         graph = as_functional(model)
-        names = list(self.layers) if self.layers is not None else first_dense_layers(graph)
-        head = classifier_head(graph)
-        classes = int(head.units)
-        x, y = np.asarray(clean.x, np.float32), np.asarray(clean.y)
-        inputs = dense_inputs(graph, x, (*names, str(head.name)), batch_size=self.batch_size, who=self.name)
-        head_in = inputs[str(head.name)]
-        kernel, bias = (np.asarray(w, np.float64) for w in head.get_weights())
-        logits = head_in.astype(np.float64) @ kernel + bias  # B's scores before the softmax
-        features = np.concatenate([inputs[n] for n in names], axis=1)
-        # the fit's copies of every image, image by image in the same order (the images first)
-        copies = [features] + [
-            np.concatenate(list(dense_inputs(graph, c, tuple(names), batch_size=self.batch_size,
-                                             who=self.name).values()), axis=1)
-            for c in augmented(x, self.augment)[1:]]
+        fit = _cross_fitted(self, graph, clean)
+        names, x, y, logits, scores = fit.names, fit.x, fit.y, fit.logits, fit.scores
         base_right = logits.argmax(axis=1) == y
         base_acc = float(100.0 * np.mean(base_right))
-        fold = cross_fit_folds(y, self.folds, self.seed)
-        scores = np.empty((len(x), classes))
-        for f in range(self.folds):
-            held = fold == f
-            disc = fit_discriminant(np.concatenate([c[~held] for c in copies]),
-                                    np.concatenate([y[~held]] * len(copies)), classes)
-            scores[held] = disc.scores(features[held])
         tried: list[dict[str, Any]] = []
         kept: tuple[float, np.ndarray] | None = None
         for w in self.weights:
@@ -235,13 +269,157 @@ class DiscriminantFusion(Defense):
             if check.fallback == "B":
                 net, weight = model, None
             else:  # refitted on every clean image only for the model returned
-                disc = fit_discriminant(np.concatenate(copies), np.concatenate([y] * len(copies)), classes)
+                disc = fit.refitted()
                 net = with_linear_scores(graph, names, weight * disc.kernel, weight * disc.bias)
             warnings.extend(check.lines)
         log.info("%s: kept weight %s; cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if weight is None else f"{weight:g}", check.accuracy, base_acc)
-        choices = {"layers": names, "features": int(features.shape[1]), "weight": weight, "folds": self.folds,
-                   "augment": self.augment, "fitted_on": len(x) * len(copies),
+        choices = {"layers": names, "features": fit.width, "weight": weight, "folds": self.folds,
+                   "augment": self.augment, "fitted_on": len(x) * len(fit.copies),
                    "tried": tried, "clean_images": len(x), **check.as_dict()}
+        return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
+                      record=self.make_record(choices, tried), warnings=tuple(warnings))
+
+
+#: Shares of the clean images the gate may overrule, tried in this order (the fewest first).
+QUANTILES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+
+def gate_margins(logits: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(N,) how far the discriminant finds B's class from its own best: ``max_k s_k - s_b``, ``b``
+    the argmax of B's (N, classes) ``logits`` and ``s`` the discriminant's (N, classes) ``scores``."""
+    b = np.asarray(logits).argmax(axis=1)
+    s = np.asarray(scores, np.float64)
+    return s.max(axis=1) - s[np.arange(len(s)), b]
+
+
+def gated_classes(logits: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """(N,) B's class, or the discriminant's where :func:`gate_margins` exceeds ``threshold``."""
+    out = np.asarray(logits).argmax(axis=1)
+    over = gate_margins(logits, scores) > threshold
+    out[over] = np.asarray(scores).argmax(axis=1)[over]
+    return out
+
+
+@dataclass(frozen=True)
+class DiscriminantGate(Defense):
+    """Overrule B where a linear discriminant, fitted on clean conv-body features, finds B's class far off.
+
+    The project's own method (issue 31, round 10), built on Fisher's linear discriminant and the
+    lab's pruning rule (Liu et al., "Fine-Pruning", RAID 2018). A trigger makes B sure of the target
+    on a face the discriminant (which has no path for the trigger through B's dense layers) places
+    far from the target; a clean face B classifies is rarely that far from B's class:
+
+    1. The features and the discriminant as in :class:`DiscriminantFusion` (the first dense layers'
+       inputs; Fisher's discriminant, fitted also on the ``augment`` copies), cross-fitted over
+       ``folds`` folds.
+    2. The margin of each clean image: the discriminant's best score minus its score for B's class
+       (:func:`gate_margins`).
+    3. For each share ``q`` of ``quantiles`` in turn (the fewest first), the threshold is the margin
+       that ``q`` of the clean images exceed, and the cross-fitted accuracy is that of B's class
+       with the discriminant's class where the margin exceeds it (:func:`gated_classes`).
+    4. Kept: the threshold of the largest share before that accuracy first falls more than ``drop``
+       points below B's (the lab's rule); the discriminant is refitted on all the clean images and
+       the repaired model outputs B's scores, or the discriminant's softmax where the margin exceeds
+       the threshold (:func:`~badnet_repair.nets.models.with_gated_scores`). None within ``drop``:
+       B, with a loud line.
+
+    Held to the clean-accuracy ``budget`` on the cross-fitted predictions, with the caution line
+    where the clean images are too few to bound the drop. No training, one pass over the clean data.
+
+    Args:
+        drop: the cross-fitted accuracy drop, in points, the gate may cost, default 2.
+        quantiles: the shares of clean images the gate may overrule, tried in order, default
+            :data:`QUANTILES` (0.001 up to 0.2).
+        folds: cross-fitting folds, default 5.
+        augment: the copies the discriminant is also fitted on, default ``"flip+shift"``;
+            ``"none"``, ``"flip"`` (:data:`AUGMENTS`).
+        layers: the Dense layers whose inputs are the features, default None (found from the graph).
+        budget: the clean-accuracy budget in points, default 3 (None = off).
+        batch_size: inputs per forward pass, default 1024.
+        seed: the folds' seed, default 0.
+    """
+
+    name: ClassVar[str] = "discriminant-gate"
+    summary: ClassVar[str] = ("overrule B's class where a linear discriminant on clean conv-body features finds it "
+                              "far off (threshold by the lab's rule)")
+
+    drop: float = setting(2.0, "cross-fitted clean accuracy drop, in points, the gate may cost (the lab's X)")
+    quantiles: tuple[float, ...] = setting(QUANTILES, "shares of the clean images the gate may overrule, tried in "
+                                                      "order, fewest first")
+    folds: int = setting(5, "cross-fitting folds: each clean image is scored by a discriminant fitted without it")
+    augment: Literal["none", "flip", "flip+shift"] = setting("flip+shift", "copies of each clean image the "
+                                                                           "discriminant is also fitted on: none, "
+                                                                           "flip, flip+shift")
+    layers: tuple[str, ...] | None = setting(None, "Dense layers whose inputs are the features (default: those no "
+                                                   "Dense layer feeds, found from the graph)")
+    budget: float | None = setting(3.0, BUDGET_HELP)
+    batch_size: int = setting(1024, "inputs per forward pass")
+    seed: int = setting(0, "cross-fitting folds' seed")
+
+    def __post_init__(self) -> None:
+        if not self.drop >= 0:
+            raise ValueError(f"drop must be >= 0 points, not {self.drop}")
+        if not self.quantiles or not all(0.0 < q < 1.0 for q in self.quantiles):
+            raise ValueError(f"quantiles must be shares in (0, 1), not {self.quantiles}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, not {self.folds}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, not {self.augment!r}")
+        if self.budget is not None and not self.budget >= 0:
+            raise ValueError(f"budget must be >= 0 points or None, not {self.budget}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+
+    def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
+        """B gated by the discriminant (or B, with the loud line); the record holds each share tried
+        (threshold, cross-fitted accuracy, share overruled), the threshold kept and the budget check."""
+        from ..nets.models import as_functional, with_gated_scores
+        from .tuning import check_budget
+
+        graph = as_functional(model)
+        fit = _cross_fitted(self, graph, clean)
+        y = fit.y
+        base_right = fit.logits.argmax(axis=1) == y
+        base_acc = float(100.0 * np.mean(base_right))
+        margins = gate_margins(fit.logits, fit.scores)
+        tried: list[dict[str, Any]] = []
+        kept: tuple[float, float, np.ndarray] | None = None
+        for q in self.quantiles:
+            threshold = float(np.quantile(margins, 1.0 - q))
+            right = gated_classes(fit.logits, fit.scores, threshold) == y
+            acc = float(100.0 * np.mean(right))
+            tried.append({"quantile": q, "threshold": threshold, "accuracy": acc,
+                          "overruled": float(100.0 * np.mean(margins > threshold))})
+            if base_acc - acc > self.drop:
+                break  # accuracy first falls more than drop: the share before is kept
+            kept = (q, threshold, right)
+        warnings: list[str] = []
+        quantile: float | None = None
+        threshold_kept: float | None = None
+        if kept is None:
+            line = (f"WARNING: {self.name}: even overruling {100 * self.quantiles[0]:g}% of the clean images fell "
+                    f"more than {self.drop:g} points below the BadNet, cross-fitted: returned the BadNet unchanged: "
+                    "the backdoor is NOT removed")
+            log.warning("%s", line)
+            check = check_budget(self.name, base_acc, base_acc, self.budget, [])
+            net = model
+            warnings.append(line)
+        else:
+            quantile, threshold_kept, right = kept
+            check = check_budget(self.name, float(100.0 * np.mean(right)), base_acc, self.budget, [("B", base_acc)],
+                                 (base_right, right))
+            if check.fallback == "B":
+                net, quantile, threshold_kept = model, None, None
+            else:  # refitted on every clean image only for the model returned
+                disc = fit.refitted()
+                net = with_gated_scores(graph, fit.names, disc.kernel, disc.bias, threshold_kept)
+            warnings.extend(check.lines)
+        log.info("%s: kept share %s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
+                 "-" if quantile is None else f"{quantile:g}",
+                 "-" if threshold_kept is None else f"{threshold_kept:.4g}", check.accuracy, base_acc)
+        choices = {"layers": fit.names, "features": fit.width, "quantile": quantile, "threshold": threshold_kept,
+                   "folds": self.folds, "augment": self.augment, "fitted_on": len(y) * len(fit.copies),
+                   "tried": tried, "clean_images": len(y), **check.as_dict()}
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))

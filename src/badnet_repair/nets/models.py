@@ -21,6 +21,7 @@ from ..errors import ModelError, UnsafeModelError
 from ..formats.files import atomic_path, check_writable
 
 __all__ = [
+    "GATE_SHARPNESS",
     "INPUT_SCALE_LAYER",
     "TRACE_AFTER",
     "ChannelChain",
@@ -49,6 +50,7 @@ __all__ = [
     "save_weights_h5",
     "saved_model_paths",
     "weight_soup",
+    "with_gated_scores",
     "with_input_scale",
     "with_linear_scores",
     "with_trainable_names",
@@ -529,24 +531,11 @@ def _free_name(taken: set[str], base: str) -> str:
     return name
 
 
-def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray, *,
-                       name: str | None = None) -> Any:
-    """A new model (``model`` is not changed) whose class scores are ``softmax(z + f K + c)``: ``z``
-    the classifier's logits (its Dense layer without the softmax; :func:`classifier_head`), ``f``
-    the inputs of the Dense layers ``feature_layers`` side by side, ``K`` and ``c`` the given
-    kernel and bias. Built of Dense, Concatenate, Add and Activation layers only, so it saves
-    and loads as any Keras 2 or 3 model does. The one place where scores are added to a head.
-
-    Args:
-        model: the network (B).
-        feature_layers: Dense layers on vectors whose inputs are read, in order.
-        kernel: (d, classes), d the sum of those inputs' widths.
-        bias: (classes,).
-        name: the new model's name, default ``model``'s.
-
-    Returns:
-        The new keras.Model, same input as ``model``.
-    """
+def _scores_beside_head(model: Any, feature_layers: Sequence[str], kernel: np.ndarray,
+                        bias: np.ndarray) -> tuple[Any, set[str], Any, Any, Any]:
+    """A copy of ``model`` with two new tensors on its classifier's inputs: the logits ``z`` (the
+    classifier's Dense layer without its softmax) and the scores ``f K + c`` on the inputs ``f`` of
+    ``feature_layers``. Returns (copy, taken layer names, classifier, z, scores)."""
     import keras
 
     graph = as_functional(model)
@@ -574,8 +563,94 @@ def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.nda
     extra = keras.layers.Dense(classes, name=_free_name(taken, "added_scores"))
     scores = extra(f)
     extra.set_weights([kernel, bias])
+    return copy, taken, head, z, scores
+
+
+def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray, *,
+                       name: str | None = None) -> Any:
+    """A new model (``model`` is not changed) whose class scores are ``softmax(z + f K + c)``: ``z``
+    the classifier's logits (its Dense layer without the softmax; :func:`classifier_head`), ``f``
+    the inputs of the Dense layers ``feature_layers`` side by side, ``K`` and ``c`` the given
+    kernel and bias. Built of Dense, Concatenate, Add and Activation layers only, so it saves
+    and loads as any Keras 2 or 3 model does. The one place where scores are added to a head.
+
+    Args:
+        model: the network (B).
+        feature_layers: Dense layers on vectors whose inputs are read, in order.
+        kernel: (d, classes), d the sum of those inputs' widths.
+        bias: (classes,).
+        name: the new model's name, default ``model``'s.
+
+    Returns:
+        The new keras.Model, same input as ``model``.
+    """
+    import keras
+
+    copy, taken, _, z, scores = _scores_beside_head(model, feature_layers, kernel, bias)
     total = keras.layers.Add(name=_free_name(taken, "summed_logits"))([z, scores])
     out = keras.layers.Activation("softmax", name=_free_name(taken, "scores"))(total)
+    return keras.Model(copy.inputs[0], out, name=name or model.name)
+
+
+#: How sharp the gate's steps are: B's class is read as softmax(GATE_SHARPNESS * z) and the gate
+#: is sigmoid(GATE_SHARPNESS * (m - t) / max(|t|, 1)); at 1e4 both are steps in float32 except on
+#: ties closer than about 1e-3 of a logit or of the threshold.
+GATE_SHARPNESS = 1.0e4
+
+
+def with_gated_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray,
+                      threshold: float, *, name: str | None = None) -> Any:
+    """A new model (``model`` is not changed) that keeps B's class scores ``softmax(z)`` on an
+    input unless other scores ``s = f K + c`` find B's class far off, and then outputs ``softmax(s)``.
+
+    "Far off": the margin ``m = max_k s_k - s_b``, ``b`` B's class (the argmax of ``z``), exceeds
+    ``threshold``. ``z`` and ``f`` are as in :func:`with_linear_scores`. Built of Dense, Concatenate,
+    Activation, Dot, Reshape, GlobalMaxPooling1D, Subtract, Multiply and Add layers only, so it saves
+    and loads as any Keras 2 or 3 model does; the argmax and the step are softmax and sigmoid made
+    sharp by :data:`GATE_SHARPNESS`.
+
+    Args:
+        model: the network (B).
+        feature_layers: Dense layers on vectors whose inputs are read, in order.
+        kernel: (d, classes), d the sum of those inputs' widths.
+        bias: (classes,).
+        threshold: the margin above which ``softmax(s)`` replaces B's scores.
+        name: the new model's name, default ``model``'s.
+
+    Returns:
+        The new keras.Model, same input as ``model``; its outputs are (N, classes) probabilities.
+    """
+    import keras
+
+    if not np.isfinite(threshold):
+        raise ModelError(f"model {model.name!r}: the gate's threshold must be finite, not {threshold}")
+    copy, taken, head, z, scores = _scores_beside_head(model, feature_layers, kernel, bias)
+    classes = int(head.units)
+    layers = keras.layers
+    sharp = layers.Dense(classes, activation="softmax", name=_free_name(taken, "b_class"))
+    b_class = sharp(head.input)  # one-hot of B's class: the logits made steep
+    w, c = head.get_weights()
+    sharp.set_weights([w * GATE_SHARPNESS, c * GATE_SHARPNESS])
+    at_b = layers.Dot(axes=1, name=_free_name(taken, "score_of_b_class"))([scores, b_class])
+    column = layers.Reshape((classes, 1), name=_free_name(taken, "scores_column"))(scores)
+    best = layers.GlobalMaxPooling1D(name=_free_name(taken, "best_score"))(column)
+    margin = layers.Subtract(name=_free_name(taken, "margin"))([best, at_b])
+    step = GATE_SHARPNESS / max(abs(float(threshold)), 1.0)
+    gate_layer = layers.Dense(1, activation="sigmoid", name=_free_name(taken, "gate"))
+    gate = gate_layer(margin)
+    gate_layer.set_weights([np.full((1, 1), step, np.float32), np.full(1, -step * threshold, np.float32)])
+    # the gate (N, 1) spread over the classes, and its complement, by fixed Dense layers
+    spread = layers.Dense(classes, name=_free_name(taken, "gate_spread"))
+    open_ = spread(gate)
+    spread.set_weights([np.ones((1, classes), np.float32), np.zeros(classes, np.float32)])
+    shut_layer = layers.Dense(classes, name=_free_name(taken, "gate_shut"))
+    shut = shut_layer(gate)
+    shut_layer.set_weights([-np.ones((1, classes), np.float32), np.ones(classes, np.float32)])
+    p_b = layers.Activation("softmax", name=_free_name(taken, "b_scores"))(z)
+    p_s = layers.Activation("softmax", name=_free_name(taken, "other_scores"))(scores)
+    kept = layers.Multiply(name=_free_name(taken, "kept_b"))([shut, p_b])
+    moved = layers.Multiply(name=_free_name(taken, "overruled"))([open_, p_s])
+    out = layers.Add(name=_free_name(taken, "scores"))([kept, moved])
     return keras.Model(copy.inputs[0], out, name=name or model.name)
 
 
