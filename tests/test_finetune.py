@@ -329,6 +329,12 @@ def test_a_result_kept_on_too_few_images_carries_a_caution(caplog):
     back = check_budget("fine-tuning", 80.0, 96.0, 3.0, [("B", 96.0)], paired=few)
     assert back.fallback == "B" and back.caution is None and back.drop_bound is None and back.lines == (back.warning,)
     assert check_budget("fine-tuning", 80.0, 96.0, None, [], paired=few).lines == ()  # no budget, no check
+    # a result above B on too few images is said to be above it, not "-1.0 points below"
+    b_right = np.array([0, 0] + [1] * 4, bool)
+    above = check_budget("gate", 100.0, 66.7, 3.0, [("B", 66.7)], paired=(b_right, np.ones(6, bool)))
+    assert above.caution is not None and "is 33.3 points above the BadNet on the 6 clean images" in above.caution
+    level = check_budget("gate", 50.0, 50.0, 3.0, [("B", 50.0)], paired=(np.arange(4) < 2, np.arange(4) >= 2))
+    assert level.caution is not None and "is level with the BadNet on the 4 clean images" in level.caution
 
 
 

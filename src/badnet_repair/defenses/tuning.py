@@ -162,7 +162,9 @@ def _caution(what: str, drop: float, images: int, budget: float, bound: float) -
     """The caution line (also logged) where ``bound`` is above the budget; None where it is not."""
     if bound <= budget:
         return None
-    line = (f"CAUTION: {what} is {drop:.1f} points below the BadNet on the {images} clean images it held out, "
+    where = f"{drop:.1f} points below" if drop >= 0.05 else (f"{-drop:.1f} points above" if drop <= -0.05
+                                                                else "level with")
+    line = (f"CAUTION: {what} is {where} the BadNet on the {images} clean images it held out, "
             f"within the budget of {budget:g}, but so few images allow a drop of up to {bound:.1f} points "
             "(one-sided 95 % bound): measure it on more clean data before relying on it")
     log.warning("%s", line)
