@@ -12,6 +12,7 @@ lab's pruning rule, on cross-fitted clean accuracy. No training, one pass over t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -164,7 +165,52 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
 
 
 @dataclass(frozen=True)
-class DiscriminantFusion(Defense):
+class _DiscriminantDefense(Defense):
+    """What the two defenses on the cross-fitted discriminant share: its settings (each subclass
+    adds its own ``drop`` and the values its rule walks) and the end of the repair."""
+
+    folds: int = setting(5, "cross-fitting folds: each clean image is scored by a discriminant fitted without it")
+    augment: Literal["none", "flip", "flip+shift"] = setting("flip+shift", "copies of each clean image the "
+                                                                           "discriminant is also fitted on: none, "
+                                                                           "flip, flip+shift")
+    layers: tuple[str, ...] | None = setting(None, "Dense layers whose inputs are the features (default: those no "
+                                                   "Dense layer feeds, found from the graph)")
+    budget: float | None = setting(3.0, BUDGET_HELP)
+    batch_size: int = setting(1024, "inputs per forward pass")
+    seed: int = setting(0, "cross-fitting folds' seed")
+
+    def _check_shared(self) -> None:
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, not {self.folds}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, not {self.augment!r}")
+        if self.budget is not None and not self.budget >= 0:
+            raise ValueError(f"budget must be >= 0 points or None, not {self.budget}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+
+    def _decide(self, model: Any, base_right: np.ndarray, right: np.ndarray | None, none_kept: str,
+                build: Callable[[], Any]) -> tuple[Any, Any, list[str]]:
+        """(the model returned, the budget check, the lines): where the rule kept nothing
+        (``right`` None), B with the loud line ending ``none_kept``; otherwise the kept result's
+        budget check on its cross-fitted predictions ``right`` beside B's ``base_right``, and the
+        model ``build`` makes, or B where the budget falls back to it."""
+        from .tuning import check_budget
+
+        base_acc = float(100.0 * np.mean(base_right))
+        if right is None:
+            line = (f"WARNING: {self.name}: {none_kept} below the BadNet on the clean images, cross-fitted: returned "
+                    "the BadNet unchanged: the backdoor is NOT removed")
+            log.warning("%s", line)
+            return model, check_budget(self.name, base_acc, base_acc, self.budget, []), [line]
+        check = check_budget(self.name, float(100.0 * np.mean(right)), base_acc, self.budget, [("B", base_acc)],
+                             (base_right, right))
+        # refitted on every clean image only for the model returned
+        return (model if check.fallback == "B" else build()), check, list(check.lines)
+
+
+@dataclass(frozen=True)
+class DiscriminantFusion(_DiscriminantDefense):
     """Add the scores of a linear discriminant, fitted on clean conv-body features, to B's logits.
 
     The project's own method (issue 31), built on Fisher's linear discriminant and the lab's
@@ -209,35 +255,18 @@ class DiscriminantFusion(Defense):
     drop: float = setting(2.0, "cross-fitted clean accuracy drop, in points, the fusion may cost (the lab's X)")
     weights: tuple[float, ...] = setting(WEIGHTS, "weights of the discriminant's scores tried, in order, weakest "
                                                   "first")
-    folds: int = setting(5, "cross-fitting folds: each clean image is scored by a discriminant fitted without it")
-    augment: Literal["none", "flip", "flip+shift"] = setting("flip+shift", "copies of each clean image the "
-                                                                           "discriminant is also fitted on: none, "
-                                                                           "flip, flip+shift")
-    layers: tuple[str, ...] | None = setting(None, "Dense layers whose inputs are the features (default: those no "
-                                                   "Dense layer feeds, found from the graph)")
-    budget: float | None = setting(3.0, BUDGET_HELP)
-    batch_size: int = setting(1024, "inputs per forward pass")
-    seed: int = setting(0, "cross-fitting folds' seed")
 
     def __post_init__(self) -> None:
         if not self.drop >= 0:
             raise ValueError(f"drop must be >= 0 points, not {self.drop}")
         if not self.weights or not all(np.isfinite(w) and w > 0 for w in self.weights):
             raise ValueError(f"weights must be finite numbers > 0, not {self.weights}")
-        if self.folds < 2:
-            raise ValueError(f"folds must be >= 2, not {self.folds}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {AUGMENTS}, not {self.augment!r}")
-        if self.budget is not None and not self.budget >= 0:
-            raise ValueError(f"budget must be >= 0 points or None, not {self.budget}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        self._check_shared()
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B with the discriminant's scores added (or B, with the loud line); the record holds
         each weight tried (cross-fitted accuracy), the weight kept and the budget check."""
         from ..nets.models import as_functional, with_linear_scores
-        from .tuning import check_budget
 
         graph = as_functional(model)
         fit = _cross_fitted(self, graph, clean)
@@ -253,25 +282,17 @@ class DiscriminantFusion(Defense):
             if base_acc - acc > self.drop:
                 break  # accuracy first falls more than drop: the weight before is kept
             kept = (w, right)
-        warnings: list[str] = []
-        if kept is None:
-            line = (f"WARNING: {self.name}: even the smallest weight ({self.weights[0]:g}) fell more than "
-                    f"{self.drop:g} points below the BadNet on the clean images, cross-fitted: returned the BadNet "
-                    "unchanged: the backdoor is NOT removed")
-            log.warning("%s", line)
-            check = check_budget(self.name, base_acc, base_acc, self.budget, [])
-            net, weight = model, None
-            warnings.append(line)
-        else:
-            weight, right = kept
-            check = check_budget(self.name, float(100.0 * np.mean(right)), base_acc, self.budget, [("B", base_acc)],
-                                 (base_right, right))
-            if check.fallback == "B":
-                net, weight = model, None
-            else:  # refitted on every clean image only for the model returned
-                disc = fit.refitted()
-                net = with_linear_scores(graph, names, weight * disc.kernel, weight * disc.bias)
-            warnings.extend(check.lines)
+        weight = None if kept is None else kept[0]
+
+        def build() -> Any:
+            disc, w = fit.refitted(), float(weight or 0.0)
+            return with_linear_scores(graph, names, w * disc.kernel, w * disc.bias)
+
+        net, check, warnings = self._decide(model, base_right, None if kept is None else kept[1],
+                                            f"even the smallest weight ({self.weights[0]:g}) fell more than "
+                                            f"{self.drop:g} points", build)
+        if net is model:
+            weight = None
         log.info("%s: kept weight %s; cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if weight is None else f"{weight:g}", check.accuracy, base_acc)
         choices = {"layers": names, "features": fit.width, "weight": weight, "folds": self.folds,
@@ -302,7 +323,7 @@ def gated_classes(logits: np.ndarray, scores: np.ndarray, threshold: float) -> n
 
 
 @dataclass(frozen=True)
-class DiscriminantGate(Defense):
+class DiscriminantGate(_DiscriminantDefense):
     """Overrule B where a linear discriminant, fitted on clean conv-body features, finds B's class far off.
 
     The project's own method (issue 31, round 10), built on Fisher's linear discriminant and the
@@ -348,35 +369,18 @@ class DiscriminantGate(Defense):
     drop: float = setting(3.0, "cross-fitted clean accuracy drop, in points, the gate may cost (issue 31's round 10)")
     quantiles: tuple[float, ...] = setting(QUANTILES, "shares of the clean images the gate may overrule, tried in "
                                                       "order, fewest first")
-    folds: int = setting(5, "cross-fitting folds: each clean image is scored by a discriminant fitted without it")
-    augment: Literal["none", "flip", "flip+shift"] = setting("flip+shift", "copies of each clean image the "
-                                                                           "discriminant is also fitted on: none, "
-                                                                           "flip, flip+shift")
-    layers: tuple[str, ...] | None = setting(None, "Dense layers whose inputs are the features (default: those no "
-                                                   "Dense layer feeds, found from the graph)")
-    budget: float | None = setting(3.0, BUDGET_HELP)
-    batch_size: int = setting(1024, "inputs per forward pass")
-    seed: int = setting(0, "cross-fitting folds' seed")
 
     def __post_init__(self) -> None:
         if not self.drop >= 0:
             raise ValueError(f"drop must be >= 0 points, not {self.drop}")
         if not self.quantiles or not all(0.0 < q < 1.0 for q in self.quantiles):
             raise ValueError(f"quantiles must be shares in (0, 1), not {self.quantiles}")
-        if self.folds < 2:
-            raise ValueError(f"folds must be >= 2, not {self.folds}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {AUGMENTS}, not {self.augment!r}")
-        if self.budget is not None and not self.budget >= 0:
-            raise ValueError(f"budget must be >= 0 points or None, not {self.budget}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        self._check_shared()
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B gated by the discriminant (or B, with the loud line); the record holds each share tried
         (threshold, cross-fitted accuracy, share overruled), the threshold kept and the budget check."""
         from ..nets.models import as_functional, with_gated_scores
-        from .tuning import check_budget
 
         graph = as_functional(model)
         fit = _cross_fitted(self, graph, clean)
@@ -395,27 +399,18 @@ class DiscriminantGate(Defense):
             if base_acc - acc > self.drop:
                 break  # accuracy first falls more than drop: the share before is kept
             kept = (q, threshold, right)
-        warnings: list[str] = []
-        quantile: float | None = None
-        threshold_kept: float | None = None
-        if kept is None:
-            line = (f"WARNING: {self.name}: even overruling {100 * self.quantiles[0]:g}% of the clean images fell "
-                    f"more than {self.drop:g} points below the BadNet, cross-fitted: returned the BadNet unchanged: "
-                    "the backdoor is NOT removed")
-            log.warning("%s", line)
-            check = check_budget(self.name, base_acc, base_acc, self.budget, [])
-            net = model
-            warnings.append(line)
-        else:
-            quantile, threshold_kept, right = kept
-            check = check_budget(self.name, float(100.0 * np.mean(right)), base_acc, self.budget, [("B", base_acc)],
-                                 (base_right, right))
-            if check.fallback == "B":
-                net, quantile, threshold_kept = model, None, None
-            else:  # refitted on every clean image only for the model returned
-                disc = fit.refitted()
-                net = with_gated_scores(graph, fit.names, disc.kernel, disc.bias, threshold_kept)
-            warnings.extend(check.lines)
+        quantile: float | None = None if kept is None else kept[0]
+        threshold_kept: float | None = None if kept is None else kept[1]
+
+        def build() -> Any:
+            disc = fit.refitted()
+            return with_gated_scores(graph, fit.names, disc.kernel, disc.bias, float(threshold_kept or 0.0))
+
+        net, check, warnings = self._decide(model, base_right, None if kept is None else kept[2],
+                                            f"even the smallest share overruled ({100 * self.quantiles[0]:g}%) fell "
+                                            f"more than {self.drop:g} points", build)
+        if net is model:
+            quantile, threshold_kept = None, None
         log.info("%s: kept share %s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if quantile is None else f"{quantile:g}",
                  "-" if threshold_kept is None else f"{threshold_kept:.4g}", check.accuracy, base_acc)
