@@ -264,3 +264,18 @@ def test_gate_settings_are_checked_and_the_defense_is_registered():
     x, y = corner_images(10, seed=4)
     with pytest.raises(DataError, match="folds"):
         DiscriminantGate().repair(head_badnet(), br.Dataset(x[:3], y[:3], "valid"))
+
+
+def test_a_classifier_the_graph_does_not_show_is_named_with_head():
+    b = head_badnet(trigger_weight=1.0)
+    # a layer after the classifier that the search from the output does not pass
+    wrapped = keras.Model(b.inputs[0], keras.layers.Identity(name="after")(b.outputs[0]))
+    x, y = corner_images(80, seed=1)
+    with pytest.raises(ModelError, match="name its classifier"):
+        DiscriminantGate(augment="none").repair(wrapped, br.Dataset(x, y, "valid"))
+    for defense in (DiscriminantGate(augment="none", head="head"), DiscriminantFusion(augment="none", head="head")):
+        fixed = defense.repair(wrapped, br.Dataset(x, y, "valid")).model
+        test_x, test_y, poisoned = corner_test_images()
+        np.testing.assert_array_equal(br.predict_classes(fixed, test_x), br.predict_classes(b, test_x))
+        if isinstance(defense, DiscriminantGate):  # the gate overrules any trigger strength; the fusion need not
+            np.testing.assert_array_equal(br.predict_classes(fixed, poisoned), test_y)

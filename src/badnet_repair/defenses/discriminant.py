@@ -141,7 +141,7 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
         raise DataError(f"{clean.name}: {len(clean)} clean image(s); {defense.name} cross-fits on {defense.folds} "
                         "folds and needs at least one image in each")
     names = list(defense.layers) if defense.layers is not None else first_dense_layers(graph)
-    head = classifier_head(graph)
+    head = classifier_head(graph, defense.head)
     classes = int(head.units)
     x, y = np.asarray(clean.x, np.float32), np.asarray(clean.y)
     inputs = dense_inputs(graph, x, (*names, str(head.name)), batch_size=defense.batch_size, who=defense.name)
@@ -175,6 +175,7 @@ class _DiscriminantDefense(Defense):
                                                                            "flip, flip+shift")
     layers: tuple[str, ...] | None = setting(None, "Dense layers whose inputs are the features (default: those no "
                                                    "Dense layer feeds, found from the graph)")
+    head: str | None = setting(None, "the classifier's Dense layer (default: found from the graph)")
     budget: float | None = setting(3.0, BUDGET_HELP)
     batch_size: int = setting(1024, "inputs per forward pass")
     seed: int = setting(0, "cross-fitting folds' seed")
@@ -243,6 +244,7 @@ class DiscriminantFusion(_DiscriminantDefense):
         augment: the copies the discriminant is also fitted on, default ``"flip+shift"`` (issue 31's
             round 9); ``"none"``, ``"flip"`` (:data:`AUGMENTS`).
         layers: the Dense layers whose inputs are the features, default None (found from the graph).
+        head: the classifier's Dense layer, default None (found from the graph).
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
         seed: the folds' seed, default 0.
@@ -286,7 +288,7 @@ class DiscriminantFusion(_DiscriminantDefense):
 
         def build() -> Any:
             disc, w = fit.refitted(), float(weight or 0.0)
-            return with_linear_scores(graph, names, w * disc.kernel, w * disc.bias)
+            return with_linear_scores(graph, names, w * disc.kernel, w * disc.bias, head=self.head)
 
         net, check, warnings = self._decide(model, base_right, None if kept is None else kept[1],
                                             f"even the smallest weight ({self.weights[0]:g}) fell more than "
@@ -357,6 +359,7 @@ class DiscriminantGate(_DiscriminantDefense):
         augment: the copies the discriminant is also fitted on, default ``"flip+shift"`` (issue 31's
             round 10); ``"none"``, ``"flip"`` (:data:`AUGMENTS`).
         layers: the Dense layers whose inputs are the features, default None (found from the graph).
+        head: the classifier's Dense layer, default None (found from the graph).
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
         seed: the folds' seed, default 0.
@@ -404,7 +407,8 @@ class DiscriminantGate(_DiscriminantDefense):
 
         def build() -> Any:
             disc = fit.refitted()
-            return with_gated_scores(graph, fit.names, disc.kernel, disc.bias, float(threshold_kept or 0.0))
+            return with_gated_scores(graph, fit.names, disc.kernel, disc.bias, float(threshold_kept or 0.0),
+                                     head=self.head)
 
         net, check, warnings = self._decide(model, base_right, None if kept is None else kept[2],
                                             f"even the smallest share overruled ({100 * self.quantiles[0]:g}%) fell "

@@ -531,8 +531,8 @@ def _free_name(taken: set[str], base: str) -> str:
     return name
 
 
-def _scores_beside_head(model: Any, feature_layers: Sequence[str], kernel: np.ndarray,
-                        bias: np.ndarray) -> tuple[Any, set[str], Any, Any, Any]:
+def _scores_beside_head(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray,
+                        head_name: str | None = None) -> tuple[Any, set[str], Any, Any, Any]:
     """A copy of ``model`` with two new tensors on its classifier's inputs: the logits ``z`` (the
     classifier's Dense layer without its softmax) and the scores ``f K + c`` on the inputs ``f`` of
     ``feature_layers``. Returns (copy, taken layer names, classifier, z, scores)."""
@@ -541,7 +541,7 @@ def _scores_beside_head(model: Any, feature_layers: Sequence[str], kernel: np.nd
     graph = as_functional(model)
     copy = keras.models.clone_model(graph)
     copy.set_weights(graph.get_weights())
-    head = classifier_head(copy)
+    head = classifier_head(copy, head_name)
     if head.activation not in (keras.activations.softmax, keras.activations.linear):
         raise ModelError(f"model {model.name!r}: its classifier {head.name!r} ends in "
                          f"{getattr(head.activation, '__name__', head.activation)!r}, not softmax; scores cannot be "
@@ -567,7 +567,7 @@ def _scores_beside_head(model: Any, feature_layers: Sequence[str], kernel: np.nd
 
 
 def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray, *,
-                       name: str | None = None) -> Any:
+                       head: str | None = None, name: str | None = None) -> Any:
     """A new model (``model`` is not changed) whose class scores are ``softmax(z + f K + c)``: ``z``
     the classifier's logits (its Dense layer without the softmax; :func:`classifier_head`), ``f``
     the inputs of the Dense layers ``feature_layers`` side by side, ``K`` and ``c`` the given
@@ -579,6 +579,7 @@ def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.nda
         feature_layers: Dense layers on vectors whose inputs are read, in order.
         kernel: (d, classes), d the sum of those inputs' widths.
         bias: (classes,).
+        head: the classifier's name, default None (found from the graph).
         name: the new model's name, default ``model``'s.
 
     Returns:
@@ -586,7 +587,7 @@ def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.nda
     """
     import keras
 
-    copy, taken, _, z, scores = _scores_beside_head(model, feature_layers, kernel, bias)
+    copy, taken, _, z, scores = _scores_beside_head(model, feature_layers, kernel, bias, head)
     total = keras.layers.Add(name=_free_name(taken, "summed_logits"))([z, scores])
     out = keras.layers.Activation("softmax", name=_free_name(taken, "scores"))(total)
     return keras.Model(copy.inputs[0], out, name=name or model.name)
@@ -599,7 +600,7 @@ GATE_SHARPNESS = 1.0e4
 
 
 def with_gated_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray,
-                      threshold: float, *, name: str | None = None) -> Any:
+                      threshold: float, *, head: str | None = None, name: str | None = None) -> Any:
     """A new model (``model`` is not changed) that keeps B's class scores ``softmax(z)`` on an
     input unless other scores ``s = f K + c`` find B's class far off, and then outputs ``softmax(s)``.
 
@@ -615,6 +616,7 @@ def with_gated_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndar
         kernel: (d, classes), d the sum of those inputs' widths.
         bias: (classes,).
         threshold: the margin above which ``softmax(s)`` replaces B's scores.
+        head: the classifier's name, default None (found from the graph).
         name: the new model's name, default ``model``'s.
 
     Returns:
@@ -624,12 +626,12 @@ def with_gated_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndar
 
     if not np.isfinite(threshold):
         raise ModelError(f"model {model.name!r}: the gate's threshold must be finite, not {threshold}")
-    copy, taken, head, z, scores = _scores_beside_head(model, feature_layers, kernel, bias)
-    classes = int(head.units)
+    copy, taken, classifier, z, scores = _scores_beside_head(model, feature_layers, kernel, bias, head)
+    classes = int(classifier.units)
     layers = keras.layers
     sharp = layers.Dense(classes, activation="softmax", name=_free_name(taken, "b_class"))
-    b_class = sharp(head.input)  # one-hot of B's class: the logits made steep
-    w, c = head.get_weights()
+    b_class = sharp(classifier.input)  # one-hot of B's class: the logits made steep
+    w, c = classifier.get_weights()
     sharp.set_weights([w * GATE_SHARPNESS, c * GATE_SHARPNESS])
     at_b = layers.Dot(axes=1, name=_free_name(taken, "score_of_b_class"))([scores, b_class])
     column = layers.Reshape((classes, 1), name=_free_name(taken, "scores_column"))(scores)
