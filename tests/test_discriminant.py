@@ -277,5 +277,5 @@ def test_a_classifier_the_graph_does_not_show_is_named_with_head():
         fixed = defense.repair(wrapped, br.Dataset(x, y, "valid")).model
         test_x, test_y, poisoned = corner_test_images()
         np.testing.assert_array_equal(br.predict_classes(fixed, test_x), br.predict_classes(b, test_x))
-        if isinstance(defense, DiscriminantGate):  # the gate overrules any trigger strength; the fusion need not
+        if isinstance(defense, DiscriminantGate):  # the gate does not weigh B's confidence; the fusion does
             np.testing.assert_array_equal(br.predict_classes(fixed, poisoned), test_y)
