@@ -12,7 +12,6 @@ lab's pruning rule, on cross-fitted clean accuracy. No training, one pass over t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -22,6 +21,7 @@ from ..defaults import BUDGET_HELP, setting
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 from .subspace import cross_fit_folds, dense_inputs
+from .tuning import kept_or_b
 
 __all__ = ["AUGMENTS", "QUANTILES", "WEIGHTS", "DiscriminantFusion", "DiscriminantGate", "LinearDiscriminant",
            "augmented", "fit_discriminant", "gate_margins", "gated_classes"]
@@ -113,7 +113,6 @@ class _CrossFitted:
     """B's logits and the discriminant's cross-fitted scores on the clean images, and what refits it."""
 
     names: list[str]  # the Dense layers whose inputs are the features
-    x: np.ndarray  # (N, H, W, C) the clean images
     y: np.ndarray  # (N,) their labels
     logits: np.ndarray  # (N, classes) B's logits
     features: np.ndarray  # (N, d)
@@ -160,14 +159,14 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
         disc = fit_discriminant(np.concatenate([c[~held] for c in copies]),
                                 np.concatenate([y[~held]] * len(copies)), classes)
         scores[held] = disc.scores(features[held])
-    return _CrossFitted(names=names, x=x, y=y, logits=logits, features=features, copies=copies, scores=scores,
+    return _CrossFitted(names=names, y=y, logits=logits, features=features, copies=copies, scores=scores,
                         classes=classes)
 
 
 @dataclass(frozen=True)
 class _DiscriminantDefense(Defense):
-    """What the two defenses on the cross-fitted discriminant share: its settings (each subclass
-    adds its own ``drop`` and the values its rule walks) and the end of the repair."""
+    """The settings the two defenses on the cross-fitted discriminant share; each subclass adds its
+    own ``drop`` and the values its rule walks."""
 
     folds: int = setting(5, "cross-fitting folds: each clean image is scored by a discriminant fitted without it")
     augment: Literal["none", "flip", "flip+shift"] = setting("flip+shift", "copies of each clean image the "
@@ -189,25 +188,6 @@ class _DiscriminantDefense(Defense):
             raise ValueError(f"budget must be >= 0 points or None, not {self.budget}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
-
-    def _decide(self, model: Any, base_right: np.ndarray, right: np.ndarray | None, none_kept: str,
-                build: Callable[[], Any]) -> tuple[Any, Any, list[str]]:
-        """(the model returned, the budget check, the lines): where the rule kept nothing
-        (``right`` None), B with the loud line ending ``none_kept``; otherwise the kept result's
-        budget check on its cross-fitted predictions ``right`` beside B's ``base_right``, and the
-        model ``build`` makes, or B where the budget falls back to it."""
-        from .tuning import check_budget
-
-        base_acc = float(100.0 * np.mean(base_right))
-        if right is None:
-            line = (f"WARNING: {self.name}: {none_kept} below the BadNet on the clean images, cross-fitted: returned "
-                    "the BadNet unchanged: the backdoor is NOT removed")
-            log.warning("%s", line)
-            return model, check_budget(self.name, base_acc, base_acc, self.budget, []), [line]
-        check = check_budget(self.name, float(100.0 * np.mean(right)), base_acc, self.budget, [("B", base_acc)],
-                             (base_right, right))
-        # refitted on every clean image only for the model returned
-        return (model if check.fallback == "B" else build()), check, list(check.lines)
 
 
 @dataclass(frozen=True)
@@ -272,7 +252,7 @@ class DiscriminantFusion(_DiscriminantDefense):
 
         graph = as_functional(model)
         fit = _cross_fitted(self, graph, clean)
-        names, x, y, logits, scores = fit.names, fit.x, fit.y, fit.logits, fit.scores
+        names, y, logits, scores = fit.names, fit.y, fit.logits, fit.scores
         base_right = logits.argmax(axis=1) == y
         base_acc = float(100.0 * np.mean(base_right))
         tried: list[dict[str, Any]] = []
@@ -290,16 +270,16 @@ class DiscriminantFusion(_DiscriminantDefense):
             disc, w = fit.refitted(), float(weight or 0.0)
             return with_linear_scores(graph, names, w * disc.kernel, w * disc.bias, head=self.head)
 
-        net, check, warnings = self._decide(model, base_right, None if kept is None else kept[1],
-                                            f"even the smallest weight ({self.weights[0]:g}) fell more than "
-                                            f"{self.drop:g} points", build)
+        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[1],
+                                         f"even the smallest weight ({self.weights[0]:g}) fell more than "
+                                         f"{self.drop:g} points", self.budget, build)
         if net is model:
             weight = None
         log.info("%s: kept weight %s; cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if weight is None else f"{weight:g}", check.accuracy, base_acc)
         choices = {"layers": names, "features": fit.width, "weight": weight, "folds": self.folds,
-                   "augment": self.augment, "fitted_on": len(x) * len(fit.copies),
-                   "tried": tried, "clean_images": len(x), **check.as_dict()}
+                   "augment": self.augment, "fitted_on": len(y) * len(fit.copies),
+                   "tried": tried, "clean_images": len(y), **check.as_dict()}
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))
 
@@ -410,9 +390,9 @@ class DiscriminantGate(_DiscriminantDefense):
             return with_gated_scores(graph, fit.names, disc.kernel, disc.bias, float(threshold_kept or 0.0),
                                      head=self.head)
 
-        net, check, warnings = self._decide(model, base_right, None if kept is None else kept[2],
-                                            f"even the smallest share overruled ({100 * self.quantiles[0]:g}%) fell "
-                                            f"more than {self.drop:g} points", build)
+        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[2],
+                                         f"even the smallest share overruled ({100 * self.quantiles[0]:g}%) fell "
+                                         f"more than {self.drop:g} points", self.budget, build)
         if net is model:
             quantile, threshold_kept = None, None
         log.info("%s: kept share %s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,

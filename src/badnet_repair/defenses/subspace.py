@@ -193,7 +193,7 @@ class CleanSubspaceProjection(Defense):
         each level tried (directions kept, cross-fitted accuracy), the level kept and the budget check."""
         from ..errors import DataError
         from ..nets.models import as_functional, predict_classes
-        from .tuning import check_budget
+        from .tuning import kept_or_b
 
         if len(clean) < self.folds:
             raise DataError(f"{clean.name}: {len(clean)} clean image(s); {self.name} cross-fits on {self.folds} "
@@ -224,25 +224,20 @@ class CleanSubspaceProjection(Defense):
             if base_acc - acc > self.drop:
                 break  # accuracy first falls more than drop: the level before is kept
             kept = (q, right)
-        warnings: list[str] = []
-        if kept is None:
-            line = (f"WARNING: {self.name}: even the weakest projection ({self.kept_variance[0]:g} of the variance) "
-                    f"fell more than {self.drop:g} points below the BadNet on the clean images, cross-fitted: "
-                    "returned the BadNet unchanged: the backdoor is NOT removed")
-            log.warning("%s", line)
-            check = check_budget(self.name, base_acc, base_acc, self.budget, [])
-            net, level, counts_all = model, None, {}
-            warnings.append(line)
-        else:
-            level, right = kept
-            check = check_budget(self.name, float(100.0 * np.mean(right)), base_acc, self.budget, [("B", base_acc)],
-                                 (base_right, right))
+        level: float | None = None if kept is None else kept[0]
+        counts_all: dict[str, int] = {}
+
+        def build() -> Any:  # called only where a level was kept
+            assert level is not None
             everything = {n: principal_directions(a) for n, a in features.items()}
-            counts_all = {n: d.directions_for(level) for n, d in everything.items()}
-            net = projected_copy(graph, everything, counts_all)
-            if check.fallback == "B":
-                net, level, counts_all = model, None, {}
-            warnings.extend(check.lines)
+            counts_all.update({n: d.directions_for(level) for n, d in everything.items()})
+            return projected_copy(graph, everything, counts_all)
+
+        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[1],
+                                         f"even the weakest projection ({self.kept_variance[0]:g} of the variance) "
+                                         f"fell more than {self.drop:g} points", self.budget, build)
+        if net is model:
+            level = None
         log.info("%s: kept %s of the variance (%s directions); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if level is None else f"{level:g}", counts_all or "no", check.accuracy, base_acc)
         choices = {"layers": list(features), "kept_variance": level, "directions": counts_all,

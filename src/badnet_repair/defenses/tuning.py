@@ -11,7 +11,7 @@ the held-out part alone; no test and no poisoned data is seen. The training itse
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import DataError
 from ..formats.data import Dataset
 
-__all__ = ["BudgetCheck", "FinePruneResult", "FineTuned", "check_budget", "drop_upper_bound", "split_clean"]
+__all__ = ["BudgetCheck", "FinePruneResult", "FineTuned", "check_budget", "drop_upper_bound", "kept_or_b",
+           "split_clean"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,27 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
     bound = drop_upper_bound(paired[0], right)
     caution = _caution(f"the {label} that {who} returned", base_accuracy - acc, len(right), budget, bound)
     return BudgetCheck(budget, base_accuracy, acc, fallback=label, warning=line, drop_bound=bound, caution=caution)
+
+
+def kept_or_b(who: str, model: Any, base_right: np.ndarray, right: np.ndarray | None, none_kept: str,
+              budget: float | None, build: Callable[[], Any]) -> tuple[Any, BudgetCheck, list[str]]:
+    """The end of a repair that walks the lab's rule on cross-fitted clean predictions (``subspace``,
+    ``discriminant``, ``discriminant-gate``): (the model returned, the budget check, its lines).
+
+    Where the rule kept nothing (``right`` None): ``model`` (B) with the loud line
+    ``"WARNING: {who}: {none_kept} below the BadNet ... the backdoor is NOT removed"``. Otherwise
+    :func:`check_budget` of the kept result's predictions ``right`` beside B's ``base_right``
+    ((n,) bool each), and the model ``build()`` makes, or B where the budget falls back to it
+    (``build`` is then not called).
+    """
+    base_acc = float(100.0 * np.mean(base_right))
+    if right is None:
+        line = (f"WARNING: {who}: {none_kept} below the BadNet on the clean images, cross-fitted: returned the BadNet "
+                "unchanged: the backdoor is NOT removed")
+        log.warning("%s", line)
+        return model, check_budget(who, base_acc, base_acc, budget, []), [line]
+    check = check_budget(who, float(100.0 * np.mean(right)), base_acc, budget, [("B", base_acc)], (base_right, right))
+    return (model if check.fallback == "B" else build()), check, list(check.lines)
 
 
 def _caution(what: str, drop: float, images: int, budget: float, bound: float) -> str | None:
