@@ -16,6 +16,10 @@ images; made by ``badnet-repair bench benchmarks/removal31_tuning.toml``):
     python benchmarks/bench_repair_time.py fine-tuning --badnet \
         .experiments/removal31_tuning/badnets/lab_density_baseline_s0 --budget 900
 
+Settings other than the defaults go with ``--set SETTING=VALUE`` (TOML values), for every defense named:
+
+    python benchmarks/bench_repair_time.py discriminant-gate --set folds=10
+
 Besides wall seconds it prints the process's CPU seconds: where other jobs share the cores, CPU / 2
 is what the wall time would be on 2 idle cores if the work kept both busy (an estimate, said so).
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +44,8 @@ def main() -> None:
     parser.add_argument("--kind", default="baseline", choices=["baseline", "pruning-aware", "multi-target"])
     parser.add_argument("--badnet", help="a recipe's BadNet folder (bd_net.h5, valid.h5) instead of the demo's")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="the time target in seconds (default 180)")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="a setting of the defenses named, its value as TOML reads it (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import badnet_repair as br
@@ -57,11 +64,29 @@ def main() -> None:
           f"load average at the start {os.getloadavg()[0]:.1f}")
     print(f"| defense | seconds | / {args.budget:g} s | CPU seconds | CPU / 2 / {args.budget:g} s |")
     print("|---|---:|---:|---:|---:|")
+    settings = dict(_setting(text) for text in args.set)
+    if settings and not args.defenses:
+        parser.error("--set needs the defenses it applies to named")
     for name in args.defenses or list(REGISTRY):
         start, cpu = time.perf_counter(), time.process_time()
-        make_defense(name).repair(b, valid)
+        make_defense(name, **settings).repair(b, valid)
         s, c = time.perf_counter() - start, time.process_time() - cpu
-        print(f"| {name} | {s:.1f} | {s / args.budget:.2f} | {c:.1f} | {c / 2 / args.budget:.2f} |", flush=True)
+        label = " ".join([name, *args.set])
+        print(f"| {label} | {s:.1f} | {s / args.budget:.2f} | {c:.1f} | {c / 2 / args.budget:.2f} |", flush=True)
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``SETTING=VALUE`` as (setting, value), the value as TOML reads it (a list as a tuple)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10
+        import tomli as tomllib
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SystemExit(f"--set {text!r}: expected SETTING=VALUE, e.g. folds=10")
+    value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    return key.strip(), tuple(value) if isinstance(value, list) else value
 
 
 if __name__ == "__main__":
