@@ -138,7 +138,7 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
 
     if len(clean) < defense.folds:
         raise DataError(f"{clean.name}: {len(clean)} clean image(s); {defense.name} cross-fits on {defense.folds} "
-                        "folds and needs at least one image in each")
+                        f"folds and needs at least one image in each: set folds between 2 and {len(clean)}")
     names = list(defense.layers) if defense.layers is not None else first_dense_layers(graph)
     head = classifier_head(graph, defense.head)
     classes = int(head.units)
