@@ -137,8 +137,9 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
     from ..nets.models import classifier_head, first_dense_layers
 
     if len(clean) < defense.folds:
+        advice = f"set folds between 2 and {len(clean)}" if len(clean) >= 2 else "it needs at least 2 images"
         raise DataError(f"{clean.name}: {len(clean)} clean image(s); {defense.name} cross-fits on {defense.folds} "
-                        f"folds and needs at least one image in each: set folds between 2 and {len(clean)}")
+                        f"folds and needs at least one image in each: {advice}")
     names = list(defense.layers) if defense.layers is not None else first_dense_layers(graph)
     head = classifier_head(graph, defense.head)
     classes = int(head.units)
