@@ -262,7 +262,7 @@ def test_gate_settings_are_checked_and_the_defense_is_registered():
         with pytest.raises(ValueError):
             DiscriminantGate(**bad)
     x, y = corner_images(10, seed=4)
-    with pytest.raises(DataError, match="folds"):
+    with pytest.raises(DataError, match="10 folds.*between 2 and 3"):
         DiscriminantGate().repair(head_badnet(), br.Dataset(x[:3], y[:3], "valid"))
 
 
