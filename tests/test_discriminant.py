@@ -143,8 +143,8 @@ def test_settings_are_checked_and_the_defense_is_registered():
         with pytest.raises(ValueError):
             DiscriminantFusion(**bad)
     x, y = corner_images(10, seed=4)
-    with pytest.raises(DataError, match="folds"):
-        DiscriminantFusion().repair(head_badnet(), br.Dataset(x[:3], y[:3], "valid"))
+    with pytest.raises(DataError, match="1 clean image.*at least 2"):
+        DiscriminantFusion().repair(head_badnet(), br.Dataset(x[:1], y[:1], "valid"))
 
 
 class _LoggedDiscriminant(LoggedRepair, DiscriminantFusion):
@@ -262,8 +262,16 @@ def test_gate_settings_are_checked_and_the_defense_is_registered():
         with pytest.raises(ValueError):
             DiscriminantGate(**bad)
     x, y = corner_images(10, seed=4)
-    with pytest.raises(DataError, match="10 folds.*between 2 and 3"):
-        DiscriminantGate().repair(head_badnet(), br.Dataset(x[:3], y[:3], "valid"))
+    with pytest.raises(DataError, match="1 clean image.*at least 2"):
+        DiscriminantGate().repair(head_badnet(), br.Dataset(x[:1], y[:1], "valid"))
+
+
+def test_fewer_clean_images_than_folds_are_cross_fitted_one_each(caplog):
+    x, y = corner_images(6, seed=4)
+    with caplog.at_level("WARNING", logger="badnet_repair.defenses.discriminant"):
+        repair = DiscriminantGate(augment="none").repair(head_badnet(), br.Dataset(x, y, "valid"))
+    assert repair.record["choices"]["folds"] == 6  # leave one out, not the 10 folds asked
+    assert "cross-fitting over 6" in caplog.text
 
 
 def test_a_classifier_the_graph_does_not_show_is_named_with_head():

@@ -113,6 +113,7 @@ class _CrossFitted:
     """B's logits and the discriminant's cross-fitted scores on the clean images, and what refits it."""
 
     names: list[str]  # the Dense layers whose inputs are the features
+    folds: int  # the folds cross-fitted over: the setting, or one per image where there are fewer
     y: np.ndarray  # (N,) their labels
     logits: np.ndarray  # (N, classes) B's logits
     features: np.ndarray  # (N, d)
@@ -136,10 +137,12 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
     from ..errors import DataError
     from ..nets.models import classifier_head, first_dense_layers
 
-    if len(clean) < defense.folds:
-        advice = f"set folds between 2 and {len(clean)}" if len(clean) >= 2 else "it needs at least 2 images"
-        raise DataError(f"{clean.name}: {len(clean)} clean image(s); {defense.name} cross-fits on {defense.folds} "
-                        f"folds and needs at least one image in each: {advice}")
+    if len(clean) < 2:
+        raise DataError(f"{clean.name}: {len(clean)} clean image(s); {defense.name} cross-fits and needs at least 2")
+    folds = min(defense.folds, len(clean))
+    if folds < defense.folds:  # a tiny clean set: each image its own fold (leave one out)
+        log.warning("%s: %d clean images, fewer than its %d folds: cross-fitting over %d (one image each)",
+                    defense.name, len(clean), defense.folds, folds)
     names = list(defense.layers) if defense.layers is not None else first_dense_layers(graph)
     head = classifier_head(graph, defense.head)
     classes = int(head.units)
@@ -153,14 +156,14 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
         np.concatenate(list(dense_inputs(graph, c, tuple(names), batch_size=defense.batch_size,
                                          who=defense.name).values()), axis=1)
         for c in augmented(x, defense.augment)[1:]]
-    fold = cross_fit_folds(y, defense.folds, defense.seed)
+    fold = cross_fit_folds(y, folds, defense.seed)
     scores = np.empty((len(x), classes))
-    for f in range(defense.folds):
+    for f in range(folds):
         held = fold == f
         disc = fit_discriminant(np.concatenate([c[~held] for c in copies]),
                                 np.concatenate([y[~held]] * len(copies)), classes)
         scores[held] = disc.scores(features[held])
-    return _CrossFitted(names=names, y=y, logits=logits, features=features, copies=copies, scores=scores,
+    return _CrossFitted(names=names, folds=folds, y=y, logits=logits, features=features, copies=copies, scores=scores,
                         classes=classes)
 
 
@@ -221,7 +224,7 @@ class DiscriminantFusion(_DiscriminantDefense):
     Args:
         drop: the cross-fitted accuracy drop, in points, the fusion may cost, default 2.
         weights: the weights tried, in order, default :data:`WEIGHTS` (0.001 up to 5).
-        folds: cross-fitting folds, default 5.
+        folds: cross-fitting folds, default 5 (one per image where the clean images are fewer).
         augment: the copies the discriminant is also fitted on, default ``"flip+shift"`` (issue 31's
             round 9); ``"none"``, ``"flip"`` (:data:`AUGMENTS`).
         layers: the Dense layers whose inputs are the features, default None (found from the graph).
@@ -278,7 +281,7 @@ class DiscriminantFusion(_DiscriminantDefense):
             weight = None
         log.info("%s: kept weight %s; cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if weight is None else f"{weight:g}", check.accuracy, base_acc)
-        choices = {"layers": names, "features": fit.width, "weight": weight, "folds": self.folds,
+        choices = {"layers": names, "features": fit.width, "weight": weight, "folds": fit.folds,
                    "augment": self.augment, "fitted_on": len(y) * len(fit.copies),
                    "tried": tried, "clean_images": len(y), **check.as_dict()}
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
@@ -338,7 +341,8 @@ class DiscriminantGate(_DiscriminantDefense):
             :data:`QUANTILES` (0.001 up to 0.2).
         folds: cross-fitting folds, default 10 (chosen in issue 31's round 11 on tuning BadNets: with
             more of the clean images in each fold's fit, the accuracy the rule walks is nearer that
-            of the discriminant kept, fitted on all of them).
+            of the discriminant kept, fitted on all of them); one per image where the clean images are
+            fewer.
         augment: the copies the discriminant is also fitted on, default ``"flip+shift"`` (issue 31's
             round 10); ``"none"``, ``"flip"`` (:data:`AUGMENTS`).
         layers: the Dense layers whose inputs are the features, default None (found from the graph).
@@ -404,7 +408,7 @@ class DiscriminantGate(_DiscriminantDefense):
                  "-" if quantile is None else f"{quantile:g}",
                  "-" if threshold_kept is None else f"{threshold_kept:.4g}", check.accuracy, base_acc)
         choices = {"layers": fit.names, "features": fit.width, "quantile": quantile, "threshold": threshold_kept,
-                   "folds": self.folds, "augment": self.augment, "fitted_on": len(y) * len(fit.copies),
+                   "folds": fit.folds, "augment": self.augment, "fitted_on": len(y) * len(fit.copies),
                    "tried": tried, "clean_images": len(y), **check.as_dict()}
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))
