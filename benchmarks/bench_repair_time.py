@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -76,16 +75,13 @@ def main() -> None:
 
 
 def _setting(text: str) -> tuple[str, object]:
-    """``SETTING=VALUE`` as (setting, value), the value as TOML reads it (a list as a tuple)."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # Python 3.10
-        import tomli as tomllib
+    """``SETTING=VALUE`` as (setting, value), the value as the CLI's ``--set`` reads it (a list as a tuple)."""
+    from badnet_repair.defaults import setting_value
 
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise SystemExit(f"--set {text!r}: expected SETTING=VALUE, e.g. folds=10")
-    value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    value = setting_value(raw)
     return key.strip(), tuple(value) if isinstance(value, list) else value
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .defaults import INPUT_SCALE_HELP, LAYER_HELP, parse_input_scale, setting_problem
+from .defaults import INPUT_SCALE_HELP, LAYER_HELP, parse_input_scale, setting_problem, setting_value
 from .defenses import REGISTRY as DEFENSES
 from .demo.make import DEMO_BADNETS
 from .detectors import DEFAULT_DETECTORS, DEFAULT_FALSE_ALARM
@@ -148,24 +148,6 @@ def _show_written(paths: Any) -> int:
     return 0
 
 
-def _set_value(text: str) -> Any:
-    """A ``--set`` value as TOML reads it (``0.5``, ``true``, ``[2, 4]``, ``"geometric"``),
-    ``none`` as None, and anything else as the plain string."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    text = text.strip()
-    if text.lower() in ("none", "null"):
-        return None
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def _setting_of(registries: dict[str, dict[str, Any]], example: str) -> Any:
     """The argparse type of ``--set NAME.SETTING=VALUE``: (name, setting, typed value), the name a
     defense's or detector's in ``registries`` (what -> registry), checked against the settings its
@@ -187,7 +169,7 @@ def _setting_of(registries: dict[str, dict[str, Any]], example: str) -> Any:
         if key not in cls.settings():
             raise argparse.ArgumentTypeError(f"{text!r}: {what} {name} has no setting {key!r}; its settings: "
                                              f"{', '.join(cls.settings()) or 'none'}")
-        value = _flag_value(key, _set_value(raw))
+        value = _flag_value(key, setting_value(raw))
         hints = typing.get_type_hints(cls.__init__ if what == "detector" else cls)
         problem = setting_problem(value, hints[key]) if key in hints else None
         if problem:

@@ -4,13 +4,14 @@ class that uses it (a defense, a detector, the trainer)."""
 
 from __future__ import annotations
 
+import sys
 import types
 import typing
 from dataclasses import field
 from typing import Any
 
 __all__ = ["BUDGET_HELP", "ENSEMBLE_MEANS", "INPUT_SCALE_HELP", "LAYER_HELP", "parse_input_scale", "setting",
-           "setting_problem"]
+           "setting_problem", "setting_value"]
 
 #: How several fine-pruned members are combined (the first is the default): their probabilities'
 #: geometric or arithmetic mean (an ensemble of networks), or their weights' mean (a soup: one network).
@@ -105,3 +106,21 @@ def setting_problem(value: Any, hint: Any) -> str | None:
     if hint is str:
         return None if isinstance(value, str) else "must be a string"
     return None
+
+
+def setting_value(text: str) -> Any:
+    """A setting's value written as text (``--set NAME.SETTING=VALUE``), as TOML reads it (``0.5``,
+    ``true``, ``[2, 4]``, ``"geometric"``), ``none`` as None, and anything else as the plain string."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
