@@ -16,13 +16,16 @@ from badnet_repair.defenses.discriminant import (
     DiscriminantFusion,
     DiscriminantGate,
     augmented,
+    cross_fit_discriminants,
+    feature_layers,
     fit_discriminant,
     gate_margins,
     gated_classes,
 )
+from badnet_repair.defenses.subspace import dense_inputs
 from badnet_repair.detectors.features import ledoit_wolf
 from badnet_repair.errors import DataError, ModelError
-from badnet_repair.nets.models import predict_probabilities, with_gated_scores, with_linear_scores
+from badnet_repair.nets.models import body_layer, predict_probabilities, with_gated_scores, with_linear_scores
 
 from .conftest import LoggedRepair, assert_no_test_or_poisoned_image_is_read_while_repairing
 from .test_subspace import corner_images, corner_test_images
@@ -287,3 +290,68 @@ def test_a_classifier_the_graph_does_not_show_is_named_with_head():
         np.testing.assert_array_equal(br.predict_classes(fixed, test_x), br.predict_classes(b, test_x))
         if isinstance(defense, DiscriminantGate):  # the gate does not weigh B's confidence; the fusion does
             np.testing.assert_array_equal(br.predict_classes(fixed, poisoned), test_y)
+
+
+def test_the_cross_fitted_discriminants_are_the_plain_fits_of_the_other_folds():
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(5), 7)
+    fold = np.arange(35) % 3
+    fold[y == 4] = 0  # class 4 is absent from the fit without fold 0: its scores must be the neutral ones
+    images = rng.normal(size=(35, 12)) * ([1.0, 2.0, 0.5, 3.0, 1.0] + [1.0] * 7) + np.eye(5, 12)[y] * 3.0 + 10.0
+    images[:, 5] = 4.0  # a constant feature: it carries nothing, and must stay finite
+    # units dead but on fold 1, where they are large: constant in the fit without fold 1, where sums
+    # subtracted would leave a rounding error to standardise by
+    images[:, 6:] = np.where(fold[:, None] == 1, rng.normal(1e4, 3e3, size=(35, 6)), 0.0)
+    copies = [images, np.where(images != 0, images + rng.normal(scale=0.3, size=images.shape), 0.0)]
+    scores, whole = cross_fit_discriminants(copies, y, fold, 6, chunk=4)  # class 5 has no image at all
+    for f in range(3):
+        held = fold == f
+        plain = fit_discriminant(np.concatenate([c[~held] for c in copies]), np.concatenate([y[~held]] * 2), 6)
+        np.testing.assert_allclose(scores[held], plain.scores(images[held]), rtol=1e-5, atol=1e-5)
+    plain = fit_discriminant(np.concatenate(copies), np.concatenate([y, y]), 6)
+    np.testing.assert_allclose(whole.kernel, plain.kernel, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(whole.bias, plain.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_the_body_layer_is_counted_back_from_the_last_convolution():
+    deepid = br.deepid(num_classes=5)
+    assert [body_layer(deepid, k) for k in (1, 2, 3, 4)] == ["conv_4", "conv_3", "conv_2", "conv_1"]
+    with pytest.raises(ModelError, match="4 convolution layer.*depth of 5"):
+        body_layer(deepid, 5)
+    assert feature_layers(DiscriminantGate(), deepid) == ["fc_1", "fc_2"]
+    assert feature_layers(DiscriminantGate(depth=2), deepid) == ["conv_3"]  # reads pool_2's output
+    assert feature_layers(DiscriminantGate(depth=2, layers=("fc_2",)), deepid) == ["fc_2"]  # named layers win
+
+
+def test_features_wider_than_max_width_fall_back_to_the_dense_inputs(caplog):
+    deepid = br.deepid(num_classes=5)
+    with caplog.at_level("WARNING", logger="badnet_repair.defenses.discriminant"):
+        assert feature_layers(DiscriminantGate(depth=2, max_width=4799), deepid) == ["fc_1", "fc_2"]
+    assert "'conv_3' has 4800 values, more than max_width (4799)" in caplog.text
+    assert feature_layers(DiscriminantGate(depth=2, max_width=4800), deepid) == ["conv_3"]
+    for bad in ({"depth": -1}, {"max_width": 0}):
+        with pytest.raises(ValueError):
+            DiscriminantGate(**bad)
+
+
+def test_a_gate_on_a_feature_map_is_the_plain_gate_and_loads_in_keras_2(tmp_path, small_deepid):
+    """Features read from inside the conv body (a feature map, flattened channels last) make a
+    gated model that predicts as the numpy gate does, and that a Keras 2 eval.py loads."""
+    from .conftest import random_faces
+
+    x = random_faces(24, seed=5)
+    classes = br.num_classes(small_deepid)
+    maps = dense_inputs(small_deepid, x, ("conv_3", "output"))
+    rng = np.random.default_rng(4)
+    kernel, bias = rng.normal(size=(4800, classes)) * 1e-2, rng.normal(size=classes)
+    w, c = small_deepid.get_layer("output").get_weights()
+    z, s = maps["output"] @ w + c, maps["conv_3"] @ kernel + bias
+    threshold = float(np.median(gate_margins(z, s)))
+    gated = with_gated_scores(small_deepid, ["conv_3"], kernel, bias, threshold)
+    expected = gated_classes(z, s, threshold)
+    assert 0 < np.sum(expected != z.argmax(1)) < len(x)  # some inputs overruled, some not
+    np.testing.assert_array_equal(br.predict_classes(gated, x), expected)
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    paths = br.save_model(gated, tmp_path, "bd_gated", formats=("h5",))
+    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+    np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(gated, x), rtol=1e-4, atol=1e-6)

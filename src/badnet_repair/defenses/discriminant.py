@@ -11,7 +11,9 @@ lab's pruning rule, on cross-fitted clean accuracy. No training, one pass over t
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +26,8 @@ from .subspace import cross_fit_folds, dense_inputs
 from .tuning import kept_or_b
 
 __all__ = ["AUGMENTS", "QUANTILES", "WEIGHTS", "DiscriminantFusion", "DiscriminantGate", "LinearDiscriminant",
-           "augmented", "fit_discriminant", "gate_margins", "gated_classes"]
+           "augmented", "cross_fit_discriminants", "feature_layers", "fit_discriminant", "gate_margins",
+           "gated_classes"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,8 @@ def fit_discriminant(features: np.ndarray, labels: np.ndarray, classes: int) -> 
 
     Class ``k``'s score is ``(s - m_k/2) P m_k`` with ``s`` the standardised feature, ``m_k`` the
     class mean and ``P`` the inverse covariance. A class with no image gets the mean of the
-    others' kernels and biases: a neutral score that neither favours nor excludes it.
+    others' kernels and biases: a neutral score that neither favours nor excludes it. The plain
+    computation, on rows held in memory; :func:`cross_fit_discriminants` computes the same from sums.
 
     Args:
         features: (N, d).
@@ -95,47 +99,156 @@ def fit_discriminant(features: np.ndarray, labels: np.ndarray, classes: int) -> 
     means = np.zeros((classes, f.shape[1]))
     means[present] = np.stack([s[y == c].mean(axis=0) for c in present])
     cov, _ = ledoit_wolf(s - means[y])
-    vals, vecs = np.linalg.eigh((cov + cov.T) / 2.0)
-    vals = np.maximum(vals, 1e-6 * max(float(vals.mean()), 1e-12))
-    a = (vecs / vals) @ (vecs.T @ means.T)  # (d, classes): P m_k
+    return _solved(cov, means, present, mean, sd)
+
+
+def _solved(cov: np.ndarray, means: np.ndarray, present: np.ndarray, mean: np.ndarray,
+            sd: np.ndarray) -> LinearDiscriminant:
+    """The discriminant of standardised class means (classes, d) under ``cov``, folded back to the
+    raw features of ``mean`` and ``sd``; classes not ``present`` get the others' mean."""
+    # a ridge of 1e-9 of the mean eigenvalue keeps a singular matrix (nothing to shrink: one image a
+    # class, constant features) invertible; one LU solve takes a tenth of an eigendecomposition's time
+    ridge = 1e-9 * max(float(np.trace(cov)) / len(cov), 1e-12)
+    sym = cov + cov.T
+    sym *= 0.5
+    sym[np.diag_indices(len(sym))] += ridge
+    a = np.linalg.solve(sym, means.T)  # (d, classes): P m_k
     c = -0.5 * np.einsum("kd,dk->k", means, a)
-    missing = np.setdiff1d(np.arange(classes), present)
+    missing = np.setdiff1d(np.arange(len(means)), present)
     if len(missing):
         a[:, missing] = a[:, present].mean(axis=1, keepdims=True)
         c[missing] = c[present].mean()
     # standardisation folded in: ((f - mean) / sd) a + c = f (a / sd) + (c - (mean / sd) a)
-    kernel = a / sd[:, None]
-    return LinearDiscriminant(kernel=kernel, bias=c - (mean / sd) @ a)
+    return LinearDiscriminant(kernel=a / sd[:, None], bias=c - (mean / sd) @ a)
+
+
+def _row_chunks(copies: list[np.ndarray], index: np.ndarray, shift: np.ndarray,
+                chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows - shift in float64, their image positions) of images ``index`` in every copy, about
+    ``chunk`` rows at a time (each image's copies together: a product of few rows is slow)."""
+    step = max(1, chunk // len(copies))
+    for start in range(0, len(index), step):
+        part = index[start : start + step]
+        yield np.concatenate([np.asarray(c[part], np.float64) for c in copies]) - shift, np.tile(part, len(copies))
+
+
+def cross_fit_discriminants(copies: list[np.ndarray], labels: np.ndarray, fold: np.ndarray, classes: int, *,
+                            chunk: int = 2048) -> tuple[np.ndarray, LinearDiscriminant]:
+    """Each image scored by the discriminant fitted without its fold, and the one fitted on all.
+
+    Each fit is :func:`fit_discriminant` on the images of the other folds and their copies (tested
+    against it), computed from sums instead of held rows: the products ``X^T X`` of each fold's
+    rows once, their total less one fold's for each fit, so every row is multiplied once rather
+    than ``folds`` times and no fold's rows are copied out (the folds' ``d x d`` sums are held).
+
+    Args:
+        copies: the features of the images and of each of their copies, (N, d) each, image by image.
+        labels: (N,) the images' classes.
+        fold: (N,) each image's fold, 0..folds-1.
+        classes: the class count.
+        chunk: rows multiplied at a time.
+
+    Returns:
+        ((N, classes) cross-fitted scores of ``copies[0]``, the discriminant fitted on every row).
+    """
+    from ..detectors.features import ledoit_wolf_from_moments
+
+    y = np.asarray(labels)
+    d = copies[0].shape[1]
+    shift = np.asarray(copies[0], np.float64).mean(axis=0)  # products of centred rows lose fewer digits
+
+    def moments(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        count, sums, gram = np.zeros(classes), np.zeros((classes, d)), np.zeros((d, d))
+        for rows, part in _row_chunks(copies, index, shift, chunk):
+            order = np.argsort(y[part], kind="stable")  # each class's rows together, summed in one call
+            labels, starts, n = np.unique(y[part][order], return_index=True, return_counts=True)
+            count[labels] += n
+            sums[labels] += np.add.reduceat(rows[order], starts, axis=0)
+            gram += rows.T @ rows
+        return count, sums, gram
+
+    # each fold's least and greatest value of each feature: a feature constant on a fit's rows is
+    # found exactly, where a variance from subtracted sums would leave a rounding error to divide by
+    folds = np.unique(fold)
+    low = np.stack([np.min([c[fold == f].min(axis=0) for c in copies], axis=0) for f in folds])
+    high = np.stack([np.max([c[fold == f].max(axis=0) for c in copies], axis=0) for f in folds])
+
+    def fitted(index: np.ndarray, count: np.ndarray, sums: np.ndarray, gram: np.ndarray,
+               constant: np.ndarray) -> LinearDiscriminant:
+        n = float(count.sum())
+        present = np.flatnonzero(count > 0)
+        centre = sums.sum(axis=0) / n  # the rows' mean, shifted
+        sd = np.sqrt(np.maximum(np.diag(gram) / n - centre**2, 0.0))
+        sd = np.where((sd > 1e-12) & ~constant, sd, 1.0)  # as fit_discriminant: a constant feature carries nothing
+        class_mean = np.zeros((classes, d))
+        class_mean[present] = sums[present] / count[present, None]
+        scatter = gram - class_mean[present].T @ (class_mean[present] * count[present, None])
+        scatter /= n * sd[:, None]
+        scatter /= sd[None, :]  # now X^T X / n of the standardised rows less their class means
+        fourth = 0.0
+        for rows, part in _row_chunks(copies, index, shift, chunk):
+            fourth += float(np.sum(np.sum(((rows - class_mean[y[part]]) / sd) ** 2, axis=1) ** 2))
+        cov, _ = ledoit_wolf_from_moments(scatter, fourth, int(n))
+        means = np.zeros((classes, d))
+        means[present] = (class_mean[present] - centre) / sd
+        return _solved(cov, means, present, centre + shift, sd)
+
+    everything = np.arange(len(y))
+    # each row's products computed once, in its fold's sums (the folds' grams held: folds x d x d values)
+    per_fold = [moments(np.flatnonzero(fold == f)) for f in folds]
+    count, sums, gram = (functools.reduce(np.add, parts) for parts in zip(*per_fold, strict=True))
+    scores = np.empty((len(y), classes))
+    for i, f in enumerate(folds):
+        held = np.flatnonzero(fold == f)
+        out_count, out_sums, out_gram = per_fold[i]
+        others = np.arange(len(folds)) != i
+        disc = fitted(np.flatnonzero(fold != f), count - out_count, sums - out_sums, gram - out_gram,
+                      low[others].min(axis=0) == high[others].max(axis=0))
+        scores[held] = disc.scores(copies[0][held])
+    return scores, fitted(everything, count, sums, gram, low.min(axis=0) == high.max(axis=0))
 
 
 @dataclass(frozen=True, eq=False)
 class _CrossFitted:
-    """B's logits and the discriminant's cross-fitted scores on the clean images, and what refits it."""
+    """B's logits and the discriminant's cross-fitted scores on the clean images, and the one fitted on all."""
 
-    names: list[str]  # the Dense layers whose inputs are the features
+    names: list[str]  # the layers whose inputs are the features
     folds: int  # the folds cross-fitted over: the setting, or one per image where there are fewer
     y: np.ndarray  # (N,) their labels
     logits: np.ndarray  # (N, classes) B's logits
-    features: np.ndarray  # (N, d)
-    copies: list[np.ndarray]  # the features of the images and of each of their copies, image by image
+    width: int  # d, the features' width
+    rows: int  # the rows fitted on: the images and their copies
     scores: np.ndarray  # (N, classes) each image scored by a discriminant fitted without its fold
+    discriminant: LinearDiscriminant  # fitted on every clean image and its copies
     classes: int
 
-    @property
-    def width(self) -> int:
-        return int(self.features.shape[1])
 
-    def refitted(self) -> LinearDiscriminant:
-        """The discriminant fitted on every clean image and its copies."""
-        return fit_discriminant(np.concatenate(self.copies), np.concatenate([self.y] * len(self.copies)),
-                                self.classes)
+def feature_layers(defense: Any, graph: Any) -> list[str]:
+    """The layers whose inputs are ``defense``'s features: its ``layers``, or found from the graph by
+    its ``depth`` (0: :func:`~badnet_repair.nets.models.first_dense_layers`; k: the k-th convolution
+    back from the last, :func:`~badnet_repair.nets.models.body_layer`). Features wider than its
+    ``max_width`` fall back to the first dense layers' inputs, with a logged warning."""
+    from ..nets.models import body_layer, first_dense_layers
+
+    if defense.layers is not None:
+        return list(defense.layers)
+    if defense.depth == 0:
+        return first_dense_layers(graph)
+    name = body_layer(graph, defense.depth)
+    shape = graph.get_layer(name).input.shape
+    width = int(np.prod([int(v) for v in shape[1:]]))
+    if width > defense.max_width:
+        log.warning("%s: the input of %r has %d values, more than max_width (%d); reading the first dense "
+                    "layers' inputs instead", defense.name, name, width, defense.max_width)
+        return first_dense_layers(graph)
+    return [name]
 
 
 def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
     """The features, logits and cross-fitted discriminant scores both defenses here decide on, with
-    ``defense``'s ``layers``, ``augment``, ``folds``, ``seed`` and ``batch_size``."""
+    ``defense``'s ``layers``/``depth``, ``augment``, ``folds``, ``seed`` and ``batch_size``."""
     from ..errors import DataError
-    from ..nets.models import classifier_head, first_dense_layers
+    from ..nets.models import classifier_head
 
     if len(clean) < 2:
         raise DataError(f"{clean.name}: {len(clean)} clean image(s); {defense.name} cross-fits and needs at least 2")
@@ -143,7 +256,7 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
     if folds < defense.folds:  # a tiny clean set: each image its own fold (leave one out)
         log.warning("%s: %d clean images, fewer than its %d folds: cross-fitting over %d (one image each)",
                     defense.name, len(clean), defense.folds, folds)
-    names = list(defense.layers) if defense.layers is not None else first_dense_layers(graph)
+    names = feature_layers(defense, graph)
     head = classifier_head(graph, defense.head)
     classes = int(head.units)
     x, y = np.asarray(clean.x, np.float32), np.asarray(clean.y)
@@ -156,15 +269,9 @@ def _cross_fitted(defense: Any, graph: Any, clean: Dataset) -> _CrossFitted:
         np.concatenate(list(dense_inputs(graph, c, tuple(names), batch_size=defense.batch_size,
                                          who=defense.name).values()), axis=1)
         for c in augmented(x, defense.augment)[1:]]
-    fold = cross_fit_folds(y, folds, defense.seed)
-    scores = np.empty((len(x), classes))
-    for f in range(folds):
-        held = fold == f
-        disc = fit_discriminant(np.concatenate([c[~held] for c in copies]),
-                                np.concatenate([y[~held]] * len(copies)), classes)
-        scores[held] = disc.scores(features[held])
-    return _CrossFitted(names=names, folds=folds, y=y, logits=logits, features=features, copies=copies, scores=scores,
-                        classes=classes)
+    scores, disc = cross_fit_discriminants(copies, y, cross_fit_folds(y, folds, defense.seed), classes)
+    return _CrossFitted(names=names, folds=folds, y=y, logits=logits, width=int(features.shape[1]),
+                        rows=len(y) * len(copies), scores=scores, discriminant=disc, classes=classes)
 
 
 @dataclass(frozen=True)
@@ -176,8 +283,12 @@ class _DiscriminantDefense(Defense):
     augment: Literal["none", "flip", "flip+shift"] = setting("flip+shift", "copies of each clean image the "
                                                                            "discriminant is also fitted on: none, "
                                                                            "flip, flip+shift")
-    layers: tuple[str, ...] | None = setting(None, "Dense layers whose inputs are the features (default: those no "
-                                                   "Dense layer feeds, found from the graph)")
+    layers: tuple[str, ...] | None = setting(None, "layers whose inputs are the features (default: found from the "
+                                                   "graph by depth)")
+    depth: int = setting(0, "where the features are read: 0, the first dense layers' inputs; k >= 1, the input of "
+                            "the k-th convolution back from the last (2: pool_2's output in the lab's DeepID)")
+    max_width: int = setting(8192, "the widest features fitted (a d x d covariance); wider ones at depth fall back "
+                                   "to the first dense layers' inputs, with a warning")
     head: str | None = setting(None, "the classifier's Dense layer (default: found from the graph)")
     budget: float | None = setting(3.0, BUDGET_HELP)
     batch_size: int = setting(1024, "inputs per forward pass")
@@ -192,6 +303,10 @@ class _DiscriminantDefense(Defense):
             raise ValueError(f"budget must be >= 0 points or None, not {self.budget}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        if self.depth < 0:
+            raise ValueError(f"depth must be >= 0, not {self.depth}")
+        if self.max_width < 1:
+            raise ValueError(f"max_width must be >= 1, not {self.max_width}")
 
 
 @dataclass(frozen=True)
@@ -271,7 +386,7 @@ class DiscriminantFusion(_DiscriminantDefense):
         weight = None if kept is None else kept[0]
 
         def build() -> Any:
-            disc, w = fit.refitted(), float(weight or 0.0)
+            disc, w = fit.discriminant, float(weight or 0.0)
             return with_linear_scores(graph, names, w * disc.kernel, w * disc.bias, head=self.head)
 
         net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[1],
@@ -282,7 +397,7 @@ class DiscriminantFusion(_DiscriminantDefense):
         log.info("%s: kept weight %s; cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if weight is None else f"{weight:g}", check.accuracy, base_acc)
         choices = {"layers": names, "features": fit.width, "weight": weight, "folds": fit.folds,
-                   "augment": self.augment, "fitted_on": len(y) * len(fit.copies),
+                   "augment": self.augment, "fitted_on": fit.rows,
                    "tried": tried, "clean_images": len(y), **check.as_dict()}
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))
@@ -395,7 +510,7 @@ class DiscriminantGate(_DiscriminantDefense):
         threshold_kept: float | None = None if kept is None else kept[1]
 
         def build() -> Any:
-            disc = fit.refitted()
+            disc = fit.discriminant
             return with_gated_scores(graph, fit.names, disc.kernel, disc.bias, float(threshold_kept or 0.0),
                                      head=self.head)
 
@@ -408,7 +523,7 @@ class DiscriminantGate(_DiscriminantDefense):
                  "-" if quantile is None else f"{quantile:g}",
                  "-" if threshold_kept is None else f"{threshold_kept:.4g}", check.accuracy, base_acc)
         choices = {"layers": fit.names, "features": fit.width, "quantile": quantile, "threshold": threshold_kept,
-                   "folds": fit.folds, "augment": self.augment, "fitted_on": len(y) * len(fit.copies),
+                   "folds": fit.folds, "augment": self.augment, "fitted_on": fit.rows,
                    "tried": tried, "clean_images": len(y), **check.as_dict()}
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))

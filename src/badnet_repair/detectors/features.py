@@ -14,7 +14,8 @@ from ..formats.data import Dataset
 from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model, threshold_at
 
 __all__ = ["DEFAULT_FOLDS", "DEFAULT_PER_CLASS_MIN", "DEFAULT_SPLITS", "MAX_FEATURES", "FeatureDistance",
-           "FeatureEnsemble", "feature_tensor", "features_model", "fold_ids", "ledoit_wolf", "mahalanobis_sq",
+           "FeatureEnsemble", "feature_tensor", "features_model", "fold_ids", "ledoit_wolf", "ledoit_wolf_from_moments",
+           "mahalanobis_sq",
            "robust_location_scale", "run_features", "split_seeds", "split_thresholds"]
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,23 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     x = np.asarray(x, np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"ledoit_wolf needs (n, p) rows with n >= 1, got shape {x.shape}")
-    n, p = x.shape
-    s = x.T @ x / n
-    mu = np.trace(s) / p
-    d2 = float(np.sum((s - mu * np.eye(p)) ** 2)) / p
-    sq_norms = np.sum(x**2, axis=1)
-    bbar2 = float(np.sum(sq_norms**2) / n - np.sum(s**2)) / (n * p)
+    n = len(x)
+    return ledoit_wolf_from_moments(x.T @ x / n, float(np.sum(np.sum(x**2, axis=1) ** 2)), n)
+
+
+def ledoit_wolf_from_moments(s: np.ndarray, fourth: float, n: int) -> tuple[np.ndarray, float]:
+    """:func:`ledoit_wolf` from the rows' moments: ``s = X^T X / n`` (p, p) and ``fourth = sum_k
+    |x_k|^4``, for callers that accumulate them without holding the rows. Same returns."""
+    p = len(s)
+    mu = float(np.trace(s)) / p
+    squares = float(np.vdot(s, s))  # sum_ij S_ij^2
+    d2 = max(squares - 2.0 * mu * float(np.trace(s)) + mu * mu * p, 0.0) / p  # ||S - mu I||^2, no p x p temporary
+    bbar2 = float(fourth / n - squares) / (n * p)
     b2 = min(max(bbar2, 0.0), d2)
     shrink = 0.0 if d2 <= 0.0 else b2 / d2
-    return shrink * mu * np.eye(p) + (1.0 - shrink) * s, float(shrink)
+    cov = (1.0 - shrink) * s
+    cov[np.diag_indices(p)] += shrink * mu
+    return cov, float(shrink)
 
 
 def _psd_inverse(cov: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ __all__ = [
     "TRACE_AFTER",
     "ChannelChain",
     "as_functional",
+    "body_layer",
     "channel_chain",
     "classifier_head",
     "common_input_scale",
@@ -487,6 +488,23 @@ def first_dense_layers(model: Any) -> list[str]:
     return first
 
 
+def body_layer(model: Any, depth: int) -> str:
+    """The convolution ``depth`` places back from the last, found from the graph (1: the last; 2:
+    the one before, ``conv_3`` in the lab's DeepID, whose input is ``pool_2``'s output).
+
+    Raises:
+        ModelError: where the model has fewer than ``depth`` convolution layers.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, not {depth}")
+    graph = _graph_model(model)
+    convs = [lyr for lyr in _layers_in_order(graph) if _is_conv(lyr)]
+    if len(convs) < depth:
+        raise ModelError(f"model {model.name!r} has {len(convs)} convolution layer(s); a depth of {depth} "
+                         "counts back further than that")
+    return str(convs[-depth].name)
+
+
 def project_dense_inputs(model: Any, layer: str, mean: np.ndarray, basis: np.ndarray) -> None:
     """Make Dense ``layer`` of ``model`` itself read only the part of its input that lies in the
     span of ``basis`` around ``mean``: its input ``a`` becomes ``mean + P (a - mean)``, folded into
@@ -549,8 +567,12 @@ def _scores_beside_head(model: Any, feature_layers: Sequence[str], kernel: np.nd
     taken = {str(lyr.name) for lyr in copy.layers}
     classes = int(head.units)
     feats = [_named_layer(copy, n).input for n in feature_layers]
-    if not feats or any(len(f.shape) != 2 for f in feats):
-        raise ModelError(f"model {model.name!r}: {list(feature_layers)} must name Dense layers on vectors")
+    if not feats or any(len(f.shape) < 2 for f in feats):
+        raise ModelError(f"model {model.name!r}: {list(feature_layers)} must name layers whose inputs are batches "
+                         "of vectors or feature maps")
+    # a feature map is read flattened, as numpy's reshape(N, -1) reads it (channels last, row-major)
+    feats = [f if len(f.shape) == 2 else keras.layers.Flatten(name=_free_name(taken, f"{n}_features"))(f)
+             for n, f in zip(feature_layers, feats, strict=True)]
     width = sum(int(f.shape[-1]) for f in feats)
     kernel, bias = np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
     if kernel.shape != (width, classes) or bias.shape != (classes,):
@@ -576,7 +598,7 @@ def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.nda
 
     Args:
         model: the network (B).
-        feature_layers: Dense layers on vectors whose inputs are read, in order.
+        feature_layers: layers whose inputs are read (flattened where they are feature maps), in order.
         kernel: (d, classes), d the sum of those inputs' widths.
         bias: (classes,).
         head: the classifier's name, default None (found from the graph).
@@ -612,7 +634,7 @@ def with_gated_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndar
 
     Args:
         model: the network (B).
-        feature_layers: Dense layers on vectors whose inputs are read, in order.
+        feature_layers: layers whose inputs are read (flattened where they are feature maps), in order.
         kernel: (d, classes), d the sum of those inputs' widths.
         bias: (classes,).
         threshold: the margin above which ``softmax(s)`` replaces B's scores.
