@@ -317,6 +317,26 @@ def test_a_detector_setting_of_none_is_written_as_the_string_none(small_demo, tm
     assert five.settings["set"] == {"feature-ensemble": {"folds": 5}}
 
 
+def test_a_defense_setting_of_none_is_written_as_the_string_none(small_demo, tmp_path):
+    text = _tuning_badnet(small_demo) + textwrap.dedent("""
+        [[defense]]
+        name = "discriminant-gate"
+        label = "one"
+        second_depth = "none"
+        augment = "none"
+
+        [[defense]]
+        name = "discriminant-gate"
+        label = "two"
+        second_depth = 2
+    """)
+    path = tmp_path / "none.toml"
+    path.write_text(text)
+    one, two = load_config(path).defenses
+    # None where the setting takes None; the string where the setting takes that string
+    assert one.settings == {"second_depth": None, "augment": "none"} and two.settings == {"second_depth": 2}
+
+
 def test_a_scan_summary_places_each_target_in_the_preselection_and_the_screen():
     from badnet_repair.detectors.neural_cleanse import CleanseScan
     from badnet_repair.workflow.bench import scan_summary

@@ -355,3 +355,51 @@ def test_a_gate_on_a_feature_map_is_the_plain_gate_and_loads_in_keras_2(tmp_path
     paths = br.save_model(gated, tmp_path, "bd_gated", formats=("h5",))
     k2 = tf_keras.models.load_model(paths["h5"], compile=False)
     np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(gated, x), rtol=1e-4, atol=1e-6)
+
+
+def test_later_gates_overrule_where_their_own_margin_exceeds_their_threshold():
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0]])
+    first = np.array([[0.0, 9.0, 1.0], [0.0, 2.5, 2.0], [4.0, 0.0, 3.9]])  # margins 9, 0, 0.1
+    second = np.array([[0.0, 0.0, 7.0], [6.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # margins 7, 5, 0
+    np.testing.assert_array_equal(gated_classes(logits, first, 5.0, more=[(second, 6.0)]), [2, 1, 2])
+    np.testing.assert_array_equal(gated_classes(logits, first, 5.0, more=[(second, 4.0)]), [2, 0, 2])
+    np.testing.assert_array_equal(gated_classes(logits, first, 10.0, more=[(second, 10.0)]), [0, 1, 2])
+
+
+def test_a_second_discriminant_on_the_same_features_changes_nothing():
+    b = head_badnet(trigger_weight=1.0)
+    x, y = corner_images(80, seed=1)
+    one = DiscriminantGate(augment="none").repair(b, br.Dataset(x, y, "valid"))
+    two = DiscriminantGate(augment="none", second_depth=0).repair(b, br.Dataset(x, y, "valid"))
+    c1, c2 = one.record["choices"], two.record["choices"]
+    assert c2["second_layers"] == ["head"] and c2["second_threshold"] == c1["threshold"]
+    assert c2["quantile"] == c1["quantile"] and [t["accuracy"] for t in c2["tried"]] == [
+        t["accuracy"] for t in c1["tried"]]
+    test_x, _, poisoned = corner_test_images()
+    for images in (test_x, poisoned):
+        np.testing.assert_array_equal(br.predict_classes(two.model, images), br.predict_classes(one.model, images))
+    with pytest.raises(ValueError):
+        DiscriminantGate(second_depth=-1)
+
+
+def test_two_gates_make_the_plain_gated_classes_and_load_in_keras_2(tmp_path, small_deepid):
+    from .conftest import random_faces
+
+    x = random_faces(24, seed=6)
+    classes = br.num_classes(small_deepid)
+    feats = dense_inputs(small_deepid, x, ("fc_1", "fc_2", "conv_3", "output"))
+    rng = np.random.default_rng(5)
+    k1, c1 = rng.normal(size=(2160, classes)) * 1e-2, rng.normal(size=classes)
+    k2, c2 = rng.normal(size=(4800, classes)) * 1e-2, rng.normal(size=classes)
+    w, c = small_deepid.get_layer("output").get_weights()
+    z = feats["output"] @ w + c
+    s1, s2 = np.concatenate([feats["fc_1"], feats["fc_2"]], 1) @ k1 + c1, feats["conv_3"] @ k2 + c2
+    t1, t2 = float(np.quantile(gate_margins(z, s1), 0.7)), float(np.quantile(gate_margins(z, s2), 0.7))
+    gated = with_gated_scores(small_deepid, ["fc_1", "fc_2"], k1, c1, t1, more=[(["conv_3"], k2, c2, t2)])
+    expected = gated_classes(z, s1, t1, more=[(s2, t2)])
+    assert np.sum(expected != gated_classes(z, s1, t1)) > 0  # the second gate changes some classes
+    np.testing.assert_array_equal(br.predict_classes(gated, x), expected)
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    paths = br.save_model(gated, tmp_path, "bd_gated", formats=("h5",))
+    k2_model = tf_keras.models.load_model(paths["h5"], compile=False)
+    np.testing.assert_allclose(k2_model.predict(x, verbose=0), predict_probabilities(gated, x), rtol=1e-4, atol=1e-6)

@@ -1,20 +1,19 @@
-"""Discriminant fusion: B's class scores plus those of a linear discriminant fitted on clean data.
+"""Discriminant fusion and gate: B's class scores with those of a linear discriminant fitted on clean data.
 
-On the faces BadNets of issue 31 the backdoor is carried by the dense layers (re-initialising
-them removes it; the conv body alone does not send a triggered face to the target). A linear
-discriminant fitted on the clean images' conv-body features (the first dense layers' inputs)
-has no such path, but on a few clean images a person it classifies far worse than B. Adding a
-small multiple of its scores to B's logits keeps B's decision where B is sure on a clean face
-and lets the discriminant overrule a decision it finds far off: the weight is chosen by the
-lab's pruning rule, on cross-fitted clean accuracy. No training, one pass over the clean data.
+A linear discriminant fitted on the clean images' features from B's conv body has no path for a
+trigger through B's dense layers, but on a few clean images a person it classifies worse than
+B. The fusion adds a small multiple of its scores to B's logits; the gate keeps B's class unless
+the discriminant finds it far off. Each is tuned by the lab's pruning rule on cross-fitted clean
+accuracy: no training, one pass over the clean data. Where the body's last features already
+carry the trigger, features read from earlier in the body (``depth``) can still separate it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -342,7 +341,11 @@ class DiscriminantFusion(_DiscriminantDefense):
         folds: cross-fitting folds, default 5 (one per image where the clean images are fewer).
         augment: the copies the discriminant is also fitted on, default ``"flip+shift"`` (issue 31's
             round 9); ``"none"``, ``"flip"`` (:data:`AUGMENTS`).
-        layers: the Dense layers whose inputs are the features, default None (found from the graph).
+        layers: the layers whose inputs are the features, default None (found from the graph by ``depth``).
+        depth: where the features are read, default 0: the first dense layers' inputs; k >= 1, the
+            input of the k-th convolution back from the last (:func:`feature_layers`).
+        max_width: the widest features fitted, default 8192; wider ones at ``depth`` fall back to the
+            first dense layers' inputs, with a logged warning.
         head: the classifier's Dense layer, default None (found from the graph).
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
@@ -415,11 +418,15 @@ def gate_margins(logits: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return s.max(axis=1) - s[np.arange(len(s)), b]
 
 
-def gated_classes(logits: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
-    """(N,) B's class, or the discriminant's where :func:`gate_margins` exceeds ``threshold``."""
+def gated_classes(logits: np.ndarray, scores: np.ndarray, threshold: float, *,
+                  more: Sequence[tuple[np.ndarray, float]] = ()) -> np.ndarray:
+    """(N,) B's class, or the discriminant's where :func:`gate_margins` exceeds ``threshold``; then,
+    for each (scores, threshold) of ``more`` in turn, that discriminant's class where its own margin
+    from B's class exceeds its threshold."""
     out = np.asarray(logits).argmax(axis=1)
-    over = gate_margins(logits, scores) > threshold
-    out[over] = np.asarray(scores).argmax(axis=1)[over]
+    for s, t in [(scores, threshold), *more]:
+        over = gate_margins(logits, s) > t
+        out[over] = np.asarray(s).argmax(axis=1)[over]
     return out
 
 
@@ -460,7 +467,11 @@ class DiscriminantGate(_DiscriminantDefense):
             fewer.
         augment: the copies the discriminant is also fitted on, default ``"flip+shift"`` (issue 31's
             round 10); ``"none"``, ``"flip"`` (:data:`AUGMENTS`).
-        layers: the Dense layers whose inputs are the features, default None (found from the graph).
+        layers: the layers whose inputs are the features, default None (found from the graph by ``depth``).
+        depth: where the features are read, default 0: the first dense layers' inputs; k >= 1, the
+            input of the k-th convolution back from the last (:func:`feature_layers`).
+        max_width: the widest features fitted, default 8192; wider ones at ``depth`` fall back to the
+            first dense layers' inputs, with a logged warning.
         head: the classifier's Dense layer, default None (found from the graph).
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
@@ -476,12 +487,17 @@ class DiscriminantGate(_DiscriminantDefense):
                              "(issue 31's round 11)")
     quantiles: tuple[float, ...] = setting(QUANTILES, "shares of the clean images the gate may overrule, tried in "
                                                       "order, fewest first")
+    second_depth: int | None = setting(None, "a second discriminant on the features at this depth: B is also "
+                                             "overruled where it finds B's class far off, at the same share, and "
+                                             "takes its class there (None: one discriminant)")
 
     def __post_init__(self) -> None:
         if not self.drop >= 0:
             raise ValueError(f"drop must be >= 0 points, not {self.drop}")
         if not self.quantiles or not all(0.0 < q < 1.0 for q in self.quantiles):
             raise ValueError(f"quantiles must be shares in (0, 1), not {self.quantiles}")
+        if self.second_depth is not None and self.second_depth < 0:
+            raise ValueError(f"second_depth must be >= 0 or None, not {self.second_depth}")
         self._check_shared()
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
@@ -491,39 +507,55 @@ class DiscriminantGate(_DiscriminantDefense):
 
         graph = as_functional(model)
         fit = _cross_fitted(self, graph, clean)
+        second = None if self.second_depth is None else _cross_fitted(
+            replace(self, depth=self.second_depth, layers=None, second_depth=None), graph, clean)
         y = fit.y
         base_right = fit.logits.argmax(axis=1) == y
         base_acc = float(100.0 * np.mean(base_right))
         margins = gate_margins(fit.logits, fit.scores)
+        margins_2 = None if second is None else gate_margins(fit.logits, second.scores)
         tried: list[dict[str, Any]] = []
-        kept: tuple[float, float, np.ndarray] | None = None
+        kept: tuple[float, float, float | None, np.ndarray] | None = None
         for q in self.quantiles:
             threshold = float(np.quantile(margins, 1.0 - q))
-            right = gated_classes(fit.logits, fit.scores, threshold) == y
+            over = margins > threshold
+            threshold_2: float | None = None
+            more: list[tuple[np.ndarray, float]] = []
+            if second is not None and margins_2 is not None:
+                threshold_2 = float(np.quantile(margins_2, 1.0 - q))  # the same share for each
+                more = [(second.scores, threshold_2)]
+                over = over | (margins_2 > threshold_2)
+            right = gated_classes(fit.logits, fit.scores, threshold, more=more) == y
             acc = float(100.0 * np.mean(right))
             tried.append({"quantile": q, "threshold": threshold, "accuracy": acc,
-                          "overruled": float(100.0 * np.mean(margins > threshold))})
+                          "overruled": float(100.0 * np.mean(over)),
+                          **({} if second is None else {"second_threshold": threshold_2})})
             if base_acc - acc > self.drop:
                 break  # accuracy first falls more than drop: the share before is kept
-            kept = (q, threshold, right)
+            kept = (q, threshold, threshold_2, right)
         quantile: float | None = None if kept is None else kept[0]
         threshold_kept: float | None = None if kept is None else kept[1]
+        second_kept: float | None = None if kept is None else kept[2]
 
         def build() -> Any:
             disc = fit.discriminant
+            more = [] if second is None else [(second.names, second.discriminant.kernel, second.discriminant.bias,
+                                               float(second_kept or 0.0))]
             return with_gated_scores(graph, fit.names, disc.kernel, disc.bias, float(threshold_kept or 0.0),
-                                     head=self.head)
+                                     head=self.head, more=more)
 
-        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[2],
+        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[3],
                                          f"even the smallest share overruled ({100 * self.quantiles[0]:g}%) fell "
                                          f"more than {self.drop:g} points", self.budget, build)
         if net is model:
-            quantile, threshold_kept = None, None
+            quantile, threshold_kept, second_kept = None, None, None
         log.info("%s: kept share %s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if quantile is None else f"{quantile:g}",
                  "-" if threshold_kept is None else f"{threshold_kept:.4g}", check.accuracy, base_acc)
         choices = {"layers": fit.names, "features": fit.width, "quantile": quantile, "threshold": threshold_kept,
                    "folds": fit.folds, "augment": self.augment, "fitted_on": fit.rows,
                    "tried": tried, "clean_images": len(y), **check.as_dict()}
+        if second is not None:
+            choices.update(second_layers=second.names, second_features=second.width, second_threshold=second_kept)
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))

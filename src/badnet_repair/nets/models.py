@@ -565,7 +565,18 @@ def _scores_beside_head(model: Any, feature_layers: Sequence[str], kernel: np.nd
                          f"{getattr(head.activation, '__name__', head.activation)!r}, not softmax; scores cannot be "
                          "added to its logits")
     taken = {str(lyr.name) for lyr in copy.layers}
-    classes = int(head.units)
+    logits = keras.layers.Dense(int(head.units), name=_free_name(taken, f"{head.name}_logits"))
+    z = logits(head.input)
+    logits.set_weights(head.get_weights())
+    return copy, taken, head, z, _scores_on(model, copy, taken, int(head.units), feature_layers, kernel, bias)
+
+
+def _scores_on(model: Any, copy: Any, taken: set[str], classes: int, feature_layers: Sequence[str],
+               kernel: np.ndarray, bias: np.ndarray) -> Any:
+    """The tensor ``f K + c`` in ``copy``, ``f`` the inputs of ``feature_layers`` (feature maps
+    flattened) side by side."""
+    import keras
+
     feats = [_named_layer(copy, n).input for n in feature_layers]
     if not feats or any(len(f.shape) < 2 for f in feats):
         raise ModelError(f"model {model.name!r}: {list(feature_layers)} must name layers whose inputs are batches "
@@ -578,14 +589,11 @@ def _scores_beside_head(model: Any, feature_layers: Sequence[str], kernel: np.nd
     if kernel.shape != (width, classes) or bias.shape != (classes,):
         raise ModelError(f"model {model.name!r}: a kernel of shape {(width, classes)} and a bias of ({classes},) "
                          f"are needed, not {kernel.shape} and {bias.shape}")
-    logits = keras.layers.Dense(classes, name=_free_name(taken, f"{head.name}_logits"))
-    z = logits(head.input)
-    logits.set_weights(head.get_weights())
     f = feats[0] if len(feats) == 1 else keras.layers.Concatenate(name=_free_name(taken, "joined_features"))(feats)
     extra = keras.layers.Dense(classes, name=_free_name(taken, "added_scores"))
     scores = extra(f)
     extra.set_weights([kernel, bias])
-    return copy, taken, head, z, scores
+    return scores
 
 
 def with_linear_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray, *,
@@ -622,15 +630,18 @@ GATE_SHARPNESS = 1.0e4
 
 
 def with_gated_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndarray, bias: np.ndarray,
-                      threshold: float, *, head: str | None = None, name: str | None = None) -> Any:
+                      threshold: float, *, head: str | None = None, name: str | None = None,
+                      more: Sequence[tuple[Sequence[str], np.ndarray, np.ndarray, float]] = ()) -> Any:
     """A new model (``model`` is not changed) that keeps B's class scores ``softmax(z)`` on an
     input unless other scores ``s = f K + c`` find B's class far off, and then outputs ``softmax(s)``.
 
     "Far off": the margin ``m = max_k s_k - s_b``, ``b`` B's class (the argmax of ``z``), exceeds
-    ``threshold``. ``z`` and ``f`` are as in :func:`with_linear_scores`. Built of Dense, Concatenate,
-    Activation, Dot, Reshape, GlobalMaxPooling1D, Subtract, Multiply and Add layers only, so it saves
-    and loads as any Keras 2 or 3 model does; the argmax and the step are softmax and sigmoid made
-    sharp by :data:`GATE_SHARPNESS`.
+    ``threshold``. ``z`` and ``f`` are as in :func:`with_linear_scores`. Each gate of ``more``
+    (feature layers, kernel, bias, threshold) is applied after, on the same ``b``: where its own
+    margin exceeds its threshold, its ``softmax(s)`` replaces what the gates before it left. Built
+    of Dense, Flatten, Concatenate, Activation, Dot, Reshape, GlobalMaxPooling1D, Subtract, Multiply
+    and Add layers only, so it saves and loads as any Keras 2 or 3 model does; the argmax and the
+    step are softmax and sigmoid made sharp by :data:`GATE_SHARPNESS`.
 
     Args:
         model: the network (B).
@@ -640,14 +651,18 @@ def with_gated_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndar
         threshold: the margin above which ``softmax(s)`` replaces B's scores.
         head: the classifier's name, default None (found from the graph).
         name: the new model's name, default ``model``'s.
+        more: further gates, default none, each (feature layers, (d', classes) kernel, (classes,) bias,
+            threshold), applied in order.
 
     Returns:
         The new keras.Model, same input as ``model``; its outputs are (N, classes) probabilities.
     """
     import keras
 
-    if not np.isfinite(threshold):
-        raise ModelError(f"model {model.name!r}: the gate's threshold must be finite, not {threshold}")
+    gates = [(feature_layers, kernel, bias, threshold), *more]
+    for *_, t in gates:
+        if not np.isfinite(t):
+            raise ModelError(f"model {model.name!r}: the gate's threshold must be finite, not {t}")
     copy, taken, classifier, z, scores = _scores_beside_head(model, feature_layers, kernel, bias, head)
     classes = int(classifier.units)
     layers = keras.layers
@@ -655,26 +670,29 @@ def with_gated_scores(model: Any, feature_layers: Sequence[str], kernel: np.ndar
     b_class = sharp(classifier.input)  # one-hot of B's class: the logits made steep
     w, c = classifier.get_weights()
     sharp.set_weights([w * GATE_SHARPNESS, c * GATE_SHARPNESS])
-    at_b = layers.Dot(axes=1, name=_free_name(taken, "score_of_b_class"))([scores, b_class])
-    column = layers.Reshape((classes, 1), name=_free_name(taken, "scores_column"))(scores)
-    best = layers.GlobalMaxPooling1D(name=_free_name(taken, "best_score"))(column)
-    margin = layers.Subtract(name=_free_name(taken, "margin"))([best, at_b])
-    step = GATE_SHARPNESS / max(abs(float(threshold)), 1.0)
-    gate_layer = layers.Dense(1, activation="sigmoid", name=_free_name(taken, "gate"))
-    gate = gate_layer(margin)
-    gate_layer.set_weights([np.full((1, 1), step, np.float32), np.full(1, -step * threshold, np.float32)])
-    # the gate (N, 1) spread over the classes, and its complement, by fixed Dense layers
-    spread = layers.Dense(classes, name=_free_name(taken, "gate_spread"))
-    open_ = spread(gate)
-    spread.set_weights([np.ones((1, classes), np.float32), np.zeros(classes, np.float32)])
-    shut_layer = layers.Dense(classes, name=_free_name(taken, "gate_shut"))
-    shut = shut_layer(gate)
-    shut_layer.set_weights([-np.ones((1, classes), np.float32), np.ones(classes, np.float32)])
-    p_b = layers.Activation("softmax", name=_free_name(taken, "b_scores"))(z)
-    p_s = layers.Activation("softmax", name=_free_name(taken, "other_scores"))(scores)
-    kept = layers.Multiply(name=_free_name(taken, "kept_b"))([shut, p_b])
-    moved = layers.Multiply(name=_free_name(taken, "overruled"))([open_, p_s])
-    out = layers.Add(name=_free_name(taken, "scores"))([kept, moved])
+    out = layers.Activation("softmax", name=_free_name(taken, "b_scores"))(z)
+    for i, (names, k, bb, t) in enumerate(gates):
+        if i:
+            scores = _scores_on(model, copy, taken, classes, names, k, bb)
+        at_b = layers.Dot(axes=1, name=_free_name(taken, "score_of_b_class"))([scores, b_class])
+        column = layers.Reshape((classes, 1), name=_free_name(taken, "scores_column"))(scores)
+        best = layers.GlobalMaxPooling1D(name=_free_name(taken, "best_score"))(column)
+        margin = layers.Subtract(name=_free_name(taken, "margin"))([best, at_b])
+        step = GATE_SHARPNESS / max(abs(float(t)), 1.0)
+        gate_layer = layers.Dense(1, activation="sigmoid", name=_free_name(taken, "gate"))
+        gate = gate_layer(margin)
+        gate_layer.set_weights([np.full((1, 1), step, np.float32), np.full(1, -step * float(t), np.float32)])
+        # the gate (N, 1) spread over the classes, and its complement, by fixed Dense layers
+        spread = layers.Dense(classes, name=_free_name(taken, "gate_spread"))
+        open_ = spread(gate)
+        spread.set_weights([np.ones((1, classes), np.float32), np.zeros(classes, np.float32)])
+        shut_layer = layers.Dense(classes, name=_free_name(taken, "gate_shut"))
+        shut = shut_layer(gate)
+        shut_layer.set_weights([-np.ones((1, classes), np.float32), np.ones(classes, np.float32)])
+        p_s = layers.Activation("softmax", name=_free_name(taken, "other_scores"))(scores)
+        kept = layers.Multiply(name=_free_name(taken, "kept_b"))([shut, out])
+        moved = layers.Multiply(name=_free_name(taken, "overruled"))([open_, p_s])
+        out = layers.Add(name=_free_name(taken, "scores"))([kept, moved])
     return keras.Model(copy.inputs[0], out, name=name or model.name)
 
 

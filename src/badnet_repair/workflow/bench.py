@@ -23,7 +23,7 @@ A TOML file declares the matrix (see ``benchmarks/demo.toml``)::
     recipe = "demo"
     kind = "pruning-aware"
 
-    [[defense]]                             # a registry name and its settings;
+    [[defense]]                             # a registry name and its settings ("none": None);
     name = "fine-pruning"                   # a list of values expands to a grid
     epochs = [30, 50]
 
@@ -217,6 +217,10 @@ def _grid(name: str, entry: Mapping[str, Any], errors: list[str], where: str) ->
         listy = typing.get_origin(hints[key]) is tuple
         is_grid = isinstance(value, list) and (not listy or (bool(value) and isinstance(value[0], list)))
         choices = value if is_grid else [value]
+        # TOML has no null: "none" stands for None where the setting takes None and not that string
+        optional = type(None) in typing.get_args(hints[key])
+        choices = [None if optional and isinstance(v, str) and v.lower() == "none"
+                   and setting_problem(v, hints[key]) else v for v in choices]
         if not choices:
             errors.append(f"{where}: setting {key!r} has an empty list of choices")
             continue
