@@ -366,20 +366,35 @@ def test_later_gates_overrule_where_their_own_margin_exceeds_their_threshold():
     np.testing.assert_array_equal(gated_classes(logits, first, 10.0, more=[(second, 10.0)]), [0, 1, 2])
 
 
-def test_a_second_discriminant_on_the_same_features_changes_nothing():
-    b = head_badnet(trigger_weight=1.0)
+def test_a_second_discriminant_is_left_out_where_it_would_read_the_same_features_or_none(caplog):
+    b = head_badnet(trigger_weight=1.0)  # no convolution: no features at any depth but the dense inputs
     x, y = corner_images(80, seed=1)
-    one = DiscriminantGate(augment="none").repair(b, br.Dataset(x, y, "valid"))
-    two = DiscriminantGate(augment="none", second_depth=0).repair(b, br.Dataset(x, y, "valid"))
-    c1, c2 = one.record["choices"], two.record["choices"]
-    assert c2["second_layers"] == ["head"] and c2["second_threshold"] == c1["threshold"]
-    assert c2["quantile"] == c1["quantile"] and [t["accuracy"] for t in c2["tried"]] == [
-        t["accuracy"] for t in c1["tried"]]
+    one = DiscriminantGate(augment="none", second_depth=None).repair(b, br.Dataset(x, y, "valid"))
+    same = DiscriminantGate(augment="none", second_depth=0).repair(b, br.Dataset(x, y, "valid"))
+    with caplog.at_level("WARNING", logger="badnet_repair.defenses.discriminant"):
+        none = DiscriminantGate(augment="none").repair(b, br.Dataset(x, y, "valid"))  # the default, depth 2
+    assert "no second discriminant" in caplog.text and "0 convolution layer(s)" in caplog.text
     test_x, _, poisoned = corner_test_images()
-    for images in (test_x, poisoned):
-        np.testing.assert_array_equal(br.predict_classes(two.model, images), br.predict_classes(one.model, images))
+    for repair in (same, none):
+        assert repair.record["choices"]["second_layers"] is None
+        assert repair.record["choices"]["threshold"] == one.record["choices"]["threshold"]
+        for images in (test_x, poisoned):
+            np.testing.assert_array_equal(br.predict_classes(repair.model, images),
+                                          br.predict_classes(one.model, images))
     with pytest.raises(ValueError):
         DiscriminantGate(second_depth=-1)
+
+
+def test_the_default_gate_on_a_deepid_reads_a_second_discriminant_at_pool_2(small_deepid):
+    from .conftest import random_faces
+
+    x = random_faces(70, seed=8)
+    y = br.predict_classes(small_deepid, x)  # B's own labels: B is right on every clean image
+    choices = DiscriminantGate(augment="none", folds=2).repair(small_deepid, br.Dataset(x, y, "valid")).record[
+        "choices"]
+    assert choices["layers"] == ["fc_1", "fc_2"] and choices["second_layers"] == ["conv_3"]
+    assert choices["second_features"] == 4800
+    assert all("second_threshold" in t for t in choices["tried"])
 
 
 def test_two_gates_make_the_plain_gated_classes_and_load_in_keras_2(tmp_path, small_deepid):

@@ -473,6 +473,12 @@ class DiscriminantGate(_DiscriminantDefense):
         max_width: the widest features fitted, default 8192; wider ones at ``depth`` fall back to the
             first dense layers' inputs, with a logged warning.
         head: the classifier's Dense layer, default None (found from the graph).
+        second_depth: a second discriminant's ``depth``, default 2 (chosen in issue 31's round 13 on
+            tuning BadNets: the features read before the body's last convolution separate triggers
+            the dense inputs' discriminant does not, and miss others it catches); None, one
+            discriminant. Each share ``q`` sets a threshold for each discriminant from its own
+            margins; B is overruled where either margin exceeds its threshold, by the second's class
+            where it does. Where the model has too few convolutions for it, a clear ModelError.
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
         seed: the folds' seed, default 0.
@@ -487,9 +493,9 @@ class DiscriminantGate(_DiscriminantDefense):
                              "(issue 31's round 11)")
     quantiles: tuple[float, ...] = setting(QUANTILES, "shares of the clean images the gate may overrule, tried in "
                                                       "order, fewest first")
-    second_depth: int | None = setting(None, "a second discriminant on the features at this depth: B is also "
-                                             "overruled where it finds B's class far off, at the same share, and "
-                                             "takes its class there (None: one discriminant)")
+    second_depth: int | None = setting(2, "a second discriminant on the features at this depth: B is also "
+                                          "overruled where it finds B's class far off, at the same share, and "
+                                          "takes its class there (None: one discriminant; issue 31's round 13)")
 
     def __post_init__(self) -> None:
         if not self.drop >= 0:
@@ -503,12 +509,21 @@ class DiscriminantGate(_DiscriminantDefense):
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B gated by the discriminant (or B, with the loud line); the record holds each share tried
         (threshold, cross-fitted accuracy, share overruled), the threshold kept and the budget check."""
+        from ..errors import ModelError
         from ..nets.models import as_functional, with_gated_scores
 
         graph = as_functional(model)
         fit = _cross_fitted(self, graph, clean)
-        second = None if self.second_depth is None else _cross_fitted(
-            replace(self, depth=self.second_depth, layers=None, second_depth=None), graph, clean)
+        second = None
+        if self.second_depth is not None:
+            other = replace(self, depth=self.second_depth, layers=None, second_depth=None)
+            try:
+                names: list[str] | None = feature_layers(other, graph)
+            except ModelError as exc:  # too few convolutions for the depth: the one discriminant is the gate
+                log.warning("%s: no second discriminant: %s", self.name, exc)
+                names = None
+            if names is not None and names != fit.names:  # the same features twice would change nothing
+                second = _cross_fitted(other, graph, clean)
         y = fit.y
         base_right = fit.logits.argmax(axis=1) == y
         base_acc = float(100.0 * np.mean(base_right))
@@ -555,7 +570,7 @@ class DiscriminantGate(_DiscriminantDefense):
         choices = {"layers": fit.names, "features": fit.width, "quantile": quantile, "threshold": threshold_kept,
                    "folds": fit.folds, "augment": self.augment, "fitted_on": fit.rows,
                    "tried": tried, "clean_images": len(y), **check.as_dict()}
-        if second is not None:
-            choices.update(second_layers=second.names, second_features=second.width, second_threshold=second_kept)
+        choices.update(second_layers=None if second is None else second.names,
+                       second_features=None if second is None else second.width, second_threshold=second_kept)
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))
