@@ -478,7 +478,8 @@ class DiscriminantGate(_DiscriminantDefense):
             the dense inputs' discriminant does not, and miss others it catches); None, one
             discriminant. Each share ``q`` sets a threshold for each discriminant from its own
             margins; B is overruled where either margin exceeds its threshold, by the second's class
-            where it does. Where the model has too few convolutions for it, a clear ModelError.
+            where it does. Where the model has too few convolutions for it, or its features there
+            are those of the first, the gate logs that it has none and keeps one discriminant.
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
         seed: the folds' seed, default 0.
@@ -536,7 +537,7 @@ class DiscriminantGate(_DiscriminantDefense):
             over = margins > threshold
             threshold_2: float | None = None
             more: list[tuple[np.ndarray, float]] = []
-            if second is not None and margins_2 is not None:
+            if second is not None and margins_2 is not None:  # (the second test narrows the type for mypy)
                 threshold_2 = float(np.quantile(margins_2, 1.0 - q))  # the same share for each
                 more = [(second.scores, threshold_2)]
                 over = over | (margins_2 > threshold_2)

@@ -15,8 +15,7 @@ from .base import ThresholdDetector, calibration_split, checked_false_alarm, det
 
 __all__ = ["DEFAULT_FOLDS", "DEFAULT_PER_CLASS_MIN", "DEFAULT_SPLITS", "MAX_FEATURES", "FeatureDistance",
            "FeatureEnsemble", "feature_tensor", "features_model", "fold_ids", "ledoit_wolf", "ledoit_wolf_from_moments",
-           "mahalanobis_sq",
-           "robust_location_scale", "run_features", "split_seeds", "split_thresholds"]
+           "mahalanobis_sq", "robust_location_scale", "run_features", "split_seeds", "split_thresholds"]
 
 log = logging.getLogger(__name__)
 
