@@ -21,6 +21,8 @@ from badnet_repair.defenses.discriminant import (
     fit_discriminant,
     gate_margins,
     gated_classes,
+    share_pairs,
+    walk_shares,
 )
 from badnet_repair.defenses.subspace import dense_inputs
 from badnet_repair.detectors.features import ledoit_wolf
@@ -418,3 +420,78 @@ def test_two_gates_make_the_plain_gated_classes_and_load_in_keras_2(tmp_path, sm
     paths = br.save_model(gated, tmp_path, "bd_gated", formats=("h5",))
     k2_model = tf_keras.models.load_model(paths["h5"], compile=False)
     np.testing.assert_allclose(k2_model.predict(x, verbose=0), predict_probabilities(gated, x), rtol=1e-4, atol=1e-6)
+
+
+def test_share_pairs_are_one_share_for_all_or_every_combination_with_the_gate_off():
+    assert share_pairs((0.1, 0.2), 1, "each") == [(0.1,), (0.2,)]
+    assert share_pairs((0.1, 0.2), 2, "same") == [(0.1, 0.1), (0.2, 0.2)]
+    assert share_pairs((0.1, 0.2), 2, "each") == [(0.0, 0.1), (0.0, 0.2), (0.1, 0.0), (0.1, 0.1), (0.1, 0.2),
+                                                  (0.2, 0.0), (0.2, 0.1), (0.2, 0.2)]
+
+
+def _two_gates_by_hand() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ten clean images of class 0. B is wrong on images 0 and 1 (class 1). The first discriminant
+    sends those two back to 0 with margin 10, and images 2-9 to class 2 with margins 1-8; the second
+    sends images 2 and 3 to class 2 with margins 20 and 19 and overrules nothing else."""
+    y = np.zeros(10, int)
+    logits = np.zeros((10, 3))
+    logits[:2, 1], logits[2:, 0] = 1.0, 1.0
+    first = np.zeros((10, 3))
+    first[:2, 0] = 10.0
+    first[2:, 2] = np.arange(1.0, 9.0)
+    second = np.zeros((10, 3))
+    second[2, 2], second[3, 2] = 20.0, 19.0
+    return logits, y, first, second
+
+
+def test_one_share_for_both_gates_stops_where_the_accuracy_first_falls():
+    logits, y, first, second = _two_gates_by_hand()  # B: 80 %
+    tried, kept = walk_shares(logits, y, [first, second], (0.2, 0.5), drop=10.0, shares="same")
+    # 0.2: the first fixes images 0-1, the second breaks 2-3 (80 %); 0.5: the first also breaks 7-9 (50 %)
+    assert [(t["quantile"], t["accuracy"], t["overruled"]) for t in tried] == [(0.2, 80.0, 40.0), (0.5, 50.0, 70.0)]
+    assert kept is not None and kept.shares == (0.2, 0.2)
+    np.testing.assert_array_equal(kept.right, [1, 1, 0, 0, 1, 1, 1, 1, 1, 1])
+
+
+def test_each_gate_its_own_share_keeps_the_pair_overruling_the_most_within_the_drop():
+    logits, y, first, second = _two_gates_by_hand()
+    tried, kept = walk_shares(logits, y, [first, second], (0.2, 0.5), drop=10.0, shares="each")
+    rows = {(t["quantile"], t["second_quantile"]): (t["accuracy"], t["overruled"]) for t in tried}
+    assert rows[(0.0, 0.2)] == (60.0, 20.0) and rows[(0.2, 0.0)] == (100.0, 20.0)
+    assert rows[(0.2, 0.2)] == (80.0, 40.0) and rows[(0.5, 0.0)] == (70.0, 50.0) and rows[(0.5, 0.5)] == (50.0, 70.0)
+    # within 10 points of B's 80 %: (0.2, 0), (0.2, 0.2), (0.2, 0.5), (0.5, 0); (0.5, 0) overrules the most
+    assert kept is not None and kept.shares == (0.5, 0.0) and kept.thresholds[1] is None
+    assert kept.thresholds[0] == pytest.approx(np.quantile([10, 10, *range(1, 9)], 0.5))
+    np.testing.assert_array_equal(kept.right, [1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+    # no drop allowed: the pairs at B's 80 % or above, the most overruled first, the higher accuracy on a tie
+    _, strict = walk_shares(logits, y, [first, second], (0.2, 0.5), drop=0.0, shares="each")
+    assert strict is not None and strict.shares == (0.2, 0.2)
+    _, none = walk_shares(logits, y, [second], (0.2, 0.5), drop=0.0, shares="each")
+    assert none is None  # the second alone breaks two images at its first share
+
+
+def test_a_gate_with_each_its_own_share_can_keep_one_gate_off_and_loads_in_keras_2(tmp_path, small_deepid):
+    from .conftest import random_faces
+
+    x = random_faces(70, seed=8)
+    y = br.predict_classes(small_deepid, x)  # B right on every image: each image overruled is one wrong
+    defense = DiscriminantGate(augment="none", folds=2, shares="each", quantiles=(0.05, 0.2), drop=6.0, budget=None)
+    repair = defense.repair(small_deepid, br.Dataset(x, y, "valid"))
+    choices = repair.record["choices"]
+    rows = {(t["quantile"], t["second_quantile"]): t for t in choices["tried"]}
+    assert len(rows) == 8 and choices["shares"] == "each"
+    # each gate alone at 5 % overrules the 4 of 70 images above its threshold (5.71 % < 6 points); both together
+    # overrule more, or the same four: the first of the pairs overruling the most within 6 points is (0, 0.05)
+    assert rows[(0.0, 0.05)]["overruled"] == rows[(0.05, 0.0)]["overruled"] == pytest.approx(400 / 70)
+    assert all(t["accuracy"] == pytest.approx(100.0 - t["overruled"]) for t in rows.values())
+    assert (choices["quantile"], choices["second_quantile"]) == (0.0, 0.05) and choices["threshold"] is None
+    assert choices["second_layers"] == ["conv_3"] and choices["second_threshold"] is not None
+    margins = [layer for layer in repair.model.layers if layer.name.startswith("margin")]
+    assert len(margins) == 1  # the first gate, off, is left out of the model
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    paths = br.save_model(repair.model, tmp_path, "bd_gated", formats=("h5",))
+    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+    np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(repair.model, x), rtol=1e-4,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="shares"):
+        DiscriminantGate(shares="both")  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ carry the trigger, features read from earlier in the body (``depth``) can still 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -24,9 +25,9 @@ from .base import Defense, Repair, Repaired
 from .subspace import cross_fit_folds, dense_inputs
 from .tuning import kept_or_b
 
-__all__ = ["AUGMENTS", "QUANTILES", "WEIGHTS", "DiscriminantFusion", "DiscriminantGate", "LinearDiscriminant",
+__all__ = ["AUGMENTS", "QUANTILES", "SHARES", "WEIGHTS", "DiscriminantFusion", "DiscriminantGate", "LinearDiscriminant",
            "augmented", "cross_fit_discriminants", "feature_layers", "fit_discriminant", "gate_margins",
-           "gated_classes"]
+           "gated_classes", "share_pairs", "walk_shares"]
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +407,9 @@ class DiscriminantFusion(_DiscriminantDefense):
                       record=self.make_record(choices, tried), warnings=tuple(warnings))
 
 
+#: How the gate's discriminants share the clean images they may overrule (:func:`share_pairs`).
+SHARES: tuple[str, ...] = ("same", "each")
+
 #: Shares of the clean images the gate may overrule, tried in this order (the fewest first).
 QUANTILES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 
@@ -428,6 +432,83 @@ def gated_classes(logits: np.ndarray, scores: np.ndarray, threshold: float, *,
         over = gate_margins(logits, s) > t
         out[over] = np.asarray(s).argmax(axis=1)[over]
     return out
+
+
+def share_pairs(quantiles: Sequence[float], gates: int, shares: str) -> list[tuple[float, ...]]:
+    """The shares of clean images each of ``gates`` gates may overrule, in the order tried.
+
+    ``"same"``: one share for every gate, each of ``quantiles`` in turn. ``"each"``: every
+    combination of ``0`` (that gate off) and ``quantiles``, fewest first, all gates off left out.
+    """
+    if shares == "same" or gates == 1:
+        return [(q,) * gates for q in quantiles]
+    return [c for c in itertools.product((0.0, *quantiles), repeat=gates) if any(c)]
+
+
+@dataclass(frozen=True)
+class _Shares:
+    """A combination the gate's rule kept: each discriminant's share and threshold (None: off), and
+    (N,) whether the gated class of each clean image is right."""
+
+    shares: tuple[float, ...]
+    thresholds: tuple[float | None, ...]
+    right: np.ndarray
+
+
+def walk_shares(logits: np.ndarray, labels: np.ndarray, scores: Sequence[np.ndarray], quantiles: Sequence[float],
+                drop: float, shares: str = "same") -> tuple[list[dict[str, Any]], _Shares | None]:
+    """The gate's rule: the shares of clean images each discriminant may overrule, tried in turn.
+
+    For each combination of :func:`share_pairs`, each discriminant's threshold is the margin
+    (:func:`gate_margins`) that its share of the images exceed (none where its share is 0), and the
+    accuracy is that of :func:`gated_classes` on ``labels``. ``"same"`` keeps the last share before
+    the accuracy first falls more than ``drop`` points below B's (the lab's rule); ``"each"`` keeps,
+    among the combinations at most ``drop`` below B's, the one that overrules the most images
+    (ties: the higher accuracy, then the first tried).
+
+    Args:
+        logits: (N, classes) B's scores on the clean images.
+        labels: (N,) their classes.
+        scores: each discriminant's (N, classes) cross-fitted scores, in the order the gates apply.
+        quantiles: the shares tried, fewest first.
+        drop: the accuracy drop in points the gate may cost.
+        shares: ``"same"`` or ``"each"`` (:data:`SHARES`).
+
+    Returns:
+        The rows tried (shares, thresholds, accuracy and share overruled, in %) and the kept
+        combination, None where even the first falls more than ``drop``.
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    margins = [gate_margins(logits, s) for s in scores]
+    base_acc = float(100.0 * np.mean(logits.argmax(axis=1) == labels))
+    tried: list[dict[str, Any]] = []
+    kept: _Shares | None = None
+    best: tuple[float, float] | None = None
+    for pair in share_pairs(quantiles, len(scores), shares):
+        thresholds = tuple(None if q == 0 else float(np.quantile(m, 1.0 - q))
+                           for m, q in zip(margins, pair, strict=True))
+        on = [(s, t) for s, t in zip(scores, thresholds, strict=True) if t is not None]
+        over = np.zeros(len(labels), bool)
+        for m, t in zip(margins, thresholds, strict=True):
+            if t is not None:
+                over |= m > t
+        right = gated_classes(logits, *on[0], more=on[1:]) == labels
+        acc = float(100.0 * np.mean(right))
+        row: dict[str, Any] = {"quantile": pair[0], "threshold": thresholds[0], "accuracy": acc,
+                               "overruled": float(100.0 * np.mean(over))}
+        if len(scores) > 1:
+            row["second_threshold"] = thresholds[1]
+            if shares == "each":
+                row["second_quantile"] = pair[1]
+        tried.append(row)
+        within = base_acc - acc <= drop
+        if shares == "same" or len(scores) == 1:
+            if not within:
+                break  # accuracy first falls more than drop: the share before is kept
+            kept = _Shares(pair, thresholds, right)
+        elif within and (best is None or (row["overruled"], acc) > best):
+            best, kept = (row["overruled"], acc), _Shares(pair, thresholds, right)
+    return tried, kept
 
 
 @dataclass(frozen=True)
@@ -480,6 +561,10 @@ class DiscriminantGate(_DiscriminantDefense):
             margins; B is overruled where either margin exceeds its threshold, by the second's class
             where it does. Where the model has too few convolutions for it, or its features there
             are those of the first, the gate logs that it has none and keeps one discriminant.
+        shares: how the two discriminants' thresholds are set, default ``"same"``: step 3 with one
+            share ``q`` for both; ``"each"``: every pair of shares from 0 (that gate off) and
+            ``quantiles`` is tried (:func:`share_pairs`), and kept is the pair that overrules the most
+            clean images among those within ``drop`` (ties: the higher accuracy, then the fewest).
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
         seed: the folds' seed, default 0.
@@ -497,6 +582,10 @@ class DiscriminantGate(_DiscriminantDefense):
     second_depth: int | None = setting(2, "a second discriminant on the features at this depth: B is also "
                                           "overruled where it finds B's class far off, at the same share, and "
                                           "takes its class there (None: one discriminant; issue 31's round 13)")
+    shares: Literal["same", "each"] = setting("same", "with a second discriminant: one share of the clean images "
+                                                      "sets both thresholds (same), or every pair of shares is "
+                                                      "tried and the one overruling the most within drop kept "
+                                                      "(each; issue 31's round 14)")
 
     def __post_init__(self) -> None:
         if not self.drop >= 0:
@@ -505,6 +594,8 @@ class DiscriminantGate(_DiscriminantDefense):
             raise ValueError(f"quantiles must be shares in (0, 1), not {self.quantiles}")
         if self.second_depth is not None and self.second_depth < 0:
             raise ValueError(f"second_depth must be >= 0 or None, not {self.second_depth}")
+        if self.shares not in SHARES:
+            raise ValueError(f"shares must be one of {SHARES}, not {self.shares!r}")
         self._check_shared()
 
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
@@ -528,50 +619,36 @@ class DiscriminantGate(_DiscriminantDefense):
         y = fit.y
         base_right = fit.logits.argmax(axis=1) == y
         base_acc = float(100.0 * np.mean(base_right))
-        margins = gate_margins(fit.logits, fit.scores)
-        margins_2 = None if second is None else gate_margins(fit.logits, second.scores)
-        tried: list[dict[str, Any]] = []
-        kept: tuple[float, float, float | None, np.ndarray] | None = None
-        for q in self.quantiles:
-            threshold = float(np.quantile(margins, 1.0 - q))
-            over = margins > threshold
-            threshold_2: float | None = None
-            more: list[tuple[np.ndarray, float]] = []
-            if second is not None and margins_2 is not None:  # (the second test narrows the type for mypy)
-                threshold_2 = float(np.quantile(margins_2, 1.0 - q))  # the same share for each
-                more = [(second.scores, threshold_2)]
-                over = over | (margins_2 > threshold_2)
-            right = gated_classes(fit.logits, fit.scores, threshold, more=more) == y
-            acc = float(100.0 * np.mean(right))
-            tried.append({"quantile": q, "threshold": threshold, "accuracy": acc,
-                          "overruled": float(100.0 * np.mean(over)),
-                          **({} if second is None else {"second_threshold": threshold_2})})
-            if base_acc - acc > self.drop:
-                break  # accuracy first falls more than drop: the share before is kept
-            kept = (q, threshold, threshold_2, right)
-        quantile: float | None = None if kept is None else kept[0]
-        threshold_kept: float | None = None if kept is None else kept[1]
-        second_kept: float | None = None if kept is None else kept[2]
+        gates = [(fit.names, fit.discriminant)] + ([] if second is None else [(second.names, second.discriminant)])
+        tried, kept = walk_shares(fit.logits, y, [fit.scores] + ([] if second is None else [second.scores]),
+                                  self.quantiles, self.drop, self.shares)
+        quantile: float | None = None if kept is None else kept.shares[0]
+        threshold_kept: float | None = None if kept is None else kept.thresholds[0]
+        second_share: float | None = None if kept is None or second is None else kept.shares[1]
+        second_kept: float | None = None if kept is None or second is None else kept.thresholds[1]
 
         def build() -> Any:
-            disc = fit.discriminant
-            more = [] if second is None else [(second.names, second.discriminant.kernel, second.discriminant.bias,
-                                               float(second_kept or 0.0))]
-            return with_gated_scores(graph, fit.names, disc.kernel, disc.bias, float(threshold_kept or 0.0),
-                                     head=self.head, more=more)
+            assert kept is not None  # called only where a pair of shares was kept
+            on = [(names, disc.kernel, disc.bias, float(t))
+                  for (names, disc), t in zip(gates, kept.thresholds, strict=True) if t is not None]
+            first, *rest = on  # a gate whose share is 0 is left out
+            return with_gated_scores(graph, *first, head=self.head, more=rest)
 
-        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[3],
+        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept.right,
                                          f"even the smallest share overruled ({100 * self.quantiles[0]:g}%) fell "
                                          f"more than {self.drop:g} points", self.budget, build)
         if net is model:
-            quantile, threshold_kept, second_kept = None, None, None
-        log.info("%s: kept share %s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
+            quantile, threshold_kept, second_kept, second_share = None, None, None, None
+        log.info("%s: kept share %s%s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
                  "-" if quantile is None else f"{quantile:g}",
+                 "" if second_share is None or self.shares == "same" else f", second {second_share:g}",
                  "-" if threshold_kept is None else f"{threshold_kept:.4g}", check.accuracy, base_acc)
         choices = {"layers": fit.names, "features": fit.width, "quantile": quantile, "threshold": threshold_kept,
                    "folds": fit.folds, "augment": self.augment, "fitted_on": fit.rows,
                    "tried": tried, "clean_images": len(y), **check.as_dict()}
         choices.update(second_layers=None if second is None else second.names,
                        second_features=None if second is None else second.width, second_threshold=second_kept)
+        if self.shares == "each":
+            choices.update(shares=self.shares, second_quantile=second_share)
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))
