@@ -534,6 +534,10 @@ class DiscriminantGate(_DiscriminantDefense):
        the threshold (:func:`~badnet_repair.nets.models.with_gated_scores`). None within ``drop``:
        B, with a loud line.
 
+    With a second discriminant (``second_depth``, on features read earlier in the body), each has
+    its own share: every pair is tried, and kept is the pair that overrules the most clean images
+    within ``drop`` (:func:`walk_shares`); B is overruled where either margin exceeds its threshold.
+
     Held to the clean-accuracy ``budget`` on the cross-fitted predictions, with the caution line
     where the clean images are too few to bound the drop. No training, one pass over the clean data.
 
@@ -557,14 +561,15 @@ class DiscriminantGate(_DiscriminantDefense):
         second_depth: a second discriminant's ``depth``, default 2 (chosen in issue 31's round 13 on
             tuning BadNets: the features read before the body's last convolution separate triggers
             the dense inputs' discriminant does not, and miss others it catches); None, one
-            discriminant. Each share ``q`` sets a threshold for each discriminant from its own
-            margins; B is overruled where either margin exceeds its threshold, by the second's class
-            where it does. Where the model has too few convolutions for it, or its features there
+            discriminant. Each discriminant's share sets its threshold from its own margins (see
+            ``shares``); B is overruled where either margin exceeds its threshold, by the second's
+            class where it does. Where the model has too few convolutions for it, or its features there
             are those of the first, the gate logs that it has none and keeps one discriminant.
-        shares: how the two discriminants' thresholds are set, default ``"same"``: step 3 with one
-            share ``q`` for both; ``"each"``: every pair of shares from 0 (that gate off) and
-            ``quantiles`` is tried (:func:`share_pairs`), and kept is the pair that overrules the most
-            clean images among those within ``drop`` (ties: the higher accuracy, then the fewest).
+        shares: how the two discriminants' thresholds are set, default ``"each"`` (chosen in issue 31's
+            round 14 on tuning BadNets): every pair of shares from 0 (that gate off) and ``quantiles``
+            is tried (:func:`share_pairs`), and kept is the pair that overrules the most clean images
+            among those within ``drop`` (ties: the higher accuracy, then the fewest); ``"same"``: step 3
+            with one share ``q`` for both.
         budget: the clean-accuracy budget in points, default 3 (None = off).
         batch_size: inputs per forward pass, default 1024.
         seed: the folds' seed, default 0.
@@ -582,10 +587,10 @@ class DiscriminantGate(_DiscriminantDefense):
     second_depth: int | None = setting(2, "a second discriminant on the features at this depth: B is also "
                                           "overruled where it finds B's class far off, at the same share, and "
                                           "takes its class there (None: one discriminant; issue 31's round 13)")
-    shares: Literal["same", "each"] = setting("same", "with a second discriminant: one share of the clean images "
-                                                      "sets both thresholds (same), or every pair of shares is "
-                                                      "tried and the one overruling the most within drop kept "
-                                                      "(each; issue 31's round 14)")
+    shares: Literal["same", "each"] = setting("each", "with a second discriminant: every pair of shares is tried "
+                                                      "and the one overruling the most within drop kept (each; "
+                                                      "issue 31's round 14), or one share of the clean images sets "
+                                                      "both thresholds (same)")
 
     def __post_init__(self) -> None:
         if not self.drop >= 0:
