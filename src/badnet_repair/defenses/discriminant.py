@@ -25,9 +25,9 @@ from .base import Defense, Repair, Repaired
 from .subspace import cross_fit_folds, dense_inputs
 from .tuning import kept_or_b
 
-__all__ = ["AUGMENTS", "QUANTILES", "SHARES", "WEIGHTS", "DiscriminantFusion", "DiscriminantGate", "LinearDiscriminant",
-           "augmented", "cross_fit_discriminants", "feature_layers", "fit_discriminant", "gate_margins",
-           "gated_classes", "share_pairs", "walk_shares"]
+__all__ = ["AUGMENTS", "QUANTILES", "SHARES", "WEIGHTS", "DiscriminantFusion", "DiscriminantGate", "KeptShares",
+           "LinearDiscriminant", "augmented", "cross_fit_discriminants", "feature_layers", "fit_discriminant",
+           "gate_margins", "gated_classes", "share_pairs", "walk_shares"]
 
 log = logging.getLogger(__name__)
 
@@ -446,9 +446,9 @@ def share_pairs(quantiles: Sequence[float], gates: int, shares: str) -> list[tup
 
 
 @dataclass(frozen=True)
-class _Shares:
-    """A combination the gate's rule kept: each discriminant's share and threshold (None: off), and
-    (N,) whether the gated class of each clean image is right."""
+class KeptShares:
+    """The combination :func:`walk_shares` kept: each discriminant's share and threshold (None: that
+    gate off), and (N,) whether the gated class of each clean image is right."""
 
     shares: tuple[float, ...]
     thresholds: tuple[float | None, ...]
@@ -456,7 +456,7 @@ class _Shares:
 
 
 def walk_shares(logits: np.ndarray, labels: np.ndarray, scores: Sequence[np.ndarray], quantiles: Sequence[float],
-                drop: float, shares: str = "same") -> tuple[list[dict[str, Any]], _Shares | None]:
+                drop: float, shares: str = "same") -> tuple[list[dict[str, Any]], KeptShares | None]:
     """The gate's rule: the shares of clean images each discriminant may overrule, tried in turn.
 
     For each combination of :func:`share_pairs`, each discriminant's threshold is the margin
@@ -482,7 +482,7 @@ def walk_shares(logits: np.ndarray, labels: np.ndarray, scores: Sequence[np.ndar
     margins = [gate_margins(logits, s) for s in scores]
     base_acc = float(100.0 * np.mean(logits.argmax(axis=1) == labels))
     tried: list[dict[str, Any]] = []
-    kept: _Shares | None = None
+    kept: KeptShares | None = None
     best: tuple[float, float] | None = None
     for pair in share_pairs(quantiles, len(scores), shares):
         thresholds = tuple(None if q == 0 else float(np.quantile(m, 1.0 - q))
@@ -505,9 +505,9 @@ def walk_shares(logits: np.ndarray, labels: np.ndarray, scores: Sequence[np.ndar
         if shares == "same" or len(scores) == 1:
             if not within:
                 break  # accuracy first falls more than drop: the share before is kept
-            kept = _Shares(pair, thresholds, right)
+            kept = KeptShares(pair, thresholds, right)
         elif within and (best is None or (row["overruled"], acc) > best):
-            best, kept = (row["overruled"], acc), _Shares(pair, thresholds, right)
+            best, kept = (row["overruled"], acc), KeptShares(pair, thresholds, right)
     return tried, kept
 
 
@@ -585,8 +585,8 @@ class DiscriminantGate(_DiscriminantDefense):
     quantiles: tuple[float, ...] = setting(QUANTILES, "shares of the clean images the gate may overrule, tried in "
                                                       "order, fewest first")
     second_depth: int | None = setting(2, "a second discriminant on the features at this depth: B is also "
-                                          "overruled where it finds B's class far off, at the same share, and "
-                                          "takes its class there (None: one discriminant; issue 31's round 13)")
+                                          "overruled where it finds B's class far off (its share: see shares), "
+                                          "and takes its class there (None: one discriminant; issue 31's round 13)")
     shares: Literal["same", "each"] = setting("each", "with a second discriminant: every pair of shares is tried "
                                                       "and the one overruling the most within drop kept (each; "
                                                       "issue 31's round 14), or one share of the clean images sets "
