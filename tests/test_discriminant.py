@@ -35,6 +35,14 @@ from .test_subspace import corner_images, corner_test_images
 K, TARGET = 4, 0
 
 
+def assert_keras_2_loads_the_same(model, x: np.ndarray, tmp_path, label: str = "bd_gated") -> None:
+    """Saved as .h5 and loaded by Keras 2 (tf-keras, the lab's eval.py), ``model`` predicts as it does here."""
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    paths = br.save_model(model, tmp_path, label, formats=("h5",))
+    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+    np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(model, x), rtol=1e-4, atol=1e-6)
+
+
 def test_the_discriminant_is_fishers_formula_on_standardised_features():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 8)
@@ -167,7 +175,6 @@ def test_no_test_or_poisoned_image_is_read_while_discriminant_repairs(small_deep
 
 def test_the_fused_deepid_loads_in_keras_2_and_predicts_the_same(tmp_path, small_deepid):
     """A repaired model is handed in as .h5 and graded by a Keras 2 eval.py."""
-    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
     from .conftest import random_faces
 
     width = 1200 + 960  # flatten(pool_3) and flatten(conv_4), fc_1's and fc_2's inputs
@@ -177,9 +184,7 @@ def test_the_fused_deepid_loads_in_keras_2_and_predicts_the_same(tmp_path, small
     x = random_faces(16, seed=9)
     for label, net in (("bd_fused", with_linear_scores(small_deepid, ["fc_1", "fc_2"], kernel, bias)),
                        ("bd_gated", with_gated_scores(small_deepid, ["fc_1", "fc_2"], kernel, bias, 0.5))):
-        paths = br.save_model(net, tmp_path, label, formats=("h5",))
-        k2 = tf_keras.models.load_model(paths["h5"], compile=False)
-        np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(net, x), rtol=1e-4, atol=1e-6)
+        assert_keras_2_loads_the_same(net, x, tmp_path, label)
 
 
 def test_the_gate_overrules_b_where_the_margin_exceeds_the_threshold():
@@ -353,10 +358,7 @@ def test_a_gate_on_a_feature_map_is_the_plain_gate_and_loads_in_keras_2(tmp_path
     expected = gated_classes(z, s, threshold)
     assert 0 < np.sum(expected != z.argmax(1)) < len(x)  # some inputs overruled, some not
     np.testing.assert_array_equal(br.predict_classes(gated, x), expected)
-    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
-    paths = br.save_model(gated, tmp_path, "bd_gated", formats=("h5",))
-    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
-    np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(gated, x), rtol=1e-4, atol=1e-6)
+    assert_keras_2_loads_the_same(gated, x, tmp_path)
 
 
 def test_later_gates_overrule_where_their_own_margin_exceeds_their_threshold():
@@ -416,10 +418,7 @@ def test_two_gates_make_the_plain_gated_classes_and_load_in_keras_2(tmp_path, sm
     expected = gated_classes(z, s1, t1, more=[(s2, t2)])
     assert np.sum(expected != gated_classes(z, s1, t1)) > 0  # the second gate changes some classes
     np.testing.assert_array_equal(br.predict_classes(gated, x), expected)
-    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
-    paths = br.save_model(gated, tmp_path, "bd_gated", formats=("h5",))
-    k2_model = tf_keras.models.load_model(paths["h5"], compile=False)
-    np.testing.assert_allclose(k2_model.predict(x, verbose=0), predict_probabilities(gated, x), rtol=1e-4, atol=1e-6)
+    assert_keras_2_loads_the_same(gated, x, tmp_path)
 
 
 def test_share_pairs_are_one_share_for_all_or_every_combination_with_the_gate_off():
@@ -488,10 +487,6 @@ def test_a_gate_with_each_its_own_share_can_keep_one_gate_off_and_loads_in_keras
     assert choices["second_layers"] == ["conv_3"] and choices["second_threshold"] is not None
     margins = [layer for layer in repair.model.layers if layer.name.startswith("margin")]
     assert len(margins) == 1  # the first gate, off, is left out of the model
-    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
-    paths = br.save_model(repair.model, tmp_path, "bd_gated", formats=("h5",))
-    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
-    np.testing.assert_allclose(k2.predict(x, verbose=0), predict_probabilities(repair.model, x), rtol=1e-4,
-                               atol=1e-6)
     with pytest.raises(ValueError, match="shares"):
         DiscriminantGate(shares="both")  # type: ignore[arg-type]
+    assert_keras_2_loads_the_same(repair.model, x, tmp_path)
