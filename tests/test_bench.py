@@ -276,6 +276,56 @@ def test_detector_cells_fit_on_clean_data_and_make_their_own_leaderboard(small_d
     assert (out / "detection.png").stat().st_size > 1000 and not (out / "leaderboard.png").exists()
 
 
+def test_clean_per_class_gives_the_cells_fewer_clean_images_of_the_same_badnet(small_demo, tmp_path):
+    entry = _tuning_badnet(small_demo)
+    text = ("seeds = [0]\n" + entry + entry.replace('"baseline"', '"baseline, 2 a class"') + "clean_per_class = 2\n"
+            + textwrap.dedent("""
+        [[detector]]
+        detectors = ["feature-distance"]
+    """))
+    path = tmp_path / "few.toml"
+    path.write_text(text)
+    config = load_config(path)
+    full, few = config.badnets
+    assert (full.clean_per_class, few.clean_per_class) == (None, 2)
+    assert few.folder_name == "baseline" and full.folder_name == "baseline"  # one BadNet, made once
+    cells = config.cells()
+    assert len({c.key for c in cells}) == 2
+    out = tmp_path / "out"
+    run_bench(config, out, serial=True, progress=False)
+    rows = {r["badnet"]: r for r in read_store(out)}
+    classes = len(np.unique(br_load_valid(small_demo)))
+    assert rows["baseline, 2 a class"]["clean_images"] == 2 * classes and "clean_images" not in rows["baseline"]
+    assert all(r["status"] == "ok" for r in rows.values())
+    bad = tmp_path / "bad.toml"
+    for value in ("0", '"two"', "true"):
+        bad.write_text("seeds = [0]\n" + entry + f"clean_per_class = {value}\n"
+                       + '[[detector]]\ndetectors = ["feature-distance"]\n')
+        with pytest.raises(ConfigError, match="clean_per_class must be a whole number"):
+            load_config(bad)
+
+
+def test_entries_of_one_recipe_share_the_badnet_made_once(tmp_path):
+    text = "seeds = [0]\n" + "".join(textwrap.dedent(f"""
+        [[badnet]]
+        name = "{name}"
+        split = "tuning"
+        recipe = "demo"
+        kind = "{kind}"
+        {extra}
+    """) for name, kind, extra in [("a", "baseline", ""), ("b", "baseline", "clean_per_class = 3"),
+                                   ("c", "pruning-aware", "")]) + '[[detector]]\ndetectors = ["feature-distance"]\n'
+    path = tmp_path / "recipes.toml"
+    path.write_text(text)
+    assert [b.folder_name for b in load_config(path).badnets] == ["a", "a", "c"]
+
+
+def br_load_valid(demo) -> np.ndarray:
+    import badnet_repair as br
+
+    return br.load_h5(demo.valid).y
+
+
 def test_a_detector_entry_with_mistakes_is_refused_with_each_named(small_demo, tmp_path):
     text = _tuning_badnet(small_demo) + textwrap.dedent("""
         [[detector]]

@@ -246,3 +246,20 @@ def test_folder_lock_on_a_folder_it_cannot_write_runs_the_block_unlocked(tmp_pat
     with folder_lock(tmp_path / "demo") as root:
         ran.append(root)
     assert ran == [tmp_path / "demo"] and not (tmp_path / "demo" / ".lock").exists()
+
+
+def test_per_class_keeps_at_most_n_images_of_each_class_in_file_order():
+    y = np.array([2, 0, 2, 1, 2, 0, 2])
+    data = br.Dataset(np.arange(7, dtype=np.float32).reshape(7, 1, 1, 1), y, name="valid")
+    two = data.per_class(2, seed=1)
+    assert np.bincount(two.y).tolist() == [2, 1, 2]  # class 1 has one image: kept
+    kept = two.x.ravel().astype(int)
+    assert (np.diff(kept) > 0).all() and (data.y[kept] == two.y).all()  # file order, labels with their images
+    assert two.name == "valid (2 a class)"
+    np.testing.assert_array_equal(data.per_class(2, seed=1).x, two.x)  # seeded
+    assert len(data.per_class(10)) == 7
+    draws = {tuple(data.per_class(1, seed=s).x.ravel().astype(int)) for s in range(20)}
+    assert len(draws) > 1  # the seed draws which images
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="whole number"):
+            data.per_class(bad)  # type: ignore[arg-type]

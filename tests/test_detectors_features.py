@@ -179,6 +179,49 @@ def test_cross_fitted_calibration_is_the_plain_out_of_fold_computation():
     assert np.isfinite(tiny.threshold) and tiny.calibration_scores.shape == (D,)
 
 
+def test_the_fold_scale_by_hand():
+    # classes 0..2 with 2, 3 and 1 images in all; a fold left out one image of class 0 and one of class 1
+    all_labels = np.array([0, 0, 1, 1, 1, 2])
+    fit_labels = np.array([0, 1, 1, 2])
+    # covariance kept: all: classes 0 and 1 (5 images, 2 classes) -> 3/5; fit: class 1 only (2 images) -> 1/2
+    assert features.covariance_share(all_labels, 3) == pytest.approx(3 / 5)
+    assert features.covariance_share(fit_labels, 3) == pytest.approx(1 / 2)
+    # no class of two: about the mean of all n images, (n - 1) / n; one image: 1
+    assert features.covariance_share(np.array([0, 1, 2]), 3) == pytest.approx(2 / 3)
+    assert features.covariance_share(np.array([1]), 3) == 1.0
+    got = features.fold_scale(np.array([0, 1, 2]), fit_labels, all_labels, 3)
+    cov = (1 / 2) / (3 / 5)
+    # class 0: mean of 1 image in the fold, of 2 in all; class 1: 2 and 3; class 2: 1 and 1
+    np.testing.assert_allclose(got, [(1 + 1 / 2) / (1 + 1) * cov, (1 + 1 / 3) / (1 + 1 / 2) * cov, cov])
+    # a class the fold's images lack was scored by another class's mean: only the covariance's part
+    assert features.fold_scale(np.array([2]), np.array([0, 0, 1, 1]), all_labels, 3)[0] == pytest.approx(
+        features.covariance_share(np.array([0, 0, 1, 1]), 3) / (3 / 5))
+
+
+@pytest.mark.parametrize("folds", [3, None])
+def test_the_fold_correction_scales_each_cross_fitted_distance_and_nothing_else(folds):
+    clean = pixel_data(3, seed=6) if folds else pixel_data(1, seed=6)
+    plain = FeatureDistance(folds=folds, false_alarm=10.0).fit(pixel_model(), clean)
+    fixed = FeatureDistance(folds=folds, false_alarm=10.0, fold_correction=True).fit(pixel_model(), clean)
+    # the statistics that score new inputs are the same; the calibration distances are each scaled
+    np.testing.assert_array_equal(fixed.means, plain.means)
+    np.testing.assert_array_equal(fixed.precision, plain.precision)
+    y, k = clean.y, D
+    pred = clean.x.reshape(-1, D).argmax(axis=1)
+    if folds:
+        ids = features.fold_ids(y, folds, 0)
+    else:  # one image a class: the fit images cross-fitted over min(5, n) folds
+        ids = np.random.default_rng(0).permutation(len(y)) % min(5, len(y))
+    raw_plain = plain.calibration_scores * plain.spread[0] + plain.loc[0]
+    raw_fixed = fixed.calibration_scores * fixed.spread[0] + fixed.loc[0]
+    want = np.empty(len(y))
+    for fold in np.unique(ids):
+        out = ids == fold
+        want[out] = features.fold_scale(pred[out], y[~out], y, k)
+    np.testing.assert_allclose(raw_fixed, raw_plain * want, rtol=1e-9)
+    assert (want < 1).any()  # the correction did something here
+
+
 def test_split_seeds_start_at_the_seed_and_differ_between_seeds():
     assert features.split_seeds(4, 1) == [4]
     three = features.split_seeds(4, 3)
@@ -338,16 +381,17 @@ def test_threshold_keeps_the_calibration_false_alarm(small_deepid):
 def test_settings_and_their_validation():
     assert FeatureDistance.name == "feature-distance" and FeatureDistance.summary
     assert list(FeatureDistance.settings()) == ["layer", "share", "per_class_min", "shrinkage", "false_alarm",
-                                                "seed", "batch_size", "folds", "splits"]
+                                                "seed", "batch_size", "folds", "fold_correction", "splits"]
     assert FeatureDistance().get_params() == {"layer": "head", "share": 0.3, "per_class_min": None, "shrinkage": None,
                                               "false_alarm": 5.0, "seed": 0, "batch_size": 1024, "folds": 5,
-                                              "splits": 1}
+                                              "fold_correction": False, "splits": 1}
     for bad, match in [({"share": 0.0}, "share"), ({"share": 1.0}, "share"), ({"per_class_min": 1}, "per_class_min"),
                        ({"per_class_min": 2.5}, "per_class_min"), ({"shrinkage": 1.5}, "shrinkage"),
                        ({"shrinkage": -0.1}, "shrinkage"), ({"false_alarm": 101.0}, "percentage"),
                        ({"batch_size": 0}, "batch_size"), ({"layer": ""}, "layer"), ({"folds": 1}, "folds"),
                        ({"folds": 2.5}, "folds"), ({"splits": 0}, "splits"), ({"splits": 1.5, "folds": None}, "splits"),
-                       ({"splits": 3}, "splits needs folds=None"), ({"splits": 3, "folds": 5}, "choose one")]:
+                       ({"splits": 3}, "splits needs folds=None"), ({"splits": 3, "folds": 5}, "choose one"),
+                       ({"fold_correction": "yes"}, "fold_correction")]:
         with pytest.raises(ValueError, match=match):
             FeatureDistance(**bad)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="fit"):

@@ -13,8 +13,9 @@ from ..errors import ModelError
 from ..formats.data import Dataset
 from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model, threshold_at
 
-__all__ = ["DEFAULT_FOLDS", "DEFAULT_PER_CLASS_MIN", "DEFAULT_SPLITS", "MAX_FEATURES", "FeatureDistance",
-           "FeatureEnsemble", "feature_tensor", "features_model", "fold_ids", "ledoit_wolf", "ledoit_wolf_from_moments",
+__all__ = ["DEFAULT_FOLDS", "DEFAULT_FOLD_CORRECTION", "DEFAULT_PER_CLASS_MIN", "DEFAULT_SPLITS", "MAX_FEATURES",
+           "FeatureDistance", "FeatureEnsemble", "covariance_share", "feature_tensor", "features_model", "fold_ids",
+           "fold_scale", "ledoit_wolf", "ledoit_wolf_from_moments",
            "mahalanobis_sq", "robust_location_scale", "run_features", "split_seeds", "split_thresholds"]
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ DEFAULT_PER_CLASS_MIN: int | None = None
 #: of all the clean images (5-fold cross-fitting; chosen in round 8, docs/research/detection32.md);
 #: None, on one held-out ``share`` of them.
 DEFAULT_FOLDS: int | None = 5
+
+#: The feature detectors' ``fold_correction`` (their one home): False, the cross-fitted distances
+#: as measured (issue 32's round 10 decides it, docs/research/detection32.md).
+DEFAULT_FOLD_CORRECTION: bool = False
 
 #: The feature detectors' ``splits`` (their one home): 1, the threshold of one fit/calibration
 #: split; R, the mean of R splits' thresholds (the first split's statistics score new inputs).
@@ -174,6 +179,10 @@ class FeatureDistance(ThresholdDetector):
             than the K - 1 folds' were), so fewer than ``false_alarm`` % of new clean inputs are
             flagged. None: the statistics on the fit part, the normalisation and threshold on the
             ``share`` held out.
+        fold_correction: scale each cross-fitted distance to what the statistics of all the clean
+            images would give a new input (:func:`fold_scale`: its class's mean made of more
+            images, the covariance of more degrees of freedom), so the threshold no longer errs
+            high where a class has few clean images; default False (:data:`DEFAULT_FOLD_CORRECTION`).
         splits: with ``folds = None``: 1 (default, :data:`DEFAULT_SPLITS`), the threshold of the
             one split; R >= 2, the mean of the thresholds of R fit/calibration splits
             (:func:`split_seeds`, the first is ``seed``'s), each in its own split's normalised
@@ -192,12 +201,14 @@ class FeatureDistance(ThresholdDetector):
     seed: int
     batch_size: int
     folds: int | None
+    fold_correction: bool
     splits: int
 
     def __init__(self, *, layer: str = "head", share: float = 0.3,
                  per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
                  false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024,
-                 folds: int | None = DEFAULT_FOLDS, splits: int = DEFAULT_SPLITS) -> None:
+                 folds: int | None = DEFAULT_FOLDS, fold_correction: bool = DEFAULT_FOLD_CORRECTION,
+                 splits: int = DEFAULT_SPLITS) -> None:
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"layer must be 'head', 'conv' or a layer's name, not {layer!r}")
         if not 0.0 < share < 1.0:
@@ -213,6 +224,9 @@ class FeatureDistance(ThresholdDetector):
         if folds is not None and (int(folds) != folds or folds < 2):
             raise ValueError(f"folds must be a whole number >= 2 (or None for one held-out share), not {folds}")
         self.folds = None if folds is None else int(folds)
+        if not isinstance(fold_correction, (bool, np.bool_)):
+            raise ValueError(f"fold_correction must be True or False, not {fold_correction!r}")
+        self.fold_correction = bool(fold_correction)
         self.splits = checked_splits(splits, self.folds)
         self.layer = layer
         self.share = float(share)
@@ -370,6 +384,8 @@ class FeatureDistance(ThresholdDetector):
             out = folds == fold
             means, has_mean, precision, _ = self._statistics(feats[~out], labels[~out], k)
             raw[out] = _raw_distances(feats[out], pred[out], means, has_mean, precision)
+            if self.fold_correction:
+                raw[out] *= fold_scale(pred[out], labels[~out], labels, k)
         log.info("no clean image left to calibrate on: cross-fitted distances of the fit images set the threshold")
         return raw
 
@@ -386,6 +402,8 @@ class FeatureDistance(ThresholdDetector):
             out = ids == fold
             means, has_mean, precision, _ = self._statistics(feats[~out], labels[~out], k)
             raw[out] = _raw_distances(feats[out], pred[out], means, has_mean, precision)
+            if self.fold_correction:
+                raw[out] *= fold_scale(pred[out], labels[~out], labels, k)
         return raw
 
     # ------------------------------------------------------------------ scores
@@ -468,8 +486,8 @@ class FeatureEnsemble(ThresholdDetector):
         layers: the layers (:func:`feature_tensor`), each ``"head"`` (the classifier head's
             input), ``"conv"`` (the last conv layer's map) or a layer's name, default
             ``("head", "conv")``.
-        share, per_class_min, shrinkage, seed, batch_size, folds: each layer's
-            :class:`FeatureDistance` settings, the same defaults (0.3, None, None, 0, 1024, 5).
+        share, per_class_min, shrinkage, seed, batch_size, folds, fold_correction: each layer's
+            :class:`FeatureDistance` settings, the same defaults (0.3, None, None, 0, 1024, 5, False).
         splits: as :class:`FeatureDistance`'s, on the sums: the mean of R splits' thresholds,
             each on the sums of that split's normalised scores; default 1.
         false_alarm: the share of held-out clean images flagged, in %, default 5.
@@ -484,7 +502,8 @@ class FeatureEnsemble(ThresholdDetector):
     def __init__(self, *, layers: Sequence[str] = ("head", "conv"), share: float = 0.3,
                  per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
                  false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024,
-                 folds: int | None = DEFAULT_FOLDS, splits: int = DEFAULT_SPLITS) -> None:
+                 folds: int | None = DEFAULT_FOLDS, fold_correction: bool = DEFAULT_FOLD_CORRECTION,
+                 splits: int = DEFAULT_SPLITS) -> None:
         if isinstance(layers, str):
             layers = (layers,)
         layers = tuple(layers)
@@ -494,13 +513,14 @@ class FeatureEnsemble(ThresholdDetector):
         # The members' own thresholds are never used (the sum is thresholded); at 100 % they
         # set none that could warn about its calibration, and with one split none is averaged.
         self.members = [FeatureDistance(layer=lyr, share=share, per_class_min=per_class_min, shrinkage=shrinkage,
-                                        false_alarm=100.0, seed=seed, batch_size=batch_size, folds=folds)
+                                        false_alarm=100.0, seed=seed, batch_size=batch_size, folds=folds,
+                                        fold_correction=fold_correction)
                         for lyr in layers]
         self._features_model: Any = None
         first = self.members[0]
         self.layers, self.share, self.per_class_min = layers, first.share, first.per_class_min
         self.shrinkage, self.seed, self.batch_size = first.shrinkage, first.seed, first.batch_size
-        self.folds = first.folds
+        self.folds, self.fold_correction = first.folds, first.fold_correction
         self.splits = checked_splits(splits, self.folds)
         self.split_thresholds: np.ndarray | None = None  # (splits,) each split's threshold; the mean is used
 
@@ -614,6 +634,41 @@ def split_seeds(seed: int, splits: int) -> list[int]:
     """The seeds of ``splits`` fit/calibration splits: ``seed`` first (one split is the plain
     detector's), then seeds drawn from (``seed``, r), so that no two detector seeds share one."""
     return [int(seed)] + [int(np.random.SeedSequence([int(seed), r]).generate_state(1)[0]) for r in range(1, splits)]
+
+
+def covariance_share(labels: np.ndarray, k: int) -> float:
+    """The expected share of the true within-class covariance that :meth:`FeatureDistance._statistics`
+    estimates from images of ``labels``: residuals about their own class's mean (classes of two or
+    more images, m in all, in C classes) keep (m - C) / m of it; with no such class, residuals about
+    the mean of all n images keep (n - 1) / n."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=k)
+    several = counts >= 2
+    m, c = int(counts[several].sum()), int(several.sum())
+    if m:
+        return (m - c) / m
+    n = int(counts.sum())
+    return (n - 1) / n if n > 1 else 1.0
+
+
+def fold_scale(classes: np.ndarray, fit_labels: np.ndarray, all_labels: np.ndarray, k: int) -> np.ndarray:
+    """(N,) factors that bring the squared distances of N held-out images, measured with statistics
+    of the images of ``fit_labels``, to what statistics of all the images (``all_labels``) give a
+    new input.
+
+    Under the Gaussian model of the feature detectors, an input of class c minus a mean of n images
+    of c varies as (1 + 1/n) times the class's covariance, and the covariance estimate keeps
+    :func:`covariance_share` of the true one (its precision is the inverse). So each distance is
+    multiplied by ``(1 + 1/n_all[c]) / (1 + 1/n_fit[c])`` for its class ``c`` of ``classes`` (1
+    where the fit images have none of c: it was scored by another class's mean), times
+    ``covariance_share(fit_labels) / covariance_share(all_labels)``.
+    """
+    c = np.asarray(classes, np.int64)
+    n_fit = np.bincount(np.asarray(fit_labels, np.int64), minlength=k)[c].astype(np.float64)
+    n_all = np.bincount(np.asarray(all_labels, np.int64), minlength=k)[c].astype(np.float64)
+    mean_part = np.ones(len(c))
+    has = n_fit > 0
+    mean_part[has] = (1.0 + 1.0 / n_all[has]) / (1.0 + 1.0 / n_fit[has])
+    return mean_part * (covariance_share(fit_labels, k) / covariance_share(all_labels, k))
 
 
 def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:

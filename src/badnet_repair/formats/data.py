@@ -60,6 +60,16 @@ class Dataset:
         """Return the images and labels at ``index`` as a new Dataset."""
         return Dataset(self.x[index], self.y[index], name=name or self.name, path=self.path)
 
+    def per_class(self, n: int, *, seed: int = 0) -> Dataset:
+        """At most ``n`` images of each class, drawn at random (``seed``), in file order: a
+        smaller clean set of the same classes (a class with fewer keeps all of its images)."""
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"images a class must be a whole number >= 1, not {n!r}")
+        rng = np.random.default_rng(seed)
+        keep = [rng.permutation(np.flatnonzero(self.y == c))[: int(n)] for c in np.unique(self.y)]
+        index = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+        return self.subset(index, name=f"{self.name} ({int(n)} a class)")
+
 
 class LazyImages:
     """Images of a lab HDF5 file, read in chunks when sliced, never all at once.

@@ -23,6 +23,13 @@ A TOML file declares the matrix (see ``benchmarks/demo.toml``)::
     recipe = "demo"
     kind = "pruning-aware"
 
+    [[badnet]]                              # the same BadNet (made once), fewer clean images:
+    name = "demo-pruning-aware, 2 a class"  # defenses and detectors see 2 validation images a
+    split = "tuning"                        # class (any BadNet entry takes clean_per_class)
+    recipe = "demo"
+    kind = "pruning-aware"
+    clean_per_class = 2
+
     [[defense]]                             # a registry name and its settings ("none": None);
     name = "fine-pruning"                   # a list of values expands to a grid
     epochs = [30, 50]
@@ -100,7 +107,9 @@ class ConfigError(BadNetRepairError):
 @dataclass(frozen=True)
 class BadNetSpec:
     """One BadNet of the matrix: its files, or the recipe that makes them; ``input_scale``: its
-    model takes file pixels times this (:func:`~badnet_repair.nets.models.load_model`)."""
+    model takes file pixels times this (:func:`~badnet_repair.nets.models.load_model`);
+    ``clean_per_class``: the defenses and detectors see only this many clean validation images
+    a class (:meth:`~badnet_repair.formats.data.Dataset.per_class`, seed 0), None for all."""
 
     name: str
     split: str
@@ -110,6 +119,14 @@ class BadNetSpec:
     recipe_settings: Mapping[str, Any] = field(default_factory=dict)
     target: int | None = None
     input_scale: float = 1.0
+    clean_per_class: int | None = None
+    made_as: str = ""
+
+    @property
+    def folder_name(self) -> str:
+        """The name its recipe's files are made under: the first entry of the same recipe and
+        settings (one BadNet trained once, whatever clean data each entry gives the defenses)."""
+        return self.made_as or self.name
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,8 @@ class Cell:
         parts: list[Any] = [self.badnet.name, self.defense.name, dict(self.defense.settings), self.seed]
         if self.badnet.input_scale != 1.0:  # another model altogether; unscaled cells keep their keys
             parts.append(self.badnet.input_scale)
+        if self.badnet.clean_per_class is not None:  # other clean data; cells with all of it keep their keys
+            parts.append({"clean_per_class": self.badnet.clean_per_class})
         text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -292,10 +311,11 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
         kind = b.get("kind")
         input_scale = 1.0
         if recipe is None:
-            extra = sorted(set(b) - {"name", "split", "model", "valid", "test", "bd_test", "target", "input_scale"})
+            extra = sorted(set(b) - {"name", "split", "model", "valid", "test", "bd_test", "target", "input_scale",
+                                     "clean_per_class"})
             if extra:
                 errors.append(f"{where}: unknown key(s) {', '.join(extra)} (a BadNet by files takes model, valid, "
-                              "test, bd_test, target, input_scale; or give a recipe)")
+                              "test, bd_test, target, input_scale, clean_per_class; or give a recipe)")
             if "input_scale" in b:
                 try:
                     input_scale = parse_input_scale(b["input_scale"])
@@ -319,7 +339,7 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
             elif recipe == "demo" and kind == "clean":
                 errors.append(f"{where}: the demo recipe has no clean model (the faces recipe has)")
             allowed = set(RECIPES.get(recipe, {}))
-            extra = sorted(set(b) - {"name", "split", "recipe", "kind", "target"} - allowed)
+            extra = sorted(set(b) - {"name", "split", "recipe", "kind", "target", "clean_per_class"} - allowed)
             if extra:
                 errors.append(f"{where}: recipe {recipe!r} has no setting(s) {', '.join(extra)}; "
                               f"its settings: {', '.join(sorted(allowed))}")
@@ -330,6 +350,7 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
                     settings[key] = str(f if f.is_absolute() else base / f)
             errors += [f"{where}: {problem}" for problem in recipe_problems(str(recipe), kind, settings)]
             identity = json.dumps([recipe, kind, settings], sort_keys=True)
+        made_as = identities.get(identity, (name, ""))[0]
         for key in (f"name:{name}", identity):
             seen = identities.get(key)
             if seen and seen[1] != split:
@@ -338,8 +359,14 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
             elif seen and key.startswith("name:"):
                 errors.append(f"{where}: the name {name!r} is used twice")
             identities.setdefault(key, (name, str(split)))
+        per_class = b.get("clean_per_class")
+        if per_class is not None and (not isinstance(per_class, int) or isinstance(per_class, bool) or per_class < 1):
+            errors.append(f"{where}: clean_per_class must be a whole number >= 1 (clean images a class), "
+                          f"not {per_class!r}")
+            per_class = None
         badnets.append(BadNetSpec(name=name, split=str(split), files=files, recipe=recipe, kind=kind,
-                                  recipe_settings=settings, target=b.get("target"), input_scale=input_scale))
+                                  recipe_settings=settings, target=b.get("target"), input_scale=input_scale,
+                                  clean_per_class=per_class, made_as=made_as))
     if not raw.get("badnet"):
         errors.append("no [[badnet]] entries")
 
@@ -460,6 +487,9 @@ def run_cell(cell: Cell, files: Mapping[str, str], out_dir: str | os.PathLike[st
         row["input_scale"] = cell.badnet.input_scale
         b = load_model(files["model"], input_scale=cell.badnet.input_scale)
         valid = load_data_for(b, files["valid"], name="valid")
+        if cell.badnet.clean_per_class is not None:
+            valid = valid.per_class(cell.badnet.clean_per_class)
+            row["clean_images"] = len(valid)
         if isinstance(cell.defense, DetectorSpec):
             row.update(_detection_cell(cell, b, valid, files))
             row.update(seconds=round(time.perf_counter() - start, 2), versions=versions(),
@@ -666,7 +696,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], *, scheduler
                                     "tf_threads": config.tf_threads, "detection": config.detection,
                                     "false_alarm": config.false_alarm},
                overwrite=True)
-    needed = {c.badnet.name: c.badnet for c in todo}
+    needed = {c.badnet.folder_name: c.badnet for c in todo}
     if not todo:
         return BenchResult(store, tuple(rows), (), skipped, time.perf_counter() - start, 0)
     if serial:
@@ -675,7 +705,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], *, scheduler
                     make_recipe(b.recipe, str(b.kind), b.recipe_settings, str(out / "badnets" / _slug(n))))
                 for n, b in needed.items()}
         for c in bar(todo, desc="benchmark cells", unit="cell") if progress else todo:
-            keep(run_cell(c, made[c.badnet.name], out, threads=config.tf_threads))
+            keep(run_cell(c, made[c.badnet.folder_name], out, threads=config.tf_threads))
         return BenchResult(store, tuple(rows), tuple(ran), skipped, time.perf_counter() - start, 0)
 
     from distributed import Client, LocalCluster, as_completed
@@ -695,8 +725,8 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], *, scheduler
                                     str(out / "badnets" / _slug(n)), threads, key=f"badnet-{_slug(n)}-{n_workers}",
                                     pure=False)
                    for n, b in needed.items() if b.recipe is not None}
-        futures = [client.submit(_cell_task, c, recipes.get(c.badnet.name, dict(c.badnet.files)), str(out), threads,
-                                 key=f"cell-{c.key}", pure=False) for c in todo]
+        futures = [client.submit(_cell_task, c, recipes.get(c.badnet.folder_name, dict(c.badnet.files)), str(out),
+                                 threads, key=f"cell-{c.key}", pure=False) for c in todo]
         by_key = {f.key: c for f, c in zip(futures, todo, strict=True)}
         bar_ = bar(total=len(futures), desc="benchmark cells", unit="cell") if progress else None
         for future in as_completed(futures):
