@@ -15,6 +15,7 @@ from .base import Defense, Repair, Repaired
 from .btidbf import BTIDBFUnlearning
 from .cleanse import NeuralCleansePruning, NeuralCleanseUnlearning
 from .discriminant import DiscriminantFusion, DiscriminantGate
+from .feature_gate import FeatureGate
 from .finetuning import FinePruning, FineTuning
 from .fst import FeatureShiftFinePruning, FeatureShiftTuning
 from .ibau import IBAU
@@ -26,7 +27,8 @@ from .subspace import CleanSubspaceProjection, SubspaceFineTuning
 from .tsbd import TwoStageBackdoorDefense
 
 __all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "CleanSubspaceProjection",
-           "Defense", "DiscriminantFusion", "DiscriminantGate", "FeatureShiftFinePruning", "FeatureShiftTuning",
+           "Defense", "DiscriminantFusion", "DiscriminantGate", "FeatureGate", "FeatureShiftFinePruning",
+           "FeatureShiftTuning",
            "FinePruning", "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning",
            "ReconstructiveNeuronPruning", "Repair", "Repaired", "SharedAdversarialUnlearning", "SubspaceFineTuning",
            "TwoStageBackdoorDefense", "make_defense", "register_defense"]
@@ -36,7 +38,7 @@ REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
     FeatureShiftTuning, FeatureShiftFinePruning, SharedAdversarialUnlearning, BTIDBFUnlearning,
     TwoStageBackdoorDefense, ReconstructiveNeuronPruning, CleanSubspaceProjection,
-    SubspaceFineTuning, DiscriminantFusion, DiscriminantGate)}
+    SubspaceFineTuning, DiscriminantFusion, DiscriminantGate, FeatureGate)}
 
 
 def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:

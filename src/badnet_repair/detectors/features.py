@@ -13,10 +13,10 @@ from ..errors import ModelError
 from ..formats.data import Dataset
 from .base import ThresholdDetector, calibration_split, checked_false_alarm, detector_model, threshold_at
 
-__all__ = ["DEFAULT_FOLDS", "DEFAULT_FOLD_CORRECTION", "DEFAULT_PER_CLASS_MIN", "DEFAULT_SPLITS", "MAX_FEATURES",
-           "FeatureDistance", "FeatureEnsemble", "covariance_share", "feature_tensor", "features_model", "fold_ids",
-           "fold_scale", "ledoit_wolf", "ledoit_wolf_from_moments",
-           "mahalanobis_sq", "robust_location_scale", "run_features", "split_seeds", "split_thresholds"]
+__all__ = ["DEFAULT_FOLDS", "DEFAULT_FOLD_CORRECTION", "DEFAULT_LAYERS", "DEFAULT_PER_CLASS_MIN", "DEFAULT_SPLITS",
+           "MAX_FEATURES", "FeatureDistance", "FeatureEnsemble", "covariance_share", "feature_tensor",
+           "features_model", "fold_ids", "fold_scale", "ledoit_wolf", "ledoit_wolf_from_moments", "mahalanobis_sq",
+           "robust_location_scale", "run_features", "split_seeds", "split_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 #: the pooled median and spread of the calibration scores (chosen in round 5,
 #: docs/research/detection32.md).
 DEFAULT_PER_CLASS_MIN: int | None = None
+
+#: The feature ensemble's ``layers`` (their one home): the classifier head's input and the last conv
+#: layer's map (chosen in round 5, docs/research/detection32.md).
+DEFAULT_LAYERS: tuple[str, ...] = ("head", "conv")
 
 #: The feature detectors' ``folds`` (their one home): 5, the threshold set on out-of-fold scores
 #: of all the clean images (5-fold cross-fitting; chosen in round 8, docs/research/detection32.md);
@@ -499,7 +503,7 @@ class FeatureEnsemble(ThresholdDetector):
 
     layers: tuple[str, ...]
 
-    def __init__(self, *, layers: Sequence[str] = ("head", "conv"), share: float = 0.3,
+    def __init__(self, *, layers: Sequence[str] = DEFAULT_LAYERS, share: float = 0.3,
                  per_class_min: int | None = DEFAULT_PER_CLASS_MIN, shrinkage: float | None = None,
                  false_alarm: float = 5.0, seed: int = 0, batch_size: int = 1024,
                  folds: int | None = DEFAULT_FOLDS, fold_correction: bool = DEFAULT_FOLD_CORRECTION,

@@ -19,7 +19,7 @@ import numpy as np
 from .. import _backend  # noqa: F401
 from ..errors import ModelError
 from ..metrics import goodnet_predict
-from ..nets.layers import AlarmCombine, GoodNetCombine
+from ..nets.layers import AlarmCombine, GoodNetCombine, RunnerUpWhereFlagged
 from ..nets.models import (
     common_input_scale,
     inline_copy,
@@ -34,6 +34,7 @@ from .base import Detector
 from .combine import AnyOf
 
 __all__ = ["GoodNetCombine", "SplitGoodNet", "build_detector_goodnet", "build_goodnet", "build_portable_goodnet",
+           "build_runner_up_model",
            "goodnet_predict", "has_keras_form", "is_goodnet", "load_split_goodnet", "save_split_goodnet",
            "split_goodnet_paths"]
 
@@ -186,6 +187,33 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
     x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
     flags = detector.keras_flags(x, prefix="detector", scale=scale)
     return with_input_scale(keras.Model(x, AlarmCombine(name="alarm_combine")([inner(x), flags]), name=name), scale)
+
+
+def build_runner_up_model(model: Any, detector: Any, *, name: str = "runner_up") -> Any:
+    """A repaired model from a fitted detector, as one Keras model: the model's class, or its
+    second most probable class where the detector flags the input (no alarm class; the output
+    keeps the model's K classes). Built as :func:`build_detector_goodnet` is, with
+    :class:`~badnet_repair.nets.layers.RunnerUpWhereFlagged` in place of the alarm; it saves as
+    ``.keras`` and loads with ``keras.models.load_model`` after ``import badnet_repair``.
+
+    Args:
+        model: the model whose classes it outputs (B), (N, H, W, C) -> (N, K).
+        detector: a fitted detector with a Keras form.
+        name: the model name.
+
+    Returns:
+        A ``keras.Model`` (N, H, W, C) -> (N, K): the model's probabilities, or one-hot at its
+        runner-up class where flagged; the model's input scale in front, as in
+        :func:`build_detector_goodnet`.
+    """
+    if not has_keras_form(detector):
+        raise ModelError(f"detector {detector.name!r} has no Keras form: it cannot gate a saved model")
+    scale = input_scale_of(model)
+    inner = renamed_copy(without_input_scale(model), "model")
+    x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
+    flags = detector.keras_flags(x, prefix="detector", scale=scale)
+    out = RunnerUpWhereFlagged(name="runner_up_where_flagged")([inner(x), flags])
+    return with_input_scale(keras.Model(x, out, name=name), scale)
 
 
 def has_keras_form(detector: Detector) -> bool:

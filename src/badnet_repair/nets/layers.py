@@ -15,7 +15,7 @@ import numpy as np
 from .. import _backend  # noqa: F401
 
 __all__ = ["AlarmCombine", "Disagree", "EntropyAlarm", "FeatureDistanceAlarm", "GeometricMean", "GoodNetCombine",
-           "ScaleUpAlarm", "ScoreAlarm", "Superimpose"]
+           "RunnerUpWhereFlagged", "ScaleUpAlarm", "ScoreAlarm", "Superimpose"]
 
 import keras
 from keras import ops
@@ -138,6 +138,24 @@ class AlarmCombine(keras.layers.Layer):
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
         shape = tuple(input_shape[0])
         return (*shape[:-1], None if shape[-1] is None else shape[-1] + 1)
+
+
+@keras.saving.register_keras_serializable(package="badnet_repair")
+class RunnerUpWhereFlagged(keras.layers.Layer):
+    """A repaired model's output from the model's (N, K) probabilities and a detector's (N,)
+    flags: the probabilities where not flagged, one-hot at the model's second most probable
+    class where flagged (ties: the first such class, as ``np.argmax``)."""
+
+    def call(self, inputs: Any) -> Any:
+        probs, flags = inputs
+        k = ops.shape(probs)[-1]
+        top = ops.one_hot(ops.argmax(probs, axis=-1), k, dtype=probs.dtype)
+        # the top class pushed below every probability (all are >= 0), so the argmax is the runner-up
+        runner = ops.one_hot(ops.argmax(probs - 2.0 * top, axis=-1), k, dtype=probs.dtype)
+        return ops.where(ops.expand_dims(flags > 0.5, -1), runner, probs)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return tuple(input_shape[0])
 
 
 @keras.saving.register_keras_serializable(package="badnet_repair")
