@@ -162,6 +162,7 @@ if TYPE_CHECKING:
         save_lab_models,
         write_lab_outputs,
     )
+    from .workflow.repair import run_repair
 
 # public name -> (module, attribute in it; None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -254,6 +255,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     'compare_defenses': ('.workflow.compare', 'compare_defenses'),
     'write_comparison': ('.workflow.compare', 'write_comparison'),
     'run_fine_pruning': ('.workflow.fine_prune', 'run_fine_pruning'),
+    'run_repair': ('.workflow.repair', 'run_repair'),
     'DefenseResult': ('.workflow.prune', 'DefenseResult'),
     'run_pruning_defense': ('.workflow.prune', 'run_pruning_defense'),
     'poisoned_labels': ('.formats.data', 'poisoned_labels'),
@@ -462,6 +464,7 @@ __all__ = [
     "run_detection",
     "run_fine_pruning",
     "run_pruning_defense",
+    "run_repair",
     "save_h5",
     "save_lab_models",
     "save_model",
