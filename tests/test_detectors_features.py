@@ -466,8 +466,9 @@ def test_the_ensembles_threshold_of_several_splits_is_the_mean_of_each_splits_en
 def test_the_ensembles_settings_and_registry_entry():
     assert br.make_detector("feature-ensemble").get_params() == {
         "layers": ["head", "conv"], "share": 0.3, "per_class_min": None, "shrinkage": None, "false_alarm": 5.0,
-        "seed": 0, "batch_size": 1024, "folds": 5, "splits": 1}
-    det = br.make_detector("feature-ensemble", layers="head", per_class_min=3, folds=4)
+        "seed": 0, "batch_size": 1024, "folds": 5, "fold_correction": False, "splits": 1}
+    det = br.make_detector("feature-ensemble", layers="head", per_class_min=3, folds=4, fold_correction=True)
+    assert det.get_params()["fold_correction"] is True and det.members[0].fold_correction  # type: ignore[attr-defined]
     assert det.get_params()["layers"] == ["head"] and det.members[0].per_class_min == 3  # type: ignore[attr-defined]
     assert det.get_params()["folds"] == 4 and det.members[0].folds == 4  # type: ignore[attr-defined]
     for bad, match in [({"layers": []}, "layers"), ({"layers": ["head", "head"]}, "distinct"),

@@ -54,7 +54,7 @@ def test_the_gated_model_is_the_plain_rule_and_survives_a_saved_file(tmp_path, s
     choices = repair.record["choices"]
     assert choices["quantile"] == 0.2 and choices["tried"][0]["overruled"] > 0
     # the plain rule: the feature ensemble fitted alike, thresholded where the rule said
-    det = FeatureEnsemble().fit(b, clean)
+    det = FeatureEnsemble(fold_correction=True).fit(b, clean)
     assert choices["threshold"] == pytest.approx(np.quantile(det.calibration_scores, 0.8, method="higher"))
     new = random_faces(40, seed=6)
     probs = predict_probabilities(b, new)
@@ -102,7 +102,8 @@ def test_settings_are_checked_and_the_defense_is_registered():
     assert REGISTRY["feature-gate"] is FeatureGate
     gate = make_defense("feature-gate", quantiles=(0.01,), fold_correction=True)
     assert gate.quantiles == (0.01,) and gate.fold_correction is True  # type: ignore[attr-defined]
-    assert FeatureGate().get_params()["layers"] == ["head", "conv"]
+    params = FeatureGate().get_params()
+    assert params["layers"] == ["head", "conv"] and params["folds"] == 5 and params["fold_correction"] is True
     for bad in ({"drop": -1.0}, {"quantiles": ()}, {"quantiles": (0.0,)}, {"quantiles": (1.0,)}, {"folds": 1},
                 {"folds": 2.5}, {"budget": -1.0}, {"batch_size": 0}, {"layers": ()}):
         with pytest.raises(ValueError):

@@ -175,6 +175,7 @@ def test_notebook_writes_the_report_at_the_top_and_the_models_in_out_dir(execute
     warned = any("WARNING: fine-pruning" in "".join(o.get("data", {}).get("text/markdown", ""))
                  for o in cell.get("outputs", []))
     assert ("> **Warning:** WARNING: fine-pruning" in beyond) == warned
+    assert "| feature-gate |" in report[report.index("## Beyond the lab: the feature gate"):]
     html = (work / "Lab2_report.html").read_text()
     assert "data:image/png;base64" in html and "<table>" in html and "Beyond the lab" in html
     for x in ("2", "4", "10"):
@@ -247,7 +248,7 @@ def test_notebook_detection_section_shows_each_detector_and_both(executed):
 
 
 @pytest.mark.slow
-def test_notebook_beyond_the_lab_section_estimates_then_shows_fine_pruning_and_the_default_detector_g(executed):
+def test_notebook_beyond_the_lab_section_estimates_then_shows_fine_pruning_the_gate_and_the_default_g(executed):
     from badnet_repair.detectors import DEFAULT_DETECTORS
 
     nb, _, _ = executed
@@ -258,6 +259,10 @@ def test_notebook_beyond_the_lab_section_estimates_then_shows_fine_pruning_and_t
     assert len(fp) == 1
     assert [r[0] for r in markdown_rows(fp[0][fp[0].index("| model |"):])] == ["no defense", "fine-pruning",
                                                                               "G (fine-pruning)"]
+    gate = [t for t in tables if "| feature-gate |" in t and "| G (feature-gate) |" in t and "| ft-sam |" not in t]
+    assert len(gate) == 1
+    assert [r[0] for r in markdown_rows(gate[0][gate[0].index("| model |"):])] == ["no defense", "feature-gate",
+                                                                                  "G (feature-gate)"]
     default_g = f"G ({' + '.join(DEFAULT_DETECTORS)})"
     g = [t for t in tables if t.startswith("| model |") and f"| {default_g} |" in t]
     assert len(g) == 1 and [r[0] for r in markdown_rows(g[0])][-1] == default_g

@@ -162,7 +162,7 @@ def check_budget(who: str, accuracy: float, base_accuracy: float, budget: float 
 def kept_or_b(who: str, model: Any, base_right: np.ndarray, right: np.ndarray | None, none_kept: str,
               budget: float | None, build: Callable[[], Any]) -> tuple[Any, BudgetCheck, list[str]]:
     """The end of a repair that walks the lab's rule on cross-fitted clean predictions (``subspace``,
-    ``discriminant``, ``discriminant-gate``): (the model returned, the budget check, its lines).
+    ``discriminant``, ``discriminant-gate``, ``feature-gate``): (the model returned, the budget check, its lines).
 
     Where the rule kept nothing (``right`` None): ``model`` (B) with the loud line
     ``"WARNING: {who}: {none_kept} below the BadNet ... the backdoor is NOT removed"``. Otherwise
