@@ -596,16 +596,22 @@ def _fine_prune_settings(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def _cmd_fine_prune(args: argparse.Namespace) -> int:
-    from .reporting.report import evaluation_table
-    from .workflow.fine_prune import run_fine_pruning
-
+def _repair_files(args: argparse.Namespace) -> dict[str, str | None]:
+    """The files a repair command reads (given, the lab layout or the demo), said first."""
     given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
     resolved = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet)
     if resolved.notice:
         print(resolved.notice, flush=True)
-    files = resolved.files
+    files = dict(resolved.files)
     print(f"Using {resolved.source}: model={files['model']}, valid={files['valid']}", flush=True)
+    return files
+
+
+def _cmd_fine_prune(args: argparse.Namespace) -> int:
+    from .reporting.report import evaluation_table
+    from .workflow.fine_prune import run_fine_pruning
+
+    files = _repair_files(args)
     result, results = run_fine_pruning(
         files["model"], files["valid"], test=files.get("test"), bd_test=files.get("bd_test"),  # type: ignore[arg-type]
         out_dir=args.out, method=args.method, target=args.target, trust_model=args.trust_model,
@@ -633,12 +639,7 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
     settings = _settings_by_name(args.set, [args.defense], "--defense").get(args.defense, {})
     defense = make_defense(args.defense, **settings)
-    given = {"model": args.model, "valid": args.valid, "test": args.test, "bd_test": args.bd_test}
-    resolved = _resolve(args, given, demo=args.demo, demo_dir=args.demo_dir, progress=not args.quiet)
-    if resolved.notice:
-        print(resolved.notice, flush=True)
-    files = resolved.files
-    print(f"Using {resolved.source}: model={files['model']}, valid={files['valid']}", flush=True)
+    files = _repair_files(args)
     _, results = run_repair(
         files["model"], files["valid"], defense, test=files.get("test"), bd_test=files.get("bd_test"),  # type: ignore[arg-type]
         out_dir=args.out, target=args.target, trust_model=args.trust_model, input_scale=args.input_scale,
