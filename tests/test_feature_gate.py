@@ -40,6 +40,18 @@ def test_the_rule_keeps_the_share_before_the_accuracy_first_falls_more_than_drop
     assert walk_flag_shares(top, second, labels, scores, (0.1, 0.2, 0.3, 0.5), drop=25.0)[1].shares == (0.5,)
     tried, kept = walk_flag_shares(top, second, labels, scores, (0.5, 0.2), drop=10.0)
     assert kept is None and len(tried) == 1  # the walk stops at the first fall
+    # a share that flags no clean image is never kept: its cost cannot be measured on them
+    tried, kept = walk_flag_shares(top, second, labels, scores, (0.01, 0.05), drop=10.0)
+    assert [t["overruled"] for t in tried] == [0.0, 0.0] and kept is None
+
+
+def test_too_few_clean_images_to_flag_any_give_b_back_with_a_loud_line(small_deepid):
+    clean = br.Dataset(random_faces(3, seed=5), np.array([0, 1, 2]), "valid")
+    repair = FeatureGate(budget=None).repair(small_deepid, clean)
+    assert repair.model is small_deepid and repair.record["choices"]["quantile"] is None
+    assert all(t["overruled"] == 0.0 for t in repair.record["choices"]["tried"])
+    assert len(repair.warnings) == 1 and "too few to set its threshold" in repair.warnings[0]
+    assert "NOT removed" in repair.warnings[0]
 
 
 def test_the_gated_model_is_the_plain_rule_and_survives_a_saved_file(tmp_path, small_deepid):

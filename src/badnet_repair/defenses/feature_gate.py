@@ -35,7 +35,7 @@ from ..detectors.features import DEFAULT_FOLDS, DEFAULT_LAYERS
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 from .discriminant import QUANTILES, KeptShares
-from .tuning import kept_or_b
+from .tuning import check_budget, kept_or_b
 
 __all__ = ["FeatureGate", "runner_up", "walk_flag_shares"]
 
@@ -58,7 +58,9 @@ def walk_flag_shares(top: np.ndarray, second: np.ndarray, labels: np.ndarray, sc
     For each share ``q`` of ``quantiles`` the threshold is the score that flags at most ``q`` of
     the clean images (:func:`~badnet_repair.detectors.base.threshold_at`; flags are ``score >
     threshold``), and the accuracy is that of ``top``, or ``second`` where flagged. Kept: the
-    last share before the accuracy first falls more than ``drop`` points below that of ``top``.
+    last share before the accuracy first falls more than ``drop`` points below that of ``top``,
+    among the shares that flag at least one clean image (a threshold above every clean score
+    still flags about one new clean input in N + 1, a cost the clean images cannot measure).
 
     Args:
         top: (N,) B's classes of the clean images.
@@ -88,7 +90,8 @@ def walk_flag_shares(top: np.ndarray, second: np.ndarray, labels: np.ndarray, sc
                       "overruled": float(100.0 * np.mean(over))})
         if base_acc - acc > drop:
             break  # accuracy first falls more than drop: the share before is kept
-        kept = KeptShares((float(q),), (threshold,), right)
+        if over.any():
+            kept = KeptShares((float(q),), (threshold,), right)
     return tried, kept
 
 
@@ -173,9 +176,17 @@ class FeatureGate(Defense):
             detector.threshold = kept.thresholds[0]  # the share the rule kept, not the detector's 5 %
             return build_runner_up_model(model, detector, name=f"{model.name}_feature_gate")
 
-        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept.right,
-                                         f"even the smallest share overruled ({100 * self.quantiles[0]:g}%) fell "
-                                         f"more than {self.drop:g} points", self.budget, build)
+        if kept is None and not any(t["overruled"] > 0 for t in tried):
+            base_acc = float(100.0 * np.mean(base_right))
+            line = (f"WARNING: {self.name}: no share of the {len(y)} clean images flags any of them, too few to set "
+                    "its threshold: returned the BadNet unchanged: the backdoor is NOT removed")
+            log.warning("%s", line)
+            net, check, warnings = model, check_budget(self.name, base_acc, base_acc, self.budget, []), [line]
+        else:
+            net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept.right,
+                                             f"every share that overrules a clean image (from "
+                                             f"{100 * self.quantiles[0]:g}%) fell more than {self.drop:g} points",
+                                             self.budget, build)
         share = None if kept is None or net is model else kept.shares[0]
         threshold = None if kept is None or net is model else kept.thresholds[0]
         log.info("%s: kept share %s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
