@@ -395,7 +395,8 @@ class DiscriminantFusion(_DiscriminantDefense):
 
         net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[1],
                                          f"even the smallest weight ({self.weights[0]:g}) fell more than "
-                                         f"{self.drop:g} points", self.budget, build)
+                                         f"{self.drop:g} points below the BadNet on the clean "
+                                         "images, cross-fitted", self.budget, build)
         if net is model:
             weight = None
         log.info("%s: kept weight %s; cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
@@ -641,7 +642,8 @@ class DiscriminantGate(_DiscriminantDefense):
 
         net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept.right,
                                          f"even the smallest share overruled ({100 * self.quantiles[0]:g}%) fell "
-                                         f"more than {self.drop:g} points", self.budget, build)
+                                         f"more than {self.drop:g} points below the BadNet on the clean "
+                                         "images, cross-fitted", self.budget, build)
         if net is model:
             quantile, threshold_kept, second_kept, second_share = None, None, None, None
         log.info("%s: kept share %s%s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,

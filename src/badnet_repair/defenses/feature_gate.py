@@ -35,7 +35,7 @@ from ..detectors.features import DEFAULT_FOLDS, DEFAULT_LAYERS
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 from .discriminant import QUANTILES, KeptShares
-from .tuning import check_budget, kept_or_b
+from .tuning import kept_or_b
 
 __all__ = ["FeatureGate", "runner_up", "walk_flag_shares"]
 
@@ -176,17 +176,13 @@ class FeatureGate(Defense):
             detector.threshold = kept.thresholds[0]  # the share the rule kept, not the detector's 5 %
             return build_runner_up_model(model, detector, name=f"{model.name}_feature_gate")
 
-        if kept is None and not any(t["overruled"] > 0 for t in tried):
-            base_acc = float(100.0 * np.mean(base_right))
-            line = (f"WARNING: {self.name}: no share of the {len(y)} clean images flags any of them, too few to set "
-                    "its threshold: returned the BadNet unchanged: the backdoor is NOT removed")
-            log.warning("%s", line)
-            net, check, warnings = model, check_budget(self.name, base_acc, base_acc, self.budget, []), [line]
+        if any(t["overruled"] > 0 for t in tried):
+            none_kept = (f"every share that overrules a clean image (from {100 * self.quantiles[0]:g}%) fell more than "
+                         f"{self.drop:g} points below the BadNet on the clean images, cross-fitted")
         else:
-            net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept.right,
-                                             f"every share that overrules a clean image (from "
-                                             f"{100 * self.quantiles[0]:g}%) fell more than {self.drop:g} points",
-                                             self.budget, build)
+            none_kept = f"no share of the {len(y)} clean images flags any of them, too few to set its threshold"
+        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept.right, none_kept,
+                                         self.budget, build)
         share = None if kept is None or net is model else kept.shares[0]
         threshold = None if kept is None or net is model else kept.thresholds[0]
         log.info("%s: kept share %s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,

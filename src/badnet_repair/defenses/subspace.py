@@ -235,7 +235,8 @@ class CleanSubspaceProjection(Defense):
 
         net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept[1],
                                          f"even the weakest projection ({self.kept_variance[0]:g} of the variance) "
-                                         f"fell more than {self.drop:g} points", self.budget, build)
+                                         f"fell more than {self.drop:g} points below the BadNet on the clean "
+                                         "images, cross-fitted", self.budget, build)
         if net is model:
             level = None
         log.info("%s: kept %s of the variance (%s directions); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,

@@ -165,15 +165,15 @@ def kept_or_b(who: str, model: Any, base_right: np.ndarray, right: np.ndarray | 
     ``discriminant``, ``discriminant-gate``, ``feature-gate``): (the model returned, the budget check, its lines).
 
     Where the rule kept nothing (``right`` None): ``model`` (B) with the loud line
-    ``"WARNING: {who}: {none_kept} below the BadNet ... the backdoor is NOT removed"``. Otherwise
+    ``"WARNING: {who}: {none_kept}: returned the BadNet unchanged: the backdoor is NOT removed"``
+    (``none_kept`` says why, e.g. how far the first step fell below the BadNet). Otherwise
     :func:`check_budget` of the kept result's predictions ``right`` beside B's ``base_right``
     ((n,) bool each), and the model ``build()`` makes, or B where the budget falls back to it
     (``build`` is then not called).
     """
     base_acc = float(100.0 * np.mean(base_right))
     if right is None:
-        line = (f"WARNING: {who}: {none_kept} below the BadNet on the clean images, cross-fitted: returned the BadNet "
-                "unchanged: the backdoor is NOT removed")
+        line = f"WARNING: {who}: {none_kept}: returned the BadNet unchanged: the backdoor is NOT removed"
         log.warning("%s", line)
         return model, check_budget(who, base_acc, base_acc, budget, []), [line]
     check = check_budget(who, float(100.0 * np.mean(right)), base_acc, budget, [("B", base_acc)], (base_right, right))

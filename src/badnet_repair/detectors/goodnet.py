@@ -182,11 +182,17 @@ def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") 
 
     if type(detector) is Disagreement:  # the lab's G (a subclass restricts the rule: its own form)
         return build_goodnet(model, detector.repaired, name=name)
+    return _model_beside_flags(model, detector, AlarmCombine(name="alarm_combine"), name)
+
+
+def _model_beside_flags(model: Any, detector: Any, combine: Any, name: str) -> Any:
+    """``combine([model's probabilities, detector's flags])`` as one Keras model on ``model``'s
+    input, its input scale in front (a copy of ``model`` inside; the detector's own Keras form)."""
     scale = input_scale_of(model)
     inner = renamed_copy(without_input_scale(model), "model")
     x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
     flags = detector.keras_flags(x, prefix="detector", scale=scale)
-    return with_input_scale(keras.Model(x, AlarmCombine(name="alarm_combine")([inner(x), flags]), name=name), scale)
+    return with_input_scale(keras.Model(x, combine([inner(x), flags]), name=name), scale)
 
 
 def build_runner_up_model(model: Any, detector: Any, *, name: str = "runner_up") -> Any:
@@ -208,12 +214,7 @@ def build_runner_up_model(model: Any, detector: Any, *, name: str = "runner_up")
     """
     if not has_keras_form(detector):
         raise ModelError(f"detector {detector.name!r} has no Keras form: it cannot gate a saved model")
-    scale = input_scale_of(model)
-    inner = renamed_copy(without_input_scale(model), "model")
-    x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
-    flags = detector.keras_flags(x, prefix="detector", scale=scale)
-    out = RunnerUpWhereFlagged(name="runner_up_where_flagged")([inner(x), flags])
-    return with_input_scale(keras.Model(x, out, name=name), scale)
+    return _model_beside_flags(model, detector, RunnerUpWhereFlagged(name="runner_up_where_flagged"), name)
 
 
 def has_keras_form(detector: Detector) -> bool:
