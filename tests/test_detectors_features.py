@@ -324,6 +324,37 @@ def test_keras_form_equals_flags_and_survives_save_and_load(small_deepid, tmp_pa
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("detector", ["distance at conv_3", "ensemble, a class without a mean"])
+def test_the_plain_layer_form_is_the_detectors_scores_in_float32(small_deepid, detector):
+    """``plain_score`` / ``plain_flags`` (Keras's own layers, float32, on a flat copy of B) against
+    the float64 numpy scores: equal to float32 rounding, and the same flags away from the threshold."""
+    from badnet_repair.nets.models import inline_model
+    from badnet_repair.nets.plain import top_mark
+
+    x = random_faces(60, seed=5)
+    labels = np.arange(60) % (7 if detector.startswith("distance") else 6)  # class 6: no clean image
+    clean = br.Dataset(x, labels, "valid")
+    det = (FeatureDistance(layer="conv_3", false_alarm=30.0) if detector.startswith("distance")
+           else FeatureEnsemble(false_alarm=30.0)).fit(small_deepid, clean)
+    members = [det] if isinstance(det, FeatureDistance) else det.members
+    def plain(build):  # a model of one flat copy of B (layers "b_*") and its class's mark
+        inp = keras.Input((55, 47, 3))
+        graph = inline_model(small_deepid, inp, "b_")
+        return keras.Model(inp, build(graph, top_mark(graph.outputs[0], 7, "top")))
+
+    model = plain(lambda graph, top: [
+        m.plain_score(features.feature_tensor(graph, m.layer if m.layer in ("head", "conv") else f"b_{m.layer}"),
+                      top, name=f"m{i}") for i, m in enumerate(members)])
+    flagger = plain(lambda graph, top: det.plain_flags(graph, top, prefix="p", layer_prefix="b_"))
+    probe = mixed_probe()
+    scores, got_flags = model.predict(probe, verbose=0), flagger.predict(probe, verbose=0)
+    want = det.scores(probe)
+    np.testing.assert_allclose(np.reshape(scores, (len(members), len(probe))).sum(axis=0), want, rtol=1e-4, atol=1e-4)
+    away = np.abs(want - det.threshold) > 1e-3
+    assert away.sum() > len(probe) // 2 and 0 < det.flags(probe).mean() < 1
+    np.testing.assert_array_equal(got_flags[away, 0] > 0.5, det.flags(probe)[away])
+
+
 def test_keras_form_of_a_model_with_an_input_scale(small_deepid):
     scaled = br.with_input_scale(small_deepid, 1 / 255)
     x = random_faces(70, seed=5)

@@ -9,7 +9,7 @@ import pytest
 
 import badnet_repair as br
 from badnet_repair.defenses import REGISTRY, make_defense
-from badnet_repair.defenses.feature_gate import FeatureGate, runner_up, walk_flag_shares
+from badnet_repair.defenses.feature_gate import FeatureGate, TwoGates, runner_up, walk_flag_shares
 from badnet_repair.detectors.features import FeatureEnsemble
 from badnet_repair.nets.models import predict_probabilities
 
@@ -120,3 +120,123 @@ def test_settings_are_checked_and_the_defense_is_registered():
                 {"folds": 2.5}, {"budget": -1.0}, {"batch_size": 0}, {"layers": ()}):
         with pytest.raises(ValueError):
             FeatureGate(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", ["every class has a mean", "two classes without a mean", "0..1 inputs"])
+def test_the_gated_model_is_keras_s_own_layers_equal_to_the_custom_layer_form_and_loads_in_keras_2(
+        tmp_path, small_deepid, case):
+    """The feature gate's model is built of standard layers (the lab's Keras 2 eval.py loads its .h5)
+    and predicts as the float64 custom-layer form does: where a class has no clean image (the
+    nearest class's mean) and for a model that takes 0..1 pixels (its input scale in front)."""
+    from badnet_repair.detectors.goodnet import build_runner_up_model
+    from badnet_repair.nets.models import with_input_scale
+    from badnet_repair.workflow.repair import uses_only_keras_layers
+
+    b = with_input_scale(small_deepid, 1 / 255) if case == "0..1 inputs" else small_deepid
+    labels = np.arange(70) % (5 if case == "two classes without a mean" else 7)
+    clean = br.Dataset(random_faces(70, seed=5), labels, "valid")
+    repair = FeatureGate(quantiles=(0.2,), drop=100.0, budget=None).repair(b, clean)
+    assert uses_only_keras_layers(repair.model)
+    det = FeatureEnsemble(fold_correction=True).fit(b, clean)
+    det.threshold = repair.record["choices"]["threshold"]
+    new = random_faces(200, seed=6)
+    scores = det.scores(new)
+    assert np.abs(scores - det.threshold).min() > 1e-3  # no input within float32 rounding of the threshold
+    assert 0 < np.mean(scores > det.threshold) < 1
+    want = build_runner_up_model(b, det).predict(new, verbose=0)
+    got = repair.model.predict(new, verbose=0)
+    np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))
+    np.testing.assert_allclose(got, want, atol=1e-7)
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    paths = br.save_model(repair.model, tmp_path, "bd_gated", formats=("h5",))
+    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+    files = new / 255.0 if case == "0..1 inputs" else new  # the file takes the input B was trained on
+    np.testing.assert_array_equal(k2.predict(files, verbose=0).argmax(axis=1), want.argmax(axis=1))
+
+
+def test_the_portable_form_refuses_a_detector_fitted_on_another_model(small_deepid):
+    from badnet_repair.detectors import Strip
+    from badnet_repair.detectors.goodnet import build_portable_runner_up_model
+
+    clean = br.Dataset(random_faces(35, seed=5), np.arange(35) % 7, "valid")
+    det = FeatureEnsemble().fit(small_deepid, clean)
+    other = keras.models.clone_model(small_deepid)
+    with pytest.raises(br.ModelError, match="fitted on another model"):
+        build_portable_runner_up_model(other, det)
+    with pytest.raises(br.ModelError, match="no form of Keras's own layers"):
+        build_portable_runner_up_model(small_deepid, Strip())
+
+
+def test_the_walk_on_top_of_another_gate_counts_its_predictions_where_not_flagged():
+    scores = np.arange(10.0)
+    labels = np.zeros(10, np.int64)
+    top = np.zeros(10, np.int64)
+    top[[8, 9]] = 1  # B wrong on images 8 and 9: 80 %
+    second = np.ones(10, np.int64)
+    second[9] = 0  # B's runner-up right on image 9 only
+    first_right = np.ones(10, bool)
+    first_right[[0, 9]] = False  # the first gate fixed image 8 and broke image 0; wrong on 9 as B
+    # shares 0.2, 0.3, 0.5 flag images {9}, {8, 9}, {6, 7, 8, 9}: where flagged B's runner-up, else the first gate's
+    tried, kept = walk_flag_shares(top, second, labels, scores, (0.2, 0.3, 0.5), drop=0.0,
+                                   unflagged_right=first_right)
+    assert [t["accuracy"] for t in tried] == pytest.approx([90.0, 80.0, 60.0])  # B's 80: the third falls below
+    assert kept is not None and kept.shares == (0.3,)
+    np.testing.assert_array_equal(kept.right, [False, True, True, True, True, True, True, True, False, True])
+
+
+def test_two_gates_is_the_plain_rule_on_top_of_the_discriminant_gate(tmp_path, small_deepid):
+    """Where the feature ensemble flags, B's runner-up; elsewhere the discriminant gate's class: the
+    saved model (.keras and the .h5 Keras 2 loads) against that rule computed from the two parts."""
+    from badnet_repair.defenses.discriminant import DiscriminantGate
+
+    x = random_faces(70, seed=5)
+    b = small_deepid
+    clean = br.Dataset(x, predict_probabilities(b, x).argmax(axis=1), "valid")  # B right on every clean image
+    repair = TwoGates(quantiles=(0.2,), drop=100.0, budget=None).repair(b, clean)
+    choices = repair.record["choices"]
+    assert choices["quantile"] == 0.2 and choices["first"]["defense"] == "discriminant-gate"
+    first = DiscriminantGate(drop=100.0, budget=None).repair(b, clean)
+    assert (first.model is b) == choices["first"]["returned_b"]
+    det = FeatureEnsemble(fold_correction=True).fit(b, clean)
+    new = random_faces(60, seed=6)
+    probs = predict_probabilities(b, new)
+    flagged = det.scores(new) > choices["threshold"]
+    want = np.where(flagged, runner_up(probs), predict_probabilities(first.model, new).argmax(axis=1))
+    assert flagged.any() and (~flagged).any()
+    got = repair.model.predict(new, verbose=0)
+    np.testing.assert_array_equal(got.argmax(axis=1), want)
+    paths = br.save_model(repair.model, tmp_path, "two_gates", formats=("h5", "keras"))
+    np.testing.assert_array_equal(keras.models.load_model(paths["keras"]).predict(new, verbose=0).argmax(axis=1), want)
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+    np.testing.assert_array_equal(k2.predict(new, verbose=0).argmax(axis=1), want)
+
+
+def test_two_gates_gives_the_first_gates_model_where_the_feature_gate_keeps_nothing(small_deepid):
+    clean = br.Dataset(random_faces(70, seed=5), np.arange(70) % 7, "valid")
+    # drop 100 lets the discriminant gate keep a share; a share of 0.1 % flags none of 70 images
+    repair = TwoGates(quantiles=(0.001,), drop=100.0, budget=None).repair(small_deepid, clean)
+    choices = repair.record["choices"]
+    assert choices["quantile"] is None and all(t["overruled"] == 0.0 for t in choices["tried"])
+    assert not choices["first"]["returned_b"]
+    assert repair.model is not small_deepid  # the discriminant gate's model, not B
+    assert not any("NOT removed" in w for w in repair.warnings)
+
+
+class _LoggedTwoGates(LoggedRepair, TwoGates):
+    pass
+
+
+def test_no_test_or_poisoned_image_is_read_while_two_gates_repair(small_deepid):
+    assert_no_test_or_poisoned_image_is_read_while_repairing(small_deepid, [_LoggedTwoGates(budget=None)])
+
+
+@pytest.mark.slow
+def test_two_gates_lower_attack_success_on_a_small_demo_badnet(small_demo):
+    b = br.load_model(small_demo.model)
+    valid, bd = (br.load_data_for(b, p) for p in (small_demo.valid, small_demo.bd_test))
+    before = br.attack_success_rate(br.predict_classes(b, bd.x), bd.y)
+    repair = TwoGates().repair(b, valid)
+    after = br.attack_success_rate(br.predict_classes(repair.model, bd.x), bd.y)
+    assert repair.model is not b
+    assert after < before - 20.0, (before, after)

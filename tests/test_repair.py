@@ -27,19 +27,23 @@ def test_repair_saves_the_model_then_evaluates_it_and_writes_its_results(small_d
     printed = capsys.readouterr().out
     assert "| feature-gate |" in printed and "| G (feature-gate) |" in printed
     paths = repair_paths(out, make_defense("feature-gate"))
-    assert paths["keras"].exists() and not paths["h5"].exists()  # its gate is a layer of this package's
+    assert paths["keras"].exists() and paths["h5"].exists()  # the gate is built of Keras's own layers
     results = json.loads(paths["results"].read_text())
     assert results["defense"] == "feature-gate" and results["parameters"]["drop"] == 2.0
     assert [e["model"] for e in results["evaluations"]] == ["no defense", "feature-gate", "G (feature-gate)"]
     assert results["record"]["choices"]["tried"] and set(results["provenance"]["inputs"]) == {
         "model", "valid", "test", "bd_test"}
-    assert results["models"] == {"feature-gate": {"keras": str(paths["keras"])}}
+    assert results["models"] == {"feature-gate": {"keras": str(paths["keras"]), "h5": str(paths["h5"])}}
     # the saved model is the repaired one: its accuracy on the test set is the one reported
     b = br.load_model(small_demo.model)
     test = br.load_data_for(b, small_demo.test)
     saved = keras.models.load_model(paths["keras"])
     accuracy = 100.0 * np.mean(np.argmax(saved.predict(test.x, verbose=0), axis=1) == test.y)
     assert accuracy == results["evaluations"][1]["clean_accuracy"]
+    # and so is the .h5 that the lab's Keras 2 eval.py loads
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (Keras 2) is not installed; .ci/run installs it")
+    k2 = tf_keras.models.load_model(paths["h5"], compile=False)
+    assert 100.0 * np.mean(np.argmax(k2.predict(test.x, verbose=0), axis=1) == test.y) == accuracy
 
 
 def test_the_test_sets_are_opened_only_after_the_models_are_saved(small_demo, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from .base import Defense, Repair, Repaired
 from .btidbf import BTIDBFUnlearning
 from .cleanse import NeuralCleansePruning, NeuralCleanseUnlearning
 from .discriminant import DiscriminantFusion, DiscriminantGate
-from .feature_gate import FeatureGate
+from .feature_gate import FeatureGate, TwoGates
 from .finetuning import FinePruning, FineTuning
 from .fst import FeatureShiftFinePruning, FeatureShiftTuning
 from .ibau import IBAU
@@ -31,14 +31,14 @@ __all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "CleanSubspaceProjection",
            "FeatureShiftTuning",
            "FinePruning", "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning",
            "ReconstructiveNeuronPruning", "Repair", "Repaired", "SharedAdversarialUnlearning", "SubspaceFineTuning",
-           "TwoStageBackdoorDefense", "make_defense", "register_defense"]
+           "TwoGates", "TwoStageBackdoorDefense", "make_defense", "register_defense"]
 
 #: Registry name -> defense class, in the order tables list them.
 REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FineTuning, Pruning, FinePruning, NeuralCleanseUnlearning, NeuralCleansePruning, FineTuningSAM, IBAU,
     FeatureShiftTuning, FeatureShiftFinePruning, SharedAdversarialUnlearning, BTIDBFUnlearning,
     TwoStageBackdoorDefense, ReconstructiveNeuronPruning, CleanSubspaceProjection,
-    SubspaceFineTuning, DiscriminantFusion, DiscriminantGate, FeatureGate)}
+    SubspaceFineTuning, DiscriminantFusion, DiscriminantGate, FeatureGate, TwoGates)}
 
 
 def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:

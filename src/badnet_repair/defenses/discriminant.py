@@ -657,5 +657,8 @@ class DiscriminantGate(_DiscriminantDefense):
                        second_features=None if second is None else second.width, second_threshold=second_kept)
         if self.shares == "each":
             choices.update(shares=self.shares, second_quantile=second_share)
+        # the kept gate's cross-fitted predictions of the clean images (B's where none was kept), for a gate on top
+        right = base_right if kept is None or net is model else kept.right
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
-                      record=self.make_record(choices, tried), warnings=tuple(warnings))
+                      record=self.make_record(choices, tried), artifacts={"cross_fitted_right": right},
+                      warnings=tuple(warnings))

@@ -13,8 +13,9 @@ pruning rule (Liu et al., "Fine-Pruning", RAID 2018):
    probable class where the image is flagged (:func:`walk_flag_shares`).
 3. Kept: the share before the accuracy first falls more than ``drop`` points below B's; the
    repaired model outputs B's probabilities, or one-hot at B's runner-up class where the
-   ensemble (fitted on all the clean images) flags the input
-   (:func:`~badnet_repair.detectors.goodnet.build_runner_up_model`). None within ``drop``: B,
+   ensemble (fitted on all the clean images) flags the input, built of Keras's own layers
+   (:func:`~badnet_repair.detectors.goodnet.build_portable_runner_up_model`): it saves as a
+   full ``.h5`` that Keras 2, the lab's ``eval.py``, loads. None within ``drop``: B,
    with a loud line.
 
 A trigger sends B to the target through features unlike any clean image of the target; B's own
@@ -32,12 +33,13 @@ import numpy as np
 
 from ..defaults import BUDGET_HELP, setting
 from ..detectors.features import DEFAULT_FOLDS, DEFAULT_LAYERS
+from ..errors import ModelError
 from ..formats.data import Dataset
 from .base import Defense, Repair, Repaired
 from .discriminant import QUANTILES, KeptShares
 from .tuning import kept_or_b
 
-__all__ = ["FeatureGate", "runner_up", "walk_flag_shares"]
+__all__ = ["FeatureGate", "TwoGates", "runner_up", "walk_flag_shares"]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +54,14 @@ def runner_up(probs: np.ndarray) -> np.ndarray:
 
 
 def walk_flag_shares(top: np.ndarray, second: np.ndarray, labels: np.ndarray, scores: np.ndarray,
-                     quantiles: Sequence[float], drop: float) -> tuple[list[dict[str, Any]], KeptShares | None]:
+                     quantiles: Sequence[float], drop: float, *,
+                     unflagged_right: np.ndarray | None = None) -> tuple[list[dict[str, Any]], KeptShares | None]:
     """The feature gate's rule: the share of clean images it may overrule, tried in turn.
 
     For each share ``q`` of ``quantiles`` the threshold is the score that flags at most ``q`` of
     the clean images (:func:`~badnet_repair.detectors.base.threshold_at`; flags are ``score >
-    threshold``), and the accuracy is that of ``top``, or ``second`` where flagged. Kept: the
+    threshold``), and the accuracy is that of ``top`` (or of the model gated first, where
+    ``unflagged_right`` is given), or ``second`` where flagged. Kept: the
     last share before the accuracy first falls more than ``drop`` points below that of ``top``,
     among the shares that flag at least one clean image (a threshold above every clean score
     still flags about one new clean input in N + 1, a cost the clean images cannot measure).
@@ -68,7 +72,9 @@ def walk_flag_shares(top: np.ndarray, second: np.ndarray, labels: np.ndarray, sc
         labels: (N,) their classes.
         scores: (N,) their cross-fitted detector scores (higher = more likely triggered).
         quantiles: the shares tried, fewest first.
-        drop: the accuracy drop in points the gate may cost.
+        drop: the accuracy drop in points the gate may cost (below ``top``'s accuracy, B's).
+        unflagged_right: (N,) whether the class kept where not flagged is right, default ``top ==
+            labels`` (another gate's cross-fitted predictions, for :class:`TwoGates`).
 
     Returns:
         The rows tried (share, threshold, accuracy and share overruled, in %) and the kept share
@@ -79,12 +85,13 @@ def walk_flag_shares(top: np.ndarray, second: np.ndarray, labels: np.ndarray, sc
     top, second, labels = np.asarray(top), np.asarray(second), np.asarray(labels)
     scores = np.asarray(scores, np.float64)
     base_acc = float(100.0 * np.mean(top == labels))
+    kept_right = top == labels if unflagged_right is None else np.asarray(unflagged_right, bool)
     tried: list[dict[str, Any]] = []
     kept: KeptShares | None = None
     for q in quantiles:
         threshold = threshold_at(scores, 100.0 * q)
         over = scores > threshold
-        right = np.where(over, second, top) == labels
+        right = np.where(over, second == labels, kept_right)
         acc = float(100.0 * np.mean(right))
         tried.append({"quantile": float(q), "threshold": threshold, "accuracy": acc,
                       "overruled": float(100.0 * np.mean(over))})
@@ -105,9 +112,10 @@ class FeatureGate(Defense):
     cross-fitted clean scores: the largest share of ``quantiles`` whose cross-fitted accuracy,
     with B's runner-up class where flagged, is within ``drop`` points of B's
     (:func:`walk_flag_shares`). The repaired model outputs B's probabilities, or one-hot at B's
-    runner-up class where flagged; it saves as ``.keras`` (loaded in Keras 3 after ``import
-    badnet_repair``; not in Keras 2). Held to the clean-accuracy ``budget`` on the cross-fitted
-    predictions, with the caution line where the clean images are too few to bound the drop.
+    runner-up class where flagged, from Keras's own layers in float32 (a full ``.h5`` that Keras 2
+    loads; its flags are the detector's except within float32 rounding of the threshold). Held to
+    the clean-accuracy ``budget`` on the cross-fitted predictions, with the caution line where the
+    clean images are too few to bound the drop.
     No training: one pass of B over the clean images for the features, one for the classes.
 
     Args:
@@ -159,8 +167,14 @@ class FeatureGate(Defense):
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B gated by the feature ensemble (or B, with the loud line); the record holds each share
         tried (threshold, cross-fitted accuracy, share overruled), the share kept and the budget check."""
+        return self._gate(model, clean, None)
+
+    def _gate(self, model: Any, clean: Dataset, first: Repair | None) -> Repair:
+        """The feature gate on B, or on top of ``first``, another gate's repair of B: its classes
+        where the ensemble does not flag, its cross-fitted predictions of the clean images
+        (``artifacts["cross_fitted_right"]``) where the rule walks."""
         from ..detectors.features import FeatureEnsemble
-        from ..detectors.goodnet import build_runner_up_model
+        from ..detectors.goodnet import build_portable_runner_up_model, build_runner_up_model
         from ..nets.models import predict_probabilities
 
         detector = FeatureEnsemble(layers=self.layers, folds=self.folds, fold_correction=self.fold_correction,
@@ -169,20 +183,36 @@ class FeatureGate(Defense):
         probs = predict_probabilities(model, clean.x, batch_size=self.batch_size)
         top, second, y = probs.argmax(axis=1), runner_up(probs), np.asarray(clean.y)
         base_right = top == y
-        tried, kept = walk_flag_shares(top, second, y, detector.calibration_scores, self.quantiles, self.drop)
+        below, first_right = None, None
+        if first is not None and first.model is not model:  # the model gated first, and its clean predictions
+            below, first_right = first.model, np.asarray(first.artifacts["cross_fitted_right"], np.bool_)
+        tried, kept = walk_flag_shares(top, second, y, detector.calibration_scores, self.quantiles, self.drop,
+                                       unflagged_right=first_right)
 
         def build() -> Any:
-            assert kept is not None and kept.thresholds[0] is not None
+            if kept is None:  # the feature gate kept no share: the first gate's model alone
+                assert below is not None
+                return below
+            assert kept.thresholds[0] is not None
             detector.threshold = kept.thresholds[0]  # the share the rule kept, not the detector's 5 %
-            return build_runner_up_model(model, detector, name=f"{model.name}_feature_gate")
+            name = f"{model.name}_{self.name.replace('-', '_')}"
+            try:
+                return build_portable_runner_up_model(model, detector, name=name, otherwise=below)
+            except ModelError as err:  # B nests other models: only the custom layer's form (Keras 3) holds it
+                if below is not None:
+                    raise
+                log.info("%s: %s; the gated model is built with a custom layer (Keras 3 only)", self.name, err)
+                return build_runner_up_model(model, detector, name=name)
 
         if any(t["overruled"] > 0 for t in tried):
             none_kept = (f"every share that overrules a clean image (from {100 * self.quantiles[0]:g}%) fell more than "
                          f"{self.drop:g} points below the BadNet on the clean images, cross-fitted")
         else:
             none_kept = f"no share of the {len(y)} clean images flags any of them, too few to set its threshold"
-        net, check, warnings = kept_or_b(self.name, model, base_right, None if kept is None else kept.right, none_kept,
-                                         self.budget, build)
+        if first is not None:
+            none_kept = f"neither gate kept a share; the feature gate: {none_kept}"
+        right = kept.right if kept is not None else first_right
+        net, check, warnings = kept_or_b(self.name, model, base_right, right, none_kept, self.budget, build)
         share = None if kept is None or net is model else kept.shares[0]
         threshold = None if kept is None or net is model else kept.thresholds[0]
         log.info("%s: kept share %s (threshold %s); cross-fitted accuracy %.2f%% (B %.2f%%)", self.name,
@@ -191,5 +221,48 @@ class FeatureGate(Defense):
         choices = {"layers": list(self.layers), "quantile": share, "threshold": threshold, "folds": self.folds,
                    "fold_correction": self.fold_correction,
                    "tried": tried, "clean_images": len(y), **check.as_dict()}
+        if first is not None:
+            choices["first"] = {"defense": first.defense, "returned_b": first.model is model,
+                                "warnings": list(first.warnings), **dict(first.record.get("choices", {}))}
+            if below is not None and net is not model:  # its lines are about a model in the result
+                warnings = [*first.warnings, *warnings]
         return Repair(defense=self.name, models=(Repaired(label=self.name, model=net),),
                       record=self.make_record(choices, tried), warnings=tuple(warnings))
+
+
+@dataclass(frozen=True)
+class TwoGates(FeatureGate):
+    """The discriminant gate, then the feature gate on what it left: each overrules B where it finds it off.
+
+    The project's own method (issue 31, round 17), the two gates of rounds 14 and 15 in turn:
+
+    1. :class:`~badnet_repair.defenses.discriminant.DiscriminantGate` with its defaults (and this
+       class's ``drop``, ``budget``, ``batch_size`` and ``seed``) repairs B: its class where a linear
+       discriminant on clean features finds B's class far off. It removes multi-target and partial
+       backdoors the feature gate leaves, and often gains clean accuracy (it corrects B's own errors).
+    2. The feature gate (:class:`FeatureGate`, its settings here) walks its shares on top: where
+       its ensemble flags an input, B's runner-up class; elsewhere the first gate's class. Its
+       accuracy is that of those predictions on the clean images, both cross-fitted, within
+       ``drop`` points of B's (:func:`walk_flag_shares` with the first gate's predictions).
+
+    Where the feature gate keeps no share the first gate's model is returned; where neither keeps
+    one, B with the loud line. The model is built of Keras's own layers (Keras 2 loads its ``.h5``).
+    About the two gates' time together: a minute on a demo BadNet, some minutes at the lab's scale.
+
+    Args:
+        As :class:`FeatureGate`'s (``drop``, ``budget``, ``batch_size`` and ``seed`` shared with the
+        first gate).
+    """
+
+    name: ClassVar[str] = "two-gates"
+    summary: ClassVar[str] = ("the discriminant gate, then the feature gate on top: B's runner-up where B's features "
+                              "are far off, else the discriminant gate's class")
+
+    def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
+        """B gated by the discriminant gate, then the feature gate (or what each kept, with their lines);
+        the record holds the feature gate's walk, and the first gate's choices under ``"first"``."""
+        from .discriminant import DiscriminantGate
+
+        first = DiscriminantGate(drop=self.drop, budget=self.budget, batch_size=self.batch_size,
+                                 seed=self.seed).repair(model, clean, progress=progress)
+        return self._gate(model, clean, first)

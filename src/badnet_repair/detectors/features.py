@@ -468,6 +468,61 @@ class FeatureDistance(ThresholdDetector):
         alarm.set_weights([self.means, self.has_mean.astype(np.float64), self.precision, self.loc, self.spread])
         return alarm([feats, probs])
 
+    def plain_score(self, feats: Any, top: Any, *, name: str) -> Any:
+        """:meth:`scores` from Keras's own layers (:mod:`~badnet_repair.nets.plain`), for a model
+        Keras 2 loads: on Keras tensors of B's (N, D) features at :attr:`layer` and the (N, K) mark
+        of B's class (:func:`~badnet_repair.nets.plain.top_mark`), the (N, 1) normalised squared
+        Mahalanobis distance to the mean of B's class (or of the nearest class with a mean, where
+        B's has none).
+
+        In float32: ``f - m`` first, then ``P = L L^T`` applied as ``(f - m) L`` (``L`` from the
+        eigenvectors of ``P``), so the rounding stays about 1e-6 of the distance; the nearest class
+        (only where some class has no mean) may differ from the float64 one on a near-tie.
+        """
+        from keras import layers
+
+        from ..nets.plain import constant_dense, top_mark
+
+        if self.means is None:
+            raise RuntimeError("call fit(model, clean) before plain_score() (FeatureDistance)")
+        assert self.has_mean is not None and self.precision is not None
+        assert self.loc is not None and self.spread is not None
+        k, d = self.means.shape
+        vals, vecs = np.linalg.eigh((self.precision + self.precision.T) / 2.0)
+        root = vecs * np.sqrt(np.maximum(vals, 0.0))  # P = root @ root.T
+        if self.has_mean.all():
+            mean = constant_dense(top, self.means, None, f"{name}_mean")
+        else:
+            # the nearest class with a mean: the largest of 2 f P m_k - m_k P m_k (classes without one far below)
+            mp = self.means @ self.precision
+            closeness = constant_dense(feats, 2.0 * mp.T, -np.sum(mp * self.means, axis=1) - 1e16 * ~self.has_mean,
+                                       f"{name}_closeness")
+            nearest = top_mark(closeness, k, f"{name}_nearest")
+            own = constant_dense(top, self.means * self.has_mean[:, None], None, f"{name}_own_mean")
+            lacks = constant_dense(top, -self.has_mean[:, None].astype(np.float64) @ np.ones((1, d)), np.ones(d),
+                                   f"{name}_lacks_mean")
+            borrowed = layers.Multiply(name=f"{name}_borrowed_mean")(
+                [constant_dense(nearest, self.means, None, f"{name}_nearest_mean"), lacks])
+            mean = layers.Add(name=f"{name}_mean")([own, borrowed])
+        diff = layers.Subtract(name=f"{name}_diff")([feats, mean])
+        z = constant_dense(diff, root, None, f"{name}_whiten")
+        raw = constant_dense(layers.Multiply(name=f"{name}_square")([z, z]), np.ones((d, 1)), None, f"{name}_raw")
+        loc = constant_dense(top, self.loc[:, None], None, f"{name}_loc")
+        inverse_spread = constant_dense(top, 1.0 / self.spread[:, None], None, f"{name}_inverse_spread")
+        return layers.Multiply(name=f"{name}_score")([layers.Subtract(name=f"{name}_centred")([raw, loc]),
+                                                      inverse_spread])
+
+    def plain_flags(self, graph: Any, top: Any, *, prefix: str, layer_prefix: str) -> Any:
+        """(N, 1) 0/1 flags from Keras's own layers (:meth:`plain_score` above the threshold), on
+        ``graph``, a flat copy of :attr:`model` whose layers are named ``layer_prefix + name``
+        (:func:`~badnet_repair.nets.models.inline_model`), and ``top``, the mark of its class."""
+        from ..nets.plain import step_above
+
+        if self.threshold is None:
+            raise RuntimeError("call fit(model, clean) before plain_flags() (FeatureDistance)")
+        feats = feature_tensor(graph, _prefixed(self.layer, layer_prefix))
+        return step_above(self.plain_score(feats, top, name=f"{prefix}_distance"), self.threshold, f"{prefix}_alarm")
+
 
 class FeatureEnsemble(ThresholdDetector):
     """Feature distances at several layers of B, summed: Lee et al.'s feature ensemble.
@@ -570,6 +625,22 @@ class FeatureEnsemble(ThresholdDetector):
         parts = [m.keras_alarm(f, probs, name=f"{prefix}_{i}_feature_distance")
                  for i, (m, f) in enumerate(zip(self.members, feats, strict=True))]
         return ScoreAlarm(threshold=self.threshold, name=f"{prefix}_feature_ensemble")(parts)
+
+    def plain_flags(self, graph: Any, top: Any, *, prefix: str, layer_prefix: str) -> Any:
+        """(N, 1) 0/1 flags from Keras's own layers, for a model Keras 2 loads: each layer's
+        :meth:`FeatureDistance.plain_score` on ``graph`` (a flat copy of B whose layers are named
+        ``layer_prefix + name``, :func:`~badnet_repair.nets.models.inline_model`) and ``top`` (the
+        mark of its class), summed and stepped above the threshold, in float32."""
+        from keras import layers
+
+        from ..nets.plain import step_above
+
+        if self.threshold is None or self.members[0].model is None:
+            raise RuntimeError("call fit(model, clean) before plain_flags() (FeatureEnsemble)")
+        parts = [m.plain_score(feature_tensor(graph, _prefixed(lyr, layer_prefix)), top, name=f"{prefix}_{i}_distance")
+                 for i, (m, lyr) in enumerate(zip(self.members, self.layers, strict=True))]
+        total = parts[0] if len(parts) == 1 else layers.Add(name=f"{prefix}_sum")(parts)
+        return step_above(total, self.threshold, f"{prefix}_alarm")
 
 
 #: the most values a feature detector reads from one layer: a (D, D) precision of 4096 features is
@@ -742,6 +813,11 @@ def feature_tensor(model: Any, layer: str) -> Any:
         raise ModelError(f"layer {name!r} of model {model.name!r} gives features of shape {shape}: "
                          f"a feature detector reads (N, D) features or (N, ..., channels) maps")
     return pooling[len(shape)](name=f"{tag}_mean")(out)
+
+
+def _prefixed(layer: str, prefix: str) -> str:
+    """The :func:`feature_tensor` name of ``layer`` in a copy whose layers are named ``prefix + name``."""
+    return layer if layer in ("head", "conv") else f"{prefix}{layer}"
 
 
 def _normalise(raw: np.ndarray, classes: np.ndarray, loc: np.ndarray, spread: np.ndarray) -> np.ndarray:

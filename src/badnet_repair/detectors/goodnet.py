@@ -34,7 +34,7 @@ from .base import Detector
 from .combine import AnyOf
 
 __all__ = ["GoodNetCombine", "SplitGoodNet", "build_detector_goodnet", "build_goodnet", "build_portable_goodnet",
-           "build_runner_up_model",
+           "build_portable_runner_up_model", "build_runner_up_model",
            "goodnet_predict", "has_keras_form", "is_goodnet", "load_split_goodnet", "save_split_goodnet",
            "split_goodnet_paths"]
 
@@ -71,12 +71,6 @@ def build_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet") -> Any:
     return with_input_scale(keras.Model(x, out, name=name), scale)
 
 
-#: The top-class test's scale: 2**50 times any gap between two distinct float32 probabilities
-#: of a model's top class (at least 1/N) is far below -1, so the clipped ``gap * scale + 1``
-#: is exactly 1 at the top class and exactly 0 elsewhere.
-_TOP_SCALE = float(2**50)
-
-
 def is_goodnet(model: Any) -> bool:
     """Whether ``model`` is a GoodNet this package built (its last class is the alarm class N): one
     with the package's combining layer (:func:`build_goodnet`, :func:`build_detector_goodnet`) or
@@ -94,9 +88,9 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
     The lab's GoodNet rule (Liu et al., RAID 2018, as the CSAW-HackML lab defines G) without
     a custom layer: B and B' are inlined into one flat graph (their layers renamed
     ``badnet_*`` and ``repaired_*``; G's own layers are named ``goodnet_*``, so no layer name of
-    B's can collide with them); each one's top class is marked exactly by clipping
-    ``(p - max p) * 2**50 + 1`` to [0, 1] (Reshape, GlobalMaxPooling1D, RepeatVector,
-    Subtract, a 1x1 Conv1D, ReLU(max_value=1)); ``agree`` is 1 where the two marks share a
+    B's can collide with them); each one's top class is marked exactly
+    (:func:`~badnet_repair.nets.plain.top_mark`: Reshape, GlobalMaxPooling1D, RepeatVector,
+    Subtract, 1x1 Conv1Ds, ReLU(max_value=1)); ``agree`` is 1 where the two marks share a
     class; the output is ``[p_B * agree, 1 - agree]``. Its outputs equal
     :func:`build_goodnet`'s wherever B's and B''s top classes are unique; where a model has
     an exact tie for its top class, this G counts the two as agreeing if any tied class is
@@ -118,6 +112,8 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
     import numpy as np
     from keras import layers
 
+    from ..nets.plain import top_mark
+
     k = _num_classes(badnet)
     if _num_classes(repaired) != k:
         raise ValueError(f"B has {k} classes but B' has {_num_classes(repaired)}")
@@ -127,17 +123,7 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
     p_bad = inline_copy(badnet, x, "badnet_")
     p_rep = inline_copy(repaired, x, "repaired_")
 
-    def top(p: Any, who: str) -> tuple[Any, Any]:
-        column = layers.Reshape((k, 1), name=f"goodnet_{who}_column")(p)
-        top_p = layers.GlobalMaxPooling1D(name=f"goodnet_{who}_top_p")(column)
-        best = layers.RepeatVector(k, name=f"goodnet_{who}_max")(top_p)
-        gap = layers.Subtract(name=f"goodnet_{who}_gap")([column, best])  # 0 at the top class, < 0 elsewhere
-        scale = layers.Conv1D(1, 1, name=f"goodnet_{who}_scale")
-        mark = layers.ReLU(max_value=1.0, name=f"goodnet_{who}_is_top")(scale(gap))
-        return layers.Reshape((k,), name=f"goodnet_{who}_top")(mark), scale
-
-    top_bad, scale_bad = top(p_bad, "badnet")
-    top_rep, scale_rep = top(p_rep, "repaired")
+    top_bad, top_rep = top_mark(p_bad, k, "goodnet_badnet_top"), top_mark(p_rep, k, "goodnet_repaired_top")
     both = layers.Multiply(name="goodnet_both_top")([top_bad, top_rep])
     shared = layers.Dense(1, use_bias=False, name="goodnet_shared_top")(both)
     agree = layers.ReLU(max_value=1.0, name="goodnet_agree")(shared)
@@ -146,8 +132,6 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
     kept = layers.Multiply(name="goodnet_kept")([p_bad, spread(agree)])
     out = layers.Concatenate(name="goodnet_output")([kept, alarm(agree)])
     model = keras.Model(x, out, name=name)
-    for scale in (scale_bad, scale_rep):
-        scale.set_weights([np.full((1, 1, 1), _TOP_SCALE, np.float32), np.ones(1, np.float32)])
     model.get_layer("goodnet_shared_top").set_weights([np.ones((k, 1), np.float32)])
     spread.set_weights([np.ones((1, k), np.float32)])
     alarm.set_weights([np.full((1, 1), -1.0, np.float32), np.ones(1, np.float32)])
@@ -215,6 +199,65 @@ def build_runner_up_model(model: Any, detector: Any, *, name: str = "runner_up")
     if not has_keras_form(detector):
         raise ModelError(f"detector {detector.name!r} has no Keras form: it cannot gate a saved model")
     return _model_beside_flags(model, detector, RunnerUpWhereFlagged(name="runner_up_where_flagged"), name)
+
+
+def build_portable_runner_up_model(model: Any, detector: Any, *, name: str = "runner_up",
+                                   otherwise: Any = None) -> Any:
+    """:func:`build_runner_up_model` from Keras's own layers only, for a full ``.h5`` that Keras 2
+    (the lab's ``eval.py``) loads.
+
+    B is inlined into one flat graph (its layers renamed ``badnet_*``; the gate's own layers are
+    named ``gate_*``, so no name of B's can collide with them); B's class is marked with
+    :func:`~badnet_repair.nets.plain.top_mark`, the detector's flags come from its
+    ``plain_flags`` (:meth:`~badnet_repair.detectors.features.FeatureEnsemble.plain_flags`), and
+    the runner-up is the mark of B's probabilities less twice the mark of its class. Computed in
+    float32: the flags equal the detector's except on inputs whose score is within float32
+    rounding of the threshold (about 1e-6 of the distances); where B has an exact tie for its top
+    class the statistics of every tied class are summed (:func:`build_runner_up_model` takes the
+    first). Ties for the runner-up (a saturated softmax leaves many classes at 0) go to the
+    first, as there.
+
+    Args:
+        model: B, a flat functional model (N, H, W, C) -> (N, K) probabilities, the model the
+            detector was fitted on.
+        detector: a fitted detector with a ``plain_flags`` form
+            (:class:`~badnet_repair.detectors.features.FeatureEnsemble` or
+            :class:`~badnet_repair.detectors.features.FeatureDistance`).
+        name: the model name.
+        otherwise: a flat model on the same inputs (another repair of B, e.g. a gate) whose
+            probabilities are output where not flagged, default None (B's); inlined as ``first_*``.
+
+    Returns:
+        A flat ``keras.Model`` (N, H, W, C) -> (N, K) of standard layers: B's probabilities (or
+        ``otherwise``'s), or one-hot at B's runner-up class where flagged; B's input scale in front
+        (:func:`~badnet_repair.nets.models.with_input_scale`).
+
+    Raises:
+        ModelError: a detector without a plain form, or fitted on another model; a model that
+            nests others.
+    """
+    from ..nets.models import inline_model
+    from ..nets.plain import first_of_marks, minus_scaled, select, top_mark
+
+    if not hasattr(detector, "plain_flags"):
+        raise ModelError(f"detector {detector.name!r} has no form of Keras's own layers: use build_runner_up_model")
+    fitted_on = detector.members[0].model if hasattr(detector, "members") else detector.model
+    if fitted_on is not model:
+        raise ModelError(f"the detector was fitted on another model than {model.name!r}: fit it on this one")
+    k = _num_classes(model)
+    scale = input_scale_of(model) if otherwise is None else common_input_scale((model, otherwise))
+    if otherwise is not None and _num_classes(otherwise) != k:
+        raise ValueError(f"B has {k} classes but the model beside it has {_num_classes(otherwise)}")
+    x = keras.Input(shape=tuple(model.inputs[0].shape[1:]), name="input")
+    graph = inline_model(without_input_scale(model), x, "badnet_", name="gate_badnet")
+    probs = graph.outputs[0]
+    top = top_mark(probs, k, "gate_top")
+    flags = detector.plain_flags(graph, top, prefix="gate_detector", layer_prefix="badnet_")
+    second = first_of_marks(top_mark(minus_scaled(probs, top, 2.0, k, "gate_top_pushed_down"), k, "gate_runner_up"),
+                            k, "gate_runner_up")
+    kept = probs if otherwise is None else inline_copy(without_input_scale(otherwise), x, "first_")
+    out = select(flags, second, kept, k, "gate_output")
+    return with_input_scale(keras.Model(x, out, name=name), scale)
 
 
 def has_keras_form(detector: Detector) -> bool:

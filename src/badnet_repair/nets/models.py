@@ -37,6 +37,7 @@ __all__ = [
     "first_dense_layers",
     "inference_call",
     "inline_copy",
+    "inline_model",
     "input_scale_of",
     "keras2_config",
     "load_model",
@@ -821,6 +822,25 @@ def inline_copy(model: Any, inputs: Any, prefix: str) -> Any:
     Raises:
         ModelError: if the model nests other models.
     """
+    return inline_model(model, inputs, prefix).outputs[0]
+
+
+def inline_model(model: Any, inputs: Any, prefix: str, *, name: str | None = None) -> Any:
+    """:func:`inline_copy` as a model from ``inputs``: its layers (``prefix + name``) and their
+    outputs can be read, e.g. features for a detector built into the same flat graph.
+
+    Args:
+        model: a functional model of standard layers, with one input and one output.
+        inputs: a symbolic tensor of the model's input shape.
+        prefix: put before every copied layer's name.
+        name: the copy's model name (default ``prefix + model.name``).
+
+    Returns:
+        A ``keras.Model`` from ``inputs`` to the copy's output.
+
+    Raises:
+        ModelError: if the model nests other models.
+    """
     import keras
 
     nested = [lyr.name for lyr in model.layers if isinstance(lyr, keras.Model)]
@@ -833,7 +853,7 @@ def inline_copy(model: Any, inputs: Any, prefix: str) -> Any:
     clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=renamed)
     for src, dst in zip(model.layers, clone.layers, strict=True):
         dst.set_weights(src.get_weights())
-    return clone.outputs[0]
+    return keras.Model(inputs, clone.outputs[0], name=name or f"{prefix}{model.name}")
 
 
 # ----------------------------------------------------------------------------- input scale
