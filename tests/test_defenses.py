@@ -33,7 +33,7 @@ from .conftest import SpyArray, random_faces, tiny_conv_model
 def test_registry_names_and_settings():
     assert list(REGISTRY) == ["fine-tuning", "pruning", "fine-pruning", "nc-unlearning", "nc-pruning", "ft-sam",
                               "i-bau", "fst", "fst-fp", "sau", "bti-dbf", "tsbd", "rnp", "subspace", "subspace-ft",
-                              "discriminant", "discriminant-gate", "feature-gate"]
+                              "discriminant", "discriminant-gate", "feature-gate", "two-gates"]
     assert {"epochs", "learning_rate", "distill", "weight_decay", "members", "seed", "layer"} <= set(
         FineTuning.settings())
     assert {"budget", "holdout_fraction", "schedule", "clipnorm"} <= set(FineTuning.settings())

@@ -111,7 +111,8 @@ def test_no_test_or_poisoned_image_is_read_while_the_feature_gate_repairs(small_
 
 
 def test_settings_are_checked_and_the_defense_is_registered():
-    assert REGISTRY["feature-gate"] is FeatureGate
+    assert REGISTRY["feature-gate"] is FeatureGate and REGISTRY["two-gates"] is TwoGates
+    assert TwoGates().get_params() == FeatureGate().get_params()  # the first gate takes the discriminant gate's
     gate = make_defense("feature-gate", quantiles=(0.01,), fold_correction=True)
     assert gate.quantiles == (0.01,) and gate.fold_correction is True  # type: ignore[attr-defined]
     params = FeatureGate().get_params()

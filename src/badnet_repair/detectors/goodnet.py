@@ -212,10 +212,10 @@ def build_portable_runner_up_model(model: Any, detector: Any, *, name: str = "ru
     ``plain_flags`` (:meth:`~badnet_repair.detectors.features.FeatureEnsemble.plain_flags`), and
     the runner-up is the mark of B's probabilities less twice the mark of its class. Computed in
     float32: the flags equal the detector's except on inputs whose score is within float32
-    rounding of the threshold (about 1e-6 of the distances); where B has an exact tie for its top
-    class the statistics of every tied class are summed (:func:`build_runner_up_model` takes the
-    first). Ties for the runner-up (a saturated softmax leaves many classes at 0) go to the
-    first, as there.
+    rounding of the threshold (about 1e-6 of the distances). Ties for the runner-up (a saturated
+    softmax leaves many classes at 0) go to the first, as there; only where B has an exact tie
+    for its top class (two equal largest probabilities) may the flags and the runner-up differ
+    from :func:`build_runner_up_model`'s (every tied class is marked as B's).
 
     Args:
         model: B, a flat functional model (N, H, W, C) -> (N, K) probabilities, the model the
