@@ -109,10 +109,9 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
         ValueError: if B and B' have different class counts.
         ModelError: if either nests other models (ensembles, GoodNets).
     """
-    import numpy as np
     from keras import layers
 
-    from ..nets.plain import top_mark
+    from ..nets.plain import constant_dense, top_mark
 
     k = _num_classes(badnet)
     if _num_classes(repaired) != k:
@@ -125,17 +124,13 @@ def build_portable_goodnet(badnet: Any, repaired: Any, *, name: str = "goodnet")
 
     top_bad, top_rep = top_mark(p_bad, k, "goodnet_badnet_top"), top_mark(p_rep, k, "goodnet_repaired_top")
     both = layers.Multiply(name="goodnet_both_top")([top_bad, top_rep])
-    shared = layers.Dense(1, use_bias=False, name="goodnet_shared_top")(both)
+    shared = constant_dense(both, np.ones((k, 1)), None, "goodnet_shared_top")
     agree = layers.ReLU(max_value=1.0, name="goodnet_agree")(shared)
-    spread = layers.Dense(k, use_bias=False, name="goodnet_agree_per_class")
-    alarm = layers.Dense(1, name="goodnet_alarm")
-    kept = layers.Multiply(name="goodnet_kept")([p_bad, spread(agree)])
-    out = layers.Concatenate(name="goodnet_output")([kept, alarm(agree)])
-    model = keras.Model(x, out, name=name)
-    model.get_layer("goodnet_shared_top").set_weights([np.ones((k, 1), np.float32)])
-    spread.set_weights([np.ones((1, k), np.float32)])
-    alarm.set_weights([np.full((1, 1), -1.0, np.float32), np.ones(1, np.float32)])
-    return with_input_scale(model, input_scale)
+    kept = layers.Multiply(name="goodnet_kept")([p_bad, constant_dense(agree, np.ones((1, k)), None,
+                                                                       "goodnet_agree_per_class")])
+    alarm = constant_dense(agree, np.full((1, 1), -1.0), np.ones(1), "goodnet_alarm")
+    out = layers.Concatenate(name="goodnet_output")([kept, alarm])
+    return with_input_scale(keras.Model(x, out, name=name), input_scale)
 
 
 def build_detector_goodnet(model: Any, detector: Any, *, name: str = "goodnet") -> Any:
