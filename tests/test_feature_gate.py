@@ -113,7 +113,11 @@ def test_no_test_or_poisoned_image_is_read_while_the_feature_gate_repairs(small_
 
 def test_settings_are_checked_and_the_defense_is_registered():
     assert REGISTRY["feature-gate"] is FeatureGate and REGISTRY["two-gates"] is TwoGates
-    assert TwoGates().get_params() == FeatureGate().get_params()  # the first gate takes the discriminant gate's
+    # the first gate takes the discriminant gate's settings, but for its share of the drop
+    assert TwoGates().get_params() == {**FeatureGate().get_params(), "first_drop": None}
+    for bad_drop in ({"first_drop": -0.5}, {"first_drop": 4.0}, {"drop": 1.0, "first_drop": 2.0}):
+        with pytest.raises(ValueError, match="first_drop"):
+            TwoGates(**bad_drop)  # type: ignore[arg-type]
     gate = make_defense("feature-gate", quantiles=(0.01,), fold_correction=True)
     assert gate.quantiles == (0.01,) and gate.fold_correction is True  # type: ignore[attr-defined]
     params = FeatureGate().get_params()
@@ -223,6 +227,21 @@ def test_two_gates_gives_the_first_gates_model_where_the_feature_gate_keeps_noth
     assert not choices["first"]["returned_b"]
     assert repair.model is not small_deepid  # the discriminant gate's model, not B
     assert not any("NOT removed" in w for w in repair.warnings)
+
+
+@pytest.mark.parametrize("first_drop", [0.0, 2.0])
+def test_two_gates_first_gate_costs_at_most_its_share_of_the_drop(small_deepid, first_drop):
+    """The discriminant gate is walked with ``first_drop``, not ``drop``: its kept cross-fitted
+    accuracy is at most ``first_drop`` points below B's, its choices those of that gate alone."""
+    from badnet_repair.defenses.discriminant import DiscriminantGate
+
+    clean = br.Dataset(random_faces(70, seed=5), np.arange(70) % 7, "valid")
+    repair = TwoGates(drop=100.0, first_drop=first_drop, budget=None).repair(small_deepid, clean)
+    first = repair.record["choices"]["first"]
+    alone = DiscriminantGate(drop=first_drop, budget=None).repair(small_deepid, clean).record["choices"]
+    assert first["base_holdout_accuracy"] - first["holdout_accuracy"] <= first_drop + 1e-9
+    for key in ("quantile", "second_quantile", "threshold", "holdout_accuracy"):
+        assert first[key] == alone[key], key
 
 
 class _LoggedTwoGates(LoggedRepair, TwoGates):

@@ -249,8 +249,16 @@ class TwoGates(FeatureGate):
     one, B with the loud line. The model is built of Keras's own layers (Keras 2 loads its ``.h5``).
     About the two gates' time together: a minute on a demo BadNet, some minutes at the lab's scale.
 
+    The drop is shared: the first gate may cost ``first_drop`` points (default ``drop``: it may
+    spend all of them, round 17), the feature gate on top whatever is left of ``drop``, both
+    counted from B's cross-fitted accuracy. ``first_drop = 0`` keeps the discriminant gate only
+    where it costs nothing (it often gains, correcting B's own errors), leaving the feature gate
+    at least ``drop`` (issue 31's round 18).
+
     Args:
-        As :class:`FeatureGate`'s (``drop``, ``budget``, ``batch_size`` and ``seed`` shared with the
+        first_drop: the cross-fitted accuracy drop, in points, the discriminant gate may cost,
+            default None (``drop``).
+        Others as :class:`FeatureGate`'s (``budget``, ``batch_size`` and ``seed`` shared with the
         first gate).
     """
 
@@ -258,11 +266,21 @@ class TwoGates(FeatureGate):
     summary: ClassVar[str] = ("the discriminant gate, then the feature gate on top: B's runner-up where B's features "
                               "are far off, else the discriminant gate's class")
 
+    first_drop: float | None = setting(None, "cross-fitted clean accuracy drop, in points, the first (discriminant) "
+                                             "gate may cost; None: drop")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.first_drop is not None and not 0 <= self.first_drop <= self.drop:
+            raise ValueError(f"first_drop must be between 0 and drop ({self.drop:g}) points or None, "
+                             f"not {self.first_drop}")
+
     def repair(self, model: Any, clean: Dataset, *, progress: bool = False) -> Repair:
         """B gated by the discriminant gate, then the feature gate (or what each kept, with their lines);
         the record holds the feature gate's walk, and the first gate's choices under ``"first"``."""
         from .discriminant import DiscriminantGate
 
-        first = DiscriminantGate(drop=self.drop, budget=self.budget, batch_size=self.batch_size,
+        first_drop = self.drop if self.first_drop is None else self.first_drop
+        first = DiscriminantGate(drop=first_drop, budget=self.budget, batch_size=self.batch_size,
                                  seed=self.seed).repair(model, clean, progress=progress)
         return self._gate(model, clean, first)
