@@ -3,6 +3,8 @@ rule through a saved file, the fallback to B, a small demo BadNet, and no test o
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -114,7 +116,7 @@ def test_no_test_or_poisoned_image_is_read_while_the_feature_gate_repairs(small_
 def test_settings_are_checked_and_the_defense_is_registered():
     assert REGISTRY["feature-gate"] is FeatureGate and REGISTRY["two-gates"] is TwoGates
     # the first gate takes the discriminant gate's settings, but for its share of the drop
-    assert TwoGates().get_params() == {**FeatureGate().get_params(), "first_drop": None}
+    assert TwoGates().get_params() == {**FeatureGate().get_params(), "first_drop": 0.0}
     for bad_drop in ({"first_drop": -0.5}, {"first_drop": 4.0}, {"drop": 1.0, "first_drop": 2.0}):
         with pytest.raises(ValueError, match="first_drop"):
             TwoGates(**bad_drop)  # type: ignore[arg-type]
@@ -242,6 +244,29 @@ def test_two_gates_first_gate_costs_at_most_its_share_of_the_drop(small_deepid, 
     assert first["base_holdout_accuracy"] - first["holdout_accuracy"] <= first_drop + 1e-9
     for key in ("quantile", "second_quantile", "threshold", "holdout_accuracy"):
         assert first[key] == alone[key], key
+
+
+def test_two_gates_do_not_log_the_first_gates_refusal_as_their_result(small_deepid, caplog):
+    """Where the discriminant gate keeps nothing within ``first_drop`` (B right on every clean
+    image: any overruling costs), its "NOT removed" line is not logged, and the two gates' own
+    result (the feature gate on B) carries no such line; the record keeps the first gate's."""
+    x = random_faces(70, seed=5)
+    clean = br.Dataset(x, predict_probabilities(small_deepid, x).argmax(axis=1), "valid")
+    with caplog.at_level("INFO", logger="badnet_repair"):
+        repair = TwoGates(quantiles=(0.2,), drop=100.0, first_drop=0.0, budget=None).repair(small_deepid, clean)
+    first = repair.record["choices"]["first"]
+    assert first["returned_b"] and any("NOT removed" in w for w in first["warnings"])
+    assert repair.model is not small_deepid and repair.record["choices"]["quantile"] == 0.2
+    assert not any("NOT removed" in w for w in repair.warnings)
+    assert not any("NOT removed" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert any("kept no share" in r.getMessage() for r in caplog.records)
+    # the filter is gone afterwards: the discriminant gate alone still says it loudly
+    from badnet_repair.defenses.discriminant import DiscriminantGate
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="badnet_repair"):
+        DiscriminantGate(drop=0.0, budget=None).repair(small_deepid, clean)
+    assert any("NOT removed" in r.getMessage() for r in caplog.records)
 
 
 class _LoggedTwoGates(LoggedRepair, TwoGates):

@@ -23,7 +23,8 @@ def _files(demo) -> list[str]:
 
 def test_repair_saves_the_model_then_evaluates_it_and_writes_its_results(small_demo, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["repair", "-q", *_files(small_demo), "--out", str(out), "--set", "feature-gate.drop=2"]) == 0
+    assert main(["repair", "-q", *_files(small_demo), "--out", str(out), "--defense", "feature-gate",
+                 "--set", "feature-gate.drop=2"]) == 0
     printed = capsys.readouterr().out
     assert "| feature-gate |" in printed and "| G (feature-gate) |" in printed
     paths = repair_paths(out, make_defense("feature-gate"))
@@ -79,13 +80,13 @@ def test_only_keras_layers_means_a_plain_network(small_deepid):
 def test_repair_refuses_existing_outputs_and_unknown_settings_before_repairing(small_demo, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "feature_gate_results.json").write_text("{}")
+    (out / "two_gates_results.json").write_text("{}")  # the default defense's (issue 31's round 18)
     assert main(["repair", "-q", *_files(small_demo), "--out", str(out)]) != 0
     err = capsys.readouterr().err
-    assert "--overwrite" in err and "Traceback" not in err
-    assert not (out / "feature_gate.keras").exists()  # refused before the repair
+    assert "--overwrite" in err and "two_gates_results.json" in err and "Traceback" not in err
+    assert not (out / "two_gates.keras").exists()  # refused before the repair
     with pytest.raises(SystemExit):  # the command line's own refusal, before anything runs
-        main(["repair", "-q", *_files(small_demo), "--out", str(out), "--overwrite", "--set", "feature-gate.colour=1"])
+        main(["repair", "-q", *_files(small_demo), "--out", str(out), "--overwrite", "--set", "two-gates.colour=1"])
     assert "has no setting 'colour'" in capsys.readouterr().err
     assert main(["repair", "-q", *_files(small_demo), "--out", str(out), "--set", "fine-tuning.epochs=1"]) != 0
     assert "--defense leaves out" in capsys.readouterr().err

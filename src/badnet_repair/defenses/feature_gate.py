@@ -249,15 +249,15 @@ class TwoGates(FeatureGate):
     one, B with the loud line. The model is built of Keras's own layers (Keras 2 loads its ``.h5``).
     About the two gates' time together: a minute on a demo BadNet, some minutes at the lab's scale.
 
-    The drop is shared: the first gate may cost ``first_drop`` points (default ``drop``: it may
-    spend all of them, round 17), the feature gate on top whatever is left of ``drop``, both
-    counted from B's cross-fitted accuracy. ``first_drop = 0`` keeps the discriminant gate only
-    where it costs nothing (it often gains, correcting B's own errors), leaving the feature gate
-    at least ``drop`` (issue 31's round 18).
+    The drop is shared: the first gate may cost ``first_drop`` points, the feature gate on top
+    whatever is left of ``drop``, both counted from B's cross-fitted accuracy. The default, 0,
+    keeps the discriminant gate only where it costs nothing (it often gains, correcting B's own
+    errors), leaving the feature gate at least ``drop``; None lets it spend all of ``drop``, as
+    round 17's two gates did, and leaves the feature gate little room.
 
     Args:
         first_drop: the cross-fitted accuracy drop, in points, the discriminant gate may cost,
-            default None (``drop``).
+            default 0 (chosen in issue 31's round 18 on tuning BadNets); None: ``drop``.
         Others as :class:`FeatureGate`'s (``budget``, ``batch_size`` and ``seed`` shared with the
         first gate).
     """
@@ -266,8 +266,8 @@ class TwoGates(FeatureGate):
     summary: ClassVar[str] = ("the discriminant gate, then the feature gate on top: B's runner-up where B's features "
                               "are far off, else the discriminant gate's class")
 
-    first_drop: float | None = setting(None, "cross-fitted clean accuracy drop, in points, the first (discriminant) "
-                                             "gate may cost; None: drop")
+    first_drop: float | None = setting(0.0, "cross-fitted clean accuracy drop, in points, the first (discriminant) "
+                                            "gate may cost (issue 31's round 18); None: drop")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -281,6 +281,24 @@ class TwoGates(FeatureGate):
         from .discriminant import DiscriminantGate
 
         first_drop = self.drop if self.first_drop is None else self.first_drop
-        first = DiscriminantGate(drop=first_drop, budget=self.budget, batch_size=self.batch_size,
-                                 seed=self.seed).repair(model, clean, progress=progress)
+        quiet = _FirstGateKeptNothing()
+        tuning_log = logging.getLogger(kept_or_b.__module__)
+        tuning_log.addFilter(quiet)
+        try:
+            first = DiscriminantGate(drop=first_drop, budget=self.budget, batch_size=self.batch_size,
+                                     seed=self.seed).repair(model, clean, progress=progress)
+        finally:
+            tuning_log.removeFilter(quiet)
+        if first.model is model:
+            log.info("%s: the discriminant gate kept no share within %g points; the feature gate gates B alone",
+                     self.name, first_drop)
         return self._gate(model, clean, first)
+
+
+class _FirstGateKeptNothing(logging.Filter):
+    """Drops the first gate's "returned the BadNet unchanged" line from the log: inside the two
+    gates it is not the result (the feature gate still gates B; the result's own lines say what
+    was returned), and it stays in the record under ``"first"``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.WARNING and "returned the BadNet unchanged" in record.getMessage())
