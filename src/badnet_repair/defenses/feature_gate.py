@@ -234,12 +234,13 @@ class FeatureGate(Defense):
 class TwoGates(FeatureGate):
     """The discriminant gate, then the feature gate on what it left: each overrules B where it finds it off.
 
-    The project's own method (issue 31, round 17), the two gates of rounds 14 and 15 in turn:
+    The project's own method (issue 31, rounds 17 and 18), the two gates of rounds 14 and 15 in turn:
 
-    1. :class:`~badnet_repair.defenses.discriminant.DiscriminantGate` with its defaults (and this
-       class's ``drop``, ``budget``, ``batch_size`` and ``seed``) repairs B: its class where a linear
-       discriminant on clean features finds B's class far off. It removes multi-target and partial
-       backdoors the feature gate leaves, and often gains clean accuracy (it corrects B's own errors).
+    1. :class:`~badnet_repair.defenses.discriminant.DiscriminantGate` with its defaults (its ``drop``
+       this class's ``first_drop``; ``budget``, ``batch_size`` and ``seed`` this class's) repairs B:
+       its class where a linear discriminant on clean features finds B's class far off. It removes
+       multi-target and partial backdoors the feature gate leaves, and often gains clean accuracy
+       (it corrects B's own errors).
     2. The feature gate (:class:`FeatureGate`, its settings here) walks its shares on top: where
        its ensemble flags an input, B's runner-up class; elsewhere the first gate's class. Its
        accuracy is that of those predictions on the clean images, both cross-fitted, within
