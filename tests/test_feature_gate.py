@@ -200,7 +200,7 @@ def test_two_gates_is_the_plain_rule_on_top_of_the_discriminant_gate(tmp_path, s
     x = random_faces(70, seed=5)
     b = small_deepid
     clean = br.Dataset(x, predict_probabilities(b, x).argmax(axis=1), "valid")  # B right on every clean image
-    repair = TwoGates(quantiles=(0.2,), drop=100.0, budget=None).repair(b, clean)
+    repair = TwoGates(quantiles=(0.2,), drop=100.0, first_drop=None, budget=None).repair(b, clean)
     choices = repair.record["choices"]
     assert choices["quantile"] == 0.2 and choices["first"]["defense"] == "discriminant-gate"
     first = DiscriminantGate(drop=100.0, budget=None).repair(b, clean)
@@ -223,7 +223,7 @@ def test_two_gates_is_the_plain_rule_on_top_of_the_discriminant_gate(tmp_path, s
 def test_two_gates_gives_the_first_gates_model_where_the_feature_gate_keeps_nothing(small_deepid):
     clean = br.Dataset(random_faces(70, seed=5), np.arange(70) % 7, "valid")
     # drop 100 lets the discriminant gate keep a share; a share of 0.1 % flags none of 70 images
-    repair = TwoGates(quantiles=(0.001,), drop=100.0, budget=None).repair(small_deepid, clean)
+    repair = TwoGates(quantiles=(0.001,), drop=100.0, first_drop=None, budget=None).repair(small_deepid, clean)
     choices = repair.record["choices"]
     assert choices["quantile"] is None and all(t["overruled"] == 0.0 for t in choices["tried"])
     assert not choices["first"]["returned_b"]
