@@ -252,9 +252,8 @@ class TwoGates(FeatureGate):
 
     The drop is shared: the first gate may cost ``first_drop`` points, the feature gate on top
     whatever is left of ``drop``, both counted from B's cross-fitted accuracy. The default, 0,
-    keeps the discriminant gate only where it costs nothing (it often gains, correcting B's own
-    errors), leaving the feature gate at least ``drop``; None lets it spend all of ``drop``, as
-    round 17's two gates did, and leaves the feature gate little room.
+    keeps the discriminant gate only where it costs nothing, leaving the feature gate at least
+    ``drop``; None lets it spend all of ``drop``, as round 17's two gates did.
 
     Args:
         first_drop: the cross-fitted accuracy drop, in points, the discriminant gate may cost,
