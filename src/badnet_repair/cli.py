@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import INPUT_SCALE_HELP, LAYER_HELP, parse_input_scale, setting_problem, setting_value
+from .defenses import DEFAULT_DEFENSE
 from .defenses import REGISTRY as DEFENSES
 from .demo.make import DEMO_BADNETS
 from .detectors import DEFAULT_DETECTORS, DEFAULT_FALSE_ALARM
@@ -286,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rr = sub.add_parser(
         "repair", parents=[common],
-        help="repair a BadNet with one registered defense (default two-gates); save the repaired model, "
+        help=f"repair a BadNet with one registered defense (default {DEFAULT_DEFENSE}); save the repaired model, "
         "then evaluate",
         description="Repair a BadNet from its clean validation data with one registered defense, save the "
         "repaired model (.keras; also .h5 where it is built of Keras's own layers) and <name>_results.json, and "
@@ -294,11 +295,11 @@ def _parser() -> argparse.ArgumentParser:
         "layout, or the built-in demo.",
     )
     _add_inputs(rr, ["model", "valid", "test", "bd_test"])
-    rr.add_argument("--defense", choices=list(DEFENSES), default="two-gates", metavar="NAME",
-                    help="the defense (default two-gates, the project's recommended removal defense; one of: "
+    rr.add_argument("--defense", choices=list(DEFENSES), default=DEFAULT_DEFENSE, metavar="NAME",
+                    help=f"the defense (default {DEFAULT_DEFENSE}, the project's recommended removal defense; one of: "
                     f"{', '.join(DEFENSES)})")
     rr.add_argument("--set", action="append", type=_any_setting, default=[], metavar="NAME.SETTING=VALUE",
-                    help="one of the defense's settings (repeatable; e.g. two-gates.drop=2); a name the "
+                    help=f"one of the defense's settings (repeatable; e.g. {DEFAULT_DEFENSE}.drop=2); a name the "
                     "defense does not take is refused with the list of those it does")
     _add_run_options(rr, demo_help="run on the built-in demo")
 

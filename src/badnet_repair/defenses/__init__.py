@@ -26,7 +26,7 @@ from .sau import SharedAdversarialUnlearning
 from .subspace import CleanSubspaceProjection, SubspaceFineTuning
 from .tsbd import TwoStageBackdoorDefense
 
-__all__ = ["IBAU", "REGISTRY", "BTIDBFUnlearning", "CleanSubspaceProjection",
+__all__ = ["DEFAULT_DEFENSE", "IBAU", "REGISTRY", "BTIDBFUnlearning", "CleanSubspaceProjection",
            "Defense", "DiscriminantFusion", "DiscriminantGate", "FeatureGate", "FeatureShiftFinePruning",
            "FeatureShiftTuning",
            "FinePruning", "FineTuning", "FineTuningSAM", "NeuralCleansePruning", "NeuralCleanseUnlearning", "Pruning",
@@ -39,6 +39,10 @@ REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
     FeatureShiftTuning, FeatureShiftFinePruning, SharedAdversarialUnlearning, BTIDBFUnlearning,
     TwoStageBackdoorDefense, ReconstructiveNeuronPruning, CleanSubspaceProjection,
     SubspaceFineTuning, DiscriminantFusion, DiscriminantGate, FeatureGate, TwoGates)}
+
+#: The recommended removal defense: ``repair``'s default and the notebook's beyond-the-lab step (chosen by issue
+#: 31's round 18 on its tuning BadNets; docs/research/removal31.md).
+DEFAULT_DEFENSE = TwoGates.name
 
 
 def register_defense(cls: type[Defense], *, replace: bool = False) -> type[Defense]:
