@@ -83,6 +83,38 @@ def test_the_gated_model_is_the_plain_rule_and_survives_a_saved_file(tmp_path, s
     np.testing.assert_array_equal(keras.models.load_model(path).predict(new, verbose=0), got)
 
 
+def test_a_saved_sequential_badnet_is_gated_by_both_gates_as_the_plain_rule(tmp_path):
+    # load_model rebuilds a Sequential file as a graph; the gates' model is cloned onto a new input,
+    # which a graph built from a list of one input refused (a Keras error from the CLI's default)
+    keras.utils.set_random_seed(4)
+    seq = keras.Sequential([keras.Input((24, 20, 3)), keras.layers.Rescaling(1 / 255, name="scale"),
+                            keras.layers.Conv2D(6, 3, activation="relu", name="c one"),
+                            keras.layers.MaxPooling2D(name="p.1"),
+                            keras.layers.Conv2D(8, 3, activation="relu", name="c2"),
+                            keras.layers.GlobalAveragePooling2D(name="gap"),
+                            keras.layers.Dense(5, activation="softmax", name="out")])
+    seq.save(tmp_path / "seq.h5")
+    b = br.load_model(tmp_path / "seq.h5")
+    assert not isinstance(b.input, list)
+    x = np.random.default_rng(1).uniform(0, 255, (50, 24, 20, 3)).astype(np.float32)
+    clean = br.Dataset(x, np.arange(50) % 5, "valid")
+    repair = TwoGates(quantiles=(0.2,), drop=100.0, first_drop=0.0, budget=None).repair(b, clean)
+    choices = repair.record["choices"]
+    assert repair.model is not b and choices["quantile"] == 0.2
+    new = np.random.default_rng(2).uniform(0, 255, (30, 24, 20, 3)).astype(np.float32)
+    first = repair.record["choices"]["first"]
+    below = b if first["returned_b"] else None
+    det = FeatureEnsemble(fold_correction=True).fit(b, clean)
+    flagged = det.scores(new) > choices["threshold"]
+    probs = predict_probabilities(b, new)
+    got = repair.model.predict(new, verbose=0).argmax(axis=1)
+    np.testing.assert_array_equal(got[flagged], runner_up(probs)[flagged])
+    if below is not None:  # the first gate kept nothing: B's class where not flagged
+        np.testing.assert_array_equal(got[~flagged], probs.argmax(axis=1)[~flagged])
+    repair.model.save(tmp_path / "gated.h5")
+    np.testing.assert_array_equal(br.load_model(tmp_path / "gated.h5").predict(new, verbose=0).argmax(axis=1), got)
+
+
 def test_a_gate_past_the_drop_gives_b_back_with_a_loud_line(small_deepid):
     clean = br.Dataset(random_faces(70, seed=5), np.arange(70) % 7, "valid")
     probs = predict_probabilities(small_deepid, clean.x)

@@ -266,6 +266,20 @@ def test_a_saved_sequential_model_loads_as_a_graph_the_pruning_defense_can_cut(t
     assert len(sweep.ranking.order) == 6
 
 
+def test_a_model_built_from_a_list_of_one_input_is_inlined_onto_a_single_tensor():
+    from badnet_repair.nets.models import inline_model
+
+    keras.utils.set_random_seed(5)
+    x = keras.Input((8, 6, 3))
+    listed = keras.Model([x], [keras.layers.Dense(4, name="d")(keras.layers.Flatten(name="f")(x))])
+    new = keras.Input((8, 6, 3))
+    copy = inline_model(listed, new, "p_")
+    data = np.random.default_rng(0).uniform(0, 1, (5, 8, 6, 3)).astype(np.float32)
+    want = listed.predict(data, verbose=0)
+    np.testing.assert_allclose(copy.predict(data, verbose=0), want[0] if isinstance(want, list) else want, rtol=1e-6)
+    assert [lyr.name for lyr in copy.layers[1:]] == ["p_f", "p_d"]
+
+
 def test_a_model_with_two_outputs_is_refused_in_one_line(tmp_path):
     x = keras.Input((8, 8, 3))
     f = keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(x))

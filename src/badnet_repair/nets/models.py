@@ -179,7 +179,16 @@ def as_functional(model: Any) -> Any:
         return model
     clone = keras.models.clone_model(graph)
     clone.set_weights(model.get_weights())
-    return keras.Model(clone.inputs, clone.outputs, name=model.name)
+    # one tensor each, not lists of one: a list-shaped input refuses a single tensor when the graph is cloned onto one
+    inputs = clone.inputs[0] if len(clone.inputs) == 1 else clone.inputs
+    outputs = clone.outputs[0] if len(clone.outputs) == 1 else clone.outputs
+    return keras.Model(inputs, outputs, name=model.name)
+
+
+def _shaped_as_input(model: Any, x: Any) -> Any:
+    """``x``, a single tensor, in the structure of ``model``'s input (a list of one where a model was
+    built from a list of inputs): what ``keras.models.clone_model`` takes as ``input_tensors``."""
+    return [x] if isinstance(model.input, (list, tuple)) else x
 
 
 def _graph_model(model: Any) -> Any:
@@ -850,7 +859,7 @@ def inline_model(model: Any, inputs: Any, prefix: str, *, name: str | None = Non
     def renamed(layer: Any) -> Any:
         return layer.__class__.from_config({**layer.get_config(), "name": f"{prefix}{layer.name}"})
 
-    clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=renamed)
+    clone = keras.models.clone_model(model, input_tensors=_shaped_as_input(model, inputs), clone_function=renamed)
     for src, dst in zip(model.layers, clone.layers, strict=True):
         dst.set_weights(src.get_weights())
     return keras.Model(inputs, clone.outputs[0], name=name or f"{prefix}{model.name}")
@@ -923,7 +932,8 @@ def _rebuilt(model: Any, x: Any, call: Any) -> Any:
     def same(layer: Any) -> Any:
         return layer.__class__.from_config(layer.get_config())
 
-    clone = keras.models.clone_model(model, input_tensors=x, clone_function=same, call_function=call)
+    clone = keras.models.clone_model(model, input_tensors=_shaped_as_input(model, x), clone_function=same,
+                                     call_function=call)
     for layer in clone.layers:
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
