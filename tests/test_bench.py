@@ -7,12 +7,14 @@ import re
 import textwrap
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
+import badnet_repair as br
 from badnet_repair.cli import main
-from badnet_repair.reporting.leaderboard import entries, leaderboard_markdown
-from badnet_repair.workflow.bench import ConfigError, load_config, read_store, run_bench
+from badnet_repair.reporting.leaderboard import entries, leaderboard_markdown, mixed_badnets
+from badnet_repair.workflow.bench import ConfigError, load_config, read_store, run_bench, weights_fingerprint
 
 
 def _tuning_badnet(demo) -> str:
@@ -136,7 +138,7 @@ def test_a_config_with_mistakes_names_each(small_demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_tiny_matrix_runs_on_a_local_dask_cluster(tiny_config, tmp_path, capsys):
+def test_a_tiny_matrix_runs_on_a_local_dask_cluster(tiny_config, small_demo, tmp_path, capsys):
     config = load_config(tiny_config)
     out = tmp_path / "out"
     result = run_bench(config, out, workers=2, progress=False)
@@ -147,6 +149,12 @@ def test_a_tiny_matrix_runs_on_a_local_dask_cluster(tiny_config, tmp_path, capsy
     assert len(failed) == 2 and all("no_such_layer" in r["error"] for r in failed)
     ok = [r for r in rows if r["status"] == "ok"]
     assert {r["seed"] for r in ok if r["defense"] == "fine-tuning"} == {0, 1}
+    # each row names the B it ran on: one fingerprint a BadNet, that of its weights
+    for name, path in (("baseline", small_demo.model), ("pruning-aware", small_demo.pruning_aware_model)):
+        prints = {r["badnet_weights_sha256"] for r in ok if r["badnet"] == name}
+        assert len(prints) == 1
+        assert prints == {weights_fingerprint(br.load_model(path))}
+    assert mixed_badnets(rows) == []
     for r in ok:
         assert r["badnet_attack_success"] > 50 and r["results"] and r["versions"]["keras"]
         # the repair's loud lines (a fallback to B under the budget, a caution) travel with its row
@@ -408,3 +416,34 @@ def test_a_scan_summary_places_each_target_in_the_preselection_and_the_screen():
     # a class the pre-selection left out has no place, norm or anomaly
     assert got["targets"]["3"] == {"preselection_place": None, "screen_place": None, "optimised": False,
                                    "norm": None, "anomaly": None}
+
+
+def test_rows_of_one_badnet_name_run_on_different_bs_are_named():
+    def row(name, clean, attack, sha=None):
+        r = {"badnet": name, "status": "ok", "badnet_clean_accuracy": clean, "badnet_attack_success": attack,
+             "cell": f"{name}{clean}", "split": "tuning", "defense": "d", "label": "d", "seed": 0,
+             "results": [{"kind": "repaired", "model": "d", "clean_accuracy": clean - 1, "attack_success_rate": 1.0}]}
+        return r if sha is None else {**r, "badnet_weights_sha256": sha}
+
+    same = [row("a", 90.0, 100.0, "x"), row("a", 90.0, 100.0, "x"), row("b", 80.0, 99.0)]
+    assert mixed_badnets(same) == []
+    figures = [*same, row("b", 81.0, 99.0)]  # a store row of another machine's B, before fingerprints
+    (line,) = mixed_badnets(figures)
+    assert "'b'" in line and "80.00 % / 99.00 %" in line and "81.00 % / 99.00 %" in line
+    weights = [*same, row("a", 90.0, 100.0, "y")]  # the same figures, other weights
+    (line,) = mixed_badnets(weights)
+    assert "'a'" in line and "2 different B's" in line
+    failed = [*same, {"badnet": "b", "status": "failed"}]
+    assert mixed_badnets(failed) == []
+    assert "2 different B's" in leaderboard_markdown(figures)
+
+
+def test_the_fingerprint_is_of_the_weights_not_the_file(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+    model.save(tmp_path / "a.h5")
+    model.save(tmp_path / "b.keras")
+    prints = {weights_fingerprint(br.load_model(tmp_path / f)) for f in ("a.h5", "b.keras")}
+    assert prints == {weights_fingerprint(model)}
+    model.get_layer("d").set_weights([w + 1e-7 for w in model.get_layer("d").get_weights()])
+    assert weights_fingerprint(model) not in prints

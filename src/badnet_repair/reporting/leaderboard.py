@@ -16,8 +16,8 @@ from typing import Any
 
 from ..formats.files import write_results
 
-__all__ = ["DetectionEntry", "Entry", "detection_entries", "entries", "leaderboard_markdown", "plot_detection",
-           "plot_leaderboard", "write_leaderboard"]
+__all__ = ["DetectionEntry", "Entry", "detection_entries", "entries", "leaderboard_markdown", "mixed_badnets",
+           "plot_detection", "plot_leaderboard", "write_leaderboard"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,29 @@ def _pm(mean: float, sd: float, seeds: int) -> str:
     return f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {sd:.2f}"
 
 
+def mixed_badnets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per BadNet name whose ok rows were run on different B's: different weights
+    (``badnet_weights_sha256``, where rows have it) or different figures of B on its test sets
+    (clean accuracy, attack success). Such rows do not compare; [] where every name is one B."""
+    seen: dict[str, dict[str, set[Any]]] = {}
+    for r in rows:
+        if r.get("status") != "ok" or "badnet_clean_accuracy" not in r:
+            continue
+        b = seen.setdefault(str(r["badnet"]), {"figures": set(), "weights": set()})
+        b["figures"].add((round(float(r["badnet_clean_accuracy"]), 6), round(float(r["badnet_attack_success"]), 6)))
+        if r.get("badnet_weights_sha256"):
+            b["weights"].add(r["badnet_weights_sha256"])
+    lines = []
+    for name, b in seen.items():
+        if len(b["figures"]) > 1 or len(b["weights"]) > 1:
+            shown = "; ".join(f"{c:.2f} % / {a:.2f} %" for c, a in sorted(b["figures"]))
+            lines.append(f"WARNING: BadNet {name!r}: its rows were run on {max(len(b['figures']), len(b['weights']))} "
+                         f"different B's (B's clean accuracy / attack success on test: {shown}); they do not compare: "
+                         "drop the rows of the B no longer on disk and run the bench again")
+    return lines
+
+
+
 def leaderboard_markdown(rows: Sequence[Mapping[str, Any]], *, attack_success: float = 5.0,
                          accuracy_drop: float = 3.0, title: str = "Leaderboard", detection: float = 95.0,
                          false_alarm: float = 5.0) -> str:
@@ -187,6 +210,7 @@ def leaderboard_markdown(rows: Sequence[Mapping[str, Any]], *, attack_success: f
     from detectors the same way (:func:`detection_entries`); then the failed cells."""
     es = entries(rows, attack_success=attack_success, accuracy_drop=accuracy_drop)
     lines = [f"# {title}", ""]
+    lines += [f"**{line}.**\n" for line in mixed_badnets(rows)]
     if es:
         lines += [f"Target: attack success at most {attack_success:g} % and clean accuracy at most "
                   f"{accuracy_drop:g} points below the BadNet's (means over seeds). Percentages on each BadNet's "

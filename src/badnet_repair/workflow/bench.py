@@ -52,7 +52,10 @@ and saves the models and the repair's record. :func:`run_bench` runs the cells a
 Dask ``LocalCluster`` it starts and stops (one single-threaded worker process per core, on
 127.0.0.1, no dashboard) or on an existing cluster; recipe BadNets are made once, as tasks the
 cells depend on. The store, ``store.jsonl`` in the output folder (a row per cell), is rewritten
-atomically as each cell finishes; a rerun skips the cells already in it.
+atomically as each cell finishes; a rerun skips the cells already in it. Each row records a
+fingerprint of the B it ran on (:func:`weights_fingerprint`): a store copied to another machine,
+whose recipe BadNets are made again there, may hold rows of another B under the same name, and
+:func:`~badnet_repair.reporting.leaderboard.mixed_badnets` finds them (the run and its leaderboard say so).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from ..detectors import DEFAULT_FALSE_ALARM
 from ..detectors import REGISTRY as DETECTORS
 from ..errors import BadNetRepairError
 from ..formats.files import atomic_path, versions, write_json
+from ..reporting.leaderboard import mixed_badnets
 from .recipes import KINDS, RECIPES, make_recipe, recipe_problems
 
 __all__ = [
@@ -92,6 +96,7 @@ __all__ = [
     "read_store",
     "run_bench",
     "run_cell",
+    "weights_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -486,6 +491,7 @@ def run_cell(cell: Cell, files: Mapping[str, str], out_dir: str | os.PathLike[st
 
         row["input_scale"] = cell.badnet.input_scale
         b = load_model(files["model"], input_scale=cell.badnet.input_scale)
+        row["badnet_weights_sha256"] = weights_fingerprint(b)
         valid = load_data_for(b, files["valid"], name="valid")
         if cell.badnet.clean_per_class is not None:
             valid = valid.per_class(cell.badnet.clean_per_class)
@@ -587,6 +593,19 @@ def _peak_rss_mib() -> float | None:
 
 
 # ----------------------------------------------------------------------------- the store
+
+
+def weights_fingerprint(model: Any) -> str:
+    """SHA-256 of the model's weights (each array's shape, dtype and bytes, in the model's order):
+    equal for the same network however its file was written."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        a = np.ascontiguousarray(w)
+        digest.update(f"{a.shape}{a.dtype.str}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
 
 
 def read_store(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -698,6 +717,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], *, scheduler
                overwrite=True)
     needed = {c.badnet.folder_name: c.badnet for c in todo}
     if not todo:
+        _warn_mixed(rows, store)
         return BenchResult(store, tuple(rows), (), skipped, time.perf_counter() - start, 0)
     if serial:
         _limit_threads(config.tf_threads)
@@ -706,6 +726,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], *, scheduler
                 for n, b in needed.items()}
         for c in bar(todo, desc="benchmark cells", unit="cell") if progress else todo:
             keep(run_cell(c, made[c.badnet.folder_name], out, threads=config.tf_threads))
+        _warn_mixed(rows, store)
         return BenchResult(store, tuple(rows), tuple(ran), skipped, time.perf_counter() - start, 0)
 
     from distributed import Client, LocalCluster, as_completed
@@ -747,5 +768,11 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], *, scheduler
         client.close()
         if cluster is not None:
             cluster.close()
+    _warn_mixed(rows, store)
     return BenchResult(store, tuple(rows), tuple(ran), skipped, time.perf_counter() - start, n_workers)
+
+
+def _warn_mixed(rows: Sequence[Mapping[str, Any]], store: Path) -> None:
+    for line in mixed_badnets(rows):
+        log.warning("%s: %s", store, line)
 
