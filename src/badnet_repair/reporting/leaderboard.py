@@ -201,7 +201,6 @@ def mixed_badnets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-
 def leaderboard_markdown(rows: Sequence[Mapping[str, Any]], *, attack_success: float = 5.0,
                          accuracy_drop: float = 3.0, title: str = "Leaderboard", detection: float = 95.0,
                          false_alarm: float = 5.0) -> str:
