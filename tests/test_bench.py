@@ -14,7 +14,8 @@ import pytest
 import badnet_repair as br
 from badnet_repair.cli import main
 from badnet_repair.reporting.leaderboard import entries, leaderboard_markdown, mixed_badnets
-from badnet_repair.workflow.bench import ConfigError, load_config, read_store, run_bench, weights_fingerprint
+from badnet_repair.reporting.reference import weights_fingerprint
+from badnet_repair.workflow.bench import ConfigError, load_config, read_store, run_bench
 
 
 def _tuning_badnet(demo) -> str:

@@ -53,9 +53,10 @@ Dask ``LocalCluster`` it starts and stops (one single-threaded worker process pe
 127.0.0.1, no dashboard) or on an existing cluster; recipe BadNets are made once, as tasks the
 cells depend on. The store, ``store.jsonl`` in the output folder (a row per cell), is rewritten
 atomically as each cell finishes; a rerun skips the cells already in it. Each row records a
-fingerprint of the B it ran on (:func:`weights_fingerprint`): a store copied to another machine,
-whose recipe BadNets are made again there, may hold rows of another B under the same name, and
-:func:`~badnet_repair.reporting.leaderboard.mixed_badnets` finds them (the run and its leaderboard say so).
+fingerprint of the B it ran on (:func:`~badnet_repair.reporting.reference.weights_fingerprint`):
+a store copied to another machine, whose recipe BadNets are made again there, may hold rows of
+another B under the same name, and :func:`~badnet_repair.reporting.leaderboard.mixed_badnets`
+finds them (the run and its leaderboard say so).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ from ..detectors import REGISTRY as DETECTORS
 from ..errors import BadNetRepairError
 from ..formats.files import atomic_path, versions, write_json
 from ..reporting.leaderboard import mixed_badnets
+from ..reporting.reference import weights_fingerprint
 from .recipes import KINDS, RECIPES, make_recipe, recipe_problems
 
 __all__ = [
@@ -96,7 +98,6 @@ __all__ = [
     "read_store",
     "run_bench",
     "run_cell",
-    "weights_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -593,19 +594,6 @@ def _peak_rss_mib() -> float | None:
 
 
 # ----------------------------------------------------------------------------- the store
-
-
-def weights_fingerprint(model: Any) -> str:
-    """SHA-256 of the model's weights (each array's shape, dtype and bytes, in the model's order):
-    equal for the same network however its file was written."""
-    import numpy as np
-
-    digest = hashlib.sha256()
-    for w in model.get_weights():
-        a = np.ascontiguousarray(w)
-        digest.update(f"{a.shape}{a.dtype.str}".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
 
 
 def read_store(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
